@@ -1,0 +1,335 @@
+/**
+ * The VM machine's steps, implemented over the host layer. Each is idempotent: a restored actor re-runs
+ * the step that was in flight when the daemon died, so every step first looks at what is already there.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fromPromise } from 'xstate';
+import { BangerError, errorMessage } from '../errors.js';
+import { Files, type Layout } from '../paths.js';
+import type { Config } from '../config.js';
+import type { Store } from '../store/repo.js';
+import type { BootOutput, PrepareDisksOutput, StepInput, VmContext, WatchOutput } from '../machines/vm.machine.js';
+import { run, type Runner } from '../host/runner.js';
+import { generateHostKey, type UserKey } from '../host/keys.js';
+import { waitForSsh, type SshTarget } from '../host/ssh.js';
+import { findFreePort, identifyPid, type VmmDriver, type VmmProcess } from '../host/qemu.js';
+import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk } from '../host/disks.js';
+import { readManifest, type ImageManifest } from '../host/image.js';
+import { Cleanups } from './cleanups.js';
+
+export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
+
+export interface NetworkProvider {
+  /** Lease what the VM needs on the network (TAP + address); idempotent per VM. */
+  acquire(ctx: VmContext, signal: AbortSignal): Promise<{ guestIp?: string; gateway?: string; dns?: string[]; prefix?: number; tap?: string }>;
+  release(vmId: string): Promise<void>;
+}
+
+export interface StepEnv {
+  layout: Layout;
+  store: Store;
+  config: Config;
+  runner: Runner;
+  userKey(): Promise<UserKey>;
+  driver(kind: VmContext['spec']['vmm']): VmmDriver;
+  network?: NetworkProvider;
+  /** Lifecycle log: every stage with its duration. */
+  log(vmId: string, stage: string, status: 'start' | 'done' | 'error' | 'info', ms?: number, message?: string): void;
+}
+
+/** Run one named stage, logging its start, its end and how long it took. */
+export async function stage<T>(env: StepEnv, vmId: string, name: string, fn: () => Promise<T>, doneMessage?: (r: T) => string | undefined): Promise<T> {
+  const t0 = performance.now();
+  env.log(vmId, name, 'start');
+  try {
+    const r = await fn();
+    env.log(vmId, name, 'done', Math.round(performance.now() - t0), doneMessage?.(r));
+    return r;
+  } catch (e) {
+    env.log(vmId, name, 'error', Math.round(performance.now() - t0), errorMessage(e));
+    throw e;
+  }
+}
+
+export interface VmFiles {
+  dir: string;
+  rootDisk: string;
+  workDisk: string;
+  serialLog: string;
+  hostKey: string;
+  hostKeyPub: string;
+  knownHosts: string;
+  vmmState: string;
+}
+
+export function vmFiles(layout: Layout, id: string): VmFiles {
+  const dir = layout.vmDir(id);
+  return {
+    dir,
+    rootDisk: join(dir, Files.rootfs),
+    workDisk: join(dir, Files.workDisk),
+    serialLog: join(dir, Files.serialLog),
+    hostKey: join(dir, Files.hostKey),
+    hostKeyPub: join(dir, `${Files.hostKey}.pub`),
+    knownHosts: join(dir, Files.knownHosts),
+    vmmState: join(dir, 'vmm.json'),
+  };
+}
+
+async function imageOf(env: StepEnv, name: string): Promise<ImageManifest & { dir: string }> {
+  const dir = env.layout.imageDir(name);
+  const m = await readManifest(dir);
+  return { ...m, dir };
+}
+
+/** The guest's address for SSH: forwarded loopback port (user networking) or its bridge address (tap). */
+export async function sshTargetFor(env: StepEnv, ctx: Pick<VmContext, 'id' | 'name'>, rt: { sshPort?: number; guestIp?: string }): Promise<SshTarget> {
+  const key = await env.userKey();
+  const files = vmFiles(env.layout, ctx.id);
+  const hostPublicKey = (await readFile(files.hostKeyPub, 'utf8')).trim();
+  if (rt.guestIp) return { host: rt.guestIp, port: 22, privateKey: key.privateKey, hostPublicKey, label: ctx.name };
+  if (!rt.sshPort) throw new BangerError('invalid_state', `vm ${ctx.name} has no SSH address`, 'start it first: banger vm start ' + ctx.name);
+  return { host: '127.0.0.1', port: rt.sshPort, privateKey: key.privateKey, hostPublicKey, label: ctx.name };
+}
+
+async function gitIdentity(runner: Runner): Promise<{ name?: string; email?: string }> {
+  const get = async (k: string) => {
+    const r = await runner('git', ['config', '--global', '--get', k], { reject: false }).catch(() => undefined);
+    return r && r.exitCode === 0 ? r.stdout.trim() || undefined : undefined;
+  };
+  return { name: await get('user.name'), email: await get('user.email') };
+}
+
+async function serialTail(path: string, lines = 25): Promise<string> {
+  try {
+    const text = await readFile(path, 'utf8');
+    return text.replace(/\r/g, '').split('\n').filter(Boolean).slice(-lines).join('\n');
+  } catch {
+    return '(no serial output)';
+  }
+}
+
+interface VmmState {
+  pid: number;
+  control: string;
+  sshPort?: number;
+  guestIp?: string;
+  tap?: string;
+}
+
+async function readVmmState(path: string): Promise<VmmState | undefined> {
+  try {
+    return JSON.parse(await readFile(path, 'utf8')) as VmmState;
+  } catch {
+    return undefined;
+  }
+}
+
+export function makeSteps(env: StepEnv) {
+  const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    const f = vmFiles(env.layout, ctx.id);
+    await mkdir(f.dir, { recursive: true, mode: 0o700 });
+    const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
+    const strategy = await stage(
+      env,
+      ctx.id,
+      'rootDisk.clone',
+      async () => (existsSync(f.rootDisk) ? 'existing' : cloneDisk(join(image.dir, image.rootfs), f.rootDisk, { runner: env.runner, signal })),
+      (s) => `strategy=${s}`,
+    );
+    void strategy;
+    // The VM's own SSH host key: generated here, pinned before first contact.
+    if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
+      const hk = await stage(env, ctx.id, 'hostKey', () => generateHostKey({ runner: env.runner, signal, comment: `banger-${ctx.id}` }));
+      await writeFile(f.hostKey, hk.privateKey, { mode: 0o600 });
+      await writeFile(f.hostKeyPub, hk.publicKey + '\n', { mode: 0o644 });
+    }
+    const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: (await readFile(f.hostKeyPub, 'utf8')).trim() };
+    await writeFile(f.knownHosts, `banger-${ctx.id} ${hostKey.publicKey}\n`, { mode: 0o600 });
+    let net: PrepareDisksOutput['net'] = {};
+    let network: Parameters<typeof customizeRootDisk>[1]['network'] = { mode: 'dhcp' };
+    if (ctx.spec.net === 'tap') {
+      if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not available', 'use --net user, or run the daemon as root');
+      const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
+      net = { guestIp: lease.guestIp, tap: lease.tap };
+      network = { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [] };
+    }
+    await stage(env, ctx.id, 'rootDisk.customize', () =>
+      customizeRootDisk(f.rootDisk, { hostname: ctx.name, hostKey, network, runner: env.runner, signal }),
+    );
+    return { net };
+  });
+
+  const applyWorkSeed = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    const f = vmFiles(env.layout, ctx.id);
+    if (existsSync(f.workDisk)) {
+      env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
+      return;
+    }
+    const image = await imageOf(env, ctx.spec.image);
+    const key = await env.userKey();
+    const identity = await gitIdentity(env.runner);
+    await stage(
+      env,
+      ctx.id,
+      'workDisk',
+      () =>
+        createWorkDisk(f.workDisk, {
+          sizeBytes: ctx.spec.diskBytes,
+          seedImage: join(image.dir, image.workSeed),
+          authorizedKeys: key.publicKey + '\n',
+          gitIdentity: identity,
+          fileSync: env.config.fileSync,
+          runner: env.runner,
+          signal,
+        }),
+      () => `size=${ctx.spec.diskBytes}`,
+    );
+  });
+
+  const boot = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    const f = vmFiles(env.layout, ctx.id);
+    const driver = env.driver(ctx.spec.vmm);
+    const cleanups = new Cleanups();
+    const t0 = performance.now();
+    try {
+      let proc: VmmProcess | undefined;
+      let sshPort: number | undefined;
+      // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
+      const prev = await readVmmState(f.vmmState);
+      if (prev && (await identifyPid(prev.pid, prev.control)).id === 'ours') {
+        proc = { pid: prev.pid, qmpSocket: prev.control };
+        sshPort = prev.sshPort;
+        env.log(ctx.id, 'vmm.adopt', 'info', undefined, `pid ${prev.pid}`);
+      } else {
+        const image = await imageOf(env, ctx.spec.image);
+        if (ctx.spec.net === 'user') sshPort = await findFreePort();
+        if (ctx.spec.net === 'tap' && !ctx.net?.tap) throw new BangerError('invalid_state', 'no TAP device leased for this VM');
+        await rm(f.serialLog, { force: true });
+        const launched = await stage(env, ctx.id, 'vmm.launch', () =>
+          driver.launch(
+            {
+              id: ctx.id,
+              vmDir: f.dir,
+              runDir: env.layout.run,
+              kernel: join(image.dir, ctx.spec.vmm === 'firecracker' && image.vmlinux ? image.vmlinux : image.kernel),
+              initrd: image.initrd ? join(image.dir, image.initrd) : undefined,
+              cmdline: KERNEL_CMDLINE,
+              rootDisk: f.rootDisk,
+              workDisk: f.workDisk,
+              vcpus: ctx.spec.vcpus,
+              memoryMiB: ctx.spec.memoryMiB,
+              accel: ctx.spec.accel,
+              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort! } : { mode: 'tap', tap: ctx.net!.tap!, mac: macFor(ctx.id) },
+              serialLog: f.serialLog,
+            },
+            { signal, runner: env.runner },
+          ),
+          (p) => `pid ${p.pid} (${ctx.spec.vmm}, ${ctx.spec.accel})`,
+        );
+        proc = launched;
+        await writeFile(f.vmmState, JSON.stringify({ pid: proc.pid, control: proc.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap } satisfies VmmState));
+      }
+      const p = proc;
+      cleanups.add('kill VMM', async () => {
+        await driver.kill(p);
+        await rm(f.vmmState, { force: true });
+      });
+      const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
+      const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
+      const timeoutMs = Math.max(1000, deadline - Date.now());
+      await stage(env, ctx.id, 'ssh.wait', () =>
+        waitForSsh(target, {
+          timeoutMs,
+          signal,
+          isAlive: async () => (await identifyPid(p.pid, p.qmpSocket)).id !== 'gone',
+        }).catch(async (e) => {
+          const alive = (await identifyPid(p.pid, p.qmpSocket)).id !== 'gone';
+          const why = alive ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
+          throw new BangerError('timeout', `${why}: ${errorMessage(e)}\n--- serial console (last lines) ---\n${await serialTail(f.serialLog)}`, `see ${f.serialLog}`);
+        }),
+      );
+      cleanups.release();
+      env.log(ctx.id, 'boot', 'done', Math.round(performance.now() - t0), `ssh ready`);
+      return {
+        runtime: { pid: p.pid, control: p.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap, bootedAt: new Date().toISOString() },
+      };
+    } catch (e) {
+      await cleanups.run().catch((ce) => env.log(ctx.id, 'boot.cleanup', 'error', undefined, errorMessage(ce)));
+      throw e;
+    }
+  });
+
+  const watchVmm = fromPromise<WatchOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    const rt = ctx.runtime;
+    if (!rt) return { reason: 'no VMM process recorded' };
+    const driver = env.driver(ctx.spec.vmm);
+    const proc = { pid: rt.pid, qmpSocket: rt.control };
+    const ident = await identifyPid(rt.pid, rt.control);
+    if (ident.id === 'gone' || ident.id === 'other') {
+      await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+      return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
+    }
+    const exit = await driver.waitExit(proc, signal);
+    if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+    const reason = `VMM exited on its own: ${exit.reason}`;
+    if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
+    return { reason };
+  });
+
+  const stopVmm = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    const f = vmFiles(env.layout, ctx.id);
+    const driver = env.driver(ctx.spec.vmm);
+    const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
+    if (!st) {
+      env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process recorded; nothing to stop');
+      return;
+    }
+    const proc = { pid: st.pid, qmpSocket: st.control };
+    const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
+    void how;
+    await rm(f.vmmState, { force: true });
+  });
+
+  const applySettings = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    const want = ctx.pendingSet;
+    if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
+      const f = vmFiles(env.layout, ctx.id);
+      await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
+    }
+  });
+
+  const destroy = fromPromise<void, StepInput>(async ({ input: { ctx } }) => {
+    const f = vmFiles(env.layout, ctx.id);
+    const driver = env.driver(ctx.spec.vmm);
+    const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
+    if (st && (await identifyPid(st.pid, st.control)).id === 'ours') {
+      await stage(env, ctx.id, 'vmm.kill', () => driver.kill({ pid: st.pid, qmpSocket: st.control }));
+    }
+    if (env.network) await env.network.release(ctx.id);
+    env.store.releaseAddress(ctx.id);
+    await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
+  });
+
+  return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy };
+}
+
+/** A stable, locally administered MAC address for a VM. */
+export function macFor(id: string): string {
+  let h = 2166136261;
+  for (const c of id) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
+  const b = [0x52, 0x54, (h >>> 24) & 0xff, (h >>> 16) & 0xff, (h >>> 8) & 0xff, h & 0xff];
+  return b.map((x) => x.toString(16).padStart(2, '0')).join(':');
+}
+
+export async function fileSize(path: string): Promise<number | undefined> {
+  try {
+    return (await stat(path)).size;
+  } catch {
+    return undefined;
+  }
+}
+
+export { run };

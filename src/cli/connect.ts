@@ -1,0 +1,54 @@
+/** Connects to the owner daemon, starting it when its socket is absent. */
+import { spawn } from 'node:child_process';
+import { mkdirSync, openSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { BangerError } from '../errors.js';
+import { layout, type Layout } from '../paths.js';
+import { RpcClient } from '../rpc/client.js';
+
+export const BIN = fileURLToPath(new URL('../../bin/banger.js', import.meta.url));
+
+export async function tryConnect(l: Layout): Promise<RpcClient | undefined> {
+  try {
+    return await RpcClient.connect(l.socket, 3000);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Start the daemon in the background; resolve once its socket answers (bounded). */
+export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number> {
+  mkdirSync(l.home, { recursive: true, mode: 0o700 });
+  const out = openSync(l.logFile, 'a');
+  const child = spawn(process.execPath, [BIN, 'daemon', 'start', '--foreground'], {
+    detached: true,
+    stdio: ['ignore', out, out],
+    env: process.env,
+  });
+  child.unref();
+  const pid = child.pid ?? -1;
+  let exited: number | null = null;
+  child.on('exit', (code) => (exited = code ?? 1));
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (exited !== null) throw new BangerError('host', `the banger daemon exited at start (code ${exited})`, `see ${l.logFile}`);
+    const c = await tryConnect(l);
+    if (c) {
+      c.close();
+      return pid;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new BangerError('timeout', `the banger daemon did not answer on ${l.socket} within ${timeoutMs / 1000} s`, `see ${l.logFile}`);
+}
+
+export async function connectDaemon(autoStart = true): Promise<RpcClient> {
+  const l = layout();
+  const c = await tryConnect(l);
+  if (c) return c;
+  if (!autoStart) throw new BangerError('host', `the banger daemon is not running (no answer on ${l.socket})`, 'banger daemon start');
+  await spawnDaemon(l);
+  const c2 = await tryConnect(l);
+  if (!c2) throw new BangerError('host', `the banger daemon started but its socket ${l.socket} does not answer`, `see ${l.logFile}`);
+  return c2;
+}

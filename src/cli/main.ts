@@ -1,0 +1,62 @@
+/**
+ * banger's CLI. One top-level error handler: known errors print one line and a hint and exit with their
+ * code (2 usage, 1 operation failed); anything else prints the stack and exits 1.
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { BangerError } from '../errors.js';
+import { daemonCommands } from './commands/daemon.js';
+import { imageCommands } from './commands/image.js';
+import { vmCommands } from './commands/vm.js';
+import { runInspect } from './commands/inspect.js';
+import { c } from './output.js';
+import { call, out, type GlobalArgs } from './context.js';
+
+function fail(e: unknown): never {
+  if (e instanceof BangerError) {
+    process.stderr.write(`${c.red('error:')} ${e.message}\n`);
+    if (e.hint) process.stderr.write(`${c.dim('hint:')} ${e.hint}\n`);
+    process.exit(e.exitCode);
+  }
+  const err = e as Error;
+  process.stderr.write(`${c.red('unexpected error:')} ${err?.stack ?? String(e)}\n`);
+  process.exit(1);
+}
+
+process.on('unhandledRejection', fail);
+
+const cli = yargs(hideBin(process.argv))
+  .scriptName('banger')
+  .parserConfiguration({ 'populate--': true })
+  .option('json', { type: 'boolean', describe: 'print exactly the RPC result as JSON' })
+  .command('daemon', 'manage the owner daemon', (y) => daemonCommands(y))
+  .command('image', 'manage images', (y) => imageCommands(y))
+  .command('vm', 'manage VMs', (y) => vmCommands(y))
+  .command('doctor', 'check what this host can do, with a fix for each problem', {}, async (a: any) => {
+    const r = await call('doctor.run', {});
+    out(a, r, () =>
+      r.checks
+        .map((ch: any) => {
+          const mark = ch.status === 'ok' ? c.green('ok  ') : ch.status === 'warn' ? c.yellow('warn') : c.red('fail');
+          return `${mark} ${ch.name.padEnd(18)} ${ch.detail}${ch.fix ? `\n     ${''.padEnd(18)} ${c.dim('fix: ' + ch.fix)}` : ''}`;
+        })
+        .join('\n'),
+    );
+    if (!r.ok) process.exitCode = 1;
+  })
+  .command('inspect [vm]', 'print live state transitions (time, actor, event, from → to)', (y) => y.positional('vm', { type: 'string' }), (a) => runInspect(a as never))
+  .demandCommand(1, 'name a command (banger --help lists them)')
+  .strict()
+  .help()
+  .version('0.1.0')
+  .fail((msg, err) => {
+    if (err) fail(err);
+    process.stderr.write(`${c.red('usage error:')} ${msg}\n${c.dim('hint: banger --help')}\n`);
+    process.exit(2);
+  });
+
+try {
+  await cli.parseAsync();
+} catch (e) {
+  fail(e);
+}

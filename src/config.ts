@@ -1,0 +1,42 @@
+/** banger's configuration file ($BANGER_HOME/config.json), validated; every key optional. */
+import { readFileSync } from 'node:fs';
+import { z } from 'zod';
+import { BangerError } from './errors.js';
+
+export const configSchema = z.strictObject({
+  /** host path → path under /root in the guest, copied into every new work disk */
+  fileSync: z.array(z.strictObject({ host: z.string().min(1), guest: z.string().min(1) })).default([]),
+  firecrackerBin: z.string().optional(),
+  defaultImage: z.string().default('debian-bookworm'),
+  defaultVcpus: z.number().int().min(1).default(2),
+  defaultMemoryMiB: z.number().int().min(128).default(1024),
+  defaultDisk: z.string().default('8G'),
+  bootTimeoutMs: z.number().int().min(1000).default(180_000),
+  stopTimeoutMs: z.number().int().min(100).default(15_000),
+  tapPoolSize: z.number().int().min(0).max(64).default(2),
+  bridge: z.string().default('banger0'),
+  subnet: z.string().default('172.30.0.0/24'),
+  nat: z.boolean().default(false),
+  kvmProbeTimeoutMs: z.number().int().min(1000).default(20_000),
+});
+
+export type Config = z.infer<typeof configSchema>;
+
+export function loadConfig(path: string, env: NodeJS.ProcessEnv = process.env): Config {
+  let raw: unknown = {};
+  try {
+    raw = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new BangerError('usage', `cannot read the config file ${path}: ${(e as Error).message}`, 'fix the JSON or remove the file to use the defaults');
+    }
+  }
+  const parsed = configSchema.safeParse(raw);
+  if (!parsed.success) {
+    throw new BangerError('usage', `invalid config file ${path}: ${parsed.error.issues.map((i) => `${i.path.join('.') || 'config'}: ${i.message}`).join('; ')}`, 'fix the named keys');
+  }
+  const cfg = parsed.data;
+  if (env.BANGER_BOOT_TIMEOUT_MS) cfg.bootTimeoutMs = Number(env.BANGER_BOOT_TIMEOUT_MS);
+  if (env.BANGER_FIRECRACKER_BIN) cfg.firecrackerBin = env.BANGER_FIRECRACKER_BIN;
+  return cfg;
+}

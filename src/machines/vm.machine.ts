@@ -1,0 +1,317 @@
+/**
+ * The VM statechart. Pure: no host imports. Every side effect is an actor named in `setup({ actors })`
+ * whose real implementation lives in src/actors (and is supplied with `machine.provide`). The logic
+ * placeholders below only define the input/output types; they throw if ever run unprovided.
+ *
+ *   creating → applyingWorkSeed → booting → running → stopping → stopped
+ *   stopped --START--> booting;  running --RESTART--> stopping → booting
+ *   settled --DELETE--> deleting → deleted (final);  any failing step → failed (keeps stage + error)
+ *   running --(VMM exits on its own)--> stopped (with the reason)
+ */
+import { assign, fromPromise, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
+import { workspaceMachine } from './workspace.machine.js';
+
+export type VmmKind = 'qemu' | 'firecracker';
+export type Accel = 'kvm' | 'tcg';
+export type NetMode = 'user' | 'tap';
+
+export interface VmSpec {
+  image: string;
+  vcpus: number;
+  memoryMiB: number;
+  diskBytes: number;
+  vmm: VmmKind;
+  accel: Accel;
+  net: NetMode;
+  /** Boot once the disks exist (`vm create` without --no-start). */
+  start: boolean;
+  bootTimeoutMs: number;
+  stopTimeoutMs: number;
+}
+
+export interface VmRuntime {
+  pid: number;
+  /** VMM control socket (QMP for QEMU, the API socket for Firecracker). */
+  control: string;
+  sshPort?: number;
+  guestIp?: string;
+  tap?: string;
+  bootedAt: string;
+}
+
+export interface VmError {
+  stage: string;
+  message: string;
+}
+
+export interface VmContext {
+  id: string;
+  name: string;
+  createdAt: string;
+  spec: VmSpec;
+  runtime: VmRuntime | null;
+  /** Set by networking during disk preparation; kept across boots. */
+  net: { sshPort?: number; guestIp?: string; tap?: string } | null;
+  error: VmError | null;
+  stopReason: string | null;
+  restartPending: boolean;
+  /** Deadline (epoch ms) of the boot in progress: timers are not persisted, deadlines in context are. */
+  bootDeadline: number | null;
+  pendingSet: SetParams | null;
+}
+
+export interface SetParams {
+  vcpus?: number;
+  memoryMiB?: number;
+  diskBytes?: number;
+}
+
+export interface VmInput {
+  id: string;
+  name: string;
+  createdAt: string;
+  spec: VmSpec;
+}
+
+export type VmEvent =
+  | { type: 'START' }
+  | { type: 'STOP'; reason?: string }
+  | { type: 'RESTART' }
+  | { type: 'DELETE' }
+  | ({ type: 'SET' } & SetParams);
+
+/** Names of the states a VM is "settled" in: nothing is in flight. */
+export const SETTLED_STATES = ['running', 'stopped', 'failed'] as const;
+
+// ---- actor contracts (input → output) -------------------------------------------------------------
+export interface StepInput {
+  ctx: VmContext;
+}
+export interface PrepareDisksOutput {
+  net: { sshPort?: number; guestIp?: string; tap?: string };
+}
+export interface BootOutput {
+  runtime: VmRuntime;
+}
+export interface WatchOutput {
+  reason: string;
+}
+
+const unprovided = (name: string) =>
+  fromPromise<never, StepInput>(async () => {
+    throw new Error(`actor ${name} was not provided: the machine is pure, supply it with machine.provide()`);
+  });
+
+export const vmMachine = setup({
+  types: {
+    context: {} as VmContext,
+    events: {} as VmEvent,
+    input: {} as VmInput,
+  },
+  actors: {
+    prepareDisks: unprovided('prepareDisks') as unknown as ReturnType<typeof fromPromise<PrepareDisksOutput, StepInput>>,
+    applyWorkSeed: unprovided('applyWorkSeed') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
+    boot: unprovided('boot') as unknown as ReturnType<typeof fromPromise<BootOutput, StepInput>>,
+    watchVmm: unprovided('watchVmm') as unknown as ReturnType<typeof fromPromise<WatchOutput, StepInput>>,
+    stopVmm: unprovided('stopVmm') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
+    applySettings: unprovided('applySettings') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
+    destroy: unprovided('destroy') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
+    workspace: workspaceMachine,
+  },
+  guards: {
+    startAfterCreate: ({ context }) => context.spec.start,
+    restartPending: ({ context }) => context.restartPending,
+    failedBeforeDisks: ({ context }) => context.error?.stage === 'creating' || context.error?.stage === 'applyingWorkSeed',
+  },
+  actions: {
+    clearError: assign({ error: null }),
+    clearRuntime: assign({ runtime: null, bootDeadline: null }),
+  },
+}).createMachine({
+  id: 'vm',
+  context: ({ input }) => ({
+    id: input.id,
+    name: input.name,
+    createdAt: input.createdAt,
+    spec: input.spec,
+    runtime: null,
+    net: null,
+    error: null,
+    stopReason: null,
+    restartPending: false,
+    bootDeadline: null,
+    pendingSet: null,
+  }),
+  initial: 'creating',
+  states: {
+    creating: {
+      invoke: {
+        id: 'prepareDisks',
+        src: 'prepareDisks',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: {
+          target: 'applyingWorkSeed',
+          actions: assign({ net: ({ event }) => event.output.net }),
+        },
+        onError: {
+          target: 'failed',
+          actions: assign({ error: ({ event }) => ({ stage: 'creating', message: messageOf(event.error) }) }),
+        },
+      },
+    },
+    applyingWorkSeed: {
+      invoke: {
+        id: 'applyWorkSeed',
+        src: 'applyWorkSeed',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: [
+          { guard: 'startAfterCreate', target: 'booting' },
+          { target: 'stopped', actions: assign({ stopReason: 'created without starting' }) },
+        ],
+        onError: {
+          target: 'failed',
+          actions: assign({ error: ({ event }) => ({ stage: 'applyingWorkSeed', message: messageOf(event.error) }) }),
+        },
+      },
+    },
+    booting: {
+      entry: [
+        'clearError',
+        assign({
+          restartPending: false,
+          stopReason: null,
+          bootDeadline: ({ context }) => context.bootDeadline ?? Date.now() + context.spec.bootTimeoutMs,
+        }),
+      ],
+      invoke: {
+        id: 'boot',
+        src: 'boot',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: {
+          target: 'running',
+          actions: assign({ runtime: ({ event }) => event.output.runtime, bootDeadline: null }),
+        },
+        onError: {
+          target: 'failed',
+          actions: [
+            assign({ error: ({ event }) => ({ stage: 'booting', message: messageOf(event.error) }) }),
+            'clearRuntime',
+          ],
+        },
+      },
+      on: {
+        STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
+      },
+    },
+    running: {
+      invoke: [
+        {
+          id: 'vmm',
+          src: 'watchVmm',
+          input: ({ context }) => ({ ctx: context }),
+          onDone: {
+            target: 'stopped',
+            actions: [assign({ stopReason: ({ event }) => event.output.reason }), 'clearRuntime'],
+          },
+          onError: {
+            target: 'stopped',
+            actions: [assign({ stopReason: ({ event }) => `VMM watch failed: ${messageOf(event.error)}` }), 'clearRuntime'],
+          },
+        },
+        {
+          id: 'workspace',
+          src: 'workspace',
+          systemId: 'workspace',
+          input: ({ context }) => ({ vmId: context.id }),
+        },
+      ],
+      on: {
+        STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
+        RESTART: { target: 'stopping', actions: assign({ restartPending: true, stopReason: 'restart' }) },
+        DELETE: { target: 'deleting' },
+      },
+    },
+    stopping: {
+      invoke: {
+        id: 'stopVmm',
+        src: 'stopVmm',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: [
+          { guard: 'restartPending', target: 'booting', actions: 'clearRuntime' },
+          { target: 'stopped', actions: 'clearRuntime' },
+        ],
+        onError: {
+          target: 'failed',
+          actions: assign({ error: ({ event }) => ({ stage: 'stopping', message: messageOf(event.error) }) }),
+        },
+      },
+    },
+    stopped: {
+      on: {
+        START: { target: 'booting' },
+        SET: { target: 'reconfiguring', actions: assign({ pendingSet: ({ event }) => pickSet(event) }) },
+        DELETE: { target: 'deleting' },
+      },
+    },
+    reconfiguring: {
+      invoke: {
+        id: 'applySettings',
+        src: 'applySettings',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: {
+          target: 'stopped',
+          actions: assign({
+            spec: ({ context }) => ({ ...context.spec, ...definedOnly(context.pendingSet ?? {}) }),
+            pendingSet: null,
+          }),
+        },
+        onError: {
+          // A refused or failed resize leaves the VM as it was: stopped, with the error kept.
+          target: 'stopped',
+          actions: assign({
+            error: ({ event }) => ({ stage: 'reconfiguring', message: messageOf(event.error) }),
+            pendingSet: null,
+          }),
+        },
+      },
+    },
+    failed: {
+      on: {
+        START: [{ guard: 'failedBeforeDisks', target: 'creating', actions: 'clearError' }, { target: 'booting' }],
+        DELETE: { target: 'deleting' },
+      },
+    },
+    deleting: {
+      invoke: {
+        id: 'destroy',
+        src: 'destroy',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: { target: 'deleted' },
+        onError: {
+          target: 'failed',
+          actions: assign({ error: ({ event }) => ({ stage: 'deleting', message: messageOf(event.error) }) }),
+        },
+      },
+    },
+    deleted: { type: 'final' },
+  },
+});
+
+export type VmMachine = typeof vmMachine;
+export type VmSnapshot = SnapshotFrom<VmMachine>;
+export type VmActorRef = ActorRefFrom<VmMachine>;
+export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'running' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
+
+export function messageOf(e: unknown): string {
+  if (e instanceof Error) return e.message;
+  if (e && typeof e === 'object' && 'message' in e) return String((e as { message: unknown }).message);
+  return String(e);
+}
+
+function pickSet(e: SetParams): SetParams {
+  return definedOnly({ vcpus: e.vcpus, memoryMiB: e.memoryMiB, diskBytes: e.diskBytes });
+}
+
+function definedOnly<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
