@@ -56,6 +56,8 @@ export class Supervisor {
   constructor(
     private env: StepEnv,
     jobRunners: JobRunners,
+    /** Tests hand in fake steps here instead of mocking modules. */
+    stepsOverride?: Partial<ReturnType<typeof makeSteps>>,
   ) {
     const store = env.store;
     // Lifecycle log rows are written to the store and fanned out to followers.
@@ -65,7 +67,7 @@ export class Supervisor {
       const row = store.log(vmId, stage, status, ms, message);
       for (const l of this.logListeners) l(row);
     };
-    const steps = makeSteps(env);
+    const steps = { ...makeSteps(env), ...stepsOverride };
     this.machine = vmMachine.provide({
       actors: {
         ...steps,

@@ -1,0 +1,464 @@
+import { randomBytes } from 'node:crypto';
+import { isIP } from 'node:net';
+import { lstat, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, posix } from 'node:path';
+import { BangerError } from '../errors.js';
+import { run, which, type Runner } from './runner.js';
+import {
+  DebugfsScript,
+  S_IFDIR,
+  S_IFLNK,
+  S_IFREG,
+  debugfsQuote,
+  debugfsRequest,
+  existingPaths,
+  isDebugfsSafe,
+  rdumpDir,
+  runDebugfs,
+} from './debugfs.js';
+
+interface Ctx {
+  runner?: Runner;
+  signal?: AbortSignal;
+}
+
+const exists = (p: string) =>
+  lstat(p).then(
+    () => true,
+    () => false,
+  );
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sizes
+
+const UNITS: Record<string, number> = { '': 1, B: 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40, P: 2 ** 50 };
+
+/**
+ * Parse a size: plain bytes ("1048576") or a number with a binary unit K/M/G/T (optionally "iB"/"B": "512M",
+ * "8G", "1.5G", "2GiB"). Fractions are rounded down to whole bytes.
+ */
+export function parseSize(s: string): number {
+  const m = typeof s === 'string' ? /^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$/i.exec(s) : null;
+  const unit = m ? m[2].toUpperCase() : '';
+  // "512b" (bytes) is fine, "1ib" is not
+  if (!m || (m[3] && m[3].toLowerCase() === 'ib' && unit === '')) {
+    throw new BangerError('usage', `invalid size ${JSON.stringify(s)}`, 'write a size like 512M, 8G, 1.5G or a number of bytes');
+  }
+  const n = Math.floor(Number(m[1]) * UNITS[unit]);
+  if (!Number.isSafeInteger(n)) throw new BangerError('usage', `size ${JSON.stringify(s)} is too large`, 'write a smaller size');
+  return n;
+}
+
+export function formatSize(n: number): string {
+  for (const [u, v] of [['T', 2 ** 40], ['G', 2 ** 30], ['M', 2 ** 20], ['K', 2 ** 10]] as const) {
+    if (n >= v && n % (v / 16) === 0) return `${+(n / v).toFixed(4)}${u}`;
+  }
+  return `${n}B`;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Copy-on-write clones
+
+export type CowStrategy = 'reflink' | 'sparse-copy';
+
+/** Sidecar next to a cloned disk recording how it was made: `<dst>.cow` holds "reflink" or "sparse-copy". */
+export const cowRecordPath = (dst: string) => `${dst}.cow`;
+
+/**
+ * Copy-on-write clone of a disk image: `cp --reflink=always` (FICLONE) where the filesystem supports it, else
+ * `cp --sparse=always`. The copy is made at `dst.partial` and renamed into place, so `dst` is never half-written.
+ *
+ * Idempotent: if `dst` already exists it is left untouched and the strategy recorded in the `dst.cow` sidecar
+ * (written just before the rename) is returned. A `dst` without a sidecar was not made by cloneDisk: that is a
+ * conflict error rather than a guess. The caller deletes `dst` and `dst.cow` together (both live in the VM dir).
+ */
+export async function cloneDisk(src: string, dst: string, opts: Ctx = {}): Promise<CowStrategy> {
+  const runner = opts.runner ?? run;
+  const record = cowRecordPath(dst);
+  if (await exists(dst)) {
+    const recorded = (await readFile(record, 'utf8').catch(() => '')).trim();
+    if (recorded === 'reflink' || recorded === 'sparse-copy') return recorded;
+    throw new BangerError('conflict', `${dst} already exists and was not made by cloneDisk`, `remove ${dst} and try again`);
+  }
+  const st = await stat(src).catch(() => undefined);
+  if (!st?.isFile()) throw new BangerError('not_found', `disk image ${src} does not exist`, 'pull or import the image again');
+  const partial = `${dst}.partial`;
+  await rm(partial, { force: true });
+  try {
+    let strategy: CowStrategy = 'reflink';
+    const r = await runner('cp', ['--reflink=always', '--', src, partial], { signal: opts.signal, reject: false });
+    if (r.exitCode !== 0) {
+      await rm(partial, { force: true });
+      strategy = 'sparse-copy';
+      await runner('cp', ['--sparse=always', '--', src, partial], { signal: opts.signal });
+    }
+    await writeFile(`${record}.partial`, strategy + '\n');
+    await rename(`${record}.partial`, record);
+    await rename(partial, dst);
+    return strategy;
+  } catch (e) {
+    await rm(partial, { force: true });
+    await rm(`${record}.partial`, { force: true });
+    throw e;
+  }
+}
+
+/** Filesystem type of a directory, as `stat -f -c %T` names it (ext2/ext3, xfs, btrfs, tmpfs, ...). */
+export async function filesystemType(dir: string, opts: Ctx = {}): Promise<string> {
+  const runner = opts.runner ?? run;
+  const r = await runner('stat', ['-f', '-c', '%T', dir], { signal: opts.signal, reject: false });
+  return r.exitCode === 0 ? r.stdout.trim() : 'unknown';
+}
+
+/** Which copy-on-write strategies work for disks kept in `dir`, and why not (for `banger doctor`). */
+export async function probeCowStrategies(
+  dir: string,
+  opts: Ctx = {},
+): Promise<Array<{ strategy: CowStrategy | 'qcow2-overlay'; ok: boolean; why: string }>> {
+  const runner = opts.runner ?? run;
+  const fsType = await filesystemType(dir, opts);
+  const probe = await mkdtemp(join(dir, '.banger-cow-probe-'));
+  const out: Array<{ strategy: CowStrategy | 'qcow2-overlay'; ok: boolean; why: string }> = [];
+  try {
+    const src = join(probe, 'src');
+    await writeFile(src, randomBytes(64 * 1024));
+    const r = await runner('cp', ['--reflink=always', '--', src, join(probe, 'reflink')], { signal: opts.signal, reject: false });
+    if (r.exitCode === 0) {
+      out.push({ strategy: 'reflink', ok: true, why: `${fsType} supports reflink (FICLONE): clones are instant and share blocks` });
+    } else {
+      const msg = r.stderr.trim().split('\n').pop() ?? '';
+      out.push({
+        strategy: 'reflink',
+        ok: false,
+        why: `${fsType} at ${dir} does not support reflink (FICLONE)${msg ? `: ${msg.replace(/^cp: /, '')}` : ''}; btrfs or xfs (reflink=1) do`,
+      });
+    }
+    const s = await runner('cp', ['--sparse=always', '--', src, join(probe, 'sparse')], { signal: opts.signal, reject: false });
+    out.push(
+      s.exitCode === 0
+        ? { strategy: 'sparse-copy', ok: true, why: 'works everywhere; copies every allocated block, so its cost grows with the image' }
+        : { strategy: 'sparse-copy', ok: false, why: `cp --sparse=always failed in ${dir}: ${s.stderr.trim()}` },
+    );
+  } finally {
+    await rm(probe, { recursive: true, force: true });
+  }
+  const qemuImg = await which('qemu-img', runner);
+  out.push(
+    qemuImg
+      ? { strategy: 'qcow2-overlay', ok: true, why: `qemu-img found (${qemuImg}); QEMU only, not used by banger yet` }
+      : { strategy: 'qcow2-overlay', ok: false, why: 'qemu-img not found (package qemu-utils); QEMU only, not used by banger yet' },
+  );
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Root disk customisation
+
+export type NetworkConfig = { mode: 'dhcp' } | { mode: 'static'; address: string; gateway: string; dns: string[] };
+
+const HOSTNAME_RE = /^(?=.{1,253}$)[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$/;
+
+function validateNetwork(net: NetworkConfig): void {
+  if (net.mode === 'dhcp') return;
+  const bad = (what: string, v: unknown) =>
+    new BangerError('usage', `invalid ${what} ${JSON.stringify(v)}`, 'static networks need an address in CIDR form (10.0.0.2/24), a gateway IP and DNS server IPs');
+  const [ip, len, extra] = String(net.address).split('/');
+  const fam = isIP(ip ?? '');
+  const max = fam === 6 ? 128 : 32;
+  if (!fam || extra !== undefined || !/^\d{1,3}$/.test(len ?? '') || Number(len) > max) throw bad('address', net.address);
+  if (!isIP(net.gateway)) throw bad('gateway', net.gateway);
+  for (const d of net.dns) if (!isIP(d)) throw bad('DNS server', d);
+}
+
+/** The systemd-networkd file banger writes into every guest. */
+export function networkdUnit(net: NetworkConfig): string {
+  const lines = ['# written by banger', '[Match]', 'Name=e* en*', '', '[Network]'];
+  if (net.mode === 'dhcp') lines.push('DHCP=ipv4');
+  else {
+    lines.push(`Address=${net.address}`, `Gateway=${net.gateway}`);
+    for (const d of net.dns) lines.push(`DNS=${d}`);
+    lines.push('LinkLocalAddressing=no', 'IPv6AcceptRA=no');
+  }
+  return lines.join('\n') + '\n';
+}
+
+const withNewline = (s: string) => (s.endsWith('\n') ? s : s + '\n');
+
+/**
+ * Per-VM changes to a (cloned) root disk, in one debugfs run and without mounting: hostname, the VM's SSH host
+ * key, the network configuration (and resolv.conf for static networks). Existing files are replaced.
+ */
+export async function customizeRootDisk(
+  disk: string,
+  opts: {
+    hostname: string;
+    hostKey: { privateKey: string; publicKey: string };
+    network: NetworkConfig;
+    runner?: Runner;
+    signal?: AbortSignal;
+  },
+): Promise<{ ms: number }> {
+  const t0 = performance.now();
+  if (!HOSTNAME_RE.test(opts.hostname)) {
+    throw new BangerError('usage', `invalid hostname ${JSON.stringify(opts.hostname)}`, 'a hostname is letters, digits and hyphens, in dot-separated labels');
+  }
+  if (!opts.hostKey.privateKey.includes('PRIVATE KEY') || !opts.hostKey.publicKey.trim()) {
+    throw new BangerError('invalid_params', 'customizeRootDisk needs an OpenSSH private host key and its public key');
+  }
+  validateNetwork(opts.network);
+  if (!(await exists(disk))) throw new BangerError('not_found', `root disk ${disk} does not exist`);
+  const tmp = await mkdtemp(join(tmpdir(), 'banger-custom-'));
+  try {
+    const f = (name: string, content: string, mode: number) => {
+      const p = join(tmp, name);
+      return writeFile(p, content, { mode }).then(() => p);
+    };
+    // mkdir onto an existing name corrupts the filesystem (see debugfs.ts): look first.
+    const dirs = ['/etc', '/etc/ssh', '/etc/systemd', '/etc/systemd/network'];
+    const present = await existingPaths(disk, dirs, { runner: opts.runner, signal: opts.signal });
+    const s = new DebugfsScript();
+    for (const d of dirs) if (!present.has(d)) s.mkdir(d).setAttrs(d, S_IFDIR | 0o755);
+    s.replaceFile(await f('hostname', opts.hostname + '\n', 0o644), '/etc/hostname', 0o644);
+    s.replaceFile(await f('key', withNewline(opts.hostKey.privateKey), 0o600), '/etc/ssh/ssh_host_ed25519_key', 0o600);
+    s.replaceFile(await f('key.pub', withNewline(opts.hostKey.publicKey.trim()), 0o644), '/etc/ssh/ssh_host_ed25519_key.pub', 0o644);
+    s.replaceFile(await f('net', networkdUnit(opts.network), 0o644), '/etc/systemd/network/10-banger.network', 0o644);
+    if (opts.network.mode === 'static') {
+      const resolv = ['# written by banger', ...opts.network.dns.map((d) => `nameserver ${d}`)].join('\n') + '\n';
+      s.replaceFile(await f('resolv', resolv, 0o644), '/etc/resolv.conf', 0o644);
+    }
+    await runDebugfs(disk, s, { runner: opts.runner, signal: opts.signal });
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+  return { ms: performance.now() - t0 };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Work disk
+
+type Entry =
+  | { kind: 'dir'; mode: number }
+  | { kind: 'file'; host: string; mode: number }
+  | { kind: 'symlink'; target: string };
+
+/** Guest paths (relative to the work disk's root, i.e. to /root in the guest) → what to put there. */
+class Plan {
+  readonly entries = new Map<string, Entry>();
+
+  private ensureParents(rel: string, origin: string): void {
+    const parts = rel.split('/');
+    for (let i = 1; i < parts.length; i++) {
+      const p = parts.slice(0, i).join('/');
+      const e = this.entries.get(p);
+      if (!e) this.entries.set(p, { kind: 'dir', mode: 0o755 });
+      else if (e.kind !== 'dir') {
+        throw new BangerError('conflict', `${origin}: /root/${p} is a ${e.kind === 'file' ? 'file' : 'symlink'}, not a directory`, 'fix the file_sync entries');
+      }
+    }
+  }
+
+  set(rel: string, entry: Entry, origin: string): void {
+    this.ensureParents(rel, origin);
+    const old = this.entries.get(rel);
+    if (old && old.kind === 'dir' && entry.kind === 'dir') {
+      old.mode = entry.mode;
+      return;
+    }
+    if (old && old.kind === 'dir') {
+      // a file replaces a directory: drop the directory's subtree
+      for (const k of [...this.entries.keys()]) if (k.startsWith(rel + '/')) this.entries.delete(k);
+    }
+    this.entries.set(rel, entry);
+  }
+
+  /** Add a host tree (a directory's contents, recursively) under guest dir `rel` ('' = disk root). */
+  async addTree(hostDir: string, rel: string, origin: string, skip: (name: string, rel: string) => boolean = () => false): Promise<void> {
+    const names = (await readdir(hostDir)).sort();
+    for (const name of names) {
+      const childRel = rel ? `${rel}/${name}` : name;
+      if (skip(name, childRel)) continue;
+      await this.addPath(join(hostDir, name), childRel, origin, false);
+    }
+  }
+
+  async addPath(host: string, rel: string, origin: string, followTop: boolean): Promise<void> {
+    const st = followTop ? await stat(host) : await lstat(host);
+    if (st.isSymbolicLink()) this.set(rel, { kind: 'symlink', target: await readlink(host) }, origin);
+    else if (st.isDirectory()) {
+      this.set(rel, { kind: 'dir', mode: st.mode & 0o7777 }, origin);
+      await this.addTree(host, rel, origin);
+    } else if (st.isFile()) this.set(rel, { kind: 'file', host, mode: st.mode & 0o7777 }, origin);
+    // sockets, fifos and devices are skipped
+  }
+}
+
+function validateGuestRel(guest: string): string {
+  const bad = (why: string) =>
+    new BangerError('usage', `file_sync guest path ${JSON.stringify(guest)} ${why}`, 'guest paths are relative to /root, e.g. ".config/gh/hosts.yml"');
+  if (typeof guest !== 'string' || guest.trim() === '') throw bad('is empty');
+  if (guest.startsWith('/') || guest.startsWith('~')) throw bad('must be relative to /root, not absolute');
+  const parts = guest.split('/').filter((p) => p !== '' && p !== '.');
+  if (parts.some((p) => p === '..')) throw bad("must not contain '..'");
+  if (parts.length === 0) throw bad('names /root itself');
+  if (parts[0] === 'lost+found') throw bad('is inside lost+found');
+  const rel = parts.join('/');
+  if (!isDebugfsSafe(rel)) throw bad('contains a double quote or a newline');
+  return rel;
+}
+
+/** A git config value, quoted when needed. */
+function gitValue(v: string): string {
+  if (/[\n\r\0]/.test(v)) throw new BangerError('usage', `git identity ${JSON.stringify(v)} contains a newline`);
+  return /^\s|\s$|["\\;#]/.test(v) ? `"${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"')}"` : v;
+}
+
+export interface WorkDiskOptions {
+  sizeBytes: number;
+  /** An ext4 image whose contents become the work disk's initial contents (the image's work-seed.ext4). */
+  seedImage: string;
+  /** Filesystem label (default banger-work; the guest's fstab mounts LABEL=banger-work at /root). */
+  label?: string;
+  /** Contents of /root/.ssh/authorized_keys (replaces the seed's). */
+  authorizedKeys: string;
+  gitIdentity?: { name?: string; email?: string };
+  /** Host file or directory → path relative to /root. */
+  fileSync?: Array<{ host: string; guest: string }>;
+  runner?: Runner;
+  signal?: AbortSignal;
+}
+
+/**
+ * Make a VM's work disk (mounted at /root in the guest): a sparse file of the final size with a lazily
+ * initialised ext4, then the seed's contents, authorized_keys, git identity and file_sync entries written in with
+ * a single debugfs script, all root:root with modes kept. Nothing is mounted, nothing needs root, and the cost
+ * depends on the contents, not on sizeBytes. Built at `path.partial`, renamed to `path` at the end.
+ * Refuses to overwrite an existing `path` (it may hold the user's work).
+ */
+export async function createWorkDisk(path: string, opts: WorkDiskOptions): Promise<{ ms: number }> {
+  const t0 = performance.now();
+  const runner = opts.runner ?? run;
+  const signal = opts.signal;
+  const label = opts.label ?? 'banger-work';
+  if (!Number.isSafeInteger(opts.sizeBytes) || opts.sizeBytes < 16 * 2 ** 20) {
+    throw new BangerError('usage', `work disk size ${opts.sizeBytes} is too small`, 'give at least 16M');
+  }
+  if (!/^[\w.-]{1,16}$/.test(label)) throw new BangerError('usage', `invalid filesystem label ${JSON.stringify(label)}`, 'at most 16 letters, digits, ".", "_" or "-"');
+  if (await exists(path)) throw new BangerError('conflict', `work disk ${path} already exists`, 'delete it first if you really want a fresh one');
+  if (!(await stat(opts.seedImage).then((s) => s.isFile(), () => false))) {
+    throw new BangerError('not_found', `work seed ${opts.seedImage} does not exist`, 'pull or import the image again');
+  }
+  const sync = (opts.fileSync ?? []).map((e) => ({ host: e.host, rel: validateGuestRel(e.guest) }));
+  for (const e of sync) {
+    if (!(await stat(e.host).then(() => true, () => false))) {
+      throw new BangerError('not_found', `file_sync source ${e.host} does not exist`, `create ${e.host} or remove it from file_sync in the config`);
+    }
+  }
+
+  const partial = `${path}.partial`;
+  const tmp = await mkdtemp(join(tmpdir(), 'banger-work-'));
+  await rm(partial, { force: true });
+  try {
+    await runner('truncate', ['-s', String(opts.sizeBytes), partial], { signal });
+    await runner(
+      'mkfs.ext4',
+      ['-F', '-q', '-L', label, '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', partial],
+      { signal },
+    );
+
+    // The seed's contents, dumped to the host (small: the image's /root).
+    const seedDir = join(tmp, 'seed');
+    await rdumpDir(opts.seedImage, '/', seedDir, { runner, signal });
+    const plan = new Plan();
+    await plan.addTree(seedDir, '', 'work seed', (_name, rel) => rel === 'lost+found');
+
+    // authorized_keys
+    const ssh = plan.entries.get('.ssh');
+    if (ssh && ssh.kind !== 'dir') throw new BangerError('invalid_state', 'the work seed has a /root/.ssh that is not a directory');
+    plan.set('.ssh', { kind: 'dir', mode: 0o700 }, 'authorized_keys');
+    const ak = join(tmp, 'authorized_keys');
+    await writeFile(ak, withNewline(opts.authorizedKeys.trim()), { mode: 0o600 });
+    plan.set('.ssh/authorized_keys', { kind: 'file', host: ak, mode: 0o600 }, 'authorized_keys');
+
+    // git identity, appended to the seed's .gitconfig if it has one
+    const gi = opts.gitIdentity;
+    if (gi && (gi.name || gi.email)) {
+      const old = plan.entries.get('.gitconfig');
+      const prev = old?.kind === 'file' ? await readFile(old.host, 'utf8') : '';
+      let text = prev && !prev.endsWith('\n') ? prev + '\n' : prev;
+      text += '[user]\n';
+      if (gi.name) text += `\tname = ${gitValue(gi.name)}\n`;
+      if (gi.email) text += `\temail = ${gitValue(gi.email)}\n`;
+      const gc = join(tmp, 'gitconfig');
+      await writeFile(gc, text, { mode: 0o644 });
+      plan.set('.gitconfig', { kind: 'file', host: gc, mode: old?.kind === 'file' ? old.mode : 0o644 }, 'git identity');
+    }
+
+    // file_sync
+    for (const e of sync) await plan.addPath(e.host, e.rel, `file_sync ${e.host}`, true);
+
+    // One debugfs script. Sorted paths put every directory before its contents.
+    let refs = 0;
+    const hostRef = async (p: string): Promise<string> => {
+      if (isDebugfsSafe(p)) return p;
+      const ref = join(tmp, `ref-${refs++}`);
+      await symlink(p, ref); // debugfs `write` follows it
+      return ref;
+    };
+    const s = new DebugfsScript();
+    // The disk's root is the guest's /root: 0700 as on Debian (mkfs -d always makes the seed's root 0755, so the
+    // seed cannot carry this).
+    s.setAttrs('/', S_IFDIR | 0o700);
+    for (const rel of [...plan.entries.keys()].sort()) {
+      const e = plan.entries.get(rel)!;
+      const g = '/' + rel;
+      if (!isDebugfsSafe(g)) throw new BangerError('usage', `cannot write ${JSON.stringify(g)} into the work disk: debugfs cannot express names with a double quote or a newline`, 'rename the file');
+      if (e.kind === 'dir') s.mkdir(g).setAttrs(g, S_IFDIR | e.mode);
+      else if (e.kind === 'file') s.write(await hostRef(e.host), g).setAttrs(g, S_IFREG | e.mode);
+      else s.symlink(g, e.target).sif(g, 'uid', 0).sif(g, 'gid', 0);
+    }
+    await runDebugfs(partial, s, { runner, signal });
+    await rename(partial, path);
+  } catch (e) {
+    await rm(partial, { force: true });
+    throw e;
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+  return { ms: performance.now() - t0 };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grow, read
+
+/** Grow an ext4 image file (the VM must be stopped): truncate, e2fsck -fy, resize2fs. Refuses to shrink. */
+export async function growDisk(path: string, newSizeBytes: number, opts: Ctx = {}): Promise<{ from: number; to: number }> {
+  const runner = opts.runner ?? run;
+  const st = await stat(path).catch(() => undefined);
+  if (!st?.isFile()) throw new BangerError('not_found', `disk ${path} does not exist`);
+  if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes <= 0) throw new BangerError('usage', `invalid disk size ${newSizeBytes}`);
+  if (newSizeBytes < st.size) {
+    throw new BangerError(
+      'usage',
+      `cannot shrink ${path} from ${formatSize(st.size)} (${st.size} bytes) to ${formatSize(newSizeBytes)} (${newSizeBytes} bytes)`,
+      `give a size of at least ${formatSize(st.size)}`,
+    );
+  }
+  if (newSizeBytes === st.size) return { from: st.size, to: st.size };
+  await runner('truncate', ['-s', String(newSizeBytes), path], { signal: opts.signal });
+  const fsck = await runner('e2fsck', ['-fy', path], { signal: opts.signal, reject: false });
+  if (fsck.exitCode !== 0 && fsck.exitCode !== 1) {
+    throw new BangerError('host', `e2fsck -fy ${path} failed (exit ${fsck.exitCode}): ${(fsck.stderr + fsck.stdout).trim().split('\n').slice(-6).join('\n')}`, 'the filesystem needs manual repair');
+  }
+  await runner('resize2fs', [path], { signal: opts.signal });
+  return { from: st.size, to: newSizeBytes };
+}
+
+/** The contents of a file inside an ext2/3/4 image (`debugfs -R 'cat PATH'`), or undefined if it does not exist. */
+export async function readDiskFile(disk: string, guestPath: string, opts: Ctx = {}): Promise<string | undefined> {
+  const p = posix.normalize('/' + guestPath);
+  const { stdout, errors } = await debugfsRequest(disk, `cat ${debugfsQuote(p)}`, opts);
+  if (errors.some((l) => /File not found by ext2_lookup/.test(l))) return undefined;
+  if (errors.length > 0) throw new BangerError('host', `debugfs cat ${p} on ${disk} failed: ${errors.join('\n')}`);
+  return stdout;
+}

@@ -1,0 +1,1009 @@
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import {
+  chmod,
+  copyFile,
+  link,
+  lstat,
+  mkdir,
+  mkdtemp,
+  open,
+  readFile,
+  readdir,
+  readlink,
+  realpath,
+  rename,
+  rm,
+  stat,
+  symlink,
+  unlink,
+  writeFile,
+} from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join, posix } from 'node:path';
+import { z } from 'zod';
+import { BangerError, errorMessage, validateName } from '../errors.js';
+import { Files } from '../paths.js';
+import { rdumpDir } from './debugfs.js';
+import { readDiskFile } from './disks.js';
+import { run, which, type Runner } from './runner.js';
+
+/** Bump when the image recipe changes, so cached images are rebuilt. */
+export const BUILDER_VERSION = 1;
+
+export const KNOWN_IMAGES = {
+  'debian-bookworm': { suite: 'bookworm' },
+  'debian-trixie': { suite: 'trixie' },
+} as const satisfies Record<string, { suite: string }>;
+
+export type KnownImageName = keyof typeof KNOWN_IMAGES;
+
+/** Packages on top of Debian's minbase variant. dbus makes logind handle the ACPI power button (clean poweroff). */
+export const IMAGE_PACKAGES = [
+  'systemd-sysv',
+  'udev',
+  'dbus',
+  'openssh-server',
+  'git',
+  'ca-certificates',
+  'iproute2',
+  'linux-image-cloud-amd64',
+  'initramfs-tools',
+  'e2fsprogs',
+] as const;
+
+export interface ImageManifest {
+  name: string;
+  createdAt: string;
+  suite?: string;
+  builderVersion: number;
+  /** File name of the bzImage ('vmlinuz'). */
+  kernel: string;
+  /** File name of the ELF kernel extracted from it ('vmlinux'), when extraction worked. */
+  vmlinux?: string;
+  initrd?: string;
+  rootfs: string;
+  workSeed: string;
+  packagesFile?: string;
+  packages: number;
+  sizeBytes: number;
+  /** file name → size in bytes */
+  files: Record<string, number>;
+}
+
+const ManifestSchema = z.object({
+  name: z.string(),
+  createdAt: z.string(),
+  suite: z.string().optional(),
+  builderVersion: z.number(),
+  kernel: z.string(),
+  vmlinux: z.string().optional(),
+  initrd: z.string().optional(),
+  rootfs: z.string(),
+  workSeed: z.string(),
+  packagesFile: z.string().optional(),
+  packages: z.number(),
+  sizeBytes: z.number(),
+  files: z.record(z.string(), z.number()),
+});
+
+export type StageEvent = { stage: string; status: 'start' | 'done'; ms?: number; detail?: string };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Mirror detection
+
+const DEBIAN_SUITES = new Set([
+  'buster', 'bullseye', 'bookworm', 'trixie', 'forky', 'duke', 'sid',
+  'oldoldstable', 'oldstable', 'stable', 'testing', 'unstable', 'experimental',
+]);
+
+interface AptSource {
+  types: string[];
+  uris: string[];
+  suites: string[];
+  components: string[];
+  enabled: boolean;
+}
+
+function parseOneLine(text: string): AptSource[] {
+  const out: AptSource[] = [];
+  for (const raw of text.split('\n')) {
+    const line = raw.replace(/#.*/, '').trim();
+    if (!line) continue;
+    // deb [opt=val ...] URI suite [component ...]
+    const m = /^(deb|deb-src)\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s*(.*)$/.exec(line);
+    if (!m) continue;
+    out.push({ types: [m[1]], uris: [m[2]], suites: [m[3]], components: m[4].split(/\s+/).filter(Boolean), enabled: true });
+  }
+  return out;
+}
+
+function parseDeb822(text: string): AptSource[] {
+  const out: AptSource[] = [];
+  for (const stanza of text.split(/\n\s*\n/)) {
+    const fields = new Map<string, string>();
+    let last: string | undefined;
+    for (const raw of stanza.split('\n')) {
+      if (raw.startsWith('#')) continue;
+      if (/^\s/.test(raw) && last) {
+        // continuation line
+        fields.set(last, `${fields.get(last)} ${raw.trim()}`);
+        continue;
+      }
+      const m = /^([A-Za-z][\w-]*):\s*(.*)$/.exec(raw);
+      if (m) {
+        last = m[1].toLowerCase();
+        fields.set(last, m[2].trim());
+      }
+    }
+    if (!fields.has('uris')) continue;
+    const list = (k: string) => (fields.get(k) ?? '').split(/\s+/).filter(Boolean);
+    out.push({
+      types: list('types'),
+      uris: list('uris'),
+      suites: list('suites'),
+      components: list('components'),
+      enabled: !/^(no|false|0)$/i.test(fields.get('enabled') ?? 'yes'),
+    });
+  }
+  return out;
+}
+
+const isSecurity = (uri: string, suites: string[]) =>
+  /security/i.test(uri) || suites.some((s) => /-security$|\/updates$/.test(s));
+
+const isDebianSuite = (s: string) => DEBIAN_SUITES.has(s.replace(/-(updates|backports|proposed-updates)$/, ''));
+
+/**
+ * The host's Debian archive mirror, from its apt sources (sources.list, sources.list.d/*.list, and deb822
+ * *.sources): the first `deb` source for a Debian suite with the main component that is not the security archive.
+ * `root` replaces "/" (for tests).
+ */
+export function detectMirror(root = '/'): string | undefined {
+  const etc = join(root, 'etc', 'apt');
+  const sources: AptSource[] = [];
+  const read = (p: string) => {
+    try {
+      return readFileSync(p, 'utf8');
+    } catch {
+      return undefined;
+    }
+  };
+  const main = read(join(etc, 'sources.list'));
+  if (main !== undefined) sources.push(...parseOneLine(main));
+  let names: string[] = [];
+  try {
+    names = readdirSync(join(etc, 'sources.list.d')).sort();
+  } catch {
+    /* none */
+  }
+  for (const n of names) {
+    const text = read(join(etc, 'sources.list.d', n));
+    if (text === undefined) continue;
+    if (n.endsWith('.list')) sources.push(...parseOneLine(text));
+    else if (n.endsWith('.sources')) sources.push(...parseDeb822(text));
+  }
+  for (const s of sources) {
+    if (!s.enabled || !s.types.includes('deb')) continue;
+    if (!s.components.includes('main')) continue;
+    if (!s.suites.some(isDebianSuite)) continue;
+    for (const uri of s.uris) {
+      if (isSecurity(uri, s.suites)) continue;
+      if (!/^(https?|file|ftp):\/\//.test(uri)) continue;
+      return uri.replace(/\/+$/, '');
+    }
+  }
+  return undefined;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// vmlinux extraction
+
+const PAYLOAD_MAGICS = [
+  { format: 'lz4', magic: Buffer.from([0x02, 0x21, 0x4c, 0x18]), cmd: ['lz4', '-dc'] },
+  { format: 'xz', magic: Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]), cmd: ['xz', '-dc', '--single-stream'] },
+  { format: 'zstd', magic: Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), cmd: ['zstd', '-dc'] },
+  { format: 'gzip', magic: Buffer.from([0x1f, 0x8b, 0x08]), cmd: ['gzip', '-dc'] },
+] as const;
+
+export type KernelPayloadFormat = (typeof PAYLOAD_MAGICS)[number]['format'];
+
+/**
+ * Is `file` a complete ELF image? Checks the magic and that every PT_LOAD segment and the section header table lie
+ * inside the file (a truncated decompression fails this).
+ */
+export async function isCompleteElf(file: string): Promise<boolean> {
+  const fh = await open(file, 'r');
+  try {
+    const size = (await fh.stat()).size;
+    const h = Buffer.alloc(64);
+    const { bytesRead } = await fh.read(h, 0, 64, 0);
+    if (bytesRead < 52 || h.readUInt32BE(0) !== 0x7f454c46) return false;
+    const is64 = h[4] === 2;
+    const le = h[5] === 1;
+    const u16 = (b: Buffer, o: number) => (le ? b.readUInt16LE(o) : b.readUInt16BE(o));
+    const u32 = (b: Buffer, o: number) => (le ? b.readUInt32LE(o) : b.readUInt32BE(o));
+    const u64 = (b: Buffer, o: number) => Number(le ? b.readBigUInt64LE(o) : b.readBigUInt64BE(o));
+    const phoff = is64 ? u64(h, 0x20) : u32(h, 0x1c);
+    const shoff = is64 ? u64(h, 0x28) : u32(h, 0x20);
+    const phentsize = u16(h, is64 ? 0x36 : 0x2a);
+    const phnum = u16(h, is64 ? 0x38 : 0x2c);
+    const shentsize = u16(h, is64 ? 0x3a : 0x2e);
+    const shnum = u16(h, is64 ? 0x3c : 0x30);
+    if (phnum === 0 || phoff + phnum * phentsize > size) return false;
+    if (shoff && shoff + shnum * shentsize > size) return false;
+    const ph = Buffer.alloc(phnum * phentsize);
+    await fh.read(ph, 0, ph.length, phoff);
+    for (let i = 0; i < phnum; i++) {
+      const o = i * phentsize;
+      if (u32(ph, o) !== 1) continue; // PT_LOAD
+      const off = is64 ? u64(ph, o + 0x08) : u32(ph, o + 0x04);
+      const filesz = is64 ? u64(ph, o + 0x20) : u32(ph, o + 0x10);
+      if (off + filesz > size) return false;
+    }
+    return true;
+  } finally {
+    await fh.close();
+  }
+}
+
+interface Candidate {
+  offset: number;
+  length: number;
+  source: 'header' | 'scan';
+}
+
+/** Where the compressed kernel may start: the bzImage header's payload_offset first, then every magic found. */
+export function payloadCandidates(buf: Buffer, maxScan = 8): Candidate[] {
+  const out: Candidate[] = [];
+  if (buf.length > 0x250 && buf.toString('latin1', 0x202, 0x206) === 'HdrS' && buf.readUInt16LE(0x206) >= 0x208) {
+    const setupSects = buf[0x1f1] || 4;
+    const offset = (setupSects + 1) * 512 + buf.readUInt32LE(0x248);
+    const length = buf.readUInt32LE(0x24c);
+    if (length > 0 && offset + length <= buf.length) out.push({ offset, length, source: 'header' });
+  }
+  const scanned: Candidate[] = [];
+  for (const { magic } of PAYLOAD_MAGICS) {
+    let from = 0;
+    for (let n = 0; n < maxScan; n++) {
+      const i = buf.indexOf(magic, from);
+      if (i < 0) break;
+      if (!out.some((c) => c.offset === i)) scanned.push({ offset: i, length: buf.length - i, source: 'scan' });
+      from = i + 1;
+    }
+  }
+  scanned.sort((a, b) => a.offset - b.offset);
+  return [...out, ...scanned];
+}
+
+export type VmlinuxResult =
+  | { ok: true; format: KernelPayloadFormat; offset: number; bytes: number }
+  | { ok: false; reason: string };
+
+/**
+ * Extract the ELF vmlinux from a bzImage: locate the compressed payload (bzImage header, else magic scan), run the
+ * matching decompressor (lz4/xz/zstd/gzip; trailing bytes after the stream are tolerated: the tools' non-zero exit is
+ * ignored and the output judged instead) and keep the first output that is a complete ELF file.
+ */
+export async function extractVmlinux(
+  bzImage: string,
+  outFile: string,
+  opts: { runner?: Runner; signal?: AbortSignal } = {},
+): Promise<VmlinuxResult> {
+  const runner = opts.runner ?? run;
+  const buf = await readFile(bzImage);
+  if (buf.length >= 4 && buf.readUInt32BE(0) === 0x7f454c46) {
+    return { ok: false, reason: `${bzImage} is already an ELF file, not a bzImage` };
+  }
+  const candidates = payloadCandidates(buf).slice(0, 12);
+  if (candidates.length === 0) return { ok: false, reason: 'no lz4, xz, zstd or gzip payload found in the kernel image' };
+  const tmp = await mkdtemp(join(dirname(outFile), '.vmlinux-'));
+  const reasons: string[] = [];
+  try {
+    for (const c of candidates) {
+      const kind = PAYLOAD_MAGICS.find((m) => buf.subarray(c.offset, c.offset + m.magic.length).equals(m.magic));
+      if (!kind) {
+        reasons.push(`payload at ${c.offset} has an unknown compression`);
+        continue;
+      }
+      const payload = join(tmp, 'payload');
+      const out = join(tmp, 'vmlinux');
+      await writeFile(payload, buf.subarray(c.offset, c.offset + c.length));
+      try {
+        // sh only redirects stdout to a file (the decompressors' own output options differ per tool).
+        const r = await runner('sh', ['-c', 'o=$1; shift; exec "$@" > "$o"', 'sh', out, ...kind.cmd, payload], {
+          signal: opts.signal,
+          reject: false,
+          timeoutMs: 120_000,
+        });
+        if (r.exitCode === 127) {
+          reasons.push(`${kind.cmd[0]} is not installed`);
+          continue;
+        }
+      } catch (e) {
+        if ((e as BangerError).kind === 'aborted') throw e;
+        reasons.push(`${kind.cmd[0]}: ${errorMessage(e)}`);
+        continue;
+      }
+      if (await isCompleteElf(out).catch(() => false)) {
+        const bytes = (await stat(out)).size;
+        await rename(out, outFile);
+        return { ok: true, format: kind.format, offset: c.offset, bytes };
+      }
+      reasons.push(`${kind.format} payload at ${c.offset} did not decompress to an ELF file`);
+    }
+    return { ok: false, reason: reasons.join('; ') };
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers: cleanups, stages, paths inside a bootstrap tree
+
+class Cleanups {
+  private readonly fns: Array<{ what: string; fn: () => Promise<void> }> = [];
+  add(what: string, fn: () => Promise<void>): () => void {
+    const item = { what, fn };
+    this.fns.push(item);
+    return () => {
+      const i = this.fns.indexOf(item);
+      if (i >= 0) this.fns.splice(i, 1);
+    };
+  }
+  async runAll(): Promise<string[]> {
+    const failures: string[] = [];
+    while (this.fns.length) {
+      const { what, fn } = this.fns.pop()!;
+      try {
+        await fn();
+      } catch (e) {
+        failures.push(`${what}: ${errorMessage(e)}`);
+      }
+    }
+    return failures;
+  }
+}
+
+function checkAborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw new BangerError('aborted', 'image build aborted');
+}
+
+/**
+ * Resolve a guest path inside a root tree the way a chroot would: symlinks (absolute ones re-rooted at the tree)
+ * never lead outside it. With followLast=false the last component is not followed (to replace a symlink).
+ */
+export async function resolveInTree(tree: string, guestPath: string, followLast = true): Promise<string> {
+  const todo = guestPath.split('/').filter((p) => p && p !== '.');
+  let done: string[] = [];
+  let hops = 0;
+  while (todo.length) {
+    const name = todo.shift()!;
+    if (name === '..') {
+      done.pop();
+      continue;
+    }
+    const host = join(tree, ...done, name);
+    const st = await lstat(host).catch(() => undefined);
+    if (st?.isSymbolicLink() && (todo.length > 0 || followLast)) {
+      if (++hops > 40) throw new BangerError('host', `too many symlinks resolving ${guestPath} in ${tree}`);
+      const target = await readlink(host);
+      if (target.startsWith('/')) done = [];
+      todo.unshift(...target.split('/').filter((p) => p && p !== '.'));
+      continue;
+    }
+    done.push(name);
+  }
+  return join(tree, ...done);
+}
+
+async function writeTreeFile(tree: string, guestPath: string, content: string, mode = 0o644): Promise<void> {
+  const parent = await resolveInTree(tree, posix.dirname(guestPath));
+  await mkdir(parent, { recursive: true });
+  const p = join(parent, posix.basename(guestPath));
+  const st = await lstat(p).catch(() => undefined);
+  if (st && !st.isFile()) await rm(p, { recursive: true, force: true }); // a symlink could point outside the tree
+  await writeFile(p, content, { mode });
+  await chmod(p, mode);
+}
+
+async function symlinkInTree(tree: string, guestPath: string, target: string): Promise<void> {
+  const parent = await resolveInTree(tree, posix.dirname(guestPath));
+  await mkdir(parent, { recursive: true });
+  const p = join(parent, posix.basename(guestPath));
+  const st = await lstat(p).catch(() => undefined);
+  if (st) {
+    if (st.isSymbolicLink() && (await readlink(p)) === target) return;
+    await rm(p, { recursive: true, force: true });
+  }
+  await symlink(target, p);
+}
+
+const UNIT_DIRS = ['/etc/systemd/system', '/usr/lib/systemd/system', '/lib/systemd/system'];
+
+async function findUnit(tree: string, unit: string): Promise<{ guest: string; host: string } | undefined> {
+  for (const d of UNIT_DIRS) {
+    const guest = `${d}/${unit}`;
+    const host = await resolveInTree(tree, guest);
+    if (await stat(host).then((s) => s.isFile(), () => false)) return { guest, host };
+  }
+  return undefined;
+}
+
+/** What `systemctl enable UNIT` does, as plain symlinks: WantedBy/RequiredBy links, Alias links, Also units. */
+export async function enableUnitInTree(tree: string, unit: string, seen = new Set<string>()): Promise<string[]> {
+  if (seen.has(unit)) return [];
+  seen.add(unit);
+  const found = await findUnit(tree, unit);
+  if (!found) throw new BangerError('host', `systemd unit ${unit} is missing from the image`);
+  const text = await readFile(found.host, 'utf8');
+  const install = new Map<string, string[]>();
+  let inInstall = false;
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (line.startsWith('[')) inInstall = line === '[Install]';
+    else if (inInstall && !line.startsWith('#')) {
+      const m = /^(\w+)\s*=\s*(.*)$/.exec(line);
+      if (m) install.set(m[1], [...(install.get(m[1]) ?? []), ...m[2].split(/\s+/).filter(Boolean)]);
+    }
+  }
+  const made: string[] = [];
+  const etc = '/etc/systemd/system';
+  const isTemplate = /@\./.test(unit);
+  for (const t of install.get('WantedBy') ?? []) {
+    if (isTemplate) continue;
+    await symlinkInTree(tree, `${etc}/${t}.wants/${unit}`, found.guest);
+    made.push(`${t}.wants/${unit}`);
+  }
+  for (const t of install.get('RequiredBy') ?? []) {
+    if (isTemplate) continue;
+    await symlinkInTree(tree, `${etc}/${t}.requires/${unit}`, found.guest);
+    made.push(`${t}.requires/${unit}`);
+  }
+  for (const a of install.get('Alias') ?? []) {
+    if (a === unit) continue;
+    await symlinkInTree(tree, `${etc}/${a}`, found.guest);
+    made.push(a);
+  }
+  for (const also of install.get('Also') ?? []) {
+    if (await findUnit(tree, also)) made.push(...(await enableUnitInTree(tree, also, seen)));
+  }
+  return made;
+}
+
+/** `systemctl mask UNIT` as a symlink to /dev/null, plus removal of its .wants links. Skips absent units. */
+async function maskUnitInTree(tree: string, unit: string): Promise<boolean> {
+  if (!(await findUnit(tree, unit))) return false;
+  const etc = await resolveInTree(tree, '/etc/systemd/system');
+  for (const d of await readdir(etc).catch(() => [] as string[])) {
+    if (d.endsWith('.wants') || d.endsWith('.requires')) await rm(join(etc, d, unit), { force: true });
+  }
+  await symlinkInTree(tree, `/etc/systemd/system/${unit}`, '/dev/null');
+  return true;
+}
+
+const MASKED_UNITS = [
+  'apt-daily.timer',
+  'apt-daily.service',
+  'apt-daily-upgrade.timer',
+  'apt-daily-upgrade.service',
+  'dpkg-db-backup.timer',
+  'e2scrub_all.timer',
+  'e2scrub_all.service',
+  'e2scrub_reap.service',
+  'systemd-timesyncd.service',
+  'man-db.timer',
+];
+
+export const SSHD_DROPIN = [
+  '# written by banger',
+  'HostKey /etc/ssh/ssh_host_ed25519_key',
+  'PasswordAuthentication no',
+  'PermitRootLogin prohibit-password',
+  'UseDNS no',
+  '',
+].join('\n');
+
+export const FSTAB = [
+  '# written by banger: vda is the root disk, the work disk (label banger-work) is /root',
+  '/dev/vda / ext4 defaults,noatime 0 1',
+  'LABEL=banger-work /root ext4 defaults,nofail 0 2',
+  '',
+].join('\n');
+
+/** Mount points at or under dir (from /proc/self/mountinfo). */
+async function mountsUnder(dir: string): Promise<string[]> {
+  const real = await realpath(dir).catch(() => dir);
+  const text = await readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
+  const out: string[] = [];
+  for (const line of text.split('\n')) {
+    const mp = line.split(' ')[4];
+    if (!mp) continue;
+    const p = mp.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    if (p === real || p.startsWith(real + '/')) out.push(p);
+  }
+  return out;
+}
+
+/** Sum of allocated bytes under dir (does not cross filesystems). */
+async function treeBytes(dir: string, exec: TreeExec): Promise<number> {
+  const r = await exec('du', ['-s', '-x', '-B1', dir], { reject: false });
+  const n = Number(r.stdout.trim().split(/\s+/)[0]);
+  if (!Number.isFinite(n) || n <= 0) throw new BangerError('host', `du ${dir} failed: ${r.stderr.trim()}`);
+  return n;
+}
+
+type TreeExec = (file: string, args: string[], o?: { reject?: boolean; timeoutMs?: number }) => ReturnType<Runner>;
+
+const MiB = 2 ** 20;
+const withNewline = (s: string) => (s.endsWith('\n') ? s : s + '\n');
+const GiB = 2 ** 30;
+
+async function fsyncPath(p: string): Promise<void> {
+  const fh = await open(p, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Sizes of the image's files, fsync'd. */
+async function finishDir(dir: string, manifest: Omit<ImageManifest, 'files' | 'sizeBytes'>): Promise<ImageManifest> {
+  const files: Record<string, number> = {};
+  let sizeBytes = 0;
+  for (const f of (await readdir(dir)).sort()) {
+    const st = await stat(join(dir, f));
+    if (!st.isFile()) continue;
+    files[f] = st.size;
+    sizeBytes += st.size;
+    await fsyncPath(join(dir, f));
+  }
+  const full: ImageManifest = { ...manifest, sizeBytes, files };
+  const mf = join(dir, Files.manifest);
+  const fh = await open(mf, 'w', 0o644);
+  try {
+    await fh.writeFile(JSON.stringify(full, null, 2) + '\n');
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fsyncPath(dir);
+  return full;
+}
+
+async function publishDir(tmp: string, imageDir: string, name: string): Promise<void> {
+  if (existsSync(imageDir)) {
+    throw new BangerError('conflict', `image ${name} already exists at ${imageDir}`, `banger image delete ${name}`);
+  }
+  await rename(tmp, imageDir);
+  await fsyncPath(dirname(imageDir));
+}
+
+async function makeSeed(
+  seed: string,
+  fromDir: string | undefined,
+  exec: TreeExec,
+  minBytes = 16 * MiB,
+): Promise<void> {
+  let size = minBytes;
+  if (fromDir) size = Math.max(minBytes, Math.ceil(((await treeBytes(fromDir, exec)) * 1.5 + 8 * MiB) / MiB) * MiB);
+  await exec('truncate', ['-s', String(size), seed]);
+  const args = ['-F', '-q', '-L', 'banger-seed', '-E', 'root_owner=0:0'];
+  if (fromDir) args.push('-d', fromDir);
+  await exec('mkfs.ext4', [...args, seed]);
+}
+
+function parseDpkgStatus(text: string): string[] {
+  const out: string[] = [];
+  for (const stanza of text.split(/\n\n+/)) {
+    const pkg = /^Package:\s*(\S+)/m.exec(stanza)?.[1];
+    const ver = /^Version:\s*(\S+)/m.exec(stanza)?.[1];
+    const st = /^Status:\s*(.*)$/m.exec(stanza)?.[1];
+    if (pkg && ver && st?.trim().endsWith(' installed')) out.push(`${pkg} ${ver}`);
+  }
+  return out.sort();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Build
+
+export interface BuildImageOptions {
+  name: string;
+  suite: string;
+  imageDir: string;
+  mirror?: string;
+  /** banger's SSH public key, authorised for root in the image's work seed. */
+  userPubKey: string;
+  runner?: Runner;
+  signal?: AbortSignal;
+  onStage?: (ev: StageEvent) => void;
+  /** Where the bootstrap tree is built (default: next to imageDir). */
+  workDir?: string;
+}
+
+/**
+ * Build a Debian image with mmdebstrap (or debootstrap) from the host's mirror, without mounting anything into the
+ * host: bootstrap → configure → kernel → packages → workseed → rootfs → finish. Everything is built in temporary
+ * directories next to imageDir, which appears (atomic rename) only once complete; any failure or abort removes them.
+ */
+export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest> {
+  validateName('image', opts.name);
+  const runner = opts.runner ?? run;
+  const signal = opts.signal;
+  const emit = opts.onStage ?? (() => {});
+  if (!/^[a-z][a-z0-9-]*$/.test(opts.suite)) throw new BangerError('usage', `invalid Debian suite ${JSON.stringify(opts.suite)}`);
+  if (!opts.userPubKey?.trim()) throw new BangerError('invalid_params', 'buildImage needs the user public key');
+  const mirror = (opts.mirror ?? detectMirror())?.replace(/\/+$/, '');
+  if (!mirror) {
+    throw new BangerError('usage', 'no Debian mirror found in the host apt sources', 'give one with --mirror URL');
+  }
+  if (!/^(https?|file|ftp):\/\/\S+$/.test(mirror)) {
+    throw new BangerError('usage', `invalid mirror ${JSON.stringify(mirror)}`, 'give --mirror URL, e.g. http://<host>/debian');
+  }
+  if (existsSync(opts.imageDir)) {
+    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
+  }
+
+  const isRoot = process.getuid?.() === 0;
+  const mmdebstrap = await which('mmdebstrap', runner);
+  const debootstrap = isRoot ? await which('debootstrap', runner) : undefined;
+  let tool: 'mmdebstrap' | 'debootstrap';
+  let mode: 'root' | 'unshare' = 'root';
+  if (mmdebstrap) {
+    tool = 'mmdebstrap';
+    mode = isRoot ? 'root' : 'unshare';
+  } else if (debootstrap) tool = 'debootstrap';
+  else {
+    throw new BangerError(
+      'unsupported',
+      isRoot ? 'neither mmdebstrap nor debootstrap is installed' : 'building an image as a normal user needs mmdebstrap',
+      isRoot ? 'install mmdebstrap (apt install mmdebstrap)' : 'run as root, or install mmdebstrap (apt install mmdebstrap) so the build can use --mode=unshare',
+    );
+  }
+  // In unshare mode the tree's files belong to sub-uids: tools that read ownership or delete files run inside
+  // mmdebstrap's user namespace, where they appear as root.
+  const treeExec: TreeExec = (file, args, o = {}) =>
+    mode === 'unshare'
+      ? runner('mmdebstrap', ['--unshare-helper', file, ...args], { signal, ...o })
+      : runner(file, args, { signal, ...o });
+  const hostExec: TreeExec = (file, args, o = {}) => runner(file, args, { signal, ...o });
+
+  const cleanups = new Cleanups();
+  const parent = dirname(opts.imageDir);
+  const base = basename(opts.imageDir);
+  const timings: Record<string, number> = {};
+
+  const stage = async <T>(name: string, fn: () => Promise<{ value: T; detail?: string }>): Promise<T> => {
+    checkAborted(signal);
+    emit({ stage: name, status: 'start' });
+    const t0 = performance.now();
+    const { value, detail } = await fn();
+    const ms = Math.round(performance.now() - t0);
+    timings[name] = ms;
+    emit({ stage: name, status: 'done', ms, detail });
+    return value;
+  };
+
+  try {
+    await mkdir(parent, { recursive: true });
+    const workParent = opts.workDir ?? parent;
+    await mkdir(workParent, { recursive: true });
+    const treeHolder = await mkdtemp(join(workParent, `.${base}.bootstrap-`));
+    const tree = join(treeHolder, 'tree');
+    cleanups.add(`remove ${treeHolder}`, () => removeTree(treeHolder, mode === 'unshare' ? treeExec : hostExec));
+    const out = await mkdtemp(join(parent, `.${base}.tmp-`));
+    const forgetOut = cleanups.add(`remove ${out}`, () => rm(out, { recursive: true, force: true }));
+    await chmod(out, 0o755);
+
+    // ---- bootstrap
+    await stage('bootstrap', async () => {
+      await mkdir(tree, { mode: 0o755 });
+      const include = IMAGE_PACKAGES.join(',');
+      if (tool === 'mmdebstrap') {
+        await runner(
+          'mmdebstrap',
+          [
+            '--variant=minbase',
+            `--mode=${mode}`,
+            '--format=directory',
+            '--components=main',
+            `--include=${include}`,
+            '--aptopt=Acquire::Retries "3"',
+            '--dpkgopt=path-exclude=/usr/share/man/*',
+            '--dpkgopt=path-exclude=/usr/share/info/*',
+            '--dpkgopt=path-exclude=/usr/share/doc/*',
+            '--dpkgopt=path-include=/usr/share/doc/*/copyright',
+            opts.suite,
+            tree,
+            mirror,
+          ],
+          { signal, timeoutMs: 60 * 60_000 },
+        );
+      } else {
+        await runner(
+          'debootstrap',
+          ['--variant=minbase', `--include=${include}`, '--components=main', opts.suite, tree, mirror],
+          { signal, timeoutMs: 60 * 60_000 },
+        );
+      }
+      await chmod(tree, 0o755); // becomes the guest's "/"
+      return { value: undefined, detail: `${tool}${tool === 'mmdebstrap' ? ` --mode=${mode}` : ''} ${opts.suite} from ${mirror}` };
+    });
+
+    // ---- configure
+    await stage('configure', async () => {
+      await writeTreeFile(tree, '/etc/fstab', FSTAB);
+      await writeTreeFile(tree, '/etc/hostname', 'banger\n');
+      // The build host's resolver means nothing in a guest; static networks get theirs per VM.
+      await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
+      await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
+      const sshDir = await resolveInTree(tree, '/etc/ssh');
+      for (const f of await readdir(sshDir)) if (f.startsWith('ssh_host_')) await unlink(join(sshDir, f));
+      const machineId = await resolveInTree(tree, '/etc/machine-id');
+      if (/^[0-9a-f]{32}\s*$/.test(await readFile(machineId, 'utf8').catch(() => ''))) await writeFile(machineId, '');
+      const enabled = [
+        ...(await enableUnitInTree(tree, 'systemd-networkd.service')),
+        ...(await enableUnitInTree(tree, 'ssh.service')),
+      ];
+      const masked: string[] = [];
+      for (const u of MASKED_UNITS) if (await maskUnitInTree(tree, u)) masked.push(u);
+      const root = await resolveInTree(tree, '/root');
+      await mkdir(join(root, '.ssh'), { recursive: true });
+      await chmod(root, 0o700);
+      await chmod(join(root, '.ssh'), 0o700);
+      await writeTreeFile(tree, '/root/.ssh/authorized_keys', withNewline(opts.userPubKey.trim()), 0o600);
+      return { value: undefined, detail: `enabled ${enabled.length} unit links, masked ${masked.join(' ')}` };
+    });
+
+    // ---- kernel
+    const kernel = await stage('kernel', async () => {
+      const boot = await resolveInTree(tree, '/boot');
+      const names = await readdir(boot);
+      const newest = (prefix: string) =>
+        names
+          .filter((n) => n.startsWith(prefix))
+          .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }))
+          .pop();
+      const vmlinuz = newest('vmlinuz-');
+      const initrd = newest('initrd.img-');
+      if (!vmlinuz) throw new BangerError('host', 'the bootstrap installed no kernel (/boot/vmlinuz-* is missing)');
+      if (!initrd) throw new BangerError('host', 'the bootstrap made no initrd (/boot/initrd.img-* is missing)');
+      await treeExec('cp', [join(boot, vmlinuz), join(out, Files.vmlinuz)]);
+      await treeExec('cp', [join(boot, initrd), join(out, Files.initrd)]);
+      const x = await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner, signal });
+      const detail = x.ok
+        ? `${vmlinuz}; vmlinux from the ${x.format} payload at offset ${x.offset} (${x.bytes} bytes)`
+        : `${vmlinuz}; warning: no vmlinux (${x.reason}); Firecracker will not be able to use this image`;
+      return { value: { version: vmlinuz.slice('vmlinuz-'.length), vmlinux: x.ok }, detail };
+    });
+
+    // ---- packages
+    const packages = await stage('packages', async () => {
+      const admindir = await resolveInTree(tree, '/var/lib/dpkg');
+      const r = await runner('dpkg-query', [`--admindir=${admindir}`, '-W', '-f', '${Package} ${Version}\n'], { signal });
+      const lines = r.stdout.split('\n').filter(Boolean).sort();
+      await writeFile(join(out, Files.packages), lines.join('\n') + '\n', { mode: 0o644 });
+      return { value: lines.length, detail: `${lines.length} packages` };
+    });
+
+    // ---- workseed
+    await stage('workseed', async () => {
+      const root = await resolveInTree(tree, '/root');
+      await makeSeed(join(out, Files.workSeed), root, treeExec);
+      return { value: undefined, detail: `from /root (${(await readdir(root)).join(' ')})` };
+    });
+
+    // ---- rootfs
+    const rootfsBytes = await stage('rootfs', async () => {
+      const root = await resolveInTree(tree, '/root');
+      await treeExec('find', [root, '-mindepth', '1', '-delete']); // /root is the work disk
+      const used = await treeBytes(tree, treeExec);
+      const size = Math.max(GiB, Math.ceil((used * 1.4) / (64 * MiB)) * 64 * MiB);
+      const img = join(out, Files.rootfs);
+      await runner('truncate', ['-s', String(size), img], { signal });
+      await treeExec(
+        'mkfs.ext4',
+        ['-F', '-q', '-L', 'banger-root', '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', '-d', tree, img],
+        { timeoutMs: 30 * 60_000 },
+      );
+      return { value: size, detail: `tree ${Math.round(used / MiB)} MiB → ${Math.round(size / MiB)} MiB ext4` };
+    });
+
+    // ---- finish
+    return await stage('finish', async () => {
+      const manifest = await finishDir(out, {
+        name: opts.name,
+        createdAt: new Date().toISOString(),
+        suite: opts.suite,
+        builderVersion: BUILDER_VERSION,
+        kernel: Files.vmlinuz,
+        vmlinux: kernel.vmlinux ? Files.vmlinux : undefined,
+        initrd: Files.initrd,
+        rootfs: Files.rootfs,
+        workSeed: Files.workSeed,
+        packagesFile: Files.packages,
+        packages,
+      });
+      await publishDir(out, opts.imageDir, opts.name);
+      forgetOut();
+      const failures = await cleanups.runAll(); // the bootstrap tree
+      return {
+        value: manifest,
+        detail:
+          `${Math.round(manifest.sizeBytes / MiB)} MiB (rootfs ${Math.round(rootfsBytes / MiB)} MiB, kernel ${kernel.version})` +
+          (failures.length ? `; warning: ${failures.join('; ')}` : ''),
+      };
+    });
+  } catch (e) {
+    const failures = await cleanups.runAll();
+    if (failures.length && e instanceof Error) e.message += ` (cleanup also failed: ${failures.join('; ')})`;
+    if (signal?.aborted && !(e instanceof BangerError && e.kind === 'aborted')) {
+      throw new BangerError('aborted', 'image build aborted', undefined, { cause: e });
+    }
+    throw e;
+  }
+}
+
+/**
+ * Remove a bootstrap tree. Refuses while anything is mounted inside it (a killed debootstrap may leave /proc or
+ * /dev mounted; rm -rf would then reach into the host's), and never crosses filesystems.
+ */
+async function removeTree(dir: string, exec: TreeExec): Promise<void> {
+  let mounts = await mountsUnder(dir);
+  if (mounts.length) {
+    for (const m of mounts.sort().reverse()) await exec('umount', ['-l', m], { reject: false });
+    mounts = await mountsUnder(dir);
+    if (mounts.length) {
+      throw new BangerError('host', `not removing ${dir}: still mounted inside it: ${mounts.join(', ')}`, `unmount them, then rm -rf ${dir}`);
+    }
+  }
+  await exec('rm', ['-rf', '--one-file-system', dir]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Import
+
+export interface ImportImageOptions {
+  name: string;
+  imageDir: string;
+  rootfs: string;
+  kernel: string;
+  initrd?: string;
+  /** Added to the work seed's /root/.ssh/authorized_keys. */
+  userPubKey?: string;
+  runner?: Runner;
+  signal?: AbortSignal;
+}
+
+/**
+ * Import an image from files: an ext2/3/4 root filesystem image, a kernel (bzImage or ELF) and optionally an initrd.
+ * The files are copied (reflink where possible, sparse otherwise); the work seed is made from the rootfs's /root.
+ */
+export async function importImage(opts: ImportImageOptions): Promise<ImageManifest> {
+  validateName('image', opts.name);
+  const runner = opts.runner ?? run;
+  const signal = opts.signal;
+  const inputs: Array<[string, string | undefined]> = [
+    ['--rootfs', opts.rootfs],
+    ['--kernel', opts.kernel],
+    ['--initrd', opts.initrd],
+  ];
+  for (const [flag, p] of inputs) {
+    if (p === undefined) continue;
+    const st = await stat(p).catch(() => undefined);
+    if (!st) throw new BangerError('not_found', `${flag} file ${p} does not exist`, `check the path given to ${flag}`);
+    if (!st.isFile()) throw new BangerError('usage', `${flag} ${p} is not a regular file`, `give a file to ${flag}`);
+  }
+  {
+    const fh = await open(opts.rootfs, 'r');
+    const b = Buffer.alloc(2);
+    await fh.read(b, 0, 2, 1080).finally(() => fh.close());
+    if (b[0] !== 0x53 || b[1] !== 0xef) {
+      throw new BangerError('usage', `--rootfs ${opts.rootfs} is not an ext2/3/4 filesystem image`, 'give a raw ext4 image (e.g. made with mkfs.ext4 -d)');
+    }
+  }
+  if (existsSync(opts.imageDir)) {
+    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
+  }
+  const parent = dirname(opts.imageDir);
+  await mkdir(parent, { recursive: true });
+  const cleanups = new Cleanups();
+  try {
+    const out = await mkdtemp(join(parent, `.${basename(opts.imageDir)}.import-`));
+    const forgetOut = cleanups.add(`remove ${out}`, () => rm(out, { recursive: true, force: true }));
+    await chmod(out, 0o755);
+    const cp = (src: string, dst: string) =>
+      runner('cp', ['--reflink=auto', '--sparse=always', '--', src, join(out, dst)], { signal });
+    await cp(opts.rootfs, Files.rootfs);
+    await cp(opts.kernel, Files.vmlinuz);
+    if (opts.initrd) await cp(opts.initrd, Files.initrd);
+
+    // vmlinux: the kernel itself if it is ELF, else extracted from the bzImage (best effort)
+    let vmlinux = false;
+    const head = Buffer.alloc(4);
+    {
+      const fh = await open(join(out, Files.vmlinuz), 'r');
+      await fh.read(head, 0, 4, 0).finally(() => fh.close());
+    }
+    if (head.readUInt32BE(0) === 0x7f454c46) {
+      await link(join(out, Files.vmlinuz), join(out, Files.vmlinux));
+      vmlinux = true;
+    } else {
+      vmlinux = (await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner, signal })).ok;
+    }
+    checkAborted(signal);
+
+    // work seed from the rootfs's /root
+    const dump = await mkdtemp(join(tmpdir(), 'banger-import-'));
+    cleanups.add(`remove ${dump}`, () => rm(dump, { recursive: true, force: true }));
+    const rootDir = join(dump, 'root');
+    let hasRoot = await rdumpDir(opts.rootfs, '/root', rootDir, { runner, signal });
+    if (opts.userPubKey?.trim()) {
+      if (!hasRoot) await mkdir(rootDir, { recursive: true, mode: 0o700 });
+      hasRoot = true;
+      await mkdir(join(rootDir, '.ssh'), { recursive: true, mode: 0o700 });
+      const akPath = join(rootDir, '.ssh', 'authorized_keys');
+      const prev = await readFile(akPath, 'utf8').catch(() => '');
+      const key = opts.userPubKey.trim();
+      if (!prev.split('\n').some((l) => l.trim() === key)) {
+        await writeFile(akPath, (prev && !prev.endsWith('\n') ? prev + '\n' : prev) + key + '\n', { mode: 0o600 });
+      }
+      await chmod(akPath, 0o600);
+    }
+    const hostExec: TreeExec = (file, args, o = {}) => runner(file, args, { signal, ...o });
+    await makeSeed(join(out, Files.workSeed), hasRoot ? rootDir : undefined, hostExec);
+
+    // package list, if the rootfs is Debian-like
+    const status = await readDiskFile(opts.rootfs, '/var/lib/dpkg/status', { runner, signal }).catch(() => undefined);
+    const pkgs = status ? parseDpkgStatus(status) : [];
+    if (pkgs.length) await writeFile(join(out, Files.packages), pkgs.join('\n') + '\n', { mode: 0o644 });
+
+    const manifest = await finishDir(out, {
+      name: opts.name,
+      createdAt: new Date().toISOString(),
+      builderVersion: BUILDER_VERSION,
+      kernel: Files.vmlinuz,
+      vmlinux: vmlinux ? Files.vmlinux : undefined,
+      initrd: opts.initrd ? Files.initrd : undefined,
+      rootfs: Files.rootfs,
+      workSeed: Files.workSeed,
+      packagesFile: pkgs.length ? Files.packages : undefined,
+      packages: pkgs.length,
+    });
+    await publishDir(out, opts.imageDir, opts.name);
+    forgetOut();
+    await cleanups.runAll();
+    return manifest;
+  } catch (e) {
+    await cleanups.runAll();
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Read
+
+/** Read and validate images/<name>/manifest.json. */
+export async function readManifest(imageDir: string): Promise<ImageManifest> {
+  const name = basename(imageDir);
+  let text: string;
+  try {
+    text = await readFile(join(imageDir, Files.manifest), 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new BangerError('not_found', `image ${name} not found`, `banger image pull ${name}`);
+    }
+    throw e;
+  }
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch (e) {
+    throw new BangerError('invalid_state', `image ${name}: manifest.json is not valid JSON (${errorMessage(e)})`, `banger image delete ${name} && banger image pull ${name}`);
+  }
+  const r = ManifestSchema.safeParse(data);
+  if (!r.success) {
+    throw new BangerError('invalid_state', `image ${name}: manifest.json is invalid: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`, `banger image delete ${name} && banger image pull ${name}`);
+  }
+  return r.data;
+}

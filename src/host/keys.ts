@@ -1,0 +1,149 @@
+import { randomBytes } from 'node:crypto';
+import { chmod, link, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import ssh2 from 'ssh2';
+import { BangerError } from '../errors.js';
+import { Files } from '../paths.js';
+import { run, type Runner } from './runner.js';
+
+const { utils } = ssh2;
+
+export interface UserKey {
+  privateKeyPath: string;
+  publicKeyPath: string;
+  privateKey: Buffer;
+  /** One line, `ssh-ed25519 AAAA... banger`, no trailing newline. */
+  publicKey: string;
+}
+
+export interface KeyOptions {
+  runner?: Runner;
+  signal?: AbortSignal;
+}
+
+const errno = (e: unknown): string | undefined => (e as NodeJS.ErrnoException)?.code;
+
+/** Reads a private key and derives its public line (the OpenSSH private key format carries the public blob). */
+function publicLineFromPrivate(privateKey: Buffer, comment: string): string {
+  const parsed = utils.parseKey(privateKey);
+  const key = Array.isArray(parsed) ? parsed[0] : parsed;
+  if (!key || key instanceof Error) {
+    throw new BangerError('invalid_state', `banger's SSH private key could not be read: ${key instanceof Error ? key.message : 'no key'}`);
+  }
+  return `${key.type} ${key.getPublicSSH().toString('base64')} ${comment}`;
+}
+
+/**
+ * banger's own SSH key pair (ed25519, no passphrase), made on first use in `keysDir` (mode 0700).
+ * Idempotent and safe when two processes race: each generates into its own temp directory and the
+ * private key is published with link(2), which fails if another process got there first; the loser
+ * throws its pair away and reads the winner's. The .pub file is (re)derived from the private key if it
+ * is missing or does not match.
+ */
+export async function ensureUserKey(keysDir: string, opts: KeyOptions = {}): Promise<UserKey> {
+  const runner = opts.runner ?? run;
+  const privateKeyPath = join(keysDir, Files.userKey);
+  const publicKeyPath = join(keysDir, Files.userPubKey);
+  await mkdir(keysDir, { recursive: true, mode: 0o700 });
+  await chmod(keysDir, 0o700);
+
+  let privateKey = await readFile(privateKeyPath).catch((e) => {
+    if (errno(e) === 'ENOENT') return undefined;
+    throw e;
+  });
+  if (!privateKey) {
+    const tmp = join(keysDir, `.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+    await mkdir(tmp, { mode: 0o700 });
+    try {
+      const tmpKey = join(tmp, Files.userKey);
+      await runner('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'banger', '-f', tmpKey], { signal: opts.signal });
+      await chmod(tmpKey, 0o600);
+      try {
+        await link(tmpKey, privateKeyPath);
+      } catch (e) {
+        if (errno(e) === 'EEXIST') {
+          /* another process won the race: use its key */
+        } else if (errno(e) === 'EPERM' || errno(e) === 'ENOTSUP' || errno(e) === 'EXDEV') {
+          // File systems without hard links: rename (a racing loser may replace the key; both are valid
+          // keys and the .pub is derived from whichever private key is on disk).
+          await rename(tmpKey, privateKeyPath);
+        } else {
+          throw e;
+        }
+      }
+    } finally {
+      await rm(tmp, { recursive: true, force: true });
+    }
+    privateKey = await readFile(privateKeyPath);
+  }
+
+  const publicKey = publicLineFromPrivate(privateKey, 'banger');
+  const onDisk = await readFile(publicKeyPath, 'utf8').catch(() => '');
+  if (!samePublicKey(onDisk, publicKey)) {
+    const tmpPub = `${publicKeyPath}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+    await writeFile(tmpPub, `${publicKey}\n`, { mode: 0o644 });
+    await rename(tmpPub, publicKeyPath);
+  }
+  return { privateKeyPath, publicKeyPath, privateKey, publicKey };
+}
+
+function samePublicKey(a: string, b: string): boolean {
+  try {
+    const x = parsePublicKey(a);
+    const y = parsePublicKey(b);
+    return x.type === y.type && x.blob.equals(y.blob);
+  } catch {
+    return false;
+  }
+}
+
+export interface HostKey {
+  /** OpenSSH PEM-ish private key text, as sshd reads it from /etc/ssh/ssh_host_ed25519_key. */
+  privateKey: string;
+  /** One line, `ssh-ed25519 AAAA... comment`, no trailing newline. */
+  publicKey: string;
+}
+
+/** A fresh ed25519 SSH host key for one VM (generated in a private temp directory that is removed again). */
+export async function generateHostKey(opts: KeyOptions & { comment?: string } = {}): Promise<HostKey> {
+  const runner = opts.runner ?? run;
+  const dir = await mkdtemp(join(tmpdir(), 'banger-hostkey-'));
+  try {
+    const file = join(dir, 'ssh_host_ed25519_key');
+    await runner('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', opts.comment ?? 'banger-vm', '-f', file], {
+      signal: opts.signal,
+    });
+    const privateKey = await readFile(file, 'utf8');
+    const publicKey = (await readFile(`${file}.pub`, 'utf8')).trim();
+    parsePublicKey(publicKey); // sanity
+    return { privateKey, publicKey };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export interface ParsedPublicKey {
+  type: string;
+  /** The raw SSH wire-format key blob (what ssh2's hostVerifier receives). */
+  blob: Buffer;
+  comment?: string;
+}
+
+/** Parses one `type base64 [comment]` line (authorized_keys / .pub / known_hosts-without-host format). */
+export function parsePublicKey(line: string): ParsedPublicKey {
+  const parts = String(line).trim().split(/\s+/);
+  const [type, b64, ...rest] = parts;
+  const bad = (why: string) =>
+    new BangerError('invalid_params', `not an SSH public key (${why}): ${JSON.stringify(String(line).slice(0, 60))}`);
+  if (!type || !b64) throw bad('expected "<type> <base64>"');
+  if (!/^[A-Za-z0-9+/]+={0,2}$/.test(b64)) throw bad('bad base64');
+  const blob = Buffer.from(b64, 'base64');
+  // The blob starts with the key type as an SSH string: uint32 length, then the name.
+  if (blob.length < 4) throw bad('blob too short');
+  const n = blob.readUInt32BE(0);
+  if (n > blob.length - 4) throw bad('blob truncated');
+  const inner = blob.subarray(4, 4 + n).toString('latin1');
+  if (inner !== type) throw bad(`blob says ${inner}`);
+  return { type, blob, comment: rest.length ? rest.join(' ') : undefined };
+}

@@ -1,0 +1,861 @@
+import { randomBytes } from 'node:crypto';
+import { access, constants as fsConstants, mkdir, mkdtemp, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { createConnection, createServer, type Socket } from 'node:net';
+import { release, tmpdir } from 'node:os';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { BangerError, errorMessage } from '../errors.js';
+import { Files } from '../paths.js';
+import { run, type Runner } from './runner.js';
+
+// ───────────────────────────── driver interface (shared with Firecracker) ─────────────────────────────
+
+export interface LaunchSpec {
+  id: string;
+  vmDir: string;
+  runDir: string;
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  rootDisk: string;
+  workDisk: string;
+  vcpus: number;
+  memoryMiB: number;
+  accel: 'kvm' | 'tcg';
+  net: { mode: 'user'; sshPort: number } | { mode: 'tap'; tap: string; mac: string };
+  serialLog: string;
+  /** QEMU block cache mode for both disks. Default 'writeback' (flushes from the guest are honoured). */
+  diskCache?: 'writeback' | 'none' | 'unsafe';
+}
+
+export interface VmmProcess {
+  pid: number;
+  /** QEMU: the command QMP socket. Also identifies the process (it is on the command line). */
+  qmpSocket: string;
+}
+
+export type VmmState = 'running' | 'paused' | 'shutdown' | 'gone' | 'broken';
+
+export interface VmmExit {
+  reason: string;
+  /** From QEMU's SHUTDOWN event when one was seen, e.g. 'guest-shutdown', 'guest-reset', 'host-signal'. */
+  shutdownReason?: string;
+  /** True when the guest itself asked to shut down / reset. */
+  guest?: boolean;
+}
+
+export interface VmmDriver {
+  kind: 'qemu' | 'firecracker';
+  launch(spec: LaunchSpec, opts: { signal?: AbortSignal; runner?: Runner }): Promise<VmmProcess>;
+  stop(proc: VmmProcess, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<'graceful' | 'killed' | 'already-gone'>;
+  kill(proc: VmmProcess): Promise<void>;
+  status(proc: VmmProcess): Promise<{ state: VmmState; reasons: string[] }>;
+  waitExit(proc: VmmProcess, signal: AbortSignal): Promise<VmmExit>;
+}
+
+// ───────────────────────────── small helpers ─────────────────────────────
+
+/** Unix socket paths must fit sockaddr_un.sun_path (108 bytes including the NUL). */
+export const MAX_SOCKET_PATH = 107;
+
+const sleep = (ms: number, signal?: AbortSignal) =>
+  new Promise<void>((res, rej) => {
+    if (signal?.aborted) return rej(aborted('wait', signal));
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      res();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      rej(aborted('wait', signal));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+
+function aborted(what: string, signal?: AbortSignal): BangerError {
+  const r = signal?.reason;
+  const why = r instanceof Error ? r.message : typeof r === 'string' ? r : undefined;
+  return new BangerError('aborted', `${what}: aborted${why ? ` (${why})` : ''}`);
+}
+
+const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
+
+function checkSocketPath(path: string): string {
+  if (Buffer.byteLength(path) > MAX_SOCKET_PATH) {
+    throw new BangerError(
+      'host',
+      `socket path too long (${Buffer.byteLength(path)} bytes, the limit is ${MAX_SOCKET_PATH}): ${path}`,
+      'set BANGER_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a shorter directory',
+    );
+  }
+  return path;
+}
+
+/** The QMP socket of a VM: `<runDir>/<id>.qmp`. */
+export function qmpSocketPath(runDir: string, id: string): string {
+  return checkSocketPath(join(runDir, `${id}.qmp`));
+}
+
+/**
+ * A second QMP monitor only for watching events (waitExit holds it for the VM's life). QEMU serves one
+ * client per monitor, so status/stop must not compete with a long-lived watcher on the same socket.
+ */
+export function eventsSocketPath(qmpSocket: string): string | undefined {
+  return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.qev` : undefined;
+}
+
+/** Escapes a value for QEMU's comma-separated option syntax (`,` is written `,,`). */
+export function qemuOptEscape(value: string): string {
+  return value.replace(/,/g, ',,');
+}
+
+function assertPath(what: string, p: string): string {
+  if (!isAbsolute(p)) throw new BangerError('internal', `${what} must be an absolute path (QEMU daemonizes into /): ${p}`);
+  if (/[\n\r\0]/.test(p)) throw new BangerError('invalid_params', `${what} contains a control character: ${JSON.stringify(p)}`);
+  return p;
+}
+
+const ID_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
+const TAP_RE = /^[A-Za-z0-9_.-]{1,15}$/;
+
+// ───────────────────────────── argv ─────────────────────────────
+
+export interface QemuFiles {
+  qmpSocket: string;
+  pidFile: string;
+  /** Optional second monitor for events; defaults to eventsSocketPath(qmpSocket). Pass null for none. */
+  eventsSocket?: string | null;
+}
+
+/**
+ * The argument vector (without the binary) for one VM. Pure: same input, same output.
+ * Disks: root first (vda), then work (vdb).
+ */
+export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: number } = {}): string[] {
+  if (!ID_RE.test(spec.id)) throw new BangerError('invalid_params', `invalid VM id for QEMU: ${JSON.stringify(spec.id)}`);
+  if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1) throw new BangerError('invalid_params', `vcpus must be a positive integer, got ${spec.vcpus}`);
+  if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 64) throw new BangerError('invalid_params', `memory must be at least 64 MiB, got ${spec.memoryMiB}`);
+  const cache = spec.diskCache ?? 'writeback';
+  const drive = (id: string, file: string) => [
+    '-drive',
+    `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=raw,if=none,cache=${cache},discard=unmap`,
+    '-device',
+    `virtio-blk-device,drive=${id}`,
+  ];
+  const args: string[] = [
+    '-name', `banger-${spec.id}`,
+    '-M', 'microvm,acpi=on',
+    '-accel', spec.accel,
+    '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
+    '-smp', String(spec.vcpus),
+    '-m', String(spec.memoryMiB),
+    '-nodefaults',
+    '-no-user-config',
+    '-display', 'none',
+    '-no-reboot',
+    '-kernel', assertPath('kernel', spec.kernel),
+  ];
+  if (spec.initrd) args.push('-initrd', assertPath('initrd', spec.initrd));
+  args.push('-append', tcgCmdline(spec, opts.tscKhz));
+  args.push('-serial', `file:${assertPath('serial log', spec.serialLog)}`);
+  args.push(...drive('root', spec.rootDisk), ...drive('work', spec.workDisk));
+  if (spec.net.mode === 'user') {
+    const port = spec.net.sshPort;
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
+    args.push('-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`, '-device', 'virtio-net-device,netdev=n0');
+  } else {
+    if (!TAP_RE.test(spec.net.tap)) throw new BangerError('invalid_params', `invalid TAP device name ${JSON.stringify(spec.net.tap)}`);
+    if (!MAC_RE.test(spec.net.mac)) throw new BangerError('invalid_params', `invalid MAC address ${JSON.stringify(spec.net.mac)}`);
+    args.push(
+      '-netdev', `tap,id=n0,ifname=${spec.net.tap},script=no,downscript=no`,
+      '-device', `virtio-net-device,netdev=n0,mac=${spec.net.mac.toLowerCase()}`,
+    );
+  }
+  // Guest entropy: sshd must not wait for the CRNG on a slow emulated boot.
+  args.push('-object', 'rng-random,id=rng0,filename=/dev/urandom', '-device', 'virtio-rng-device,rng=rng0');
+  args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP socket', files.qmpSocket))));
+  const ev = files.eventsSocket === undefined ? eventsSocketPath(files.qmpSocket) : files.eventsSocket;
+  if (ev) args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP events socket', ev))));
+  args.push('-pidfile', assertPath('pid file', files.pidFile), '-daemonize');
+  return args;
+}
+
+/**
+ * Under TCG the guest calibrates its TSC against the emulated PIT; on a busy host that calibration fails,
+ * the kernel marks the TSC unusable, finds no other reference on microvm (no HPET, no ACPI PM timer) and
+ * hangs before it reaches init. Telling it the frequency (TCG's guest TSC runs at the host's TSC rate)
+ * skips the calibration. A tsc_early_khz already in the cmdline wins.
+ */
+function tcgCmdline(spec: LaunchSpec, tscKhz: number | undefined): string {
+  if (spec.accel !== 'tcg' || !tscKhz || !Number.isInteger(tscKhz) || tscKhz <= 0) return spec.cmdline;
+  if (/(^|\s)tsc_early_khz=/.test(spec.cmdline)) return spec.cmdline;
+  return `${spec.cmdline} tsc_early_khz=${tscKhz}`.trim();
+}
+
+/** The host's TSC frequency in kHz as far as /proc/cpuinfo tells it (x86 only), else undefined. */
+export async function hostTscKhz(): Promise<number | undefined> {
+  try {
+    const text = await readFile('/proc/cpuinfo', 'utf8');
+    const m = /^cpu MHz\s*:\s*([0-9.]+)/m.exec(text);
+    const khz = m ? Math.round(Number.parseFloat(m[1]) * 1000) : NaN;
+    return Number.isFinite(khz) && khz > 0 ? khz : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const qmpArg = (sock: string) => `unix:${qemuOptEscape(sock)},server=on,wait=off`;
+
+// ───────────────────────────── process identity ─────────────────────────────
+
+export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
+
+/**
+ * Is `pid` still the QEMU that serves `qmpSocket`? Guards against pid reuse: the socket path is on the
+ * command line of exactly one QEMU. A zombie counts as gone.
+ */
+export async function identifyPid(pid: number, qmpSocket: string): Promise<{ id: PidIdentity; detail?: string }> {
+  if (!Number.isInteger(pid) || pid <= 0) return { id: 'gone', detail: `invalid pid ${pid}` };
+  let statText: string;
+  try {
+    statText = await readFile(`/proc/${pid}/stat`, 'utf8');
+  } catch (e) {
+    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
+    return { id: 'unknown', detail: errorMessage(e) };
+  }
+  const state = statText.slice(statText.lastIndexOf(')') + 2, statText.lastIndexOf(')') + 3);
+  if (state === 'Z' || state === 'X') return { id: 'gone', detail: 'zombie' };
+  let argv: string[];
+  try {
+    argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter((a, i, all) => a !== '' || i < all.length - 1);
+  } catch (e) {
+    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
+    return { id: 'unknown', detail: errorMessage(e) };
+  }
+  const want = qmpArg(qmpSocket);
+  const ours = argv.some((a, i) => a === want && argv[i - 1] === '-qmp');
+  return ours ? { id: 'ours' } : { id: 'other', detail: argv.slice(0, 3).join(' ') || '(no command line)' };
+}
+
+async function isOurs(proc: VmmProcess): Promise<boolean> {
+  const { id } = await identifyPid(proc.pid, proc.qmpSocket);
+  return id === 'ours' || id === 'unknown';
+}
+
+/** Polls until the process is gone (or no longer ours). True if gone within timeoutMs. */
+async function waitGone(proc: VmmProcess, timeoutMs: number, signal?: AbortSignal, everyMs = 100): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!(await isOurs(proc))) return true;
+    const left = deadline - Date.now();
+    if (left <= 0) return false;
+    await sleep(Math.min(everyMs, left), signal);
+  }
+}
+
+// ───────────────────────────── QMP ─────────────────────────────
+
+export interface QmpEvent {
+  event: string;
+  data?: Record<string, unknown>;
+  timestamp?: { seconds: number; microseconds: number };
+}
+
+interface Pending {
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+  timer: NodeJS.Timeout;
+  command: string;
+}
+
+/**
+ * A QMP client: JSON objects, one per line, over a Unix socket. connect() waits for the greeting and
+ * negotiates capabilities; execute() matches replies by id. Every wait has a timeout.
+ */
+export class QmpClient {
+  private buf = '';
+  private nextId = 1;
+  private readonly pending = new Map<string, Pending>();
+  private readonly listeners = new Set<(e: QmpEvent) => void>();
+  private readonly closeListeners = new Set<() => void>();
+  private greetingWaiter?: (g: unknown) => void;
+  private isClosed = false;
+  /** Every event received, in order. */
+  readonly events: QmpEvent[] = [];
+  greeting: unknown;
+  /** Resolves when the connection is closed (by either side, e.g. because QEMU exited). */
+  readonly closed: Promise<void>;
+  private markClosed!: () => void;
+
+  private constructor(private readonly sock: Socket, readonly path: string) {
+    this.closed = new Promise((r) => (this.markClosed = r));
+    sock.setEncoding('utf8');
+    sock.on('data', (chunk: string) => this.onData(chunk));
+    sock.on('error', () => {
+      /* reported through close */
+    });
+    sock.on('close', () => this.handleClose());
+  }
+
+  static async connect(path: string, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<QmpClient> {
+    const timeoutMs = opts.timeoutMs ?? 3000;
+    const { signal } = opts;
+    if (signal?.aborted) throw aborted(`QMP connect ${path}`, signal);
+    const sock = createConnection({ path });
+    const client = new QmpClient(sock, path);
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    try {
+      await new Promise<void>((res, rej) => {
+        timer = setTimeout(
+          () => rej(new BangerError('timeout', `QMP ${path}: no greeting within ${timeoutMs} ms (another client may hold the monitor)`)),
+          timeoutMs,
+        );
+        onAbort = () => rej(aborted(`QMP connect ${path}`, signal));
+        signal?.addEventListener('abort', onAbort, { once: true });
+        sock.once('error', (e) => rej(new BangerError('host', `QMP ${path}: ${e.message}`, undefined, { cause: e })));
+        sock.once('close', () => rej(new BangerError('host', `QMP ${path}: connection closed before the greeting`)));
+        client.greetingWaiter = () => res();
+      });
+      clearTimeout(timer);
+      await client.execute('qmp_capabilities', undefined, { timeoutMs: Math.max(1000, timeoutMs) });
+      return client;
+    } catch (e) {
+      client.close();
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  private onData(chunk: string): void {
+    this.buf += chunk;
+    let nl: number;
+    while ((nl = this.buf.indexOf('\n')) >= 0) {
+      const line = this.buf.slice(0, nl).trim();
+      this.buf = this.buf.slice(nl + 1);
+      if (!line) continue;
+      let msg: Record<string, unknown>;
+      try {
+        msg = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        continue;
+      }
+      if ('QMP' in msg) {
+        this.greeting = msg.QMP;
+        const w = this.greetingWaiter;
+        this.greetingWaiter = undefined;
+        w?.(msg.QMP);
+      } else if (typeof msg.event === 'string') {
+        const ev = msg as unknown as QmpEvent;
+        this.events.push(ev);
+        for (const l of [...this.listeners]) l(ev);
+      } else if (msg.id !== undefined) {
+        const p = this.pending.get(String(msg.id));
+        if (!p) continue;
+        this.pending.delete(String(msg.id));
+        clearTimeout(p.timer);
+        if ('error' in msg) {
+          const err = msg.error as { class?: string; desc?: string };
+          p.reject(new BangerError('host', `QMP ${p.command}: ${err?.class ?? 'Error'}: ${err?.desc ?? 'unknown error'}`));
+        } else p.resolve(msg.return);
+      }
+    }
+  }
+
+  private handleClose(): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(new BangerError('host', `QMP ${p.command}: connection closed (QEMU exited?)`));
+    }
+    this.pending.clear();
+    this.markClosed();
+    for (const l of [...this.closeListeners]) l();
+    this.closeListeners.clear();
+  }
+
+  /** Calls fn once when the connection closes (at once if it already has); returns the unsubscribe function. */
+  onClose(fn: () => void): () => void {
+    if (this.isClosed) {
+      queueMicrotask(fn);
+      return () => {};
+    }
+    this.closeListeners.add(fn);
+    return () => this.closeListeners.delete(fn);
+  }
+
+  get isOpen(): boolean {
+    return !this.isClosed;
+  }
+
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, opts: { timeoutMs?: number } = {}): Promise<T> {
+    if (this.isClosed) return Promise.reject(new BangerError('host', `QMP ${command}: connection is closed`));
+    const id = `b${this.nextId++}`;
+    const timeoutMs = opts.timeoutMs ?? 5000;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new BangerError('timeout', `QMP ${command}: no reply within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, command });
+      this.sock.write(`${JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id })}\n`);
+    });
+  }
+
+  /** Subscribes to events; returns the unsubscribe function. */
+  onEvent(fn: (e: QmpEvent) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  /** Resolves with the first event (already received or future) that matches. */
+  waitEvent(match: string | ((e: QmpEvent) => boolean), opts: { timeoutMs: number; signal?: AbortSignal }): Promise<QmpEvent> {
+    const pred = typeof match === 'string' ? (e: QmpEvent) => e.event === match : match;
+    const seen = this.events.find(pred);
+    if (seen) return Promise.resolve(seen);
+    const what = typeof match === 'string' ? match : 'event';
+    return new Promise<QmpEvent>((resolve, reject) => {
+      const done = (fn: () => void) => {
+        clearTimeout(timer);
+        off();
+        offClose();
+        opts.signal?.removeEventListener('abort', onAbort);
+        fn();
+      };
+      const off = this.onEvent((e) => {
+        if (pred(e)) done(() => resolve(e));
+      });
+      const timer = setTimeout(() => done(() => reject(new BangerError('timeout', `QMP: no ${what} within ${opts.timeoutMs} ms`))), opts.timeoutMs);
+      const onAbort = () => done(() => reject(aborted(`waiting for QMP ${what}`, opts.signal)));
+      opts.signal?.addEventListener('abort', onAbort, { once: true });
+      const offClose = this.onClose(() => done(() => reject(new BangerError('host', `QMP: connection closed before ${what}`))));
+    });
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+// ───────────────────────────── the driver ─────────────────────────────
+
+export interface QemuDriverOptions {
+  /** Default: $BANGER_QEMU_BIN or qemu-system-x86_64. */
+  qemuBin?: string;
+  runner?: Runner;
+  /** How long QEMU may take to set the VM up and daemonize. Default 60 s. */
+  launchTimeoutMs?: number;
+}
+
+const STATUS_MAP: Record<string, VmmState> = {
+  running: 'running',
+  paused: 'paused',
+  prelaunch: 'paused',
+  suspended: 'paused',
+  debug: 'paused',
+  inmigrate: 'paused',
+  postmigrate: 'paused',
+  'finish-migrate': 'paused',
+  'save-vm': 'paused',
+  'restore-vm': 'paused',
+  colo: 'paused',
+  shutdown: 'shutdown',
+  'internal-error': 'broken',
+  'io-error': 'broken',
+  'guest-panicked': 'broken',
+  watchdog: 'broken',
+};
+
+/** Launches a QEMU VM that has already been built as argv, with -daemonize/-pidfile, and reads its pid. */
+export async function startDaemonized(
+  qemuBin: string,
+  argv: readonly string[],
+  files: { pidFile: string; qmpSocket: string },
+  opts: { signal?: AbortSignal; runner?: Runner; timeoutMs?: number } = {},
+): Promise<VmmProcess> {
+  const runner = opts.runner ?? run;
+  // A live QEMU with this socket would lose it to the new one (QEMU unlinks before bind): refuse instead.
+  const old = await readPid(files.pidFile);
+  if (old !== undefined && (await identifyPid(old, files.qmpSocket)).id === 'ours') {
+    throw new BangerError('conflict', `a QEMU process (pid ${old}) is already running for ${files.qmpSocket}`, 'stop that VM first');
+  }
+  const ev = eventsSocketPath(files.qmpSocket);
+  await Promise.all([rm(files.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined]);
+  try {
+    await runner(qemuBin, argv, { signal: opts.signal, timeoutMs: opts.timeoutMs ?? 60_000 });
+  } catch (e) {
+    // If it got as far as daemonizing before the abort/timeout, do not leave it behind.
+    const pid = await readPid(files.pidFile);
+    if (pid !== undefined && (await identifyPid(pid, files.qmpSocket)).id === 'ours') {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+    if (e instanceof BangerError && e.kind === 'aborted') throw e;
+    throw new BangerError('host', `QEMU failed to start: ${errorMessage(e)}`, launchHint(errorMessage(e)), { cause: e });
+  }
+  let pid: number | undefined;
+  for (let i = 0; i < 40 && pid === undefined; i++) {
+    pid = await readPid(files.pidFile);
+    if (pid === undefined) await sleep(50, opts.signal);
+  }
+  if (pid === undefined) throw new BangerError('host', `QEMU started but wrote no pid to ${files.pidFile}`);
+  return { pid, qmpSocket: files.qmpSocket };
+}
+
+function launchHint(msg: string): string | undefined {
+  if (/hostfwd|Could not set up host forwarding/i.test(msg)) return 'the SSH port is taken; pick another free port and retry';
+  if (/kvm/i.test(msg)) return 'KVM is not usable here; use software emulation (accel tcg)';
+  if (/tap|TUNSETIFF/i.test(msg)) return 'the TAP device is missing or not owned by this user';
+  return undefined;
+}
+
+async function readPid(file: string): Promise<number | undefined> {
+  try {
+    const n = Number.parseInt((await readFile(file, 'utf8')).trim(), 10);
+    return Number.isInteger(n) && n > 0 ? n : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
+  const qemuBin = options.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
+
+  async function kill(proc: VmmProcess): Promise<void> {
+    if (!(await isOurs(proc))) return;
+    try {
+      process.kill(proc.pid, 'SIGKILL');
+    } catch (e) {
+      if (errno(e) === 'ESRCH') return;
+      throw new BangerError('host', `cannot kill QEMU pid ${proc.pid}: ${errorMessage(e)}`);
+    }
+    if (!(await waitGone(proc, 10_000))) {
+      throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
+    }
+  }
+
+  return {
+    kind: 'qemu',
+
+    async launch(spec, opts = {}) {
+      const s: LaunchSpec = {
+        ...spec,
+        vmDir: resolve(spec.vmDir),
+        runDir: resolve(spec.runDir),
+        kernel: resolve(spec.kernel),
+        initrd: spec.initrd ? resolve(spec.initrd) : undefined,
+        rootDisk: resolve(spec.rootDisk),
+        workDisk: resolve(spec.workDisk),
+        serialLog: resolve(spec.serialLog),
+      };
+      const qmpSocket = qmpSocketPath(s.runDir, s.id);
+      const pidFile = join(s.vmDir, Files.vmmPid);
+      for (const [what, file] of [
+        ['kernel', s.kernel],
+        ['initrd', s.initrd],
+        ['root disk', s.rootDisk],
+        ['work disk', s.workDisk],
+      ] as const) {
+        if (!file) continue;
+        try {
+          await access(file, fsConstants.R_OK);
+        } catch {
+          throw new BangerError('not_found', `the VM's ${what} ${file} is missing or unreadable`);
+        }
+      }
+      await mkdir(s.runDir, { recursive: true, mode: 0o700 });
+      await mkdir(s.vmDir, { recursive: true });
+      await mkdir(dirname(s.serialLog), { recursive: true });
+      const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
+      return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, {
+        signal: opts.signal,
+        runner: opts.runner ?? options.runner,
+        timeoutMs: options.launchTimeoutMs,
+      });
+    },
+
+    async stop(proc, { timeoutMs, signal }) {
+      if (!(await isOurs(proc))) return 'already-gone';
+      let sent = false;
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 3000, signal });
+        await qmp.execute('system_powerdown', undefined, { timeoutMs: 3000 });
+        sent = true;
+      } catch (e) {
+        if (e instanceof BangerError && e.kind === 'aborted') throw e;
+      } finally {
+        // Do not hold the monitor while waiting: status() must still be able to use it.
+        qmp?.close();
+      }
+      if (!sent && !(await isOurs(proc))) return 'already-gone';
+      if (sent && (await waitGone(proc, timeoutMs, signal))) return 'graceful';
+      if (signal?.aborted) throw aborted('stopping the VM', signal);
+      await kill(proc);
+      return 'killed';
+    },
+
+    kill,
+
+    async status(proc) {
+      const ident = await identifyPid(proc.pid, proc.qmpSocket);
+      if (ident.id === 'gone') return { state: 'gone', reasons: [`QEMU process ${proc.pid} is not running${ident.detail ? ` (${ident.detail})` : ''}`] };
+      if (ident.id === 'other') {
+        return { state: 'gone', reasons: [`pid ${proc.pid} now belongs to another program (${ident.detail}); the VM's QEMU is gone`] };
+      }
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 2000 });
+        const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: 2000 });
+        const state = STATUS_MAP[st.status] ?? (st.running ? 'running' : 'paused');
+        return { state, reasons: state === 'running' ? [] : [`QEMU reports status '${st.status}'`] };
+      } catch (e) {
+        if (!(await isOurs(proc))) return { state: 'gone', reasons: [`QEMU process ${proc.pid} exited`] };
+        return { state: 'broken', reasons: [`QEMU process ${proc.pid} is running but QMP did not answer: ${errorMessage(e)}`] };
+      } finally {
+        qmp?.close();
+      }
+    },
+
+    async waitExit(proc, signal) {
+      if (!(await isOurs(proc))) return { reason: 'process not running' };
+      let shutdown: { reason?: string; guest?: boolean } | undefined;
+      let ev: QmpClient | undefined;
+      const evPath = eventsSocketPath(proc.qmpSocket);
+      if (evPath) {
+        try {
+          ev = await QmpClient.connect(evPath, { timeoutMs: 2000, signal });
+          ev.onEvent((e) => {
+            if (e.event === 'SHUTDOWN') shutdown = (e.data ?? {}) as { reason?: string; guest?: boolean };
+          });
+        } catch (e) {
+          if (e instanceof BangerError && e.kind === 'aborted') throw e;
+          ev = undefined; // the process may not have it, or someone else holds it: poll /proc only
+        }
+      }
+      // Poll /proc every 250 ms; QEMU closing the events monitor (it is exiting) wakes the loop early and
+      // switches to quick polls for a moment. One wake-up hook, not one promise reaction per tick.
+      let wake: (() => void) | undefined;
+      let quickUntil = 0;
+      ev?.onClose(() => {
+        quickUntil = Date.now() + 2000;
+        wake?.();
+      });
+      try {
+        while (await isOurs(proc)) {
+          await new Promise<void>((res, rej) => {
+            const done = () => {
+              clearTimeout(t);
+              signal.removeEventListener('abort', onAbort);
+              wake = undefined;
+              res();
+            };
+            const onAbort = () => {
+              clearTimeout(t);
+              wake = undefined;
+              rej(aborted('waiting for the VM to exit', signal));
+            };
+            const t = setTimeout(done, Date.now() < quickUntil ? 20 : 250);
+            if (signal.aborted) return onAbort();
+            signal.addEventListener('abort', onAbort, { once: true });
+            wake = done;
+          });
+        }
+      } finally {
+        ev?.close();
+      }
+      if (shutdown) {
+        return {
+          reason: `shutdown: ${shutdown.reason ?? 'unknown'}`,
+          shutdownReason: shutdown.reason,
+          guest: shutdown.guest,
+        };
+      }
+      return { reason: 'process exited' };
+    },
+  };
+}
+
+/** The default QEMU driver (qemu-system-x86_64 from PATH, or $BANGER_QEMU_BIN). */
+export const qemuDriver: VmmDriver = createQemuDriver();
+
+// ───────────────────────────── ports ─────────────────────────────
+
+/** A TCP port that was free on 127.0.0.1 a moment ago (another process may still take it before QEMU binds). */
+export function findFreePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const srv = createServer();
+    srv.unref();
+    srv.once('error', rej);
+    srv.listen({ host: '127.0.0.1', port: 0, exclusive: true }, () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => (port ? res(port) : rej(new BangerError('host', 'could not find a free TCP port on 127.0.0.1'))));
+    });
+  });
+}
+
+// ───────────────────────────── KVM probe ─────────────────────────────
+
+export interface KvmProbeOptions {
+  kernel: string;
+  initrd?: string;
+  cacheFile: string;
+  /** Default 20 s. */
+  timeoutMs?: number;
+  runner?: Runner;
+  signal?: AbortSignal;
+  qemuBin?: string;
+  /** Default /dev/kvm. */
+  kvmDevice?: string;
+}
+
+export interface KvmVerdict {
+  usable: boolean;
+  reason: string;
+  cached: boolean;
+}
+
+interface KvmCacheEntry {
+  key: { kernel: string; size: number; mtimeMs: number; hostKernel: string };
+  usable: boolean;
+  reason: string;
+  checkedAt: string;
+}
+
+/** Serial-console lines proving the kernel ran: it reached userspace, or it panicked for lack of a root. */
+export const KERNEL_RAN_RE =
+  /(Run \/\S* as init process|Freeing unused kernel (image )?memory|VFS: Unable to mount root|VFS: Cannot open root device|Kernel panic - not syncing: (VFS|No working init|Attempted to kill init))/;
+
+/** The argv for a KVM probe boot (no disks, no network, kernel panics or runs init, never reboots). */
+export function kvmProbeArgv(kernel: string, initrd: string | undefined, serialLog: string): string[] {
+  return [
+    '-M', 'microvm,acpi=on',
+    '-accel', 'kvm',
+    '-cpu', 'host',
+    '-smp', '1',
+    '-m', '256',
+    '-nodefaults',
+    '-no-user-config',
+    '-display', 'none',
+    '-no-reboot',
+    '-kernel', kernel,
+    ...(initrd ? ['-initrd', initrd] : []),
+    '-append', 'console=ttyS0 root=/dev/vda panic=-1 loglevel=7',
+    '-serial', `file:${serialLog}`,
+  ];
+}
+
+/**
+ * Is KVM usable for a stock kernel? Opening /dev/kvm is not enough (a nested hypervisor may accept the
+ * open and then fail every real guest), so boot the kernel under KVM and watch its serial console.
+ * The verdict is cached per kernel file (path, size, mtime) and host kernel release.
+ */
+export async function probeKvm(opts: KvmProbeOptions): Promise<KvmVerdict> {
+  const dev = opts.kvmDevice ?? '/dev/kvm';
+  const timeoutMs = opts.timeoutMs ?? 20_000;
+  const runner = opts.runner ?? run;
+  const qemuBin = opts.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
+  try {
+    const fh = await open(dev, 'r+');
+    await fh.close();
+  } catch (e) {
+    return { usable: false, reason: `${dev} cannot be opened (${errno(e) ?? errorMessage(e)})`, cached: false };
+  }
+  const kernel = resolve(opts.kernel);
+  let st;
+  try {
+    st = await stat(kernel);
+  } catch (e) {
+    throw new BangerError('not_found', `kernel for the KVM probe not found: ${kernel} (${errno(e) ?? errorMessage(e)})`);
+  }
+  const key: KvmCacheEntry['key'] = { kernel, size: st.size, mtimeMs: Math.trunc(st.mtimeMs), hostKernel: release() };
+  try {
+    const c = JSON.parse(await readFile(opts.cacheFile, 'utf8')) as KvmCacheEntry;
+    if (c && c.key && JSON.stringify(c.key) === JSON.stringify(key) && typeof c.usable === 'boolean') {
+      return { usable: c.usable, reason: c.reason, cached: true };
+    }
+  } catch {
+    /* no cache or unreadable: probe */
+  }
+
+  const dir = await mkdtemp(join(tmpdir(), 'banger-kvmprobe-'));
+  const serial = join(dir, 'serial.log');
+  const ac = new AbortController();
+  const onOuterAbort = () => ac.abort(opts.signal?.reason);
+  opts.signal?.addEventListener('abort', onOuterAbort, { once: true });
+  const started = Date.now();
+  let verdict: { usable: boolean; reason: string };
+  let running: Promise<unknown> | undefined;
+  try {
+    type Outcome = { done: true; exitCode?: number; stderr?: string; error?: unknown };
+    let outcome: Outcome | undefined;
+    running = runner(qemuBin, kvmProbeArgv(kernel, opts.initrd ? resolve(opts.initrd) : undefined, serial), {
+      signal: ac.signal,
+      reject: false,
+      timeoutMs: timeoutMs + 10_000,
+    }).then(
+      (r) => (outcome = { done: true, exitCode: r.exitCode, stderr: r.stderr }),
+      (e) => (outcome = { done: true, error: e }),
+    );
+    const serialText = () => readFile(serial, 'utf8').catch(() => '');
+    for (;;) {
+      const text = await serialText();
+      const m = KERNEL_RAN_RE.exec(text);
+      if (m) {
+        verdict = { usable: true, reason: `a probe boot under KVM ran the kernel (serial: "${m[0]}") in ${Date.now() - started} ms` };
+        break;
+      }
+      if (outcome) {
+        const last = KERNEL_RAN_RE.exec(await serialText());
+        if (last) {
+          verdict = { usable: true, reason: `a probe boot under KVM ran the kernel (serial: "${last[0]}") in ${Date.now() - started} ms` };
+        } else {
+          const stderr = (outcome.error as { stderr?: unknown } | undefined)?.stderr ?? outcome.stderr;
+          const tail = typeof stderr === 'string' ? stderr.trim().split('\n').slice(-3).join(' | ') : '';
+          const how = outcome.error
+            ? /SIG[A-Z]+/.exec(errorMessage(outcome.error))?.[0]
+              ? `QEMU died of ${/SIG[A-Z]+/.exec(errorMessage(outcome.error))![0]}`
+              : errorMessage(outcome.error)
+            : `QEMU exited with status ${outcome.exitCode}`;
+          const why = `${how}${tail ? `: ${tail}` : ''}`;
+          verdict = { usable: false, reason: `a probe boot under KVM failed before the kernel ran: ${why}` };
+        }
+        break;
+      }
+      if (opts.signal?.aborted) throw aborted('KVM probe', opts.signal);
+      if (Date.now() - started > timeoutMs) {
+        verdict = {
+          usable: false,
+          reason: `a probe boot under KVM showed no sign of the kernel running within ${timeoutMs} ms (nested virtualization that cannot run this kernel?)`,
+        };
+        break;
+      }
+      await sleep(200);
+    }
+  } finally {
+    // Kill the probe VM in every case (verdict reached, timeout, abort) and wait for it to be gone.
+    ac.abort(new Error('KVM probe finished'));
+    await running;
+    opts.signal?.removeEventListener('abort', onOuterAbort);
+    await rm(dir, { recursive: true, force: true });
+  }
+  if (opts.signal?.aborted) throw aborted('KVM probe', opts.signal);
+
+  const entry: KvmCacheEntry = { key, usable: verdict.usable, reason: verdict.reason, checkedAt: new Date().toISOString() };
+  try {
+    await mkdir(dirname(opts.cacheFile), { recursive: true });
+    const tmp = `${opts.cacheFile}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
+    await writeFile(tmp, `${JSON.stringify(entry, null, 2)}\n`);
+    await rename(tmp, opts.cacheFile);
+  } catch {
+    /* an unwritable cache only costs a probe next time */
+  }
+  return { ...verdict, cached: false };
+}

@@ -1,0 +1,416 @@
+import { constants as osConstants } from 'node:os';
+import type { Readable } from 'node:stream';
+import ssh2, { type ClientChannel, type ConnectConfig } from 'ssh2';
+import { BangerError, errorMessage } from '../errors.js';
+import { parsePublicKey } from './keys.js';
+
+const { Client } = ssh2;
+export type Client = InstanceType<typeof Client>;
+
+/** Where and how to reach one guest's sshd. */
+export interface SshTarget {
+  host: string;
+  port: number;
+  privateKey: Buffer;
+  /** The VM's pinned host key, `ssh-ed25519 AAAA...` (comment optional). No trust on first use. */
+  hostPublicKey: string;
+  /** Defaults to root. */
+  user?: string;
+  /** Names the VM in error messages (its name or id). */
+  label?: string;
+}
+
+export interface ConnectOptions {
+  signal?: AbortSignal;
+  /** Bound on TCP connect + SSH handshake + authentication. Default 15 s. */
+  timeoutMs?: number;
+}
+
+/** The guest presented a host key other than the one banger wrote into its disk. Never retried. */
+export class HostKeyMismatchError extends BangerError {
+  constructor(target: SshTarget, presented: Buffer) {
+    super(
+      'host',
+      `the SSH host key presented by ${describe(target)} did not match the pinned key for ${
+        target.label ? `VM ${target.label}` : 'that VM'
+      } (got a ${presented.length}-byte key blob that differs from the pinned one)`,
+      'something other than this VM answered on its SSH address, or its root disk was changed; refusing to connect',
+    );
+  }
+}
+
+const describe = (t: SshTarget) => `${t.user ?? 'root'}@${t.host}:${t.port}`;
+
+function abortedError(what: string, signal?: AbortSignal): BangerError {
+  const reason = signal?.reason;
+  const why = reason instanceof Error ? reason.message : typeof reason === 'string' ? reason : undefined;
+  return new BangerError('aborted', `${what}: aborted${why ? ` (${why})` : ''}`);
+}
+
+function wrapSshError(target: SshTarget | undefined, e: unknown, doing: string): BangerError {
+  if (e instanceof BangerError) return e;
+  const level = (e as { level?: string })?.level;
+  const where = target ? ` ${describe(target)}` : '';
+  const hint =
+    level === 'client-authentication'
+      ? "the guest did not accept banger's SSH key; check /root/.ssh/authorized_keys on the VM's work disk"
+      : undefined;
+  return new BangerError('host', `SSH${where}: ${doing} failed: ${errorMessage(e)}`, hint, { cause: e });
+}
+
+function hostKeyAlgorithms(type: string): string[] | undefined {
+  if (type === 'ssh-rsa') return ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'];
+  if (type === 'ssh-ed25519' || type.startsWith('ecdsa-sha2-')) return [type];
+  return undefined;
+}
+
+/**
+ * Opens an authenticated SSH connection, verifying the server's host key against the pinned one by
+ * comparing the raw key blobs. Rejects with HostKeyMismatchError on a different key, BangerError 'timeout'
+ * when the handshake does not finish in time, 'aborted' on abort.
+ */
+export function connect(target: SshTarget, opts: ConnectOptions = {}): Promise<Client> {
+  const { signal } = opts;
+  const timeoutMs = opts.timeoutMs ?? 15_000;
+  let pinned: ReturnType<typeof parsePublicKey>;
+  try {
+    pinned = parsePublicKey(target.hostPublicKey);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  if (signal?.aborted) return Promise.reject(abortedError(`SSH connect to ${describe(target)}`, signal));
+
+  return new Promise<Client>((resolve, reject) => {
+    const client = new Client();
+    let presented: Buffer | undefined;
+    let settled = false;
+    const finish = (err?: unknown) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      if (err) {
+        client.destroy();
+        reject(err);
+      } else {
+        // Errors after this point reach whoever uses the client through 'close'; never let one crash us.
+        client.on('error', () => {});
+        resolve(client);
+      }
+    };
+    const onAbort = () => finish(abortedError(`SSH connect to ${describe(target)}`, signal));
+    // ssh2's readyTimeout covers the handshake only; this also covers a TCP connect that hangs.
+    const timer = setTimeout(
+      () => finish(new BangerError('timeout', `SSH connect to ${describe(target)} did not complete within ${timeoutMs} ms`)),
+      timeoutMs + 250,
+    );
+    signal?.addEventListener('abort', onAbort, { once: true });
+    client.on('ready', () => finish());
+    client.on('error', (e: Error) => {
+      if (presented) finish(new HostKeyMismatchError(target, presented));
+      else if ((e as { level?: string }).level === 'client-timeout')
+        finish(new BangerError('timeout', `SSH connect to ${describe(target)}: handshake timed out after ${timeoutMs} ms`));
+      else finish(wrapSshError(target, e, 'connect'));
+    });
+    client.on('close', () => finish(new BangerError('host', `SSH connect to ${describe(target)}: connection closed during the handshake`)));
+
+    const algorithms = hostKeyAlgorithms(pinned.type);
+    const config: ConnectConfig = {
+      host: target.host,
+      port: target.port,
+      username: target.user ?? 'root',
+      privateKey: target.privateKey,
+      readyTimeout: timeoutMs,
+      keepaliveInterval: 15_000,
+      keepaliveCountMax: 4,
+      hostVerifier: (key: Buffer) => {
+        if (Buffer.isBuffer(key) && key.equals(pinned.blob)) return true;
+        presented = Buffer.isBuffer(key) ? key : Buffer.from(String(key));
+        return false;
+      },
+      ...(algorithms ? { algorithms: { serverHostKey: algorithms as NonNullable<ConnectConfig['algorithms']>['serverHostKey'] } } : {}),
+    };
+    try {
+      client.connect(config);
+    } catch (e) {
+      finish(wrapSshError(target, e, 'connect'));
+    }
+  });
+}
+
+export interface ExecOptions {
+  /** Fed to the command's stdin; a stream is piped with backpressure and its end closes the remote stdin. */
+  stdin?: NodeJS.ReadableStream | Buffer | string;
+  /** Where stdout goes. When absent, stdout is collected into the result. The stream is not ended. */
+  stdout?: NodeJS.WritableStream;
+  /** Where stderr goes. When absent, stderr is collected into the result. The stream is not ended. */
+  stderr?: NodeJS.WritableStream;
+  signal?: AbortSignal;
+  /** Bound on the whole command (channel open to exit). Expiry closes channel and connection. */
+  timeoutMs?: number;
+  /** Bound on connecting, when a target rather than a Client is given. */
+  connectTimeoutMs?: number;
+}
+
+export interface ExecResult {
+  /** The remote exit status; 128+N when killed by signal N, 255 when the server reported none. */
+  exitCode: number;
+  /** e.g. 'SIGKILL' when the remote command died of a signal. */
+  signal?: string;
+  /** Collected stdout (empty when a stdout stream was given). */
+  stdout: Buffer;
+  /** Collected stderr (empty when a stderr stream was given). */
+  stderr: Buffer;
+}
+
+const isClient = (x: unknown): x is Client => x instanceof Client;
+
+/**
+ * Runs one command line (interpreted by the remote user's shell: quote with shellQuote) on the guest.
+ * Given a target, opens a connection for this command and closes it afterwards; given a Client, uses it
+ * (and closes it only on abort/timeout, as the brief requires: the connection state is then unknown).
+ */
+export async function exec(on: SshTarget | Client, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
+  const { signal } = opts;
+  if (signal?.aborted) throw abortedError(`ssh ${short(command)}`, signal);
+  if (isClient(on)) return execOn(on, undefined, command, opts);
+  const client = await connect(on, { signal, timeoutMs: opts.connectTimeoutMs });
+  try {
+    return await execOn(client, on, command, opts);
+  } finally {
+    client.end();
+  }
+}
+
+const short = (s: string) => (s.length > 60 ? `${s.slice(0, 57)}...` : s);
+
+function execOn(client: Client, target: SshTarget | undefined, command: string, opts: ExecOptions): Promise<ExecResult> {
+  const { signal } = opts;
+  return new Promise<ExecResult>((resolve, reject) => {
+    let channel: ClientChannel | undefined;
+    let stdinStream: Readable | undefined;
+    let exitCode: number | null | undefined;
+    let exitSignal: string | undefined;
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let settled = false;
+
+    const cleanup = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      client.removeListener('close', onClientClose);
+      client.removeListener('error', onClientError);
+      if (stdinStream && channel) stdinStream.unpipe(channel);
+    };
+    const fail = (e: unknown, closeConnection: boolean) => {
+      if (settled) return;
+      settled = true;
+      cleanup();
+      try {
+        channel?.close();
+      } catch {
+        /* already closed */
+      }
+      if (closeConnection) client.end();
+      reject(e);
+    };
+    const onAbort = () => fail(abortedError(`ssh ${short(command)}`, signal), true);
+    const onClientClose = () =>
+      fail(new BangerError('host', `SSH connection closed before \`${short(command)}\` finished`), false);
+    const onClientError = (e: Error) => fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+    const timer =
+      opts.timeoutMs !== undefined
+        ? setTimeout(
+            () => fail(new BangerError('timeout', `ssh \`${short(command)}\` did not finish within ${opts.timeoutMs} ms`), true),
+            opts.timeoutMs,
+          )
+        : undefined;
+
+    signal?.addEventListener('abort', onAbort, { once: true });
+    client.on('close', onClientClose);
+    client.on('error', onClientError);
+
+    try {
+      client.exec(command, (e, ch) => {
+        if (e) return fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+        if (settled) {
+          ch.close();
+          return;
+        }
+        channel = ch;
+        ch.on('exit', (code: number | null, sig?: string) => {
+          exitCode = code;
+          exitSignal = sig ?? undefined;
+        });
+        ch.on('error', (ce: Error) => {
+          // Writing stdin to a command that already exited is not the command's failure.
+          if (exitCode === undefined) fail(wrapSshError(target, ce, `running \`${short(command)}\``), false);
+        });
+        // Always consume stdout and stderr, or the channel's 'close' never comes.
+        if (opts.stdout) ch.pipe(opts.stdout, { end: false });
+        else ch.on('data', (c: Buffer) => out.push(c));
+        if (opts.stderr) ch.stderr.pipe(opts.stderr, { end: false });
+        else ch.stderr.on('data', (c: Buffer) => err.push(c));
+        ch.on('close', () => {
+          if (settled) return;
+          settled = true;
+          cleanup();
+          let code: number;
+          if (typeof exitCode === 'number') code = exitCode;
+          else if (exitSignal) {
+            const n = (osConstants.signals as Record<string, number>)[exitSignal];
+            code = n ? 128 + n : 255;
+          } else code = 255;
+          resolve({ exitCode: code, signal: exitSignal, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
+        });
+
+        const input = opts.stdin;
+        if (input === undefined) ch.end();
+        else if (typeof input === 'string' || Buffer.isBuffer(input)) ch.end(input);
+        else {
+          stdinStream = input as Readable;
+          stdinStream.once('error', (se: Error) =>
+            fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se }), true),
+          );
+          stdinStream.pipe(ch); // pipe ends the channel (EOF to the remote) when the input ends
+        }
+      });
+    } catch (e) {
+      fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+      return;
+    }
+  });
+}
+
+export interface WaitForSshOptions {
+  timeoutMs: number;
+  signal?: AbortSignal;
+  /** Pause between attempts. Default 500 ms. */
+  intervalMs?: number;
+  /** Bound on one attempt (connect + `true`). Default 10 s (capped by what is left of timeoutMs). */
+  attemptTimeoutMs?: number;
+  /** Checked before every attempt; false ends the wait at once (the VM process died). */
+  isAlive?: () => boolean | Promise<boolean>;
+  onAttempt?: (info: { attempt: number; error?: unknown; elapsedMs: number }) => void;
+}
+
+/**
+ * Retries until `true` runs successfully over SSH. A host key mismatch ends the wait at once (never
+ * retried). On expiry: BangerError 'timeout' carrying the last connection error.
+ */
+export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Promise<{ attempts: number; elapsedMs: number }> {
+  const { signal } = opts;
+  const start = Date.now();
+  const deadline = start + opts.timeoutMs;
+  const interval = opts.intervalMs ?? 500;
+  let lastError: unknown;
+  let attempt = 0;
+  for (;;) {
+    if (signal?.aborted) throw abortedError(`waiting for SSH on ${describe(target)}`, signal);
+    if (opts.isAlive && !(await opts.isAlive())) {
+      throw new BangerError(
+        'host',
+        `the VM${target.label ? ` ${target.label}` : ''} stopped before SSH answered${lastError ? ` (last SSH error: ${errorMessage(lastError)})` : ''}`,
+        "see the VM's serial log (banger vm logs) for why it stopped",
+      );
+    }
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) break;
+    attempt++;
+    const bound = Math.max(250, Math.min(remaining, opts.attemptTimeoutMs ?? 10_000));
+    let error: unknown;
+    try {
+      const client = await connect(target, { signal, timeoutMs: bound });
+      try {
+        const r = await exec(client, 'true', { signal, timeoutMs: bound });
+        if (r.exitCode === 0) {
+          opts.onAttempt?.({ attempt, elapsedMs: Date.now() - start });
+          return { attempts: attempt, elapsedMs: Date.now() - start };
+        }
+        error = new Error(`\`true\` exited with status ${r.exitCode}: ${r.stderr.toString('utf8').trim()}`);
+      } finally {
+        client.end();
+      }
+    } catch (e) {
+      if (e instanceof HostKeyMismatchError) throw e;
+      if (e instanceof BangerError && e.kind === 'aborted') throw e;
+      error = e;
+    }
+    lastError = error;
+    opts.onAttempt?.({ attempt, error, elapsedMs: Date.now() - start });
+    const pause = Math.min(interval, deadline - Date.now());
+    if (pause > 0) await sleep(pause, signal);
+  }
+  throw new BangerError(
+    'timeout',
+    `SSH on ${describe(target)}${target.label ? ` (VM ${target.label})` : ''} did not answer within ${opts.timeoutMs} ms after ${attempt} attempt(s)${
+      lastError ? `; last error: ${errorMessage(lastError)}` : ''
+    }`,
+    "the guest may still be booting (software emulation is slow) or sshd failed; see the VM's serial log",
+  );
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(abortedError('wait', signal));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** POSIX-shell quoting of one word: wrapped in single quotes, each ' written as '\''. */
+export function shellQuoteArg(arg: string): string {
+  return `'${String(arg).replace(/'/g, `'\\''`)}'`;
+}
+
+/** Joins argv into one command line that a POSIX shell splits back into exactly these words. */
+export function shellQuote(argv: readonly string[]): string {
+  return argv.map(shellQuoteArg).join(' ');
+}
+
+/**
+ * Keeps one SSH connection per key (e.g. VM id), reconnecting when it closed. Callers must drop() a VM's
+ * entry when the VM stops.
+ */
+export class SshConnectionCache {
+  private readonly conns = new Map<string, Promise<Client>>();
+
+  get(key: string, target: SshTarget, opts: ConnectOptions = {}): Promise<Client> {
+    const existing = this.conns.get(key);
+    if (existing) return existing;
+    const p = connect(target, opts).then(
+      (client) => {
+        client.once('close', () => {
+          if (this.conns.get(key) === p) this.conns.delete(key);
+        });
+        return client;
+      },
+      (e) => {
+        if (this.conns.get(key) === p) this.conns.delete(key);
+        throw e;
+      },
+    );
+    this.conns.set(key, p);
+    return p;
+  }
+
+  drop(key: string): void {
+    const p = this.conns.get(key);
+    this.conns.delete(key);
+    p?.then((c) => c.end(), () => {});
+  }
+
+  closeAll(): void {
+    for (const key of [...this.conns.keys()]) this.drop(key);
+  }
+
+  get size(): number {
+    return this.conns.size;
+  }
+}

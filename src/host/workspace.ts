@@ -1,0 +1,981 @@
+import { stat } from 'node:fs/promises';
+import { basename, posix, resolve } from 'node:path';
+import { Transform, type Readable, type Writable } from 'node:stream';
+import { execa } from 'execa';
+import { BangerError, errorMessage } from '../errors.js';
+import { run, type Runner } from './runner.js';
+import { shellQuote } from './shell.js';
+
+/**
+ * Workspaces: copy a host git repository into a guest and get the guest's work back as a patch.
+ *
+ * prepare streams everything through the guest's stdin (git pack-objects for history, tar for the working
+ * tree) — never a whole-repo file on the host. It builds the repository in a staging directory next to the
+ * guest path and moves it into place at the end, so an interrupted prepare never leaves a half-made workspace
+ * at the guest path (the next prepare of the same path removes the stale staging directory).
+ *
+ * export runs one guest script that never writes to the repository: a temporary index and a temporary object
+ * directory (with the repository's objects as an alternate) live in a temp dir that a trap removes.
+ *
+ * Every guest command is `sh -c <constant script> banger <values...>`, built with shellQuote: the scripts
+ * below are fixed text and every value reaches them only as a quoted positional parameter.
+ */
+
+// ---------------------------------------------------------------------------------------------------------
+// The guest
+
+export interface GuestExecResult {
+  exitCode: number;
+  stdout: Buffer;
+  stderr: Buffer;
+}
+
+/** Run a command in the guest (through a POSIX shell, as root). The lead wires it to ssh2. */
+export interface GuestExec {
+  (
+    command: string,
+    opts?: { stdin?: NodeJS.ReadableStream | Buffer | string; signal?: AbortSignal },
+  ): Promise<GuestExecResult>;
+}
+
+export const WORKSPACE_MODES = ['shallow', 'full_history', 'full_copy'] as const;
+export type WorkspaceMode = (typeof WORKSPACE_MODES)[number];
+
+export interface RepoInfo {
+  /** Absolute, symlinks resolved (git's --show-toplevel). */
+  repoRoot: string;
+  repoName: string;
+  headCommit: string;
+  /** null when HEAD is detached. */
+  currentBranch: string | null;
+  /** Paths of gitlinks (mode 160000) in the index. */
+  submodules: string[];
+  /** Uncommitted changes or untracked, non-ignored files. */
+  dirty: boolean;
+}
+
+export interface PrepareOptions {
+  /** Host directory inside the repository; resolved against the process's cwd when relative. */
+  source: string;
+  /** Absolute guest path. prepare only requires it absolute; the /root rule is validateGuestPath's. */
+  guestPath: string;
+  /** A new branch the guest checks out at the base. */
+  branch?: string;
+  /** A revision (branch, tag, sha, HEAD~2, ...) to base the guest on instead of HEAD. */
+  from?: string;
+  mode: WorkspaceMode;
+  readOnly: boolean;
+  /** Replace whatever is at guestPath. */
+  replace?: boolean;
+}
+
+export interface WorkspaceProgress {
+  /** inspect | check | history | refs | tree | finish */
+  stage: string;
+  /** Bytes pushed into the guest's stdin so far in this stage (streaming stages only). */
+  bytes?: number;
+}
+
+export interface PrepareContext {
+  signal?: AbortSignal;
+  onProgress?: (p: WorkspaceProgress) => void;
+  runner?: Runner;
+}
+
+export interface WorkspacePrepareResult {
+  /** Filled in by the caller that knows the VM. */
+  vmId?: string;
+  sourcePath: string;
+  repoRoot: string;
+  repoName: string;
+  guestPath: string;
+  mode: WorkspaceMode;
+  readOnly: boolean;
+  /** Whether a read-only bind mount backs readOnly (else only mode bits do; see prepareWorkspace). */
+  readOnlyMount: boolean;
+  /** The host's HEAD. */
+  headCommit: string;
+  /** The host's current branch (null when detached). */
+  currentBranch: string | null;
+  /** The branch checked out in the guest (null when the guest is detached). */
+  branchName: string | null;
+  /** The commit the guest's tree is based on: `from` resolved, else headCommit. Export against this. */
+  baseCommit: string;
+  preparedAt: string;
+  /** Total bytes streamed into the guest. */
+  bytesStreamed: number;
+}
+
+export interface ExportOptions {
+  guestPath: string;
+  /** A revision in the guest; default the guest's HEAD. */
+  baseCommit?: string;
+}
+
+export interface WorkspaceExportResult {
+  guestPath: string;
+  /** The base actually used, resolved to a commit sha in the guest. */
+  baseCommit: string;
+  /** Exactly the bytes of `git diff --binary` (apply with `git apply`; it carries binary hunks). */
+  patch: Buffer;
+  changedFiles: string[];
+  hasChanges: boolean;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Validation (the RPC layer calls these; prepare/export call the ones that do not depend on /root)
+
+const CONTROL_RE = /[\x00-\x1f\x7f]/;
+
+/** A guest path: absolute, under /root, no `..`, no control characters. Returns it normalised. */
+export function validateGuestPath(p: unknown): string {
+  const hint = 'a guest path is an absolute path under /root, e.g. /root/repo';
+  if (typeof p !== 'string' || p === '') throw new BangerError('usage', 'the guest path is empty', hint);
+  if (CONTROL_RE.test(p)) throw new BangerError('usage', `guest path ${JSON.stringify(p)} contains control characters`, hint);
+  if (!p.startsWith('/')) throw new BangerError('usage', `guest path ${JSON.stringify(p)} is not absolute`, hint);
+  if (p.split('/').includes('..')) throw new BangerError('usage', `guest path ${JSON.stringify(p)} contains '..'`, hint);
+  const norm = normalizeAbsolute(p);
+  if (!norm.startsWith('/root/')) throw new BangerError('usage', `guest path ${JSON.stringify(p)} is not under /root`, hint);
+  return norm;
+}
+
+function normalizeAbsolute(p: string): string {
+  let norm = posix.normalize(p);
+  while (norm.length > 1 && norm.endsWith('/')) norm = norm.slice(0, -1);
+  return norm;
+}
+
+/** git check-ref-format's rules, plus no leading '-'. Returns the name. */
+export function validateRefName(r: unknown, what = 'ref name'): string {
+  const fail = (why: string): never => {
+    throw new BangerError(
+      'usage',
+      `invalid ${what} ${JSON.stringify(r)}: ${why}`,
+      'git ref names may not contain spaces, control characters, ~ ^ : ? * [ \\, "..", "@{", "//", may not start with "-", ' +
+        '"/" or ".", and may not end with "/", "." or ".lock"',
+    );
+  };
+  if (typeof r !== 'string' || r === '') return fail('empty');
+  if (r.length > 255) fail('longer than 255 characters');
+  if (r.startsWith('-')) fail("starts with '-'");
+  if (/[\x00-\x20\x7f~^:?*[\\]/.test(r)) fail('contains a space, a control character or one of ~ ^ : ? * [ \\');
+  if (r.includes('..')) fail("contains '..'");
+  if (r.includes('@{')) fail("contains '@{'");
+  if (r === '@') fail("is '@'");
+  if (r.startsWith('/') || r.endsWith('/') || r.includes('//')) fail("has an empty '/' component");
+  if (r.endsWith('.')) fail("ends with '.'");
+  for (const c of r.split('/')) {
+    if (c.startsWith('.')) fail("has a component starting with '.'");
+    if (c.endsWith('.lock')) fail("has a component ending with '.lock'");
+  }
+  return r;
+}
+
+/**
+ * A new branch name: git's ref-name rules, not "HEAD", and only letters, digits and . _ / + , = @ % -
+ * (no shell metacharacters: values are always quoted, but a branch called `$(x)` only ever means trouble).
+ */
+export function validateBranchName(b: unknown): string {
+  const name = validateRefName(b, 'branch name');
+  if (name === 'HEAD') throw new BangerError('usage', 'invalid branch name "HEAD"', 'pick another branch name');
+  if (!/^[\p{L}\p{N}._/+,=@%-]+$/u.test(name)) {
+    throw new BangerError(
+      'usage',
+      `invalid branch name ${JSON.stringify(name)}: only letters, digits and . _ / + , = @ % - are allowed`,
+      'pick a branch name without shell metacharacters, e.g. agent/fix-123',
+    );
+  }
+  return name;
+}
+
+/**
+ * A revision expression (`main`, `v1.2`, a sha, `HEAD~2`, `origin/main^{commit}`): no leading '-' (it would be
+ * an option), no control characters, at most 255 characters. Whether it names a commit is checked by git.
+ */
+export function validateRevision(r: unknown, what = 'revision'): string {
+  const hint = 'give a branch, a tag or a commit sha';
+  if (typeof r !== 'string' || r === '') throw new BangerError('usage', `the ${what} is empty`, hint);
+  if (r.length > 255) throw new BangerError('usage', `the ${what} is longer than 255 characters`, hint);
+  if (r.startsWith('-')) throw new BangerError('usage', `invalid ${what} ${JSON.stringify(r)}: starts with '-'`, hint);
+  if (CONTROL_RE.test(r)) throw new BangerError('usage', `invalid ${what} ${JSON.stringify(r)}: contains control characters`, hint);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side: inspecting the repository
+
+/** Environment for every host git: never take optional locks (status would otherwise rewrite the index). */
+const HOST_GIT_ENV = { GIT_OPTIONAL_LOCKS: '0', LC_ALL: 'C' };
+
+interface RepoDetails extends RepoInfo {
+  gitDir: string;
+  objectFormat: string;
+}
+
+async function hostGit(
+  runner: Runner,
+  cwd: string,
+  args: string[],
+  opts: { signal?: AbortSignal; reject?: boolean; input?: string } = {},
+) {
+  return runner('git', ['-C', cwd, ...args], {
+    signal: opts.signal,
+    env: HOST_GIT_ENV,
+    reject: opts.reject,
+    input: opts.input,
+  });
+}
+
+/**
+ * Paths from git, byte-exact whatever the runner's encoding: with core.quotePath=true, git prints every path
+ * that is not plain printable ASCII as a C-style quoted string ("\303\274", "\n"), so each line is ASCII.
+ */
+async function hostGitPaths(runner: Runner, cwd: string, args: string[], signal?: AbortSignal): Promise<string[]> {
+  const r = await hostGit(runner, cwd, ['-c', 'core.quotePath=true', ...args], { signal });
+  return r.stdout.split('\n').filter((l) => l !== '');
+}
+
+const C_ESCAPES: Record<string, number> = { a: 7, b: 8, t: 9, n: 10, v: 11, f: 12, r: 13, '"': 34, '\\': 92 };
+
+/** Undo git's C-style path quoting (quote_c_style) into the path's bytes. */
+export function unquoteGitPath(s: string): Buffer {
+  if (!(s.length >= 2 && s.startsWith('"') && s.endsWith('"'))) return Buffer.from(s, 'utf8');
+  const out: number[] = [];
+  for (let i = 1; i < s.length - 1; i++) {
+    const ch = s[i];
+    if (ch !== '\\') {
+      for (const b of Buffer.from(ch, 'utf8')) out.push(b);
+      continue;
+    }
+    const next = s[++i];
+    if (next >= '0' && next <= '7') {
+      out.push(parseInt(s.slice(i, i + 3), 8) & 0xff);
+      i += 2;
+    } else {
+      out.push(C_ESCAPES[next] ?? next.charCodeAt(0));
+    }
+  }
+  return Buffer.from(out);
+}
+
+function splitNul(buf: Buffer): Buffer[] {
+  const out: Buffer[] = [];
+  let start = 0;
+  for (;;) {
+    const i = buf.indexOf(0, start);
+    if (i < 0) {
+      if (start < buf.length) out.push(buf.subarray(start));
+      return out;
+    }
+    if (i > start) out.push(buf.subarray(start, i));
+    start = i + 1;
+  }
+}
+
+/** Inspect a host repository: root, name, HEAD, current branch, submodules, dirtiness. Read-only. */
+export async function inspectRepo(
+  source: string,
+  opts: { runner?: Runner; signal?: AbortSignal } = {},
+): Promise<RepoInfo> {
+  const d = await inspectDetails(source, opts.runner ?? run, opts.signal);
+  return {
+    repoRoot: d.repoRoot,
+    repoName: d.repoName,
+    headCommit: d.headCommit,
+    currentBranch: d.currentBranch,
+    submodules: d.submodules,
+    dirty: d.dirty,
+  };
+}
+
+async function inspectDetails(source: string, runner: Runner, signal?: AbortSignal): Promise<RepoDetails> {
+  const abs = resolve(source);
+  const st = await stat(abs).catch(() => undefined);
+  if (!st) throw new BangerError('not_found', `${abs} does not exist`, 'pass --source a directory inside a git repository');
+  if (!st.isDirectory()) {
+    throw new BangerError('usage', `${abs} is not a directory`, 'pass --source a directory inside a git repository');
+  }
+  const top = await hostGit(runner, abs, ['rev-parse', '--show-toplevel'], { signal, reject: false });
+  if (top.exitCode !== 0 || top.stdout.trim() === '') {
+    const why = top.stderr.trim();
+    if (/not a git repository/i.test(why) || why === '') {
+      throw new BangerError(
+        'usage',
+        `${abs} is not a git repository`,
+        'run it inside a git checkout, or pass --source a directory inside one (git init makes one)',
+      );
+    }
+    throw new BangerError('usage', `${abs} is not a usable git working tree: ${why.split('\n').pop()}`,
+      'banger copies a git working tree (not a bare repository)');
+  }
+  const repoRoot = top.stdout.replace(/\n$/, '');
+  const head = await hostGit(runner, repoRoot, ['rev-parse', '-q', '--verify', 'HEAD^{commit}'], { signal, reject: false });
+  if (head.exitCode !== 0) {
+    throw new BangerError('usage', `${repoRoot} has no commits yet`, 'commit something first: the guest gets the repository at a commit');
+  }
+  const [branch, gitDir, format, stage, status] = await Promise.all([
+    hostGit(runner, repoRoot, ['symbolic-ref', '-q', '--short', 'HEAD'], { signal, reject: false }),
+    hostGit(runner, repoRoot, ['rev-parse', '--absolute-git-dir'], { signal }),
+    hostGit(runner, repoRoot, ['rev-parse', '--show-object-format'], { signal, reject: false }),
+    hostGitPaths(runner, repoRoot, ['ls-files', '--stage'], signal),
+    hostGit(runner, repoRoot, ['status', '--porcelain', '--untracked-files=normal'], { signal }),
+  ]);
+  const submodules: string[] = [];
+  for (const line of stage) {
+    // "<mode> <sha> <stage>\t<path>"
+    if (!line.startsWith('160000 ')) continue;
+    const p = unquoteGitPath(line.slice(line.indexOf('\t') + 1)).toString('utf8');
+    if (!submodules.includes(p)) submodules.push(p);
+  }
+  const fmt = format.stdout.trim();
+  return {
+    repoRoot,
+    repoName: basename(repoRoot),
+    headCommit: head.stdout.trim(),
+    currentBranch: branch.exitCode === 0 && branch.stdout.trim() ? branch.stdout.trim() : null,
+    submodules,
+    dirty: status.stdout.trim().length > 0,
+    gitDir: gitDir.stdout.trim(),
+    objectFormat: fmt === 'sha256' ? 'sha256' : 'sha1',
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Guest scripts. Fixed text; values arrive as positional parameters ($1...). Exit codes of our own:
+//   3 not a repository / no such directory, 4 base does not resolve, 10 guest path taken,
+//   11 host changes do not apply on `from`, 12 branch exists, 127 a tool is missing.
+
+const preamble = (tools: string) => `set -eu
+unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES GIT_COMMON_DIR GIT_NAMESPACE GIT_CEILING_DIRECTORIES GIT_SHALLOW_FILE || :
+for tool in ${tools}; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "$tool is not installed in the guest" >&2; exit 127; }
+done
+`;
+const PREAMBLE = preamble('git tar');
+
+/** Describe what holds $dest on stdout ("repo <sha>" | "nonempty") and exit 10 when it may not be replaced. */
+const DEST_CHECK = `
+if [ -e "$dest" ] || [ -h "$dest" ]; then
+  if [ -d "$dest" ] && [ ! -h "$dest" ] && [ -z "$(ls -A -- "$dest")" ]; then :
+  elif [ "$replace" = 1 ]; then :
+  elif [ -e "$dest/.git" ]; then
+    printf 'repo %s\\n' "$(git -C "$dest" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"; exit 10
+  else
+    echo nonempty; exit 10
+  fi
+fi
+`;
+
+/** Refuse a taken guest path, clear a stale staging dir, make it anew, enter it. Needs $dest $stage $replace. */
+const ENTER_STAGE = `${DEST_CHECK}
+rm -rf -- "$stage"
+mkdir -p -- "$stage"
+cd -- "$stage"
+`;
+
+/** $1 dest, $2 stage, $3 replace (0|1), $4 object format. stdin: a pack (not read when the path is taken). */
+const HISTORY_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4
+${ENTER_STAGE}
+if [ "$format" = sha1 ]; then git init -q . >/dev/null; else git init -q --object-format="$format" . >/dev/null; fi
+git index-pack --stdin >/dev/null
+`;
+
+/** $1 dest, $2 stage, $3 replace (0|1), $4 fresh (1: start the staging dir, 0: it holds the history already). stdin: a tar. */
+const TREE_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 fresh=$4
+if [ "$fresh" = 1 ]; then
+${ENTER_STAGE}
+else
+  cd -- "$stage"
+fi
+tar -x -f - --no-same-owner
+`;
+
+/**
+ * $1 dest, $2 stage, $3 replace, $4 full_copy (0|1), $5 host HEAD sha, $6 base sha, $7 branch to check out at
+ * the base when it differs from HEAD ('' = detached), $8 new branch ('' = none), $9 readOnly (0|1), $10 marker,
+ * $11 the host's current branch ('' = detached), $12.. shallow commits.
+ * stdin: `git update-ref --stdin` commands (not read for full_copy).
+ */
+const FINISH_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 fullcopy=$4 head=$5 base=$6 target=$7 newbranch=$8 readonly=$9
+shift 9
+marker=$1 headbranch=$2
+shift 2
+cd -- "$stage"
+if [ "$fullcopy" = 0 ]; then
+  : > .git/shallow
+  for c in "$@"; do printf '%s\\n' "$c" >> .git/shallow; done
+  [ -s .git/shallow ] || rm -f .git/shallow
+  git update-ref --stdin
+  if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; else git update-ref --no-deref HEAD "$head"; fi
+  git read-tree "$head"
+fi
+git update-index -q --refresh >/dev/null 2>&1 || :
+if [ "$base" != "$head" ]; then
+  before=$(git rev-parse -q --verify refs/stash || :)
+  git -c user.name=banger -c user.email=banger@localhost -c commit.gpgsign=false stash push -q -u >/dev/null
+  after=$(git rev-parse -q --verify refs/stash || :)
+  if [ -n "$target" ]; then git checkout -q "$target" --; else git checkout -q --detach "$base" --; fi
+  if [ "$after" != "$before" ]; then
+    if ! git stash pop -q >/dev/null 2>.git/banger-pop.err; then
+      echo "the host's uncommitted changes do not apply cleanly on top of $base:" >&2
+      git diff --name-only --diff-filter=U >&2 || :
+      cat .git/banger-pop.err >&2 || :
+      exit 11
+    fi
+    rm -f .git/banger-pop.err
+  fi
+fi
+if [ -n "$newbranch" ]; then
+  if git show-ref -q --verify "refs/heads/$newbranch"; then echo "branch $newbranch already exists in the repository" >&2; exit 12; fi
+  git checkout -q -b "$newbranch"
+fi
+printf '%s\\n' "$marker" > .git/banger-workspace
+${DEST_CHECK}
+if [ -e "$dest" ] || [ -h "$dest" ]; then
+  if [ -f "$dest/.git/banger-workspace" ]; then
+    umount -- "$dest/.git" 2>/dev/null || :
+    umount -- "$dest" 2>/dev/null || :
+  fi
+  rm -rf -- "$dest"
+fi
+mv -- "$stage" "$dest"
+mounted=0
+if [ "$readonly" = 1 ]; then
+  (cd -- "$dest" && find . -path ./.git -prune -o ! -type l -exec chmod a-w {} +)
+  if mount --bind "$dest" "$dest" 2>/dev/null; then
+    if mount -o remount,bind,ro "$dest" 2>/dev/null && mount --bind "$dest/.git" "$dest/.git" 2>/dev/null &&
+       mount -o remount,bind,rw "$dest/.git" 2>/dev/null; then
+      mounted=1
+    else
+      umount -- "$dest/.git" 2>/dev/null || :
+      umount -- "$dest" 2>/dev/null || :
+    fi
+  fi
+fi
+echo "banger-prepared mounted=$mounted"
+`;
+
+/** $1 stage. Best-effort removal after a failed prepare. */
+const CLEANUP_SCRIPT = `stage=$1
+rm -rf -- "$stage"
+`;
+
+/** $1 guest path, $2 base ('' = HEAD). One run, writes nothing to the repository. Output framed, see parseExport. */
+const EXPORT_SCRIPT = `${preamble('git')}repo=$1 base=$2
+cd -- "$repo" 2>/dev/null || { echo "$repo does not exist in the guest" >&2; exit 3; }
+here=$(pwd -P)
+GIT_CEILING_DIRECTORIES=$(dirname -- "$here"); export GIT_CEILING_DIRECTORIES
+top=$(git rev-parse --show-toplevel 2>/dev/null) || { echo "$repo is not a git repository" >&2; exit 3; }
+[ "$top" = "$here" ] || { echo "$repo is not the top of a git working tree" >&2; exit 3; }
+[ -n "$base" ] || base=HEAD
+sha=$(git rev-parse -q --verify "$base^{commit}") || { echo "$base does not name a commit in $repo" >&2; exit 4; }
+objects=$(cd -- "$(git rev-parse --git-path objects)" && pwd -P)
+tmp=$(mktemp -d "\${TMPDIR:-/tmp}/banger-export.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+mkdir -- "$tmp/objects"
+GIT_INDEX_FILE=$tmp/index GIT_OBJECT_DIRECTORY=$tmp/objects GIT_ALTERNATE_OBJECT_DIRECTORIES=$objects
+export GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
+git read-tree "$sha"
+git add -A
+d() { git -c diff.noprefix=false -c diff.mnemonicPrefix=false -c core.quotePath=false diff --cached --no-renames --no-color --no-ext-diff --no-textconv --submodule=short "$@"; }
+d --name-only -z "$sha" -- > "$tmp/names"
+n=$(wc -c < "$tmp/names" | tr -d ' ')
+printf 'BANGER-EXPORT 1 %s %s\\n' "$sha" "$n"
+cat -- "$tmp/names"
+d --binary --src-prefix=a/ --dst-prefix=b/ "$sha" --
+`;
+
+function guestCommand(script: string, args: string[]): string {
+  return shellQuote(['sh', '-c', script, 'banger', ...args]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Running guest steps and host streams
+
+function abortError(signal: AbortSignal | undefined, what: string): BangerError {
+  const reason = signal?.reason;
+  const detail =
+    reason instanceof Error && reason.name !== 'AbortError' ? `: ${reason.message}` : typeof reason === 'string' ? `: ${reason}` : '';
+  return new BangerError('aborted', `${what} aborted${detail}`, undefined, { cause: reason });
+}
+
+function tail(s: string | Buffer, lines = 12, maxChars = 2000): string {
+  const t = (Buffer.isBuffer(s) ? s.toString('utf8') : s).trim().split('\n').slice(-lines).join('\n');
+  return t.length > maxChars ? `…${t.slice(-maxChars)}` : t;
+}
+
+/** Await `p`, but reject as soon as `signal` aborts (an exec that ignores its signal cannot hang us). */
+function raceAbort<T>(p: Promise<T>, signal: AbortSignal | undefined, what: string): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((res, rej) => {
+    const onAbort = () => rej(abortError(signal, what));
+    if (signal.aborted) return onAbort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => (signal.removeEventListener('abort', onAbort), res(v)),
+      (e) => (signal.removeEventListener('abort', onAbort), rej(e)),
+    );
+  });
+}
+
+async function execGuest(
+  exec: GuestExec,
+  what: string,
+  command: string,
+  opts: { stdin?: NodeJS.ReadableStream | Buffer | string; signal?: AbortSignal },
+): Promise<GuestExecResult> {
+  if (opts.signal?.aborted) throw abortError(opts.signal, what);
+  const p = exec(command, opts);
+  p.catch(() => {});
+  try {
+    return await raceAbort(p, opts.signal, what);
+  } catch (e) {
+    if (opts.signal?.aborted) throw abortError(opts.signal, what);
+    if (e instanceof BangerError) throw e;
+    throw new BangerError('host', `${what}: the guest command failed: ${errorMessage(e)}`, undefined, { cause: e });
+  }
+}
+
+function guestStepError(what: string, r: GuestExecResult): BangerError {
+  const err = tail(r.stderr);
+  if (r.exitCode === 127) {
+    return new BangerError('host', `${what}: ${err || 'a command is missing in the guest'}`, 'the guest image needs git and tar');
+  }
+  return new BangerError('host', `${what} failed in the guest (exit ${r.exitCode})${err ? `: ${err}` : ''}`);
+}
+
+interface HostStream {
+  label: string;
+  stdout: Readable;
+  stdin?: Writable;
+  done: Promise<{ ok: boolean; description: string }>;
+  running(): boolean;
+  kill(): void;
+}
+
+/** Start a host process whose stdout is streamed (the host layer's one use of execa outside the runner). */
+function startHostStream(
+  label: string,
+  file: string,
+  args: string[],
+  opts: { signal?: AbortSignal; input?: Buffer; pipeStdin?: boolean },
+): HostStream {
+  const child = execa(file, args, {
+    cancelSignal: opts.signal,
+    env: HOST_GIT_ENV,
+    extendEnv: true,
+    reject: false,
+    ...(opts.input !== undefined ? { input: opts.input } : { stdin: opts.pipeStdin ? 'pipe' : 'ignore' }),
+    stdout: 'pipe',
+    stderr: 'pipe',
+    buffer: { stdout: false, stderr: true },
+    encoding: 'buffer',
+  });
+  let finished = false;
+  const done = child.then((r) => {
+    finished = true;
+    const stderr = tail(Buffer.from(r.stderr as Uint8Array));
+    const ok = !r.failed && r.exitCode === 0;
+    const how = r.exitCode !== undefined ? `exit ${r.exitCode}` : r.signal ? `killed by ${r.signal}` : r.shortMessage;
+    return { ok, description: `${label} failed (${how})${stderr ? `: ${stderr}` : ''}` };
+  });
+  child.stdin?.on('error', () => {});
+  child.stdout!.on('error', () => {});
+  return {
+    label,
+    stdout: child.stdout!,
+    stdin: child.stdin ?? undefined,
+    done,
+    running: () => !finished,
+    kill: () => void child.kill(),
+  };
+}
+
+/**
+ * Stream `source` into a guest command's stdin, counting bytes. Host processes that feed it are killed when the
+ * guest command fails or the signal aborts, and always awaited: nothing is left running on the host.
+ * A host process's failure wins over the guest's (the guest's is then only its consequence); the guest's exit
+ * status is the caller's to judge (see stepError).
+ */
+async function streamToGuest(
+  exec: GuestExec,
+  what: string,
+  stage: string,
+  command: string,
+  procs: HostStream[],
+  source: Readable,
+  ctx: PrepareContext,
+): Promise<{ bytes: number; result: GuestExecResult }> {
+  const { signal, onProgress } = ctx;
+  let bytes = 0;
+  let last = 0;
+  const counter = new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      bytes += chunk.length;
+      const now = Date.now();
+      if (onProgress && now - last >= 100) {
+        last = now;
+        onProgress({ stage, bytes });
+      }
+      cb(null, chunk);
+    },
+  });
+  counter.on('error', () => {});
+  source.pipe(counter);
+  let result: GuestExecResult | undefined;
+  let failure: unknown;
+  try {
+    result = await execGuest(exec, what, command, { stdin: counter, signal });
+  } catch (e) {
+    failure = e;
+  }
+  source.unpipe(counter);
+  counter.destroy();
+  const killed = new Set<HostStream>();
+  if (failure !== undefined || result?.exitCode !== 0) {
+    for (const p of procs) {
+      if (p.running()) {
+        killed.add(p);
+        p.kill();
+      }
+    }
+  }
+  // Whatever the guest left unread is drained so a host process never blocks on a full pipe.
+  source.resume();
+  const outcomes = await Promise.all(procs.map((p) => p.done));
+  if (signal?.aborted) throw abortError(signal, what);
+  procs.forEach((p, i) => {
+    if (!killed.has(p) && !outcomes[i].ok) throw new BangerError('host', `${what}: ${outcomes[i].description}`);
+  });
+  if (failure !== undefined) throw failure;
+  if (result!.exitCode === 0) onProgress?.({ stage, bytes });
+  return { bytes, result: result! };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// prepare
+
+/**
+ * Copy a host repository into the guest at `guestPath`.
+ *
+ * shallow / full_history: the commits (HEAD's only, or everything under refs/heads, refs/tags and refs/remotes)
+ * go over as one `git pack-objects` stream into `git index-pack`, then refs and HEAD are set (the host's current
+ * branch name, or detached), then the host's tracked-and-present plus untracked non-ignored files go over as a
+ * tar into the working tree, and `git read-tree <HEAD>` makes the index equal HEAD: the host's uncommitted
+ * edits, deletions and untracked files show in the guest as uncommitted changes. Ignored files stay behind.
+ * Staged-but-uncommitted changes on the host arrive unstaged.
+ *
+ * full_copy: the repository directory as it is (.git, ignored files and submodules included) as one tar.
+ *
+ * from: resolved on the host (never silently HEAD). When it differs from HEAD, the guest stashes the host's
+ * uncommitted state (`git stash -u`), checks out `from` (its branch when `from` names a local branch, else
+ * detached) and pops the stash: a three-way merge, so the host's changes land on top of `from`; if they do not
+ * apply cleanly the prepare fails with a conflict naming the files.
+ * branch: a new branch of that name at the base, checked out (an existing branch of that name is a conflict).
+ *
+ * readOnly: everything outside .git loses its write bits (`chmod a-w`; non-root users cannot write). root
+ * ignores mode bits, so where `mount` works the path is also bind-mounted read-only with .git bind-mounted
+ * read-write on top (git status/commit and export keep working): root's writes then fail with EROFS until it
+ * runs `umount` or `mount -o remount,rw` (it can), and a guest reboot drops the mount (the mode bits stay).
+ * readOnlyMount in the result says whether the mount is in place.
+ *
+ * A guestPath that exists and is not an empty directory is a conflict unless `replace` (which removes it,
+ * unmounting a previous read-only workspace first). Abort via ctx.signal kills the host's git/tar and
+ * rejects with kind 'aborted'; a staging directory `.<name>.banger-staging` may then remain next to the
+ * guest path and is removed by the next prepare of that path.
+ */
+export async function prepareWorkspace(
+  exec: GuestExec,
+  opts: PrepareOptions,
+  ctx: PrepareContext = {},
+): Promise<WorkspacePrepareResult> {
+  const { signal, onProgress } = ctx;
+  const runner = ctx.runner ?? run;
+  if (!(WORKSPACE_MODES as readonly string[]).includes(opts.mode)) {
+    throw new BangerError('usage', `unknown workspace mode ${JSON.stringify(opts.mode)}`, `use one of ${WORKSPACE_MODES.join(', ')}`);
+  }
+  if (typeof opts.guestPath !== 'string' || !opts.guestPath.startsWith('/') || CONTROL_RE.test(opts.guestPath)) {
+    throw new BangerError('usage', `guest path ${JSON.stringify(opts.guestPath)} is not an absolute path`);
+  }
+  const dest = normalizeAbsolute(opts.guestPath);
+  if (dest === '/') throw new BangerError('usage', 'the guest path cannot be /');
+  const stagePath = posix.join(posix.dirname(dest), `.${posix.basename(dest)}.banger-staging`);
+  const newBranch = opts.branch === undefined ? undefined : validateBranchName(opts.branch);
+  const from = opts.from === undefined ? undefined : validateRevision(opts.from, '--from revision');
+  const what = 'workspace prepare';
+  if (signal?.aborted) throw abortError(signal, what);
+
+  try {
+    onProgress?.({ stage: 'inspect' });
+    const repo = await inspectDetails(opts.source, runner, signal);
+    const root = repo.repoRoot;
+    if (opts.mode !== 'full_copy' && repo.submodules.length > 0) {
+      throw new BangerError(
+        'usage',
+        `${root} has submodules (${repo.submodules.join(', ')}); mode ${opts.mode} does not copy them`,
+        'use --mode full_copy, which copies the repository directory as it is, .git and submodules included',
+      );
+    }
+    if (opts.mode === 'full_copy') await checkFullCopyable(root, repo.gitDir);
+
+    // The base: `from` resolved on the host, never silently HEAD.
+    let baseCommit = repo.headCommit;
+    let fromBranch: string | null = null;
+    if (from !== undefined) {
+      const r = await hostGit(runner, root, ['rev-parse', '-q', '--verify', `${from}^{commit}`], { signal, reject: false });
+      if (r.exitCode !== 0 || !r.stdout.trim()) {
+        throw new BangerError('usage', `--from ${JSON.stringify(from)} does not name a commit in ${root}`,
+          'give a branch, a tag or a commit sha that exists in the host repository');
+      }
+      baseCommit = r.stdout.trim();
+      const full = await hostGit(runner, root, ['rev-parse', '--symbolic-full-name', from], { signal, reject: false });
+      const name = full.exitCode === 0 ? full.stdout.trim() : '';
+      if (name.startsWith('refs/heads/') && !name.includes('\n')) fromBranch = name.slice('refs/heads/'.length);
+    }
+    const moving = baseCommit !== repo.headCommit;
+    const target = moving ? fromBranch : repo.currentBranch;
+    const branchName = newBranch ?? target;
+
+    const step = (name: string, r: GuestExecResult) => {
+      if (r.exitCode === 0) return;
+      if (r.exitCode === 10) throw destTakenError(dest, r.stdout.toString('utf8'));
+      if (r.exitCode === 11) {
+        throw new BangerError('conflict', `${what}: ${tail(r.stderr, 30)}`, 'commit or stash the host changes first, or prepare from HEAD (no --from)');
+      }
+      if (r.exitCode === 12) throw new BangerError('conflict', `${what}: ${tail(r.stderr)}`, 'pick another --branch name');
+      throw guestStepError(`${what} (${name})`, r);
+    };
+    const replace = opts.replace ? '1' : '0';
+    let bytesStreamed = 0;
+    let started = false; // the guest staging directory exists (from here on, clean it up on failure)
+    try {
+      let refUpdates: string[] = [];
+      let shallow: string[] = [];
+      if (opts.mode === 'full_copy') {
+        // 1. the directory as it is (the guest checks the path and makes the staging dir first)
+        const tar = startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '.'], { signal });
+        onProgress?.({ stage: 'tree' });
+        started = true;
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace, '1']), [tar], tar.stdout, ctx);
+        step('tree', t.result);
+        bytesStreamed += t.bytes;
+      } else {
+        // 1. history: one pack (the guest checks the path and makes the staging dir before reading it)
+        const tips = [repo.headCommit, baseCommit];
+        if (opts.mode === 'full_history') {
+          const refs = await hostGit(runner, root, ['for-each-ref', '--format=%(objectname) %(refname)', 'refs/heads', 'refs/tags', 'refs/remotes'], { signal });
+          for (const line of refs.stdout.split('\n')) {
+            const m = /^([0-9a-f]{40,64}) (\S+)$/.exec(line);
+            if (!m || m[2].endsWith('/HEAD')) continue;
+            tips.push(m[1]);
+            refUpdates.push(`create ${m[2]} ${m[1]}`);
+          }
+          shallow = await hostShallowList(runner, root, signal);
+        } else {
+          shallow = await commitsWithParents(runner, root, [...new Set(tips)], signal);
+          if (repo.currentBranch) refUpdates.push(`create refs/heads/${repo.currentBranch} ${repo.headCommit}`);
+        }
+        if (moving && fromBranch && !refUpdates.some((u) => u.startsWith(`create refs/heads/${fromBranch} `))) {
+          refUpdates.push(`create refs/heads/${fromBranch} ${baseCommit}`);
+        }
+        const revList = startHostStream(
+          'git rev-list',
+          'git',
+          ['-C', root, 'rev-list', '--objects', ...(opts.mode === 'shallow' ? ['--no-walk'] : []), '--stdin'],
+          { signal, input: Buffer.from([...new Set(tips)].join('\n') + '\n') },
+        );
+        const pack = startHostStream('git pack-objects', 'git', ['-C', root, 'pack-objects', '--stdout', '-q'], { signal, pipeStdin: true });
+        revList.stdout.pipe(pack.stdin!);
+        onProgress?.({ stage: 'history' });
+        started = true;
+        const h = await streamToGuest(
+          exec, `${what} (history)`, 'history', guestCommand(HISTORY_SCRIPT, [dest, stagePath, replace, repo.objectFormat]), [revList, pack], pack.stdout, ctx,
+        );
+        step('history', h.result);
+        bytesStreamed += h.bytes;
+
+        // 2. the working tree: tracked and present, plus untracked and not ignored
+        const files = await worktreeFiles(runner, root, signal);
+        const tar = startHostStream(
+          'tar -c',
+          'tar',
+          ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'],
+          { signal, input: files },
+        );
+        onProgress?.({ stage: 'tree' });
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace, '0']), [tar], tar.stdout, ctx);
+        step('tree', t.result);
+        bytesStreamed += t.bytes;
+      }
+
+      // 3. refs, HEAD and index; the base; the new branch; move into place; read-only
+      onProgress?.({ stage: 'finish' });
+      const preparedAt = new Date().toISOString();
+      const sourcePath = resolve(opts.source);
+      const marker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt });
+      const fin = await execGuest(
+        exec,
+        what,
+        guestCommand(FINISH_SCRIPT, [
+          dest,
+          stagePath,
+          replace,
+          opts.mode === 'full_copy' ? '1' : '0',
+          repo.headCommit,
+          baseCommit,
+          target ?? '',
+          newBranch ?? '',
+          opts.readOnly ? '1' : '0',
+          marker,
+          repo.currentBranch ?? '',
+          ...shallow,
+        ]),
+        { signal, stdin: Buffer.from(refUpdates.map((u) => u + '\n').join('')) },
+      );
+      step('finish', fin);
+      return {
+        sourcePath,
+        repoRoot: root,
+        repoName: repo.repoName,
+        guestPath: dest,
+        mode: opts.mode,
+        readOnly: opts.readOnly,
+        readOnlyMount: /banger-prepared mounted=1/.test(fin.stdout.toString('utf8')),
+        headCommit: repo.headCommit,
+        currentBranch: repo.currentBranch,
+        branchName,
+        baseCommit,
+        preparedAt,
+        bytesStreamed,
+      };
+    } catch (e) {
+      // Best effort: the staging dir goes away, unless we were aborted (the connection may be gone; the next
+      // prepare of this path removes it anyway) or the path was taken (then we never made one).
+      const taken = e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message);
+      if (started && !taken && !signal?.aborted) {
+        await exec(guestCommand(CLEANUP_SCRIPT, [stagePath]), { signal }).catch(() => {});
+      }
+      throw e;
+    }
+  } catch (e) {
+    if (signal?.aborted) throw abortError(signal, what);
+    throw e;
+  }
+}
+
+function destTakenError(dest: string, stdout: string): BangerError {
+  const m = /repo (\S+)/.exec(stdout);
+  const what = m ? `already holds a git repository (HEAD ${m[1]})` : 'exists and is not an empty directory';
+  return new BangerError('conflict', `guest path ${dest} ${what}`, 'choose another --guest-path, or replace it (it is deleted first)');
+}
+
+async function checkFullCopyable(root: string, gitDir: string): Promise<void> {
+  const dotGit = await stat(`${root}/.git`).catch(() => undefined);
+  if (!dotGit?.isDirectory() || resolve(gitDir) !== resolve(root, '.git')) {
+    throw new BangerError(
+      'usage',
+      `${root} is a linked worktree or a submodule checkout (its .git is not a directory): a full copy would not work in the guest`,
+      'use --mode shallow or --mode full_history, or prepare from the main working tree',
+    );
+  }
+  if (await stat(`${gitDir}/objects/info/alternates`).catch(() => undefined)) {
+    throw new BangerError(
+      'usage',
+      `${root} borrows objects from another repository (objects/info/alternates): a full copy would be incomplete`,
+      'run `git repack -a -d` and remove objects/info/alternates, or use --mode shallow or full_history',
+    );
+  }
+}
+
+/** NUL-separated list of the files to send: tracked and present, plus untracked and not ignored. */
+async function worktreeFiles(runner: Runner, root: string, signal?: AbortSignal): Promise<Buffer> {
+  const [listed, deleted] = await Promise.all([
+    hostGitPaths(runner, root, ['ls-files', '--cached', '--others', '--exclude-standard'], signal),
+    hostGitPaths(runner, root, ['ls-files', '--deleted'], signal),
+  ]);
+  const gone = new Set(deleted);
+  const seen = new Set<string>();
+  const out: Buffer[] = [];
+  for (const line of listed) {
+    if (gone.has(line) || seen.has(line)) continue; // duplicates: unmerged entries have one line per stage
+    seen.add(line);
+    out.push(unquoteGitPath(line), Buffer.from([0]));
+  }
+  return Buffer.concat(out);
+}
+
+/** The host's own shallow boundary (a shallow host clone stays shallow in the guest). */
+async function hostShallowList(runner: Runner, root: string, signal?: AbortSignal): Promise<string[]> {
+  const r = await hostGit(runner, root, ['rev-parse', '--is-shallow-repository'], { signal, reject: false });
+  if (r.stdout.trim() !== 'true') return [];
+  const p = await hostGit(runner, root, ['rev-parse', '--git-path', 'shallow'], { signal });
+  const { readFile } = await import('node:fs/promises');
+  const text = await readFile(resolve(root, p.stdout.trim()), 'utf8').catch(() => '');
+  return text.split('\n').filter((l) => /^[0-9a-f]{40,64}$/.test(l));
+}
+
+/** The commits among `shas` that have parents in their raw objects (shallow mode marks them as the boundary). */
+async function commitsWithParents(runner: Runner, root: string, shas: string[], signal?: AbortSignal): Promise<string[]> {
+  const out: string[] = [];
+  for (const sha of shas) {
+    const r = await hostGit(runner, root, ['cat-file', 'commit', sha], { signal });
+    const header = r.stdout.split('\n\n')[0];
+    if (/^parent /m.test(header)) out.push(sha);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// export
+
+/**
+ * The guest's work as one patch against the base: committed work past the base, uncommitted edits and
+ * untracked (non-ignored) files. One guest script, which writes nothing into the repository: the temporary
+ * index (`GIT_INDEX_FILE`, seeded with `git read-tree <base>`) and any new objects (`GIT_OBJECT_DIRECTORY`, the
+ * repository's objects as an alternate) live in a mktemp directory removed by a trap on exit. The SPEC's
+ * `read-tree --index-output` would lock the real index (index.lock) for the duration; GIT_INDEX_FILE does not.
+ */
+export async function exportWorkspace(
+  exec: GuestExec,
+  opts: ExportOptions,
+  ctx: { signal?: AbortSignal; runner?: Runner } = {},
+): Promise<WorkspaceExportResult> {
+  const what = 'workspace export';
+  if (typeof opts.guestPath !== 'string' || !opts.guestPath.startsWith('/') || CONTROL_RE.test(opts.guestPath)) {
+    throw new BangerError('usage', `guest path ${JSON.stringify(opts.guestPath)} is not an absolute path`);
+  }
+  const guestPath = normalizeAbsolute(opts.guestPath);
+  const base = opts.baseCommit === undefined || opts.baseCommit === '' ? '' : validateRevision(opts.baseCommit, 'base commit');
+  const r = await execGuest(exec, what, guestCommand(EXPORT_SCRIPT, [guestPath, base]), { signal: ctx.signal });
+  if (r.exitCode === 3) {
+    throw new BangerError('not_found', `${what}: ${tail(r.stderr, 1)}`, 'prepare a workspace there first, or pass the right --guest-path');
+  }
+  if (r.exitCode === 4) {
+    throw new BangerError('usage', `${what}: ${tail(r.stderr, 1)}`, 'give a commit that exists in the guest repository (the prepare result has baseCommit)');
+  }
+  if (r.exitCode !== 0) throw guestStepError(what, r);
+  const { sha, names, patch } = parseExport(r.stdout);
+  return {
+    guestPath,
+    baseCommit: sha,
+    patch,
+    changedFiles: splitNul(names).map((b) => b.toString('utf8')),
+    hasChanges: patch.length > 0,
+  };
+}
+
+/** `BANGER-EXPORT 1 <sha> <n>\n` + n bytes of NUL-terminated names + the patch bytes. Anything before the header
+ * (a shell rc file that prints) is skipped. */
+function parseExport(out: Buffer): { sha: string; names: Buffer; patch: Buffer } {
+  const at = out.indexOf('BANGER-EXPORT 1 ');
+  const nl = at < 0 ? -1 : out.indexOf(10, at);
+  const m = nl < 0 ? null : /^BANGER-EXPORT 1 ([0-9a-f]{40,64}) (\d+)$/.exec(out.subarray(at, nl).toString('latin1'));
+  if (!m) throw new BangerError('host', 'workspace export: the guest sent no export header (unexpected output)');
+  const n = Number(m[2]);
+  const start = nl + 1;
+  if (start + n > out.length) throw new BangerError('host', 'workspace export: the guest output was cut short');
+  return { sha: m[1], names: out.subarray(start, start + n), patch: Buffer.from(out.subarray(start + n)) };
+}

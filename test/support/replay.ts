@@ -1,0 +1,38 @@
+/** Replays a recorded event log (the JSON lines of `banger vm events`) through the pure machines. */
+import { readFileSync } from 'node:fs';
+import { initialTransition, transition } from 'xstate';
+import { vmMachine, type VmInput, type VmSnapshot } from '../../src/machines/vm.machine.js';
+
+export interface LoggedEvent {
+  seq: number;
+  actor: string;
+  type: string;
+  payload: Record<string, unknown>;
+  from?: string | null;
+  to?: string | null;
+}
+
+export function readLog(path: string): LoggedEvent[] {
+  return readFileSync(path, 'utf8')
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as LoggedEvent);
+}
+
+/** Replays the VM actor's events; checks every recorded `to` state on the way; returns the final snapshot. */
+export function replayVm(log: LoggedEvent[]): { snapshot: VmSnapshot; states: string[]; mismatches: string[] } {
+  const vmEvents = log.filter((e) => e.actor.startsWith('vm:'));
+  const init = vmEvents[0];
+  if (!init || init.type !== 'xstate.init') throw new Error('a VM event log starts with xstate.init');
+  let [s] = initialTransition(vmMachine, init.payload.input as VmInput);
+  const states: string[] = [String(s.value)];
+  const mismatches: string[] = [];
+  for (const e of vmEvents.slice(1)) {
+    const event = { type: e.type, ...e.payload } as never;
+    if (e.type.startsWith('xstate.error.actor.')) (event as { error: unknown }).error = new Error(String((e.payload.error as { message?: string })?.message ?? e.payload.error));
+    [s] = transition(vmMachine, s, event);
+    states.push(String(s.value));
+    if (e.to && e.to !== s.value) mismatches.push(`seq ${e.seq} ${e.type}: recorded ${e.to}, replayed ${String(s.value)}`);
+  }
+  return { snapshot: s as VmSnapshot, states, mismatches };
+}

@@ -1,0 +1,24 @@
+import type { VmInput } from '../../src/machines/vm.machine.js';
+
+export function vmInput(over: Partial<VmInput['spec']> = {}): VmInput {
+  return {
+    id: 'abc123xyz0',
+    name: 'test-vm',
+    createdAt: '2026-01-01T00:00:00.000Z',
+    spec: {
+      image: 'debian-bookworm',
+      vcpus: 2,
+      memoryMiB: 1024,
+      diskBytes: 8 * 2 ** 30,
+      vmm: 'qemu',
+      accel: 'tcg',
+      net: 'user',
+      start: true,
+      bootTimeoutMs: 180_000,
+      stopTimeoutMs: 15_000,
+      ...over,
+    },
+  };
+}
+
+export const runtime = { pid: 4242, control: '/run/x.qmp', sshPort: 2222, bootedAt: '2026-01-01T00:00:10.000Z' };
