@@ -28,6 +28,8 @@ export function replayVm(log: LoggedEvent[]): { snapshot: VmSnapshot; states: st
   const states: string[] = [String(s.value)];
   const mismatches: string[] = [];
   for (const e of vmEvents.slice(1)) {
+    // A later xstate.init is the daemon restoring the actor from its snapshot: no transition.
+    if (e.type === 'xstate.init') continue;
     const event = { type: e.type, ...e.payload } as never;
     if (e.type.startsWith('xstate.error.actor.')) (event as { error: unknown }).error = new Error(String((e.payload.error as { message?: string })?.message ?? e.payload.error));
     [s] = transition(vmMachine, s, event);
