@@ -127,6 +127,12 @@ async function readVmmState(path: string): Promise<VmmState | undefined> {
   }
 }
 
+/** Is this VMM process still ours and alive? QEMU: by its command line; others: by the driver's status. */
+async function alive(driver: VmmDriver, proc: VmmProcess): Promise<boolean> {
+  if (driver.kind === 'qemu') return (await identifyPid(proc.pid, proc.qmpSocket)).id === 'ours';
+  return (await driver.status(proc)).state !== 'gone';
+}
+
 export function makeSteps(env: StepEnv) {
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     const f = vmFiles(env.layout, ctx.id);
@@ -199,14 +205,19 @@ export function makeSteps(env: StepEnv) {
       let sshPort: number | undefined;
       // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
       const prev = await readVmmState(f.vmmState);
-      if (prev && (await identifyPid(prev.pid, prev.control)).id === 'ours') {
+      if (prev && (await alive(driver, { pid: prev.pid, qmpSocket: prev.control }))) {
         proc = { pid: prev.pid, qmpSocket: prev.control };
         sshPort = prev.sshPort;
         env.log(ctx.id, 'vmm.adopt', 'info', undefined, `pid ${prev.pid}`);
       } else {
         const image = await imageOf(env, ctx.spec.image);
         if (ctx.spec.net === 'user') sshPort = await findFreePort();
-        if (ctx.spec.net === 'tap' && !ctx.net?.tap) throw new BangerError('invalid_state', 'no TAP device leased for this VM');
+        if (ctx.spec.net === 'tap') {
+          // Idempotent: the VM keeps its TAP and address across stops; this re-creates the device if it vanished.
+          if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not reachable', 'start the root helper, or recreate the VM with --net user');
+          const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
+          if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
+        }
         await rm(f.serialLog, { force: true });
         const launched = await stage(env, ctx.id, 'vmm.launch', () =>
           driver.launch(
@@ -244,10 +255,10 @@ export function makeSteps(env: StepEnv) {
         waitForSsh(target, {
           timeoutMs,
           signal,
-          isAlive: async () => (await identifyPid(p.pid, p.qmpSocket)).id !== 'gone',
+          isAlive: () => alive(driver, p),
         }).catch(async (e) => {
-          const alive = (await identifyPid(p.pid, p.qmpSocket)).id !== 'gone';
-          const why = alive ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
+          const up = await alive(driver, p);
+          const why = up ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
           throw new BangerError('timeout', `${why}: ${errorMessage(e)}\n--- serial console (last lines) ---\n${await serialTail(f.serialLog)}`, `see ${f.serialLog}`);
         }),
       );
@@ -267,8 +278,7 @@ export function makeSteps(env: StepEnv) {
     if (!rt) return { reason: 'no VMM process recorded' };
     const driver = env.driver(ctx.spec.vmm);
     const proc = { pid: rt.pid, qmpSocket: rt.control };
-    const ident = await identifyPid(rt.pid, rt.control);
-    if (ident.id === 'gone' || ident.id === 'other') {
+    if (!(await alive(driver, proc))) {
       await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
       return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
     }
@@ -305,10 +315,13 @@ export function makeSteps(env: StepEnv) {
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver(ctx.spec.vmm);
     const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
-    if (st && (await identifyPid(st.pid, st.control)).id === 'ours') {
+    if (st && (await alive(driver, { pid: st.pid, qmpSocket: st.control }))) {
       await stage(env, ctx.id, 'vmm.kill', () => driver.kill({ pid: st.pid, qmpSocket: st.control }));
     }
-    if (env.network) await env.network.release(ctx.id);
+    if (ctx.spec.net === 'tap') {
+      if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
+      await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
+    }
     env.store.releaseAddress(ctx.id);
     await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
   });

@@ -15,11 +15,22 @@ import { run } from '../host/runner.js';
 import { ensureUserKey, type UserKey } from '../host/keys.js';
 import { qemuDriver, type VmmDriver } from '../host/qemu.js';
 import { makeHandlers } from './handlers.js';
+import { createFirecrackerDriver } from '../host/firecracker.js';
+import { RootHelper } from '../actors/root-helper.js';
+import { TapPool } from '../actors/tap-pool.js';
+import { makeNetwork } from '../actors/network.js';
+import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { makeJobRunners } from './jobs.js';
 
 export const VERSION = '0.1.0';
 
 export interface DaemonHandle {
+  rootHelper?: RootHelper;
+  tapPool?: TapPool;
+  network?: ReturnType<typeof makeNetwork>;
+  helperSocket?: string;
   layout: Layout;
   config: Config;
   store: Store;
@@ -70,13 +81,30 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
     }
   };
   let keyPromise: Promise<UserKey> | undefined;
-  const drivers: Record<string, VmmDriver | undefined> = { qemu: qemuDriver };
+  const drivers: Record<string, VmmDriver | undefined> = {
+    qemu: qemuDriver,
+    firecracker: createFirecrackerDriver({ binary: config.firecrackerBin, log: (l) => log(`firecracker: ${l}`) }),
+  };
+
+  // The root helper (TAP devices, bridge, NAT): a service on its socket, or — when the daemon runs as root —
+  // our own child process. BANGER_ROOT_HELPER=off disables it (user-mode networking only).
+  const isRoot = process.getuid?.() === 0;
+  const helperSocket = env.BANGER_ROOT_HELPER_SOCKET ?? (isRoot ? join(layout.run, 'roothelper.sock') : DEFAULT_HELPER_SOCKET);
+  let rootHelper: RootHelper | undefined;
+  let tapPool: TapPool | undefined;
+  let network: ReturnType<typeof makeNetwork> | undefined;
+  if (env.BANGER_ROOT_HELPER !== 'off' && (isRoot || existsSync(helperSocket))) {
+    rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
+    tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, log });
+    network = makeNetwork(rootHelper, tapPool, store, config);
+  }
   const stepEnv = {
     layout,
     store,
     config,
     runner: run,
     userKey: () => (keyPromise ??= ensureUserKey(layout.keysDir, { runner: run })),
+    network,
     driver: (kind: string) => {
       const d = drivers[kind];
       if (!d) throw new BangerError('unsupported', `the ${kind} VMM driver is not available in this daemon`, 'use --vmm qemu');
@@ -90,6 +118,33 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   supervisor = new Supervisor(stepEnv, jobRunners);
   const restored = supervisor.restoreAll();
   log(`daemon ${process.pid} started; restored ${restored.restored} VM actor(s)${restored.errors.length ? `; errors: ${restored.errors.join('; ')}` : ''}`);
+  // Address leases of VMs that no longer exist are freed.
+  store.db.prepare('DELETE FROM ip_leases WHERE vm_id NOT IN (SELECT id FROM vms WHERE deleted = 0)').run();
+  if (tapPool && network && rootHelper) {
+    // Reconcile TAP leases with the devices that exist, then warm the pool. Runs in the pool's queue, so any
+    // lease asked for meanwhile waits for it.
+    const vmTaps = new Map<string, string>();
+    for (const id of supervisor.ids()) {
+      const c = supervisor.snapshot(id).context;
+      const tap = c.runtime?.tap ?? c.net?.tap;
+      if (tap) vmTaps.set(tap, id);
+    }
+    const inspectable = restored.errors.length === 0;
+    void (async () => {
+      if (!(await rootHelper.reachable(15_000))) {
+        log(`root helper not reachable on ${helperSocket}: ${rootHelper.state().lastError ?? ''}`);
+        return;
+      }
+      try {
+        await network.ensureBridge();
+        const r = await tapPool.reconcile(vmTaps, inspectable);
+        log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
+        await tapPool.refill();
+      } catch (e) {
+        log(`tapPool: ${(e as Error).message}`);
+      }
+    })();
+  }
 
   const startedAt = Date.now();
   let stopping: Promise<void> | undefined;
@@ -100,10 +155,16 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
     supervisor,
     server: undefined as unknown as RpcServer,
     startedAt,
+    rootHelper,
+    tapPool,
+    network,
+    helperSocket,
     stop: () =>
       (stopping ??= (async () => {
         log(`daemon ${process.pid} stopping (VMs keep running)`);
         supervisor.detachAll();
+        tapPool?.stop();
+        rootHelper?.stop();
         await handle.server.close();
         rmSync(layout.socket, { force: true });
         rmSync(layout.pidFile, { force: true });

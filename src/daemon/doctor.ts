@@ -2,7 +2,7 @@
 import { constants, existsSync, statSync, statfsSync } from 'node:fs';
 import { access, readdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { which } from '../host/runner.js';
+import { run, which } from '../host/runner.js';
 import { probeCowStrategies } from '../host/disks.js';
 import { probeKvm } from '../host/qemu.js';
 import { readManifest } from '../host/image.js';
@@ -54,7 +54,7 @@ export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ c
 
   const qemu = await which('qemu-system-x86_64');
   add(qemu ? { name: 'qemu', status: 'ok', detail: qemu } : { name: 'qemu', status: 'fail', detail: 'qemu-system-x86_64 not found', fix: 'apt-get install qemu-system-x86' });
-  const fcBin = config.firecrackerBin ?? (await which('firecracker'));
+  const fcBin = config.firecrackerBin ?? process.env.BANGER_FIRECRACKER_BIN ?? (await which('firecracker'));
   const fcOk = !!fcBin && existsSync(fcBin);
   add(
     fcOk
@@ -62,7 +62,7 @@ export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ c
       : { name: 'firecracker', status: 'warn', detail: `firecracker not found${config.firecrackerBin ? ` at ${config.firecrackerBin}` : ' on PATH'}`, fix: 'install a Firecracker release binary and set BANGER_FIRECRACKER_BIN or "firecrackerBin" in config.json' },
   );
   const wiredFc = !!deps.drivers.firecracker;
-  const auto = fcOk && kvmUsable && wiredFc ? 'firecracker' : kvmUsable ? 'qemu (kvm)' : 'qemu (tcg)';
+  const auto = fcOk && kvmUsable && wiredFc && d.rootHelper ? 'firecracker' : kvmUsable ? 'qemu (kvm)' : 'qemu (tcg)';
   add({ name: 'vmm.auto', status: 'ok', detail: `--vmm auto picks ${auto}` });
 
   for (const [tool, pkg] of [
@@ -85,7 +85,18 @@ export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ c
   } catch {
     add({ name: 'tun', status: 'warn', detail: '/dev/net/tun is missing or not accessible: tap networking cannot work', fix: 'modprobe tun' });
   }
-  add({ name: 'root-helper', status: 'warn', detail: 'tap networking and the root helper are not built into this version: VMs use QEMU user-mode networking', fix: 'use --net user (the default)' });
+  if (!d.rootHelper) {
+    add({ name: 'root-helper', status: 'warn', detail: `no root helper: nothing answers on ${d.helperSocket} and the daemon is not root${process.env.BANGER_ROOT_HELPER === 'off' ? ' (BANGER_ROOT_HELPER=off)' : ''}; --net auto uses QEMU user-mode networking`, fix: 'sudo banger system install (installs and starts the helper unit), or run the daemon as root' });
+  } else if (await d.rootHelper.reachable(5000)) {
+    add({ name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}; --net auto uses tap` });
+    const r = await run('ip', ['-j', 'link', 'show', 'dev', config.bridge], { reject: false });
+    add(r.exitCode === 0 ? { name: 'bridge', status: 'ok', detail: `${config.bridge} exists (subnet ${config.subnet}${config.nat ? ', NAT on' : ''})` } : { name: 'bridge', status: 'warn', detail: `${config.bridge} does not exist yet (made on the first tap VM)`, fix: 'banger vm create --net tap' });
+    const idle = d.tapPool?.leases().filter((l) => l.vmId === null).length ?? 0;
+    add({ name: 'tap-pool', status: 'ok', detail: `${idle} idle TAP device(s) warm of ${config.tapPoolSize}` });
+  } else {
+    const st = d.rootHelper.state();
+    add({ name: 'root-helper', status: 'fail', detail: `not reachable on ${d.helperSocket}: ${st.lastError ?? st.state}`, fix: 'sudo systemctl start banger-roothelper, or check the daemon log' });
+  }
 
   try {
     const s = statfsSync(layout.home);

@@ -12,6 +12,7 @@ import { vmFiles } from '../actors/vm-steps.js';
 import { parseSize } from '../host/disks.js';
 import { buildImage, detectMirror, importImage, KNOWN_IMAGES, readManifest, type ImageManifest } from '../host/image.js';
 import { probeKvm, type VmmDriver } from '../host/qemu.js';
+import { resolveFirecrackerBinary } from '../host/firecracker.js';
 import { ensureUserKey } from '../host/keys.js';
 import { run, which } from '../host/runner.js';
 import { validateGuestPath } from '../host/workspace.js';
@@ -107,6 +108,8 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
       vms: sup.ids().length,
       home: layout.home,
       running: sup.ids().filter((id) => sup.view(id).state === 'running').length,
+      rootHelper: d.rootHelper ? { socket: d.helperSocket, ...d.rootHelper.state() } : null,
+      tapPool: d.tapPool ? d.tapPool.leases() : null,
     }),
 
     'daemon.stop': async () => {
@@ -228,16 +231,31 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
       const vmmWanted = p.vmm ?? 'auto';
       const netWanted = p.net ?? 'auto';
       const { accel, why } = await decideAccel(manifest, imageName);
-      let vmm: 'qemu' | 'firecracker' = 'qemu';
-      if (vmmWanted === 'firecracker') {
-        if (!deps.drivers.firecracker) throw new BangerError('unsupported', 'the Firecracker driver is not wired into this daemon yet', 'use --vmm qemu (or auto)');
-        vmm = 'firecracker';
-      } else if (vmmWanted === 'auto' && deps.drivers.firecracker && accel === 'kvm') {
-        vmm = 'firecracker';
-      }
+      const helperUp = d.rootHelper ? await d.rootHelper.reachable(netWanted === 'tap' ? 15_000 : 2000) : false;
       let net: 'tap' | 'user' = 'user';
       if (netWanted === 'tap') {
-        throw new BangerError('unsupported', 'tap networking is not built yet in this version of banger', 'use --net user (the default)');
+        if (!d.network || !helperUp) {
+          const st = d.rootHelper?.state();
+          throw new BangerError('unsupported', `--net tap needs the root helper, which is not reachable${st?.lastError ? ` (${st.lastError})` : d.rootHelper ? '' : ` (nothing answers on ${d.helperSocket})`}`, 'install and start it (banger system install), run the daemon as root, or use --net user');
+        }
+        net = 'tap';
+      } else if (netWanted === 'auto' && d.network && helperUp) {
+        net = 'tap';
+      }
+      let vmm: 'qemu' | 'firecracker' = 'qemu';
+      let fcBinary: string | undefined;
+      if (vmmWanted === 'firecracker' || vmmWanted === 'auto') {
+        try {
+          fcBinary = await resolveFirecrackerBinary(config.firecrackerBin);
+        } catch (e) {
+          if (vmmWanted === 'firecracker') throw e;
+        }
+      }
+      if (vmmWanted === 'firecracker') {
+        vmm = 'firecracker';
+        if (accel !== 'kvm') ctx.progress({ stage: 'plan', status: 'info', detail: `warning: KVM is not usable here (${why}); starting Firecracker anyway as asked — its own error will say why if it cannot run` });
+      } else if (vmmWanted === 'auto' && fcBinary && accel === 'kvm' && net === 'tap') {
+        vmm = 'firecracker';
       }
       if (vmm === 'firecracker' && net === 'user') throw new BangerError('unsupported', 'Firecracker has no user-mode networking', 'use --net tap with the root helper, or --vmm qemu');
       ctx.progress({ stage: 'plan', status: 'info', detail: `${vmm} ${accel} (${why}), net ${net}` });

@@ -223,17 +223,13 @@ export async function runDebugfs(
 export async function debugfsRequest(
   image: string,
   request: string,
-  opts: { runner?: Runner; signal?: AbortSignal; encoding?: 'utf8' | 'buffer' } = {},
-): Promise<{ stdout: string; stdoutBuffer?: Buffer; errors: string[] }> {
+  opts: { runner?: Runner; signal?: AbortSignal } = {},
+): Promise<{ stdout: string; errors: string[] }> {
   const runner = opts.runner ?? run;
-  const r = await runner('debugfs', ['-R', request, image], {
-    signal: opts.signal,
-    reject: false,
-    encoding: opts.encoding,
-  });
+  const r = await runner('debugfs', ['-R', request, image], { signal: opts.signal, reject: false });
   const errors = parseDebugfsErrors(r.stderr);
   if (r.exitCode !== 0) errors.push(`debugfs exited ${r.exitCode}`);
-  return { stdout: r.stdout, stdoutBuffer: r.stdoutBuffer, errors };
+  return { stdout: r.stdout, errors };
 }
 
 const NOT_FOUND_RE = /File not found by ext2_lookup/;

@@ -25,7 +25,7 @@ import { BangerError, errorMessage, validateName } from '../errors.js';
 import { Files } from '../paths.js';
 import { rdumpDir } from './debugfs.js';
 import { readDiskFile } from './disks.js';
-import { run, which, type Runner } from './runner.js';
+import { CommandError, run, which, type Runner } from './runner.js';
 
 /** Bump when the image recipe changes, so cached images are rebuilt. */
 export const BUILDER_VERSION = 1;
@@ -481,6 +481,8 @@ async function maskUnitInTree(tree: string, unit: string): Promise<boolean> {
   return true;
 }
 
+const BOOTSTRAP_TIMEOUT_S = 3600;
+
 const MASKED_UNITS = [
   'apt-daily.timer',
   'apt-daily.service',
@@ -662,16 +664,17 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
   }
   // In unshare mode the tree's files belong to sub-uids: tools that read ownership or delete files run inside
   // mmdebstrap's user namespace, where they appear as root.
-  const treeExec: TreeExec = (file, args, o = {}) =>
+  const execIn = (sig: AbortSignal | undefined): TreeExec => (file, args, o = {}) =>
     mode === 'unshare'
-      ? runner('mmdebstrap', ['--unshare-helper', file, ...args], { signal, ...o })
-      : runner(file, args, { signal, ...o });
-  const hostExec: TreeExec = (file, args, o = {}) => runner(file, args, { signal, ...o });
+      ? runner('mmdebstrap', ['--unshare-helper', file, ...args], { signal: sig, ...o })
+      : runner(file, args, { signal: sig, ...o });
+  const treeExec = execIn(signal);
+  // Cleanups run after an abort too: without the (aborted) signal.
+  const cleanupExec = execIn(undefined);
 
   const cleanups = new Cleanups();
   const parent = dirname(opts.imageDir);
   const base = basename(opts.imageDir);
-  const timings: Record<string, number> = {};
 
   const stage = async <T>(name: string, fn: () => Promise<{ value: T; detail?: string }>): Promise<T> => {
     checkAborted(signal);
@@ -679,7 +682,6 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
     const t0 = performance.now();
     const { value, detail } = await fn();
     const ms = Math.round(performance.now() - t0);
-    timings[name] = ms;
     emit({ stage: name, status: 'done', ms, detail });
     return value;
   };
@@ -690,7 +692,7 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
     await mkdir(workParent, { recursive: true });
     const treeHolder = await mkdtemp(join(workParent, `.${base}.bootstrap-`));
     const tree = join(treeHolder, 'tree');
-    cleanups.add(`remove ${treeHolder}`, () => removeTree(treeHolder, mode === 'unshare' ? treeExec : hostExec));
+    cleanups.add(`remove ${treeHolder}`, () => removeTree(treeHolder, cleanupExec));
     const out = await mkdtemp(join(parent, `.${base}.tmp-`));
     const forgetOut = cleanups.add(`remove ${out}`, () => rm(out, { recursive: true, force: true }));
     await chmod(out, 0o755);
@@ -699,32 +701,41 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
     await stage('bootstrap', async () => {
       await mkdir(tree, { mode: 0o755 });
       const include = IMAGE_PACKAGES.join(',');
-      if (tool === 'mmdebstrap') {
-        await runner(
-          'mmdebstrap',
-          [
-            '--variant=minbase',
-            `--mode=${mode}`,
-            '--format=directory',
-            '--components=main',
-            `--include=${include}`,
-            '--aptopt=Acquire::Retries "3"',
-            '--dpkgopt=path-exclude=/usr/share/man/*',
-            '--dpkgopt=path-exclude=/usr/share/info/*',
-            '--dpkgopt=path-exclude=/usr/share/doc/*',
-            '--dpkgopt=path-include=/usr/share/doc/*/copyright',
-            opts.suite,
-            tree,
-            mirror,
-          ],
-          { signal, timeoutMs: 60 * 60_000 },
-        );
-      } else {
-        await runner(
-          'debootstrap',
-          ['--variant=minbase', `--include=${include}`, '--components=main', opts.suite, tree, mirror],
-          { signal, timeoutMs: 60 * 60_000 },
-        );
+      const argv =
+        tool === 'mmdebstrap'
+          ? [
+              'mmdebstrap',
+              '--variant=minbase',
+              `--mode=${mode}`,
+              '--format=directory',
+              '--components=main',
+              `--include=${include}`,
+              '--aptopt=Acquire::Retries "3"',
+              '--dpkgopt=path-exclude=/usr/share/man/*',
+              '--dpkgopt=path-exclude=/usr/share/info/*',
+              '--dpkgopt=path-exclude=/usr/share/doc/*',
+              '--dpkgopt=path-include=/usr/share/doc/*/copyright',
+              opts.suite,
+              tree,
+              mirror,
+            ]
+          : ['debootstrap', '--variant=minbase', `--include=${include}`, '--components=main', opts.suite, tree, mirror];
+      // Under coreutils' timeout, in its own process group: a SIGTERM (abort) reaches every process of the
+      // bootstrap. Sent to mmdebstrap alone, it waits for its whole setup (minutes) before exiting; sent to the
+      // group, it unmounts what it mounted in the tree and exits within a second.
+      try {
+        await runner('timeout', ['--kill-after=30', String(BOOTSTRAP_TIMEOUT_S), ...argv], { signal });
+      } catch (e) {
+        if (e instanceof CommandError) {
+          const tail = e.stderr.trim().split('\n').filter((l) => /^(E|W): /.test(l)).slice(-4).join('\n') || e.stderr.trim().split('\n').slice(-4).join('\n');
+          throw new BangerError(
+            'host',
+            e.exitCode_ === 124 ? `${tool} took longer than ${BOOTSTRAP_TIMEOUT_S} s` : `${tool} failed (exit ${e.exitCode_}): ${tail}`,
+            `check that the mirror ${mirror} is reachable (or pass another with --mirror URL)`,
+            { cause: e },
+          );
+        }
+        throw e;
       }
       await chmod(tree, 0o755); // becomes the guest's "/"
       return { value: undefined, detail: `${tool}${tool === 'mmdebstrap' ? ` --mode=${mode}` : ''} ${opts.suite} from ${mirror}` };

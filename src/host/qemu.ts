@@ -585,7 +585,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       let sent = false;
       let qmp: QmpClient | undefined;
       try {
-        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 3000, signal });
+        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000, signal }); // waits out a status() holding the monitor
         await qmp.execute('system_powerdown', undefined, { timeoutMs: 3000 });
         sent = true;
       } catch (e) {

@@ -56,8 +56,10 @@ export const run: Runner = async (file, args, opts = {}) => {
   } catch (e) {
     throw new CommandError(file, undefined, '', `${file} could not be started: ${(e as Error).message}`);
   }
-  const stderr = Buffer.isBuffer(r.stderr) ? r.stderr.toString('utf8') : String(r.stderr ?? '');
-  const stdoutBuffer = Buffer.isBuffer(r.stdout) ? (r.stdout as Buffer) : undefined;
+  // With encoding 'buffer', execa returns Uint8Arrays (not Buffers).
+  const asBuf = (x: unknown) => (x instanceof Uint8Array ? Buffer.from(x.buffer, x.byteOffset, x.byteLength) : undefined);
+  const stderr = asBuf(r.stderr)?.toString('utf8') ?? String(r.stderr ?? '');
+  const stdoutBuffer = asBuf(r.stdout);
   const stdout = stdoutBuffer ? stdoutBuffer.toString('utf8') : String(r.stdout ?? '');
   const cmd = [file, ...args.slice(0, 3)].join(' ');
   if (r.isCanceled) throw new BangerError('aborted', `${cmd}: aborted`);

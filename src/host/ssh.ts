@@ -1,3 +1,4 @@
+import { createConnection } from 'node:net';
 import { constants as osConstants } from 'node:os';
 import type { Readable } from 'node:stream';
 import ssh2, { type ClientChannel, type ConnectConfig } from 'ssh2';
@@ -287,8 +288,10 @@ export interface WaitForSshOptions {
   signal?: AbortSignal;
   /** Pause between attempts. Default 500 ms. */
   intervalMs?: number;
-  /** Bound on one attempt (connect + `true`). Default 10 s (capped by what is left of timeoutMs). */
+  /** Bound on one attempt once the banner came (handshake + `true`). Default 30 s (capped by what is left of timeoutMs). */
   attemptTimeoutMs?: number;
+  /** How long one attempt waits for the `SSH-` banner before the next try. Default 3 s. */
+  bannerTimeoutMs?: number;
   /** Checked before every attempt; false ends the wait at once (the VM process died). */
   isAlive?: () => boolean | Promise<boolean>;
   onAttempt?: (info: { attempt: number; error?: unknown; elapsedMs: number }) => void;
@@ -317,9 +320,12 @@ export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Pr
     const remaining = deadline - Date.now();
     if (remaining <= 0) break;
     attempt++;
-    const bound = Math.max(250, Math.min(remaining, opts.attemptTimeoutMs ?? 10_000));
+    const bound = Math.max(250, Math.min(remaining, opts.attemptTimeoutMs ?? 30_000));
     let error: unknown;
     try {
+      // Cheap first: does an sshd send its banner? (QEMU's user-mode networking accepts the TCP connection
+      // itself and holds it open while the guest has no sshd, so a full handshake attempt would just hang.)
+      await sshBanner(target.host, target.port, Math.min(bound, opts.bannerTimeoutMs ?? 3000), signal);
       const client = await connect(target, { signal, timeoutMs: bound });
       try {
         const r = await exec(client, 'true', { signal, timeoutMs: bound });
@@ -339,7 +345,7 @@ export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Pr
     lastError = error;
     opts.onAttempt?.({ attempt, error, elapsedMs: Date.now() - start });
     const pause = Math.min(interval, deadline - Date.now());
-    if (pause > 0) await sleep(pause, signal);
+    if (pause > 0) await sleep(pause, signal, `waiting for SSH on ${describe(target)}`);
   }
   throw new BangerError(
     'timeout',
@@ -350,7 +356,39 @@ export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Pr
   );
 }
 
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+/** Resolves with the server's identification line once a TCP connection yields one starting with `SSH-`. */
+export function sshBanner(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<string> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(abortedError(`waiting for SSH on ${host}:${port}`, signal));
+    const sock = createConnection({ host, port });
+    let buf = '';
+    const finish = (err: unknown, line?: string) => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      sock.destroy();
+      if (err) reject(err);
+      else resolve(line!);
+    };
+    const onAbort = () => finish(abortedError(`waiting for SSH on ${host}:${port}`, signal));
+    const timer = setTimeout(() => finish(new Error(`no SSH banner from ${host}:${port} within ${timeoutMs} ms`)), timeoutMs);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    sock.setEncoding('latin1');
+    sock.on('data', (d: string) => {
+      buf += d;
+      const nl = buf.indexOf('\n');
+      if (nl >= 0 || buf.length > 255) {
+        const line = buf.slice(0, nl >= 0 ? nl : 255).trim();
+        if (line.startsWith('SSH-')) finish(undefined, line);
+        else if (nl >= 0) buf = buf.slice(nl + 1); // RFC 4253 allows other lines before the banner
+        else finish(new Error(`${host}:${port} does not speak SSH`));
+      }
+    });
+    sock.on('error', (e) => finish(new Error(`${host}:${port}: ${e.message}`)));
+    sock.on('close', () => finish(new Error(`${host}:${port}: connection closed before the SSH banner`)));
+  });
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined, what: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => {
       signal?.removeEventListener('abort', onAbort);
@@ -358,7 +396,7 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
     }, ms);
     const onAbort = () => {
       clearTimeout(t);
-      reject(abortedError('wait', signal));
+      reject(abortedError(what, signal));
     };
     signal?.addEventListener('abort', onAbort, { once: true });
   });

@@ -1,4 +1,4 @@
-import { stat } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { basename, posix, resolve } from 'node:path';
 import { Transform, type Readable, type Writable } from 'node:stream';
 import { execa } from 'execa';
@@ -207,6 +207,7 @@ export function validateRevision(r: unknown, what = 'revision'): string {
 /** Environment for every host git: never take optional locks (status would otherwise rewrite the index). */
 const HOST_GIT_ENV = { GIT_OPTIONAL_LOCKS: '0', LC_ALL: 'C' };
 
+/** What prepare needs besides RepoInfo (prepare skips `git status`: its `dirty` is then always false). */
 interface RepoDetails extends RepoInfo {
   gitDir: string;
   objectFormat: string;
@@ -277,7 +278,7 @@ export async function inspectRepo(
   source: string,
   opts: { runner?: Runner; signal?: AbortSignal } = {},
 ): Promise<RepoInfo> {
-  const d = await inspectDetails(source, opts.runner ?? run, opts.signal);
+  const d = await inspectDetails(source, opts.runner ?? run, opts.signal, true);
   return {
     repoRoot: d.repoRoot,
     repoName: d.repoName,
@@ -288,7 +289,7 @@ export async function inspectRepo(
   };
 }
 
-async function inspectDetails(source: string, runner: Runner, signal?: AbortSignal): Promise<RepoDetails> {
+async function inspectDetails(source: string, runner: Runner, signal: AbortSignal | undefined, withDirty: boolean): Promise<RepoDetails> {
   const abs = resolve(source);
   const st = await stat(abs).catch(() => undefined);
   if (!st) throw new BangerError('not_found', `${abs} does not exist`, 'pass --source a directory inside a git repository');
@@ -318,7 +319,7 @@ async function inspectDetails(source: string, runner: Runner, signal?: AbortSign
     hostGit(runner, repoRoot, ['rev-parse', '--absolute-git-dir'], { signal }),
     hostGit(runner, repoRoot, ['rev-parse', '--show-object-format'], { signal, reject: false }),
     hostGitPaths(runner, repoRoot, ['ls-files', '--stage'], signal),
-    hostGit(runner, repoRoot, ['status', '--porcelain', '--untracked-files=normal'], { signal }),
+    withDirty ? hostGit(runner, repoRoot, ['status', '--porcelain', '--untracked-files=normal'], { signal }) : undefined,
   ]);
   const submodules: string[] = [];
   for (const line of stage) {
@@ -334,7 +335,7 @@ async function inspectDetails(source: string, runner: Runner, signal?: AbortSign
     headCommit: head.stdout.trim(),
     currentBranch: branch.exitCode === 0 && branch.stdout.trim() ? branch.stdout.trim() : null,
     submodules,
-    dirty: status.stdout.trim().length > 0,
+    dirty: status ? status.stdout.trim().length > 0 : false,
     gitDir: gitDir.stdout.trim(),
     objectFormat: fmt === 'sha256' ? 'sha256' : 'sha1',
   };
@@ -598,7 +599,7 @@ function startHostStream(
  * Stream `source` into a guest command's stdin, counting bytes. Host processes that feed it are killed when the
  * guest command fails or the signal aborts, and always awaited: nothing is left running on the host.
  * A host process's failure wins over the guest's (the guest's is then only its consequence); the guest's exit
- * status is the caller's to judge (see stepError).
+ * status is the caller's to judge.
  */
 async function streamToGuest(
   exec: GuestExec,
@@ -661,12 +662,14 @@ async function streamToGuest(
 /**
  * Copy a host repository into the guest at `guestPath`.
  *
- * shallow / full_history: the commits (HEAD's only, or everything under refs/heads, refs/tags and refs/remotes)
- * go over as one `git pack-objects` stream into `git index-pack`, then refs and HEAD are set (the host's current
- * branch name, or detached), then the host's tracked-and-present plus untracked non-ignored files go over as a
- * tar into the working tree, and `git read-tree <HEAD>` makes the index equal HEAD: the host's uncommitted
- * edits, deletions and untracked files show in the guest as uncommitted changes. Ignored files stay behind.
- * Staged-but-uncommitted changes on the host arrive unstaged.
+ * shallow / full_history: the commits (HEAD's, plus `from`'s, as shallow commits; or everything under refs/heads,
+ * refs/tags and refs/remotes) go over as one `git rev-list --objects | git pack-objects` stream into
+ * `git index-pack`; then the host's tracked-and-present plus untracked non-ignored files go over as one tar into
+ * the working tree; then refs and HEAD are set (the host's current branch name, or detached) and
+ * `git read-tree <HEAD>` makes the index equal HEAD: the host's uncommitted edits, deletions, mode changes and
+ * untracked files show in the guest as uncommitted changes. Ignored files stay behind. Staged-but-uncommitted
+ * changes on the host arrive unstaged; an untracked nested repository arrives as an empty directory.
+ * Three guest commands in all (history, tree, finish); full_copy needs two (tree, finish).
  *
  * full_copy: the repository directory as it is (.git, ignored files and submodules included) as one tar.
  *
@@ -710,7 +713,7 @@ export async function prepareWorkspace(
 
   try {
     onProgress?.({ stage: 'inspect' });
-    const repo = await inspectDetails(opts.source, runner, signal);
+    const repo = await inspectDetails(opts.source, runner, signal, false);
     const root = repo.repoRoot;
     if (opts.mode !== 'full_copy' && repo.submodules.length > 0) {
       throw new BangerError(
@@ -752,7 +755,7 @@ export async function prepareWorkspace(
     let bytesStreamed = 0;
     let started = false; // the guest staging directory exists (from here on, clean it up on failure)
     try {
-      let refUpdates: string[] = [];
+      const refUpdates: string[] = [];
       let shallow: string[] = [];
       if (opts.mode === 'full_copy') {
         // 1. the directory as it is (the guest checks the path and makes the staging dir first)
@@ -912,7 +915,6 @@ async function hostShallowList(runner: Runner, root: string, signal?: AbortSigna
   const r = await hostGit(runner, root, ['rev-parse', '--is-shallow-repository'], { signal, reject: false });
   if (r.stdout.trim() !== 'true') return [];
   const p = await hostGit(runner, root, ['rev-parse', '--git-path', 'shallow'], { signal });
-  const { readFile } = await import('node:fs/promises');
   const text = await readFile(resolve(root, p.stdout.trim()), 'utf8').catch(() => '');
   return text.split('\n').filter((l) => /^[0-9a-f]{40,64}$/.test(l));
 }
@@ -937,6 +939,9 @@ async function commitsWithParents(runner: Runner, root: string, shas: string[], 
  * index (`GIT_INDEX_FILE`, seeded with `git read-tree <base>`) and any new objects (`GIT_OBJECT_DIRECTORY`, the
  * repository's objects as an alternate) live in a mktemp directory removed by a trap on exit. The SPEC's
  * `read-tree --index-output` would lock the real index (index.lock) for the duration; GIT_INDEX_FILE does not.
+ * The one trace left: like any `git add`, git refreshes the mtime of existing loose objects it hashes again.
+ * The diff runs with fixed options (no renames, no color, no external diff or textconv, a/ b/ prefixes), so the
+ * guest's git config cannot change the patch's format.
  */
 export async function exportWorkspace(
   exec: GuestExec,

@@ -47,6 +47,8 @@ export class Banger {
       BANGER_HOME: this.home,
       BANGER_RUNTIME_DIR: this.runDir,
       NO_COLOR: '1',
+      // Suites that test tap networking opt in (inside their own network namespace).
+      BANGER_ROOT_HELPER: 'off',
       ...extraEnv,
     };
     delete this.env.XDG_RUNTIME_DIR;

@@ -1,0 +1,59 @@
+/**
+ * TAP networking for VMs: the bridge (ensured once through the root helper), a TAP leased from the warm
+ * pool, and the guest's address allocated inside a SQLite transaction (never shared, also under
+ * concurrent creates). The guest's address, gateway and DNS go into its root disk as a networkd file.
+ */
+import { readFileSync } from 'node:fs';
+import { BangerError } from '../errors.js';
+import type { Config } from '../config.js';
+import type { Store } from '../store/repo.js';
+import { gatewayAddress, hostAddresses, intToIp, ipToInt, parseCidr } from '../host/net.js';
+import type { NetworkProvider } from './vm-steps.js';
+import type { RootHelper } from './root-helper.js';
+import type { TapPool } from './tap-pool.js';
+
+export function guestAddresses(subnet: string): string[] {
+  const { first, count } = hostAddresses(subnet);
+  const start = ipToInt(first);
+  return Array.from({ length: count }, (_, i) => intToIp(start + i));
+}
+
+function hostNameservers(): string[] {
+  try {
+    return readFileSync('/etc/resolv.conf', 'utf8')
+      .split('\n')
+      .map((l) => /^\s*nameserver\s+([0-9.]+)\s*$/.exec(l)?.[1])
+      .filter((x): x is string => !!x && !x.startsWith('127.'));
+  } catch {
+    return [];
+  }
+}
+
+export function makeNetwork(helper: RootHelper, pool: TapPool, store: Store, config: Config): NetworkProvider & { ensureBridge(): Promise<void> } {
+  const c = parseCidr(config.subnet);
+  const gateway = gatewayAddress(config.subnet);
+  const candidates = guestAddresses(config.subnet);
+  let bridgeReady: Promise<void> | undefined;
+  const ensureBridge = () =>
+    (bridgeReady ??= helper
+      .request('bridge.ensure', { name: config.bridge, cidr: `${gateway}/${c.prefix}`, nat: config.nat })
+      .then(() => undefined)
+      .catch((e) => {
+        bridgeReady = undefined;
+        throw e;
+      }));
+  return {
+    ensureBridge,
+    async acquire(ctx) {
+      await ensureBridge();
+      const { tap } = await pool.lease(ctx.id);
+      const guestIp = store.leaseAddress(ctx.id, candidates);
+      if (!guestIp) throw new BangerError('conflict', `no free address left in ${config.subnet}`, 'delete a VM, or set a larger "subnet" in config.json');
+      return { tap, guestIp, gateway, prefix: c.prefix, dns: config.nat ? hostNameservers() : [] };
+    },
+    async release(vmId) {
+      await pool.release(vmId);
+      store.releaseAddress(vmId);
+    },
+  };
+}

@@ -1,0 +1,128 @@
+/**
+ * The rootHelper actor: keeps a connection to the root helper, restarting it (when the daemon runs as root
+ * and owns the helper as a child process) or reconnecting with backoff, and holds requests meanwhile.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { createActor, fromPromise, waitFor, type Actor } from 'xstate';
+import { BangerError, errorMessage } from '../errors.js';
+import { rootHelperMachine } from '../machines/root-helper.machine.js';
+import { RootHelperClient } from '../roothelper/client.js';
+import type { VerbResults } from '../roothelper/protocol.js';
+
+const HELPER_MAIN = fileURLToPath(new URL('../roothelper/main.ts', import.meta.url));
+
+export interface RootHelperOptions {
+  socket: string;
+  /** Run the helper as a child process when nothing answers on the socket (the daemon is root). */
+  spawnChild: boolean;
+  stateDir: string;
+  bridge: string;
+  log: (line: string) => void;
+}
+
+export class RootHelper {
+  private actor: Actor<typeof rootHelperMachine>;
+  private child?: ChildProcess;
+
+  constructor(private opts: RootHelperOptions) {
+    const machine = rootHelperMachine.provide({
+      actors: {
+        connect: fromPromise(async () => this.connect()) as never,
+        watch: fromPromise(async ({ input }) => {
+          await (input.client as RootHelperClient).closed;
+          this.opts.log('root helper connection closed; reconnecting with backoff');
+        }),
+      },
+    });
+    this.actor = createActor(machine, { systemId: 'rootHelper' });
+    this.actor.start();
+  }
+
+  private async connect(): Promise<RootHelperClient> {
+    try {
+      return await RootHelperClient.connect(this.opts.socket, { timeoutMs: 2000, requestTimeoutMs: 60_000 });
+    } catch (e) {
+      if (!this.opts.spawnChild) throw e;
+    }
+    // We own the helper: (re)start it as our child process and connect once its socket answers.
+    if (!this.child || this.child.exitCode !== null || this.child.signalCode !== null) {
+      mkdirSync(this.opts.stateDir, { recursive: true });
+      this.child = spawn(process.execPath, ['--import', 'tsx', HELPER_MAIN, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+        detached: true,
+      });
+      const c = this.child;
+      c.stderr?.setEncoding('utf8');
+      c.stderr?.on('data', (d: string) => {
+        for (const line of d.split('\n').filter(Boolean)) this.opts.log(`roothelper: ${line}`);
+      });
+      c.on('exit', (code, sig) => this.opts.log(`root helper child exited (${sig ?? code})`));
+      c.unref();
+      this.opts.log(`started the root helper as a child process (pid ${c.pid})`);
+    }
+    const deadline = Date.now() + 15_000;
+    let last: unknown;
+    while (Date.now() < deadline) {
+      if (existsSync(this.opts.socket)) {
+        try {
+          return await RootHelperClient.connect(this.opts.socket, { timeoutMs: 2000, requestTimeoutMs: 60_000 });
+        } catch (e) {
+          last = e;
+        }
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new BangerError('timeout', `the root helper did not come up on ${this.opts.socket}: ${errorMessage(last)}`);
+  }
+
+  state(): { state: string; lastError: string | null; attempts: number } {
+    const s = this.actor.getSnapshot();
+    return { state: String(s.value), lastError: s.context.lastError, attempts: s.context.attempts };
+  }
+
+  /** Is the helper reachable now (waits up to timeoutMs for a connection in progress)? */
+  async reachable(timeoutMs = 3000): Promise<boolean> {
+    try {
+      await waitFor(this.actor, (s) => s.matches('connected'), { timeout: timeoutMs });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Send a verb; waits (bounded) while the connection is being re-established. Every verb banger sends is
+   * idempotent, so a request cut off by the helper dying is sent once more after the reconnect.
+   */
+  async request<V extends keyof VerbResults>(verb: V, args: Record<string, unknown>, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<VerbResults[V]> {
+    const deadline = Date.now() + (opts.timeoutMs ?? 30_000);
+    let lastErr: unknown;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      let snap;
+      try {
+        snap = await waitFor(this.actor, (s) => s.matches('connected') || s.matches('disabled'), { timeout: Math.max(1, deadline - Date.now()), signal: opts.signal });
+      } catch {
+        const st = this.state();
+        throw new BangerError('host', `the root helper is not reachable (${st.state}${st.lastError ? `: ${st.lastError}` : ''})`, 'start it (banger system install sets it up) or use --net user');
+      }
+      if (snap.matches('disabled')) throw new BangerError('unsupported', 'the root helper is disabled in this daemon', 'unset BANGER_ROOT_HELPER=off, or use --net user');
+      const client = snap.context.client as RootHelperClient;
+      try {
+        return (await client.request(verb as never, args as never, { timeoutMs: Math.max(1000, deadline - Date.now()), signal: opts.signal })) as VerbResults[V];
+      } catch (e) {
+        lastErr = e;
+        // Refusals and failures of the verb itself are final; only a lost connection is retried.
+        if (client.isOpen) throw e;
+        this.opts.log(`root helper connection lost during ${verb}; retrying after the reconnect`);
+      }
+    }
+    throw lastErr;
+  }
+
+  stop(): void {
+    this.actor.send({ type: 'DISABLE' });
+    this.actor.stop();
+  }
+}

@@ -1,0 +1,170 @@
+/**
+ * The tapPool actor: keeps N idle TAP devices warm, leases one to each VM and takes it back, and on daemon
+ * start reconciles its leases (SQLite) with the devices that really exist (the root helper's tap.list):
+ * devices a VM uses are adopted, strays are deleted — unless some VM could not be inspected, in which case
+ * nothing is deleted (lima's reconcile rule). All changes are serialised through one queue.
+ */
+import { randomBytes } from 'node:crypto';
+import { BangerError, errorMessage } from '../errors.js';
+import type { DB } from '../store/db.js';
+import type { RootHelper } from './root-helper.js';
+
+export interface TapPoolOptions {
+  size: number;
+  bridge: string;
+  uid: number;
+  gid: number;
+  log: (line: string) => void;
+}
+
+export function newTapName(): string {
+  // bgtap + 8 base36 chars: within IFNAMSIZ (15) and TAP_NAME_RE.
+  const n = randomBytes(6).readUIntBE(0, 6).toString(36).padStart(8, '0').slice(-8);
+  return `bgtap${n}`;
+}
+
+export class TapPool {
+  private chain: Promise<unknown> = Promise.resolve();
+  private refilling = false;
+  private stopped = false;
+
+  constructor(
+    private db: DB,
+    private helper: RootHelper,
+    private opts: TapPoolOptions,
+  ) {}
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.chain.then(fn, fn);
+    this.chain = p.catch(() => {});
+    return p;
+  }
+
+  private rows(): Array<{ tap: string; vm_id: string | null }> {
+    return this.db.prepare('SELECT tap, vm_id FROM tap_leases ORDER BY tap').all() as Array<{ tap: string; vm_id: string | null }>;
+  }
+
+  leases(): Array<{ tap: string; vmId: string | null }> {
+    return this.rows().map((r) => ({ tap: r.tap, vmId: r.vm_id }));
+  }
+
+  /**
+   * Reconcile with reality. `vmTaps`: the TAP each live VM records; `inspectable`: false when some VM could
+   * not be inspected (then nothing is deleted).
+   */
+  reconcile(vmTaps: Map<string, string>, inspectable: boolean): Promise<{ adopted: string[]; deleted: string[]; forgotten: string[] }> {
+    return this.serial(async () => {
+      const real = new Set((await this.helper.request('tap.list', {})).taps.map((t) => t.name));
+      const adopted: string[] = [];
+      const deleted: string[] = [];
+      const forgotten: string[] = [];
+      const known = new Map(this.rows().map((r) => [r.tap, r.vm_id]));
+      // Every TAP a VM records is leased to it (adopt), whatever the table said.
+      for (const [tap, vmId] of vmTaps) {
+        if (!real.has(tap)) continue; // the VM will get a fresh one on its next boot
+        this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, ?, ?) ON CONFLICT(tap) DO UPDATE SET vm_id = excluded.vm_id').run(tap, vmId, new Date().toISOString());
+        adopted.push(tap);
+      }
+      const leasedByVm = new Set(vmTaps.keys());
+      for (const [tap, vmId] of known) {
+        if (leasedByVm.has(tap)) continue;
+        if (!real.has(tap)) {
+          this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
+          forgotten.push(tap);
+          continue;
+        }
+        if (vmId !== null && inspectable) {
+          // Leased to a VM that no longer claims it: back to the pool only after deleting (fresh device).
+          await this.helper.request('tap.delete', { name: tap });
+          this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
+          deleted.push(tap);
+        }
+      }
+      if (inspectable) {
+        for (const tap of real) {
+          if (known.has(tap) || leasedByVm.has(tap)) continue;
+          await this.helper.request('tap.delete', { name: tap });
+          deleted.push(tap);
+        }
+      } else {
+        this.opts.log('tapPool: some VM could not be inspected; stray TAP devices are left alone');
+      }
+      return { adopted, deleted, forgotten };
+    });
+  }
+
+  /** Lease a TAP to a VM (idempotent per VM): a warm idle one when there is one, else a cold create. */
+  lease(vmId: string): Promise<{ tap: string; warm: boolean }> {
+    return this.serial(async () => {
+      const mine = this.db.prepare('SELECT tap FROM tap_leases WHERE vm_id = ?').get(vmId) as { tap: string } | undefined;
+      if (mine) {
+        await this.helper.request('tap.create', { name: mine.tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+        return { tap: mine.tap, warm: true };
+      }
+      const idle = this.db.prepare('SELECT tap FROM tap_leases WHERE vm_id IS NULL ORDER BY tap LIMIT 1').get() as { tap: string } | undefined;
+      if (idle) {
+        this.db.prepare('UPDATE tap_leases SET vm_id = ?, leased_at = ? WHERE tap = ?').run(vmId, new Date().toISOString(), idle.tap);
+        this.kickRefill();
+        return { tap: idle.tap, warm: true };
+      }
+      const tap = newTapName();
+      // Record the lease first: a crash between create and record must not leak an unaccounted device.
+      this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, ?, ?)').run(tap, vmId, new Date().toISOString());
+      try {
+        await this.helper.request('tap.create', { name: tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+      } catch (e) {
+        this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
+        await this.helper.request('tap.delete', { name: tap }).catch(() => {});
+        throw e;
+      }
+      this.kickRefill();
+      return { tap, warm: false };
+    });
+  }
+
+  /** Give a VM's TAP back: the device is deleted (a fresh one is warmed instead), the lease removed. */
+  release(vmId: string): Promise<void> {
+    return this.serial(async () => {
+      const mine = this.db.prepare('SELECT tap FROM tap_leases WHERE vm_id = ?').all(vmId) as Array<{ tap: string }>;
+      for (const { tap } of mine) {
+        await this.helper.request('tap.delete', { name: tap });
+        this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
+      }
+      this.kickRefill();
+    });
+  }
+
+  /** Bring the number of idle TAPs up to the configured size. */
+  refill(): Promise<number> {
+    return this.serial(async () => {
+      let made = 0;
+      const idle = () => (this.db.prepare('SELECT COUNT(*) n FROM tap_leases WHERE vm_id IS NULL').get() as { n: number }).n;
+      while (!this.stopped && idle() < this.opts.size) {
+        const tap = newTapName();
+        this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, NULL, NULL)').run(tap);
+        try {
+          await this.helper.request('tap.create', { name: tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+          made++;
+        } catch (e) {
+          this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
+          throw new BangerError('host', `could not warm a TAP device: ${errorMessage(e)}`);
+        }
+      }
+      return made;
+    });
+  }
+
+  private kickRefill(): void {
+    if (this.refilling || this.stopped) return;
+    this.refilling = true;
+    setImmediate(() => {
+      this.refill()
+        .catch((e) => this.opts.log(`tapPool: refill failed: ${errorMessage(e)}`))
+        .finally(() => (this.refilling = false));
+    });
+  }
+
+  stop(): void {
+    this.stopped = true;
+  }
+}

@@ -1,0 +1,448 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { chmod, chown, lstat, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { BangerError } from '../../src/errors.js';
+import {
+  FirecrackerApi,
+  FirecrackerApiError,
+  bootArgs,
+  createFirecrackerDriver,
+  firecrackerId,
+  resolveFirecrackerBinary,
+  type FirecrackerProcess,
+} from '../../src/host/firecracker.js';
+import { macForVm } from '../../src/host/net.js';
+import type { LaunchSpec } from '../../src/host/qemu.js';
+import { startFakeFirecracker, type FakeFirecracker, type RecordedRequest } from '../support/fake-firecracker.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const fakeBin = join(here, '..', 'support', 'fake-firecracker-bin.mjs');
+const isRoot = process.getuid?.() === 0;
+
+let root: string;
+let n = 0;
+const launched: FirecrackerProcess[] = [];
+
+/** A `firecracker` executable: a shell wrapper that execs node on the fake with some env knobs. */
+async function makeBinary(env: Record<string, string> = {}): Promise<{ path: string; record: string }> {
+  const dir = join(root, `bin${++n}`);
+  await mkdir(dir, { recursive: true });
+  const record = join(dir, 'requests.jsonl');
+  const exports = Object.entries({ FAKE_FC_RECORD: record, ...env })
+    .map(([k, v]) => `export ${k}='${v.replace(/'/g, "'\\''")}'`)
+    .join('\n');
+  const path = join(dir, 'firecracker');
+  await writeFile(path, `#!/bin/sh\n${exports}\nexec '${process.execPath}' '${fakeBin}' "$@"\n`);
+  await chmod(path, 0o755);
+  return { path, record };
+}
+
+function readRecord(file: string): RecordedRequest[] {
+  if (!existsSync(file)) return [];
+  return readFileSync(file, 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as RecordedRequest);
+}
+
+/** A VM's files: kernel, initrd, disks, and the spec. */
+async function makeVm(overrides: Partial<LaunchSpec> = {}): Promise<LaunchSpec> {
+  const id = `vm${++n}_x`;
+  const vmDir = join(root, 'vms', id);
+  const imgDir = join(root, 'img');
+  await mkdir(vmDir, { recursive: true });
+  await mkdir(imgDir, { recursive: true });
+  for (const f of [join(imgDir, 'vmlinux'), join(imgDir, 'initrd.img'), join(vmDir, 'rootfs.ext4'), join(vmDir, 'work.ext4')]) {
+    if (!existsSync(f)) await writeFile(f, 'x');
+  }
+  return {
+    id,
+    vmDir,
+    runDir: join(root, 'run'),
+    kernel: join(imgDir, 'vmlinux'),
+    initrd: join(imgDir, 'initrd.img'),
+    cmdline: 'console=ttyS0 quiet systemd.unit=multi-user.target',
+    rootDisk: join(vmDir, 'rootfs.ext4'),
+    workDisk: join(vmDir, 'work.ext4'),
+    vcpus: 2,
+    memoryMiB: 512,
+    accel: 'kvm',
+    net: { mode: 'tap', tap: 'bgtap3', mac: macForVm(id) },
+    serialLog: join(vmDir, 'serial.log'),
+    ...overrides,
+  };
+}
+
+async function errorOf(p: Promise<unknown>): Promise<BangerError> {
+  try {
+    await p;
+  } catch (e) {
+    expect(e).toBeInstanceOf(BangerError);
+    return e as BangerError;
+  }
+  throw new Error('expected a rejection');
+}
+
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/\) [ZX] /.test(stat);
+  } catch {
+    return false;
+  }
+};
+
+beforeAll(async () => {
+  // short: sockets live under it (108-byte limit)
+  root = await mkdtemp(join(tmpdir(), 'bfc-'));
+});
+
+afterEach(async () => {
+  for (const p of launched.splice(0)) {
+    if (alive(p.pid)) process.kill(p.pid, 'SIGKILL');
+  }
+});
+
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('Firecracker driver against the fake binary', () => {
+  it('launches with the full API sequence and exact bodies, then stops gracefully with SendCtrlAltDel', async () => {
+    const bin = await makeBinary();
+    const lines: string[] = [];
+    const driver = createFirecrackerDriver({ binary: bin.path, log: (l) => lines.push(l) });
+    const spec = await makeVm();
+    // a stale socket from a crashed run must not get in the way
+    await mkdir(spec.runDir, { recursive: true });
+    const fcId = firecrackerId(spec.id);
+    await writeFile(join(spec.runDir, `${fcId}.fc.sock`), '');
+
+    const proc = await driver.launch(spec);
+    launched.push(proc);
+    expect(fcId).toBe(spec.id.replace('_', '-'));
+    expect(proc).toMatchObject({ apiSocket: join(spec.runDir, `${fcId}.fc.sock`), qmpSocket: join(spec.runDir, `${fcId}.fc.sock`), fcId, vmDir: spec.vmDir });
+    expect(alive(proc.pid)).toBe(true);
+    expect((await readFile(join(spec.vmDir, 'vmm.pid'), 'utf8')).trim()).toBe(String(proc.pid));
+
+    const reqs = readRecord(bin.record);
+    const puts = reqs.filter((r) => r.method !== 'GET');
+    expect(reqs[0]).toMatchObject({ method: 'GET', path: '/', status: 200 });
+    expect(puts.map((r) => [r.method, r.path, r.status])).toEqual([
+      ['PUT', '/machine-config', 204],
+      ['PUT', '/boot-source', 204],
+      ['PUT', '/drives/rootfs', 204],
+      ['PUT', '/drives/work', 204],
+      ['PUT', '/network-interfaces/eth0', 204],
+      ['PUT', '/vsock', 204],
+      ['PUT', '/actions', 204],
+    ]);
+    expect(puts.map((r) => r.body)).toEqual([
+      { vcpu_count: 2, mem_size_mib: 512, smt: false },
+      {
+        kernel_image_path: spec.kernel,
+        initrd_path: spec.initrd,
+        boot_args: 'console=ttyS0 reboot=k panic=1 root=/dev/vda rw quiet systemd.unit=multi-user.target',
+      },
+      { drive_id: 'rootfs', path_on_host: spec.rootDisk, is_root_device: true, is_read_only: false },
+      { drive_id: 'work', path_on_host: spec.workDisk, is_root_device: false, is_read_only: false },
+      { iface_id: 'eth0', host_dev_name: 'bgtap3', guest_mac: macForVm(spec.id) },
+      { guest_cid: 3, uds_path: join(spec.runDir, `${fcId}.vsock`) },
+      { action_type: 'InstanceStart' },
+    ]);
+    // each step logged with its time
+    for (const step of ['resolve-binary', 'spawn', 'wait-api-socket', 'machine-config', 'boot-source', 'drive-rootfs', 'drive-work', 'network', 'vsock', 'instance-start']) {
+      expect(lines.some((l) => new RegExp(`: ${step} \\d+ ms$`).test(l)), step).toBe(true);
+    }
+
+    expect(await driver.status(proc)).toEqual({ state: 'running', reasons: [] });
+    // status works from the persisted fields alone ({pid, qmpSocket}), as after a daemon restart
+    expect(await driver.status({ pid: proc.pid, qmpSocket: proc.qmpSocket })).toEqual({ state: 'running', reasons: [] });
+    expect((await driver.describe(proc)).id).toBe(fcId);
+    expect(existsSync(proc.vsockSocket)).toBe(true);
+    expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Run \/sbin\/init as init process/);
+
+    const exit = driver.waitExit(proc, new AbortController().signal);
+    const t0 = Date.now();
+    expect(await driver.stop(proc, { timeoutMs: 10_000 })).toBe('graceful');
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(await exit).toEqual({ reason: 'exited with code 0' });
+    expect(alive(proc.pid)).toBe(false);
+    expect(readRecord(bin.record).at(-1)).toMatchObject({ method: 'PUT', path: '/actions', body: { action_type: 'SendCtrlAltDel' }, status: 204 });
+    expect(existsSync(proc.apiSocket)).toBe(false);
+    expect(existsSync(proc.vsockSocket)).toBe(false);
+    expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
+    expect((await driver.status(proc)).state).toBe('gone');
+    expect(await driver.stop(proc, { timeoutMs: 1000 })).toBe('already-gone');
+  }, 30_000);
+
+  it("surfaces Firecracker's fault_message for a bad drive path, and leaves no process or socket behind", async () => {
+    const bin = await makeBinary();
+    const driver = createFirecrackerDriver({ binary: bin.path });
+    const spec = await makeVm();
+    spec.rootDisk = join(spec.vmDir, 'missing.ext4');
+    const e = await errorOf(driver.launch(spec));
+    expect(e.kind).toBe('host');
+    expect(e.message).toMatch(/^Firecracker launch failed at step drive-rootfs: Firecracker refused PUT \/drives\/rootfs \(HTTP 400\): Unable to create the block device/);
+    expect(e.message).toContain('No such file or directory');
+    expect(e.cause).toBeInstanceOf(FirecrackerApiError);
+    const pid = Number((await readFile(join(spec.vmDir, 'vmm.pid'), 'utf8').catch(() => '0')).trim());
+    if (pid) expect(alive(pid)).toBe(false);
+    const fcId = firecrackerId(spec.id);
+    expect(existsSync(join(spec.runDir, `${fcId}.fc.sock`))).toBe(false);
+    // nothing after the failing step was sent
+    expect(readRecord(bin.record).map((r) => r.path)).not.toContain('/actions');
+  }, 30_000);
+
+  it('kills with SIGKILL after the timeout when the guest ignores SendCtrlAltDel', async () => {
+    const bin = await makeBinary({ FAKE_FC_IGNORE_CTRL_ALT_DEL: '1' });
+    const driver = createFirecrackerDriver({ binary: bin.path });
+    const proc = await driver.launch(await makeVm());
+    launched.push(proc);
+    const exit = driver.waitExit(proc, new AbortController().signal);
+    const t0 = Date.now();
+    expect(await driver.stop(proc, { timeoutMs: 600 })).toBe('killed');
+    const took = Date.now() - t0;
+    expect(took).toBeGreaterThanOrEqual(550);
+    expect(took).toBeLessThan(8000);
+    expect(await exit).toEqual({ reason: 'killed by SIGKILL' });
+    expect(readRecord(bin.record).some((r) => (r.body as { action_type?: string } | undefined)?.action_type === 'SendCtrlAltDel' && r.status === 204)).toBe(true);
+    expect(alive(proc.pid)).toBe(false);
+    expect(existsSync(proc.apiSocket)).toBe(false);
+  }, 30_000);
+
+  it('reports a VMM that exits on its own, and a running VMM whose socket stopped answering as broken', async () => {
+    const bin = await makeBinary({ FAKE_FC_EXIT_AFTER_START_MS: '1500' });
+    const driver = createFirecrackerDriver({ binary: bin.path });
+    const proc = await driver.launch(await makeVm());
+    launched.push(proc);
+    await rm(proc.apiSocket); // the process still runs, but nobody can reach it
+    const st = await driver.status(proc);
+    expect(st.state).toBe('broken');
+    expect(st.reasons.join(' ')).toMatch(/is running but its API socket .* did not answer/);
+    expect(await driver.waitExit(proc, AbortSignal.timeout(10_000))).toEqual({ reason: 'exited with code 0' });
+    expect((await driver.status(proc)).state).toBe('gone');
+  }, 30_000);
+
+  it("ends the wait early with Firecracker's own words when it exits before the socket answers", async () => {
+    const bin = await makeBinary({ FAKE_FC_FAIL_AT_START: 'Error creating the Kvm object: No such file or directory (os error 2)' });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: 20_000 });
+    const t0 = Date.now();
+    const e = await errorOf(driver.launch(await makeVm()));
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(e.message).toMatch(/wait-api-socket: Firecracker exited before its API socket answered \(exit code 1\): Error creating the Kvm object/);
+    expect(e.hint).toMatch(/kvm/i);
+  }, 30_000);
+
+  it('refuses a second Firecracker on a socket that is in use', async () => {
+    const bin = await makeBinary();
+    const driver = createFirecrackerDriver({ binary: bin.path });
+    const spec = await makeVm();
+    const proc = await driver.launch(spec);
+    launched.push(proc);
+    const e = await errorOf(driver.launch(spec));
+    expect(e.kind).toBe('conflict');
+    expect(e.message).toMatch(/already serving/);
+    expect(await driver.status(proc)).toEqual({ state: 'running', reasons: [] });
+    await driver.kill(proc);
+    expect(alive(proc.pid)).toBe(false);
+  }, 30_000);
+
+  it('refuses user networking before starting anything', async () => {
+    const driver = createFirecrackerDriver({ binary: '/nonexistent/firecracker' });
+    const e = await errorOf(driver.launch(await makeVm({ net: { mode: 'user', sshPort: 2222 } })));
+    expect(e.kind).toBe('unsupported');
+    expect(e.message).toMatch(/Firecracker has no user-mode networking/);
+  });
+});
+
+describe('the Firecracker binary', () => {
+  it('names the path it tried and how to set it when the configured binary is missing', async () => {
+    const driver = createFirecrackerDriver({ binary: '/nonexistent/firecracker' });
+    const e = await errorOf(driver.launch(await makeVm()));
+    expect(e.kind).toBe('not_found');
+    expect(e.message).toMatch(/Firecracker binary \/nonexistent\/firecracker \(from the config key firecrackerBin\) does not exist/);
+    expect(e.hint).toMatch(/BANGER_FIRECRACKER_BIN/);
+    expect(e.hint).toMatch(/firecrackerBin/);
+  });
+
+  it('uses BANGER_FIRECRACKER_BIN, then PATH', async () => {
+    const e1 = await errorOf(resolveFirecrackerBinary(undefined, { BANGER_FIRECRACKER_BIN: '/nope/fc', PATH: '/usr/bin' }));
+    expect(e1.message).toMatch(/\/nope\/fc \(from BANGER_FIRECRACKER_BIN\) does not exist/);
+    const empty = join(root, 'emptybin');
+    await mkdir(empty, { recursive: true });
+    const e2 = await errorOf(resolveFirecrackerBinary(undefined, { PATH: empty }));
+    expect(e2.kind).toBe('not_found');
+    expect(e2.message).toContain(`no executable "firecracker" on PATH (${empty})`);
+    expect(e2.hint).toMatch(/BANGER_FIRECRACKER_BIN=\/path\/to\/firecracker or the config key "firecrackerBin"/);
+    const bin = await makeBinary();
+    expect(await resolveFirecrackerBinary(undefined, { PATH: `${empty}:${dirname(bin.path)}` })).toBe(bin.path);
+    expect(await resolveFirecrackerBinary(undefined, { BANGER_FIRECRACKER_BIN: bin.path })).toBe(bin.path);
+  });
+
+  it('composes boot args from the base and the spec without repeating tokens', () => {
+    expect(bootArgs('console=ttyS0 root=/dev/vda rw quiet')).toBe('console=ttyS0 reboot=k panic=1 root=/dev/vda rw quiet');
+  });
+});
+
+describe('the fake API is as strict as Firecracker', () => {
+  let fake: FakeFirecracker;
+  let api: FirecrackerApi;
+  let kernel: string;
+
+  beforeAll(async () => {
+    kernel = join(root, 'fake-kernel');
+    await writeFile(kernel, 'k');
+  });
+  afterEach(async () => {
+    await fake?.close();
+    fake?.unlinkSockets();
+  });
+  const start = async () => {
+    const socketPath = join(root, `f${++n}.sock`);
+    fake = await startFakeFirecracker({ socketPath, id: 'strict' });
+    api = new FirecrackerApi(socketPath);
+  };
+  const fault = async (p: Promise<unknown>) => {
+    const e = await errorOf(p);
+    expect(e).toBeInstanceOf(FirecrackerApiError);
+    return e as FirecrackerApiError;
+  };
+
+  it('refuses InstanceStart before the boot source is set', async () => {
+    await start();
+    const e = await fault(api.put('/actions', { action_type: 'InstanceStart' }));
+    expect(e.status).toBe(400);
+    expect(e.faultMessage).toMatch(/not configured: the boot source \(kernel\) is missing/);
+    expect(fake.state).toBe('Not started');
+  });
+
+  it('accepts InstanceStart once, then refuses pre-boot endpoints; SendCtrlAltDel only when running', async () => {
+    await start();
+    expect((await fault(api.put('/actions', { action_type: 'SendCtrlAltDel' }))).faultMessage).toMatch(/not supported before starting/);
+    await api.put('/boot-source', { kernel_image_path: kernel });
+    await api.put('/actions', { action_type: 'InstanceStart' });
+    expect((await api.describe()).state).toBe('Running');
+    expect((await fault(api.put('/actions', { action_type: 'InstanceStart' }))).faultMessage).toMatch(/not supported after starting/);
+    expect((await fault(api.put('/machine-config', { vcpu_count: 1, mem_size_mib: 128 }))).faultMessage).toMatch(/after starting/);
+    expect((await fault(api.put('/drives/x', { drive_id: 'x', is_root_device: false, is_read_only: true, path_on_host: kernel }))).faultMessage).toMatch(/after starting/);
+    await api.put('/actions', { action_type: 'SendCtrlAltDel' });
+  });
+
+  it('checks bodies field by field: unknown fields, types, required fields, ids and files', async () => {
+    await start();
+    expect((await fault(api.put('/machine-config', { vcpu_count: 2, mem_size_mib: 256, bogus: 1 }))).faultMessage).toMatch(/unknown field `bogus`/);
+    expect((await fault(api.put('/machine-config', { vcpu_count: '2', mem_size_mib: 256 }))).faultMessage).toMatch(/invalid type at vcpu_count/);
+    expect((await fault(api.put('/machine-config', { vcpu_count: 2 }))).faultMessage).toMatch(/mem_size_mib/);
+    expect((await fault(api.put('/machine-config', { vcpu_count: 33, mem_size_mib: 256 }))).faultMessage).toMatch(/vcpu_count/);
+    expect((await fault(api.put('/boot-source', { kernel_image_path: '/nonexistent/vmlinux' }))).faultMessage).toMatch(/No such file/);
+    expect((await fault(api.put('/drives/a', { drive_id: 'b', is_root_device: true, is_read_only: false, path_on_host: kernel }))).faultMessage).toMatch(
+      /id from the path does not match/,
+    );
+    expect((await fault(api.put('/drives/a', { drive_id: 'a', is_root_device: 'yes', path_on_host: kernel }))).faultMessage).toMatch(/is_root_device/);
+    await api.put('/drives/a', { drive_id: 'a', is_root_device: true, is_read_only: false, path_on_host: kernel });
+    expect((await fault(api.put('/drives/b', { drive_id: 'b', is_root_device: true, is_read_only: false, path_on_host: kernel }))).faultMessage).toMatch(/root block device already exists/);
+    expect((await fault(api.put('/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'bgtap0', guest_mac: 'zz:00:00:00:00:00' }))).faultMessage).toMatch(/MAC/);
+    expect((await fault(api.put('/vsock', { guest_cid: 2, uds_path: join(root, 'v.sock') }))).faultMessage).toMatch(/guest_cid/);
+    expect((await fault(api.put('/actions', { action_type: 'Reboot' }))).faultMessage).toMatch(/action_type/);
+    expect((await fault(api.request('PUT', '/machine-config'))).faultMessage).toMatch(/body is empty/);
+  });
+
+  it('answers only documented endpoints and methods', async () => {
+    await start();
+    expect((await fault(api.request('GET', '/nope'))).faultMessage).toBe('Invalid request method and/or path: GET /nope.');
+    expect((await fault(api.request('PATCH', '/'))).faultMessage).toMatch(/Invalid request method and\/or path: PATCH \//);
+    expect((await fault(api.request('GET', '/boot-source'))).faultMessage).toMatch(/Invalid request method/);
+    expect(await api.request('GET', '/version')).toEqual({ firecracker_version: '1.7.0-fake' });
+    expect(await api.describe()).toEqual({ id: 'strict', state: 'Not started', vmm_version: '1.7.0-fake', app_name: 'Firecracker' });
+    expect(fake.requests.map((r) => `${r.method} ${r.path} ${r.status}`)).toEqual(['GET /nope 400', 'PATCH / 400', 'GET /boot-source 400', 'GET /version 200', 'GET / 200']);
+  });
+
+  it('reports an unreachable socket as a host error and a silent one as a timeout', async () => {
+    const e = await errorOf(new FirecrackerApi(join(root, 'absent.sock')).describe());
+    expect(e.kind).toBe('host');
+    expect(e.message).toMatch(/cannot reach the Firecracker API at .*absent\.sock \(ENOENT\)/);
+  });
+});
+
+describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chown)', () => {
+  it('hard-links the files into the chroot, configures with in-jail paths, and stops', async () => {
+    const fc = await makeBinary();
+    // A stand-in jailer: parses its arguments like the real one and execs the fake in "the chroot" (no real chroot).
+    const jailer = join(root, 'jailer');
+    await writeFile(
+      jailer,
+      [
+        '#!/bin/sh',
+        'while [ $# -gt 0 ]; do',
+        '  case "$1" in',
+        '    --id) ID=$2; shift 2;;',
+        '    --exec-file) EXE=$2; shift 2;;',
+        '    --uid) U=$2; shift 2;;',
+        '    --gid) G=$2; shift 2;;',
+        '    --chroot-base-dir) BASE=$2; shift 2;;',
+        '    --) shift; break;;',
+        '    *) echo "jailer: unexpected $1" >&2; exit 1;;',
+        '  esac',
+        'done',
+        '[ "$1" = --api-sock ] || { echo "jailer: expected --api-sock" >&2; exit 1; }',
+        'CHROOT="$BASE/$(basename "$EXE")/$ID/root"',
+        `export FAKE_FC_CHROOT="$CHROOT" FAKE_FC_RECORD='${fc.record}'`,
+        `exec '${process.execPath}' '${fakeBin}' --id "$ID" --api-sock "$CHROOT$2"`,
+        '',
+      ].join('\n'),
+    );
+    await chmod(jailer, 0o755);
+    const chrootBase = join(root, 'jail');
+    const driver = createFirecrackerDriver({ binary: fc.path, jailer: { uid: 1000, gid: 1000, config: { jailerBin: jailer, chrootBase } } });
+    const spec = await makeVm();
+    // a file the jail's user does not own is never handed to the jail
+    const e = await errorOf(driver.launch(spec));
+    expect(e.message).toMatch(/refused to put .*vmlinux in the jail: it is owned by uid 0, not 1000/);
+    expect(existsSync(join(chrootBase, 'firecracker', firecrackerId(spec.id)))).toBe(false); // cleaned up
+    for (const f of [spec.kernel, spec.initrd!, spec.rootDisk, spec.workDisk]) await chown(f, 1000, 1000);
+    const proc = await driver.launch(spec);
+    launched.push(proc);
+    const fcId = firecrackerId(spec.id);
+    const chroot = join(chrootBase, 'firecracker', fcId, 'root');
+    expect(proc.chrootDir).toBe(chroot);
+    // the disks are the same inodes as the VM's own files, owned by the jail's uid
+    const [a, b] = [await stat(spec.rootDisk), await stat(join(chroot, 'rootfs.ext4'))];
+    expect(b.ino).toBe(a.ino);
+    expect(b.uid).toBe(1000);
+    expect((await lstat(proc.apiSocket)).isSymbolicLink()).toBe(true);
+    // output goes to logs inside the chroot, owned by the jail's user, linked from the VM directory
+    expect((await lstat(spec.serialLog)).isSymbolicLink()).toBe(true);
+    expect((await stat(join(chroot, 'serial.log'))).uid).toBe(1000);
+    expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Run \/sbin\/init/);
+    const puts = readRecord(fc.record).filter((r) => r.method === 'PUT');
+    expect(puts.find((r) => r.path === '/boot-source')?.body).toMatchObject({ kernel_image_path: '/vmlinux', initrd_path: '/initrd.img' });
+    expect(puts.find((r) => r.path === '/drives/rootfs')?.body).toMatchObject({ path_on_host: '/rootfs.ext4' });
+    expect(puts.find((r) => r.path === '/drives/work')?.body).toMatchObject({ path_on_host: '/work.ext4' });
+    expect(puts.find((r) => r.path === '/vsock')?.body).toEqual({ guest_cid: 3, uds_path: '/vsock.sock' });
+    expect(await driver.status(proc)).toEqual({ state: 'running', reasons: [] });
+    expect(await driver.stop(proc, { timeoutMs: 5000 })).toBe('graceful');
+    expect(existsSync(proc.apiSocket)).toBe(false);
+    // the chroot (hard links to the disks) is gone, the VM's own files are not
+    expect(existsSync(join(chrootBase, 'firecracker', fcId))).toBe(false);
+    expect(existsSync(spec.rootDisk)).toBe(true);
+    // the serial log was kept as a plain file
+    expect((await lstat(spec.serialLog)).isFile()).toBe(true);
+    expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Restarting system/);
+  }, 30_000);
+
+  it('refuses a chroot base that the user could redirect', async () => {
+    const { assertRootOwnedDir } = await import('../../src/host/firecracker.js');
+    const userDir = join(root, 'userdir');
+    await mkdir(userDir, { recursive: true });
+    await chown(userDir, 1000, 1000);
+    await expect(assertRootOwnedDir(join(userDir, 'jail'))).rejects.toThrow(/userdir is owned by uid 1000/);
+    await symlink('/', join(root, 'link'));
+    await expect(assertRootOwnedDir(join(root, 'link', 'jail'))).rejects.toThrow(/link is a symlink/);
+    await expect(assertRootOwnedDir(join(root, 'fine', 'jail'))).resolves.toBeUndefined();
+  });
+});

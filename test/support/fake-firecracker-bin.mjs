@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+// A stand-in `firecracker` executable for tests: `node fake-firecracker-bin.mjs --api-sock PATH --id ID`.
+// It serves the fake API (test/support/fake-firecracker.ts) on that socket, writes boot lines to stdout (the
+// guest's serial console) on InstanceStart, and exits on SendCtrlAltDel (or dies on SIGTERM/SIGKILL), so a
+// driver's process handling is exercised for real.
+//
+// Environment knobs:
+//   FAKE_FC_RECORD=FILE             append every request as a JSON line
+//   FAKE_FC_IGNORE_CTRL_ALT_DEL=1   accept SendCtrlAltDel but keep running (the guest ignores it)
+//   FAKE_FC_CHROOT=DIR              resolve paths in bodies inside DIR (as the jailer's chroot would)
+//   FAKE_FC_FAIL_AT_START=MSG       print MSG to stderr and exit 1 before serving (e.g. no /dev/kvm)
+//   FAKE_FC_EXIT_AFTER_START_MS=N   exit 0 N ms after InstanceStart (a guest that powers off by itself)
+import { appendFileSync, existsSync } from 'node:fs';
+import { register } from 'tsx/esm/api';
+
+register();
+const { startFakeFirecracker } = await import('./fake-firecracker.ts');
+
+const takesValue = new Set([
+  '--api-sock', '--id', '--log-path', '--level', '--start-time-us', '--start-time-cpu-us', '--parent-cpu-time-us',
+  '--seccomp-filter', '--config-file', '--metadata', '--mmds-size-limit', '--http-api-max-payload-size', '--module',
+  '--metrics-path',
+]);
+const flags = new Set(['--show-level', '--show-log-origin', '--boot-timer', '--no-seccomp', '--no-api']);
+
+const argv = process.argv.slice(2);
+const opts = {};
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i];
+  if (takesValue.has(a)) {
+    if (i + 1 >= argv.length) {
+      process.stderr.write(`error: The argument '${a}' requires a value but none was supplied\n`);
+      process.exit(1);
+    }
+    opts[a] = argv[++i];
+  } else if (flags.has(a)) {
+    opts[a] = true;
+  } else {
+    process.stderr.write(`error: Found argument '${a}' which wasn't expected, or isn't valid in this context\n`);
+    process.exit(1);
+  }
+}
+
+if (process.env.FAKE_FC_FAIL_AT_START) {
+  process.stderr.write(`${process.env.FAKE_FC_FAIL_AT_START}\n`);
+  process.exit(1);
+}
+
+const socketPath = opts['--api-sock'] ?? '/run/firecracker.socket';
+const id = opts['--id'] ?? 'anonymous-instance';
+if (existsSync(socketPath)) {
+  process.stderr.write(`Failed to open the API socket at ${socketPath}: IO Error: Address in use (os error 98)\n`);
+  process.exit(1);
+}
+
+const record = process.env.FAKE_FC_RECORD;
+// Like Firecracker, leave the sockets behind on exit: cleaning them up is the driver's job.
+const exit = (code) => process.exit(code);
+
+await startFakeFirecracker({
+  socketPath,
+  id,
+  chroot: process.env.FAKE_FC_CHROOT || undefined,
+  ignoreCtrlAltDel: process.env.FAKE_FC_IGNORE_CTRL_ALT_DEL === '1',
+  onRequest: (r) => {
+    if (record) appendFileSync(record, `${JSON.stringify(r)}\n`);
+  },
+  onStart: () => {
+    process.stdout.write(`[    0.000000] Linux version 6.1.0-fake (fake-firecracker ${id})\n[    0.100000] Run /sbin/init as init process\n`);
+    const after = Number(process.env.FAKE_FC_EXIT_AFTER_START_MS);
+    if (after > 0) setTimeout(() => {
+      process.stdout.write('reboot: Power down\n');
+      exit(0);
+    }, after);
+  },
+  onCtrlAltDel: () => {
+    process.stdout.write('reboot: Restarting system\n');
+    exit(0);
+  },
+});
+process.stderr.write(`fake firecracker ${id} serving ${socketPath} (pid ${process.pid})\n`);
