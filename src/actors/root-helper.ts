@@ -121,7 +121,18 @@ export class RootHelper {
     throw lastErr;
   }
 
-  stop(): void {
+  /** Stop the actor; a helper we run as our child (or adopted from an earlier daemon) is stopped too. */
+  async stop(): Promise<void> {
+    if (this.opts.spawnChild && this.actor.getSnapshot().matches('connected')) {
+      try {
+        const client = this.actor.getSnapshot().context.client as RootHelperClient;
+        const { pid } = (await client.request('ping' as never, {} as never, { timeoutMs: 2000 })) as { pid: number };
+        client.close();
+        if (pid && pid !== process.pid) process.kill(pid, 'SIGTERM');
+      } catch {
+        /* already gone */
+      }
+    }
     this.actor.send({ type: 'DISABLE' });
     this.actor.stop();
   }

@@ -31,8 +31,18 @@ export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number
   child.on('exit', (code) => (exited = code ?? 1));
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    if (exited !== null) throw new BangerError('host', `the banger daemon exited at start (code ${exited})`, `see ${l.logFile}`);
     const c = await tryConnect(l);
+    if (!c && exited !== null) {
+      // Another CLI may have started a daemon at the same moment (ours then exits on the lock): give it a moment.
+      await new Promise((r) => setTimeout(r, 300));
+      const again = await tryConnect(l);
+      if (again) {
+        again.close();
+        return pid;
+      }
+      if (Date.now() > deadline - timeoutMs + 5000) throw new BangerError('host', `the banger daemon exited at start (code ${exited})`, `see ${l.logFile}`);
+      continue;
+    }
     if (c) {
       c.close();
       return pid;

@@ -72,6 +72,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   if (await socketAnswers(layout.socket)) {
     throw new BangerError('conflict', `a banger daemon is already running on ${layout.socket}`, 'banger daemon status');
   }
+  takeLock(join(layout.run, 'daemon.lock'));
   const store = new Store(openDb(layout.db));
   const log = (line: string) => {
     try {
@@ -164,7 +165,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
         log(`daemon ${process.pid} stopping (VMs keep running)`);
         supervisor.detachAll();
         tapPool?.stop();
-        rootHelper?.stop();
+        await rootHelper?.stop();
         await handle.server.close();
         rmSync(layout.socket, { force: true });
         rmSync(layout.pidFile, { force: true });
@@ -176,6 +177,36 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   await handle.server.listen(layout.socket);
   writeFileSync(layout.pidFile, String(process.pid));
   return handle;
+}
+
+/** One daemon per BANGER_HOME: an O_EXCL lock file holding the pid; a dead holder's lock is taken over. */
+function takeLock(path: string): void {
+  for (let i = 0; i < 2; i++) {
+    try {
+      writeFileSync(path, String(process.pid), { flag: 'wx' });
+      process.on('exit', () => {
+        try {
+          if (readFileSync(path, 'utf8') === String(process.pid)) rmSync(path, { force: true });
+        } catch {
+          /* gone */
+        }
+      });
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const holder = Number(readFileSync(path, 'utf8'));
+      let alive = false;
+      try {
+        process.kill(holder, 0);
+        alive = holder !== process.pid;
+      } catch {
+        alive = false;
+      }
+      if (alive) throw new BangerError('conflict', `another banger daemon (pid ${holder}) is starting or running for this BANGER_HOME`, 'banger daemon status');
+      rmSync(path, { force: true });
+    }
+  }
+  throw new BangerError('conflict', `could not take the daemon lock ${path}`);
 }
 
 export function readDaemonPid(l: Layout): number | undefined {

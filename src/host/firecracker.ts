@@ -198,6 +198,25 @@ export class FirecrackerApiError extends BangerError {
   }
 }
 
+/**
+ * Is something serving the API socket at `socketPath`? Not when the path is absent or nothing listens on it (a
+ * socket file left behind by a Firecracker that exited, or a plain file): then it may be removed. Anything else
+ * counts as serving: an answer (even a refusal), and also no answer within `timeoutMs` (on a busy machine a live
+ * Firecracker can be slow to answer, but it accepted the connection, so it is there).
+ */
+export async function probeApiSocket(socketPath: string, timeoutMs: number, signal?: AbortSignal): Promise<{ serving: false } | { serving: true; info?: InstanceInfo; detail: string }> {
+  try {
+    const info = await new FirecrackerApi(socketPath).describe({ timeoutMs, signal });
+    return { serving: true, info, detail: `instance ${info.id}, ${info.state}` };
+  } catch (e) {
+    if (e instanceof BangerError && e.kind === 'aborted') throw e;
+    const code = errno(e instanceof Error ? e.cause : undefined);
+    if (code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ENOTSOCK') return { serving: false };
+    if (e instanceof BangerError && e.kind === 'timeout') return { serving: true, detail: `it accepted a connection but did not answer GET / within ${timeoutMs} ms` };
+    return { serving: true, detail: errorMessage(e) };
+  }
+}
+
 // ───────────────────────────── small helpers ─────────────────────────────
 
 const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
@@ -321,6 +340,14 @@ export interface FirecrackerProcess extends VmmProcess {
 
 export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
 
+/** `PF_EXITING` in the flags field of /proc/<pid>/stat (include/linux/sched.h): the task is exiting. */
+const PF_EXITING = 0x4;
+
+/** The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses). */
+const statRest = (statText: string) => statText.slice(statText.lastIndexOf(')') + 2).split(' ');
+const isZombie = (statText: string) => ['Z', 'X', 'x'].includes(statRest(statText)[0]);
+const statFlags = (statText: string) => Number(statRest(statText)[6]) || 0;
+
 /**
  * Is `pid` still the Firecracker of instance `fcId`? Guards against pid reuse: `--id <fcId>` is on its command
  * line (the jailer passes it on too), next to a program named like firecracker. A zombie counts as gone.
@@ -334,16 +361,29 @@ export async function identifyFirecracker(pid: number, fcId: string): Promise<{ 
     if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
     return { id: 'unknown', detail: errorMessage(e) };
   }
-  const close = statText.lastIndexOf(')');
-  const state = statText.slice(close + 2, close + 3);
-  if (state === 'Z' || state === 'X') return { id: 'gone', detail: 'zombie' };
-  let argv: string[];
+  if (isZombie(statText)) return { id: 'gone', detail: 'zombie' };
+  let cmdline: string;
   try {
-    argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+    cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8');
   } catch (e) {
     if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
     return { id: 'unknown', detail: errorMessage(e) };
   }
+  if (cmdline === '') {
+    // No command line: a kernel thread, or a process that is exiting. After SIGKILL a process spends a while
+    // (freeing its memory) in state R or D with its memory, and so its command line, already gone, before it
+    // becomes a zombie: it is not gone yet, and whose it is can no longer be told.
+    try {
+      statText = await readFile(`/proc/${pid}/stat`, 'utf8');
+    } catch (e) {
+      if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
+      return { id: 'unknown', detail: errorMessage(e) };
+    }
+    if (isZombie(statText)) return { id: 'gone', detail: 'zombie' };
+    if (statFlags(statText) & PF_EXITING) return { id: 'unknown', detail: 'exiting' };
+    return { id: 'other', detail: '(no command line)' };
+  }
+  const argv = cmdline.split('\0');
   const hasId = argv.some((a, i) => a === fcId && argv[i - 1] === '--id');
   const named = argv.some((a) => a.includes('firecracker'));
   return hasId && named ? { id: 'ours' } : { id: 'other', detail: argv.filter(Boolean).slice(0, 3).join(' ') || '(no command line)' };
@@ -582,11 +622,8 @@ export async function removeJail(id: string, cfg: Pick<JailerConfig, 'chrootBase
       continue;
     }
     const sock = join(dir, 'root', JAIL_API_SOCKET);
-    const answering = await new FirecrackerApi(sock).describe({ timeoutMs: 500 }).then(
-      () => true,
-      () => false,
-    );
-    if (answering) throw new BangerError('conflict', `refused to remove the jail ${dir}: its Firecracker is still running`, 'stop the VM first');
+    const probe = await probeApiSocket(sock, 2000);
+    if (probe.serving) throw new BangerError('conflict', `refused to remove the jail ${dir}: its Firecracker is still running (${probe.detail})`, 'stop the VM first');
     await rm(dir, { recursive: true, force: true });
     removed.push(dir);
   }
@@ -644,6 +681,9 @@ interface Step {
   name: string;
   run: () => Promise<void>;
 }
+
+/** How long to wait for the exit event of our child once /proc shows it gone. */
+const EXIT_EVENT_GRACE_MS = 5000;
 
 export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}): FirecrackerDriver {
   const log = options.log ?? (() => {});
@@ -717,8 +757,9 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
     for (;;) {
       if (signal?.aborted) throw new BangerError('aborted', 'launching Firecracker: aborted');
       if (gone || (await identifyFirecracker(pid, fcId)).id === 'gone') {
-        // /proc may show it gone (a zombie) a moment before our exit event: give that event a moment to arrive.
-        const ex = exited ? await Promise.race([exited, sleep(1000).then(() => undefined)]) : undefined;
+        // /proc may show it gone (a zombie) before our exit event: it is our child, so the event is coming, but a
+        // busy machine can take a while to deliver it.
+        const ex = exited ? await Promise.race([exited, sleep(EXIT_EVENT_GRACE_MS).then(() => undefined)]) : undefined;
         const how = ex ? (ex.signal ? ` (killed by ${ex.signal})` : ` (exit code ${ex.code})`) : '';
         const said = (await Promise.all(logs.map((l) => tail(l)))).filter(Boolean).join('\n');
         throw new BangerError('host', `Firecracker exited before its API socket answered${how}${said ? `: ${said}` : ''}`, 'see the VM\'s firecracker.log; Firecracker needs a usable /dev/kvm');
@@ -783,12 +824,11 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
           await mkdir(spec.runDir, { recursive: true, mode: 0o700 });
           await mkdir(spec.vmDir, { recursive: true });
           await mkdir(dirname(spec.serialLog), { recursive: true });
-          // A Firecracker still serving this socket would be cut off from it: refuse instead.
-          try {
-            const info = await api.describe({ timeoutMs: 500 });
-            throw new BangerError('conflict', `a Firecracker (instance ${info.id}) is already serving ${apiSocket}`, 'stop that VM first');
-          } catch (e) {
-            if (e instanceof BangerError && e.kind === 'conflict') throw e;
+          // A Firecracker still serving this socket would be cut off from it: refuse instead. Only a socket that
+          // nothing listens on (left behind by a VMM that exited) is removed; a slow answer is not "nobody".
+          const probe = await probeApiSocket(apiSocket, 2000, signal);
+          if (probe.serving) {
+            throw new BangerError('conflict', `a Firecracker ${probe.info ? `(instance ${probe.info.id}) ` : ''}is already serving ${apiSocket}${probe.info ? '' : ` (${probe.detail})`}`, 'stop that VM first');
           }
           await rm(apiSocket, { force: true });
           await rm(vsockSocket, { force: true });
@@ -810,7 +850,7 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
               else throw new BangerError('internal', 'jailer configured without a launcher or a jailer config');
               pid = res.pid;
               chrootDir = res.chrootDir;
-              cleanups.add('kill jailed firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket } as FirecrackerProcess));
+              cleanups.add('kill jailed firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket, vmDir: spec.vmDir, serialLog: spec.serialLog } as FirecrackerProcess));
               // Long chroot paths would break the 108-byte socket limit: reach them through short symlinks.
               await symlink(res.apiSocket, apiSocket);
               await symlink(join(res.chrootDir, res.jailPaths.vsock), vsockSocket);
@@ -829,7 +869,7 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
               await s.started;
               pid = s.child.pid!;
               exited = s.exited;
-              cleanups.add('kill firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket } as FirecrackerProcess));
+              cleanups.add('kill firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket, vmDir: spec.vmDir, serialLog: spec.serialLog } as FirecrackerProcess));
             },
           },
       {
@@ -940,13 +980,11 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
           ident.id === 'gone'
             ? [`Firecracker process ${proc.pid} is not running${ident.detail ? ` (${ident.detail})` : ''}`]
             : [`pid ${proc.pid} now belongs to another program (${ident.detail}); the VM's Firecracker is gone`];
-        try {
-          const info = await api.describe({ timeoutMs: 500 });
-          return { state: 'broken', reasons: [...reasons, `yet something answers on ${f.apiSocket} (instance ${info.id}, ${info.state})`] };
-        } catch {
-          return { state: 'gone', reasons };
-        }
+        const probe = await probeApiSocket(f.apiSocket, 500);
+        if (probe.serving) return { state: 'broken', reasons: [...reasons, `yet something serves ${f.apiSocket} (${probe.detail})`] };
+        return { state: 'gone', reasons };
       }
+      if (ident.detail === 'exiting') return { state: 'shutdown', reasons: [`Firecracker process ${proc.pid} is exiting`] };
       let info: InstanceInfo;
       try {
         info = await api.describe({ timeoutMs: 2000 });

@@ -37,6 +37,9 @@ export class Banger {
   readonly runDir: string;
   readonly env: Record<string, string>;
 
+  /** Command prefix, e.g. ['ip', 'netns', 'exec', NS] to run banger (and so its daemon) inside a namespace. */
+  wrap: string[] = [];
+
   private constructor(extraEnv: Record<string, string> = {}) {
     const root = join(testCacheRoot(), 'homes');
     mkdirSync(root, { recursive: true });
@@ -65,7 +68,8 @@ export class Banger {
   }
 
   async run(args: string[], opts: { timeoutMs?: number; input?: string; cwd?: string } = {}): Promise<CliResult> {
-    const r = await execa(process.execPath, [BIN, ...args], {
+    const [file, ...pre] = this.wrap.length ? [...this.wrap, process.execPath] : [process.execPath];
+    const r = await execa(file, [...pre, BIN, ...args], {
       env: this.env,
       reject: false,
       timeout: opts.timeoutMs ?? 300_000,

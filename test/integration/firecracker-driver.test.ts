@@ -1,5 +1,6 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { chmod, chown, lstat, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,6 +22,13 @@ import { startFakeFirecracker, type FakeFirecracker, type RecordedRequest } from
 const here = dirname(fileURLToPath(import.meta.url));
 const fakeBin = join(here, '..', 'support', 'fake-firecracker-bin.mjs');
 const isRoot = process.getuid?.() === 0;
+/**
+ * The fake is node plus tsx plus zod: about a second of CPU before its socket answers, several seconds on a loaded
+ * CI machine. A real Firecracker answers within milliseconds, hence the driver's 10 s default; the tests allow more.
+ */
+const READY_MS = 30_000;
+/** For tests that launch the fake. */
+const SLOW = 60_000;
 
 let root: string;
 let n = 0;
@@ -38,6 +46,21 @@ async function makeBinary(env: Record<string, string> = {}): Promise<{ path: str
   await writeFile(path, `#!/bin/sh\n${exports}\nexec '${process.execPath}' '${fakeBin}' "$@"\n`);
   await chmod(path, 0o755);
   return { path, record };
+}
+
+/**
+ * Polls `file` until its text matches `re`, for at most `timeoutMs`. The guest's console output (the fake's
+ * stdout) is written after Firecracker answered InstanceStart, as with a real guest: launch returning says
+ * nothing about what the console shows yet.
+ */
+async function waitForText(file: string, re: RegExp, timeoutMs = 10_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  let text = '';
+  for (;;) {
+    text = await readFile(file, 'utf8').catch(() => '');
+    if (re.test(text) || Date.now() >= deadline) return text;
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 function readRecord(file: string): RecordedRequest[] {
@@ -115,7 +138,7 @@ describe('Firecracker driver against the fake binary', () => {
   it('launches with the full API sequence and exact bodies, then stops gracefully with SendCtrlAltDel', async () => {
     const bin = await makeBinary();
     const lines: string[] = [];
-    const driver = createFirecrackerDriver({ binary: bin.path, log: (l) => lines.push(l) });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l) });
     const spec = await makeVm();
     // a stale socket from a crashed run must not get in the way
     await mkdir(spec.runDir, { recursive: true });
@@ -164,7 +187,7 @@ describe('Firecracker driver against the fake binary', () => {
     expect(await driver.status({ pid: proc.pid, qmpSocket: proc.qmpSocket })).toEqual({ state: 'running', reasons: [] });
     expect((await driver.describe(proc)).id).toBe(fcId);
     expect(existsSync(proc.vsockSocket)).toBe(true);
-    expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Run \/sbin\/init as init process/);
+    expect(await waitForText(spec.serialLog, /Run \/sbin\/init as init process/)).toMatch(/Run \/sbin\/init as init process/);
 
     const exit = driver.waitExit(proc, new AbortController().signal);
     const t0 = Date.now();
@@ -178,11 +201,11 @@ describe('Firecracker driver against the fake binary', () => {
     expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
     expect((await driver.status(proc)).state).toBe('gone');
     expect(await driver.stop(proc, { timeoutMs: 1000 })).toBe('already-gone');
-  }, 30_000);
+  }, SLOW);
 
   it("surfaces Firecracker's fault_message for a bad drive path, and leaves no process or socket behind", async () => {
     const bin = await makeBinary();
-    const driver = createFirecrackerDriver({ binary: bin.path });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
     const spec = await makeVm();
     spec.rootDisk = join(spec.vmDir, 'missing.ext4');
     const e = await errorOf(driver.launch(spec));
@@ -190,17 +213,20 @@ describe('Firecracker driver against the fake binary', () => {
     expect(e.message).toMatch(/^Firecracker launch failed at step drive-rootfs: Firecracker refused PUT \/drives\/rootfs \(HTTP 400\): Unable to create the block device/);
     expect(e.message).toContain('No such file or directory');
     expect(e.cause).toBeInstanceOf(FirecrackerApiError);
-    const pid = Number((await readFile(join(spec.vmDir, 'vmm.pid'), 'utf8').catch(() => '0')).trim());
-    if (pid) expect(alive(pid)).toBe(false);
+    // the fake said which pid it had (in firecracker.log, its stderr) before it answered anything
+    const pid = Number(/\(pid (\d+)\)/.exec(await readFile(join(spec.vmDir, 'firecracker.log'), 'utf8'))?.[1]);
+    expect(pid).toBeGreaterThan(0);
+    expect(alive(pid)).toBe(false);
+    expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
     const fcId = firecrackerId(spec.id);
     expect(existsSync(join(spec.runDir, `${fcId}.fc.sock`))).toBe(false);
     // nothing after the failing step was sent
     expect(readRecord(bin.record).map((r) => r.path)).not.toContain('/actions');
-  }, 30_000);
+  }, SLOW);
 
   it('kills with SIGKILL after the timeout when the guest ignores SendCtrlAltDel', async () => {
     const bin = await makeBinary({ FAKE_FC_IGNORE_CTRL_ALT_DEL: '1' });
-    const driver = createFirecrackerDriver({ binary: bin.path });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
     const proc = await driver.launch(await makeVm());
     launched.push(proc);
     const exit = driver.waitExit(proc, new AbortController().signal);
@@ -213,20 +239,22 @@ describe('Firecracker driver against the fake binary', () => {
     expect(readRecord(bin.record).some((r) => (r.body as { action_type?: string } | undefined)?.action_type === 'SendCtrlAltDel' && r.status === 204)).toBe(true);
     expect(alive(proc.pid)).toBe(false);
     expect(existsSync(proc.apiSocket)).toBe(false);
-  }, 30_000);
+  }, SLOW);
 
   it('reports a VMM that exits on its own, and a running VMM whose socket stopped answering as broken', async () => {
-    const bin = await makeBinary({ FAKE_FC_EXIT_AFTER_START_MS: '1500' });
-    const driver = createFirecrackerDriver({ binary: bin.path });
+    const bin = await makeBinary();
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
     const proc = await driver.launch(await makeVm());
     launched.push(proc);
     await rm(proc.apiSocket); // the process still runs, but nobody can reach it
     const st = await driver.status(proc);
     expect(st.state).toBe('broken');
     expect(st.reasons.join(' ')).toMatch(/is running but its API socket .* did not answer/);
-    expect(await driver.waitExit(proc, AbortSignal.timeout(10_000))).toEqual({ reason: 'exited with code 0' });
+    const exit = driver.waitExit(proc, AbortSignal.timeout(20_000));
+    process.kill(proc.pid, 'SIGUSR2'); // the guest powers off
+    expect(await exit).toEqual({ reason: 'exited with code 0' });
     expect((await driver.status(proc)).state).toBe('gone');
-  }, 30_000);
+  }, SLOW);
 
   it("ends the wait early with Firecracker's own words when it exits before the socket answers", async () => {
     const bin = await makeBinary({ FAKE_FC_FAIL_AT_START: 'Error creating the Kvm object: No such file or directory (os error 2)' });
@@ -236,11 +264,11 @@ describe('Firecracker driver against the fake binary', () => {
     expect(Date.now() - t0).toBeLessThan(10_000);
     expect(e.message).toMatch(/wait-api-socket: Firecracker exited before its API socket answered \(exit code 1\): Error creating the Kvm object/);
     expect(e.hint).toMatch(/kvm/i);
-  }, 30_000);
+  }, SLOW);
 
   it('refuses a second Firecracker on a socket that is in use', async () => {
     const bin = await makeBinary();
-    const driver = createFirecrackerDriver({ binary: bin.path });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
     const spec = await makeVm();
     const proc = await driver.launch(spec);
     launched.push(proc);
@@ -250,7 +278,27 @@ describe('Firecracker driver against the fake binary', () => {
     expect(await driver.status(proc)).toEqual({ state: 'running', reasons: [] });
     await driver.kill(proc);
     expect(alive(proc.pid)).toBe(false);
-  }, 30_000);
+  }, SLOW);
+
+  it('takes a socket that accepts connections but does not answer for one in use, and leaves it alone', async () => {
+    const bin = await makeBinary();
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
+    const spec = await makeVm();
+    await mkdir(spec.runDir, { recursive: true });
+    const apiSocket = join(spec.runDir, `${firecrackerId(spec.id)}.fc.sock`);
+    // a Firecracker too busy to answer in time: it listens and reads, but says nothing
+    const silent = createNetServer((c) => c.resume());
+    await new Promise<void>((res, rej) => silent.once('error', rej).listen(apiSocket, () => res()));
+    try {
+      const e = await errorOf(driver.launch(spec));
+      expect(e.kind).toBe('conflict');
+      expect(e.message).toMatch(/already serving .* did not answer GET \/ within/);
+      expect(existsSync(apiSocket)).toBe(true);
+      expect(readRecord(bin.record)).toEqual([]); // nothing was started
+    } finally {
+      await new Promise((r) => silent.close(r));
+    }
+  }, SLOW);
 
   it('refuses user networking before starting anything', async () => {
     const driver = createFirecrackerDriver({ binary: '/nonexistent/firecracker' });
@@ -398,7 +446,7 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     );
     await chmod(jailer, 0o755);
     const chrootBase = join(root, 'jail');
-    const driver = createFirecrackerDriver({ binary: fc.path, jailer: { uid: 1000, gid: 1000, config: { jailerBin: jailer, chrootBase } } });
+    const driver = createFirecrackerDriver({ binary: fc.path, readyTimeoutMs: READY_MS, jailer: { uid: 1000, gid: 1000, config: { jailerBin: jailer, chrootBase } } });
     const spec = await makeVm();
     // a file the jail's user does not own is never handed to the jail
     const e = await errorOf(driver.launch(spec));
@@ -418,7 +466,7 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     // output goes to logs inside the chroot, owned by the jail's user, linked from the VM directory
     expect((await lstat(spec.serialLog)).isSymbolicLink()).toBe(true);
     expect((await stat(join(chroot, 'serial.log'))).uid).toBe(1000);
-    expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Run \/sbin\/init/);
+    expect(await waitForText(spec.serialLog, /Run \/sbin\/init/)).toMatch(/Run \/sbin\/init/);
     const puts = readRecord(fc.record).filter((r) => r.method === 'PUT');
     expect(puts.find((r) => r.path === '/boot-source')?.body).toMatchObject({ kernel_image_path: '/vmlinux', initrd_path: '/initrd.img' });
     expect(puts.find((r) => r.path === '/drives/rootfs')?.body).toMatchObject({ path_on_host: '/rootfs.ext4' });
@@ -433,7 +481,7 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     // the serial log was kept as a plain file
     expect((await lstat(spec.serialLog)).isFile()).toBe(true);
     expect(await readFile(spec.serialLog, 'utf8')).toMatch(/Restarting system/);
-  }, 30_000);
+  }, SLOW);
 
   it('refuses a chroot base that the user could redirect', async () => {
     const { assertRootOwnedDir } = await import('../../src/host/firecracker.js');

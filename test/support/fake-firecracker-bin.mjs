@@ -2,19 +2,15 @@
 // A stand-in `firecracker` executable for tests: `node fake-firecracker-bin.mjs --api-sock PATH --id ID`.
 // It serves the fake API (test/support/fake-firecracker.ts) on that socket, writes boot lines to stdout (the
 // guest's serial console) on InstanceStart, and exits on SendCtrlAltDel (or dies on SIGTERM/SIGKILL), so a
-// driver's process handling is exercised for real.
+// driver's process handling is exercised for real. SIGUSR2 makes the guest power off (exit 0), at a moment of the
+// test's choosing.
 //
 // Environment knobs:
 //   FAKE_FC_RECORD=FILE             append every request as a JSON line
 //   FAKE_FC_IGNORE_CTRL_ALT_DEL=1   accept SendCtrlAltDel but keep running (the guest ignores it)
 //   FAKE_FC_CHROOT=DIR              resolve paths in bodies inside DIR (as the jailer's chroot would)
 //   FAKE_FC_FAIL_AT_START=MSG       print MSG to stderr and exit 1 before serving (e.g. no /dev/kvm)
-//   FAKE_FC_EXIT_AFTER_START_MS=N   exit 0 N ms after InstanceStart (a guest that powers off by itself)
 import { appendFileSync, existsSync } from 'node:fs';
-import { register } from 'tsx/esm/api';
-
-register();
-const { startFakeFirecracker } = await import('./fake-firecracker.ts');
 
 const takesValue = new Set([
   '--api-sock', '--id', '--log-path', '--level', '--start-time-us', '--start-time-cpu-us', '--parent-cpu-time-us',
@@ -53,9 +49,20 @@ if (existsSync(socketPath)) {
   process.exit(1);
 }
 
+// Only now load the server (TypeScript through tsx, and zod): about a second of CPU, which on a loaded machine is
+// several seconds that the failures above need not wait for.
+const { register } = await import('tsx/esm/api');
+register();
+const { startFakeFirecracker } = await import('./fake-firecracker.ts');
+
 const record = process.env.FAKE_FC_RECORD;
 // Like Firecracker, leave the sockets behind on exit: cleaning them up is the driver's job.
 const exit = (code) => process.exit(code);
+// A guest that powers off by itself (installed before the socket answers, so it is in place once launch returns).
+process.on('SIGUSR2', () => {
+  process.stdout.write('reboot: Power down\n');
+  exit(0);
+});
 
 await startFakeFirecracker({
   socketPath,
@@ -67,11 +74,6 @@ await startFakeFirecracker({
   },
   onStart: () => {
     process.stdout.write(`[    0.000000] Linux version 6.1.0-fake (fake-firecracker ${id})\n[    0.100000] Run /sbin/init as init process\n`);
-    const after = Number(process.env.FAKE_FC_EXIT_AFTER_START_MS);
-    if (after > 0) setTimeout(() => {
-      process.stdout.write('reboot: Power down\n');
-      exit(0);
-    }, after);
   },
   onCtrlAltDel: () => {
     process.stdout.write('reboot: Restarting system\n');

@@ -35,7 +35,8 @@ export interface FakeFirecrackerOptions {
   onCtrlAltDel?: () => void;
   /** Called after InstanceStart succeeded. */
   onStart?: () => void;
-  /** Called for every request once answered. */
+  /** Called for every request once its answer is decided, before the answer is sent: whoever got an answer can rely
+   *  on the request having been recorded. */
   onRequest?: (r: RecordedRequest) => void;
 }
 
@@ -221,6 +222,7 @@ export class FakeFirecracker {
     }
     const rec: RecordedRequest = { method, path, body, status, response, at: Date.now() };
     this.requests.push(rec);
+    this.options.onRequest?.(rec);
     if (status === 204) {
       res.writeHead(204, { Server: 'Firecracker API' });
       res.end();
@@ -229,7 +231,6 @@ export class FakeFirecracker {
       res.writeHead(status, { Server: 'Firecracker API', 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(payload) });
       res.end(payload);
     }
-    this.options.onRequest?.(rec);
     if (method === 'PUT' && path === '/actions' && status === 204) {
       const action = (body as { action_type: string }).action_type;
       if (action === 'SendCtrlAltDel' && !this.options.ignoreCtrlAltDel) setImmediate(() => this.options.onCtrlAltDel?.());

@@ -58,7 +58,7 @@ async function ensureImage(image: string | undefined, quiet: boolean): Promise<v
 }
 
 /** Runs `ssh` with banger's key and the VM's pinned host key; resolves with its exit status. */
-export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty?: boolean } = {}): Promise<number> {
+export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty?: boolean; cwd?: string } = {}): Promise<number> {
   const info = await call('vm.ssh', { vm }, { quiet: true });
   const args = [
     '-i', info.identityFile,
@@ -75,7 +75,10 @@ export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty
   if (interactive || opts.tty) args.push('-t');
   else args.push('-T');
   args.push(`${info.user}@${info.host}`);
-  if (!interactive) args.push('--', shellQuote(cmd!));
+  if (opts.cwd) {
+    // Run in the workspace: cd there first (the path is quoted; the command stays an argv).
+    args.push('--', interactive ? `cd ${shellQuote([opts.cwd])} && exec "\${SHELL:-/bin/sh}" -l` : `cd ${shellQuote([opts.cwd])} && exec ${shellQuote(cmd!)}`);
+  } else if (!interactive) args.push('--', shellQuote(cmd!));
   return new Promise((res, rej) => {
     const child = spawn('ssh', args, { stdio: 'inherit' });
     child.on('error', (e) => rej(new BangerError('host', `could not run ssh: ${e.message}`, 'apt-get install openssh-client')));
@@ -149,11 +152,13 @@ export function vmCommands(y: Argv<any>): Argv<any> {
             client.close();
           }
           if (!quiet) process.stderr.write(c.dim(`vm ${vm.name} ready in ${fmtMs(Date.now() - t0)}\n`));
+          let cwd: string | undefined;
           if (a.workspace) {
             const r = await call('vm.workspace.prepare', { vm: vm.id, source: resolve(a.workspace) }, { quiet });
-            if (!quiet) process.stderr.write(c.dim(`workspace ${r.repoName} → ${r.guestPath} at ${String(r.headCommit).slice(0, 12)}\n`));
+            cwd = r.guestPath;
+            if (!quiet) process.stderr.write(c.dim(`workspace ${r.repoName} → ${r.guestPath} at ${String(r.headCommit).slice(0, 12)} (export with --base-commit ${r.headCommit})\n`));
           }
-          status = await sshInto(vm.id, cmd);
+          status = await sshInto(vm.id, cmd, { cwd });
         } finally {
           if (a.rm && vm) {
             await call('vm.delete', { vm: vm.id }, { quiet: true }).catch((e) => process.stderr.write(`banger: could not delete ${vm.name}: ${(e as Error).message}\n`));

@@ -1,0 +1,217 @@
+/**
+ * npm run bench [-- --only disk,tap,create,workspace] [--runs N]
+ * Prints medians and ratios; nothing here is asserted. Boots real guests (create, workspace): on TCG each
+ * boot costs ~15 s or more.
+ */
+import { execa } from 'execa';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { homedir, tmpdir } from 'node:os';
+import { createWorkDisk } from '../src/host/disks.js';
+import { BUILDER_VERSION } from '../src/host/image.js';
+import { RpcClient } from '../src/rpc/client.js';
+import { shellQuote } from '../src/host/shell.js';
+
+const BIN = join(import.meta.dirname, '..', 'bin', 'banger.js');
+const args = process.argv.slice(2);
+const only = (args[args.indexOf('--only') + 1] ?? '').split(',').filter(Boolean);
+const runs = Number(args.includes('--runs') ? args[args.indexOf('--runs') + 1] : 3);
+const want = (s: string) => !args.includes('--only') || only.includes(s);
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? (s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2) : NaN;
+};
+const ms = (n: number) => (n >= 1000 ? `${(n / 1000).toFixed(2)} s` : `${n.toFixed(1)} ms`);
+const line = (k: string, v: string) => console.log(`  ${k.padEnd(48)} ${v}`);
+
+const imageHome = join(process.env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'banger-test', `image-home-v${BUILDER_VERSION}`);
+
+async function home(extra: Record<string, string> = {}) {
+  const h = mkdtempSync(join(tmpdir(), 'bgb-'));
+  const run = mkdtempSync('/tmp/bgbr-');
+  mkdirSync(join(h, 'images'), { recursive: true });
+  const src = join(imageHome, 'images', 'debian-bookworm');
+  if (existsSync(src)) await execa('cp', ['-al', src, join(h, 'images', 'debian-bookworm')]).catch(() => execa('cp', ['-a', src, join(h, 'images')]));
+  const env = { ...process.env, BANGER_HOME: h, BANGER_RUNTIME_DIR: run, NO_COLOR: '1', BANGER_ROOT_HELPER: 'off', ...extra } as Record<string, string>;
+  const cli = async (a: string[], wrap: string[] = []) => {
+    const [file, ...pre] = wrap.length ? [...wrap, process.execPath] : [process.execPath];
+    const r = await execa(file, [...pre, BIN, '--json', ...a], { env, reject: false, timeout: 900_000 });
+    if (r.exitCode !== 0) throw new Error(`banger ${a.join(' ')}: ${r.stderr}`);
+    return r.stdout ? JSON.parse(r.stdout) : null;
+  };
+  const cleanup = async () => {
+    await execa(process.execPath, [BIN, 'daemon', 'stop'], { env, reject: false });
+    rmSync(h, { recursive: true, force: true });
+    rmSync(run, { recursive: true, force: true });
+  };
+  return { h, run, env, cli, cleanup };
+}
+
+async function benchDisk() {
+  console.log('work disk creation (truncate + lazy mkfs.ext4 + debugfs seed), 1 GiB vs 64 GiB');
+  const dir = mkdtempSync(join(tmpdir(), 'bgb-disk-'));
+  const seed = join(dir, 'seed.ext4');
+  const tree = join(dir, 'tree');
+  mkdirSync(join(tree, '.ssh'), { recursive: true });
+  writeFileSync(join(tree, '.bashrc'), '# bashrc\n');
+  writeFileSync(join(tree, '.profile'), '# profile\n');
+  await execa('mkfs.ext4', ['-F', '-q', '-d', tree, seed, '16M']);
+  const t: Record<string, number[]> = { '1G': [], '64G': [] };
+  for (let i = 0; i < Math.max(5, runs); i++) {
+    for (const [k, size] of [['1G', 2 ** 30], ['64G', 64 * 2 ** 30]] as const) {
+      const p = join(dir, `w-${k}-${i}.ext4`);
+      const t0 = performance.now();
+      await createWorkDisk(p, { sizeBytes: size, seedImage: seed, authorizedKeys: 'ssh-ed25519 AAAA bench\n' });
+      t[k].push(performance.now() - t0);
+      rmSync(p, { force: true });
+    }
+  }
+  line('1 GiB (median)', ms(median(t['1G'])));
+  line('64 GiB (median)', ms(median(t['64G'])));
+  line('ratio 64 GiB / 1 GiB (should be near 1)', (median(t['64G']) / median(t['1G'])).toFixed(2));
+  rmSync(dir, { recursive: true, force: true });
+}
+
+async function benchTap() {
+  console.log('TAP lease: warm (from the pool) vs cold (created through the root helper), in a test namespace');
+  if (process.getuid?.() !== 0) return line('skipped', 'needs root');
+  const ns = `bgb${randomBytes(3).toString('hex')}`;
+  await execa('ip', ['netns', 'add', ns]);
+  const b = await home({ BANGER_ROOT_HELPER: '' });
+  try {
+    const wrap = ['ip', 'netns', 'exec', ns];
+    await b.cli(['daemon', 'status'], wrap);
+    // Drive the pool and the helper directly through a scratch daemon module (same code as the daemon).
+    const { RootHelper } = await import('../src/actors/root-helper.js');
+    const { TapPool } = await import('../src/actors/tap-pool.js');
+    const { openDb } = await import('../src/store/db.js');
+    void RootHelper;
+    void TapPool;
+    void openDb;
+    const socket = join(b.run, 'roothelper.sock');
+    const { RootHelperClient } = await import('../src/roothelper/client.js');
+    const deadline = Date.now() + 20_000;
+    while (!existsSync(socket) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    const client = await RootHelperClient.connect(socket);
+    await client.request('bridge.ensure', { name: 'banger0', cidr: '172.30.0.1/24', nat: false });
+    const cold: number[] = [];
+    for (let i = 0; i < Math.max(10, runs); i++) {
+      const name = `bgtapb${i.toString(36)}${randomBytes(2).toString('hex')}`.slice(0, 15);
+      const t0 = performance.now();
+      await client.request('tap.create', { name, uid: 0, bridge: 'banger0' });
+      cold.push(performance.now() - t0);
+      await client.request('tap.delete', { name });
+    }
+    // warm: the pool hands out an existing idle device (one SQLite update + a refill in the background)
+    const db = openDb(join(b.h, 'bench-pool.db'));
+    const helper = { request: (v: string, a: Record<string, unknown>) => client.request(v as never, a as never) } as never;
+    const pool = new TapPool(db, helper, { size: 12, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
+    await pool.refill();
+    const warm: number[] = [];
+    for (let i = 0; i < 10; i++) {
+      const t0 = performance.now();
+      const l = await pool.lease(`vm${i}`);
+      warm.push(performance.now() - t0);
+      if (!l.warm) throw new Error('expected a warm lease');
+    }
+    pool.stop();
+    for (const l of pool.leases()) await client.request('tap.delete', { name: l.tap });
+    client.close();
+    line('cold tap.create through the helper (median)', ms(median(cold)));
+    line('warm lease from the pool (median)', ms(median(warm)));
+    line('ratio cold / warm', (median(cold) / median(warm)).toFixed(1));
+  } finally {
+    await b.cleanup();
+    await execa('sh', ['-c', `ip netns pids ${ns} | xargs -r kill -9`], { reject: false });
+    await execa('ip', ['netns', 'del', ns], { reject: false });
+  }
+}
+
+async function benchCreate() {
+  console.log(`create → SSH answering, by stage, ${runs} run(s) (QEMU, user networking)`);
+  const b = await home();
+  try {
+    const per: Record<string, number[]> = {};
+    const total: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const t0 = performance.now();
+      const vm = await b.cli(['vm', 'create', '--name', `b${i}`]);
+      total.push(performance.now() - t0);
+      const logs = (await b.cli(['vm', 'logs', vm.id])) as Array<{ stage: string; status: string; durationMs: number | null }>;
+      for (const r of logs) if (r.status === 'done' && r.durationMs !== null) (per[r.stage] ??= []).push(r.durationMs);
+      await b.cli(['vm', 'delete', vm.id]);
+    }
+    for (const [k, v] of Object.entries(per)) line(`${k} (median)`, ms(median(v)));
+    line('create → running, CLI wall clock (median)', ms(median(total)));
+  } finally {
+    await b.cleanup();
+  }
+}
+
+async function benchWorkspace() {
+  console.log('workspace: prepare vs git archive | ssh tar -x; export of 10,000 files with 100 changed; STOP latency');
+  const b = await home();
+  const tmp = mkdtempSync(join(tmpdir(), 'bgb-ws-'));
+  const git = (cwd: string, ...a: string[]) => execa('git', a, { cwd, env: { ...process.env, GIT_AUTHOR_NAME: 'b', GIT_AUTHOR_EMAIL: 'b@x', GIT_COMMITTER_NAME: 'b', GIT_COMMITTER_EMAIL: 'b@x' } });
+  try {
+    const repo = join(tmp, 'repo');
+    mkdirSync(repo);
+    await git(repo, 'init', '-q', '-b', 'main');
+    for (let d = 0; d < 100; d++) {
+      mkdirSync(join(repo, `d${d}`));
+      for (let f = 0; f < 100; f++) writeFileSync(join(repo, `d${d}`, `f${f}.txt`), `file ${d}/${f}\n${randomBytes(200).toString('hex')}\n`);
+    }
+    writeFileSync(join(repo, 'big.bin'), randomBytes(32 * 2 ** 20));
+    await git(repo, 'add', '-A');
+    await git(repo, 'commit', '-qm', 'init');
+    const vm = await b.cli(['vm', 'create', '--name', 'ws']);
+    const client = await RpcClient.connect(join(b.run, 'daemon.sock'));
+    const t0 = performance.now();
+    const prep = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo, guestPath: '/root/repo' });
+    const tPrep = performance.now() - t0;
+    const info = await client.call('vm.ssh', { vm: vm.id });
+    const ssh = ['ssh', '-i', info.identityFile, '-p', String(info.port), '-o', `UserKnownHostsFile=${info.knownHostsFile}`, '-o', `HostKeyAlias=${info.hostKeyAlias}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'LogLevel=ERROR', `root@${info.host}`];
+    const t1 = performance.now();
+    await execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, 'mkdir -p /root/plain && tar -x -C /root/plain'])}`]);
+    const tPlain = performance.now() - t1;
+    line('prepare 10,000 files + 32 MiB (banger)', ms(tPrep));
+    line('git archive | ssh tar -x (same repo, same guest)', ms(tPlain));
+    line('ratio banger / plain (near 1 is the goal)', (tPrep / tPlain).toFixed(2));
+    await execa(ssh[0], [...ssh.slice(1), 'cd /root/repo && for d in $(seq 0 99); do echo changed >> d$d/f0.txt; done']);
+    const t2 = performance.now();
+    const ex = await client.call('vm.workspace.export', { vm: vm.id, guestPath: '/root/repo', baseCommit: prep.headCommit });
+    line(`export, 10,000 files with ${ex.changedFiles.length} changed`, ms(performance.now() - t2));
+    // STOP latency: idle, then during a large prepare
+    const s0 = performance.now();
+    await client.call('vm.stop', { vm: vm.id });
+    const stopIdle = performance.now() - s0;
+    await client.call('vm.start', { vm: vm.id });
+    let started!: () => void;
+    const streaming = new Promise<void>((r) => (started = r));
+    const p = client.call('vm.workspace.prepare', { vm: vm.id, source: repo, guestPath: '/root/again' }, { onProgress: (pr) => pr.bytes && started() }).catch(() => 'aborted');
+    await streaming;
+    const s1 = performance.now();
+    await client.call('vm.stop', { vm: vm.id });
+    const stopBusy = performance.now() - s1;
+    await p;
+    line('STOP latency, idle VM', ms(stopIdle));
+    line('STOP latency, during a large prepare', ms(stopBusy));
+    line('ratio busy / idle (near 1: STOP does not wait for the job)', (stopBusy / stopIdle).toFixed(2));
+    client.close();
+  } finally {
+    await b.cleanup();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace'))) {
+  console.log(`no cached test image in ${imageHome}: run the e2e tests once (npm test) or skip with --only disk,tap`);
+  process.exit(1);
+}
+void readdirSync;
+if (want('disk')) await benchDisk();
+if (want('tap')) await benchTap();
+if (want('create')) await benchCreate();
+if (want('workspace')) await benchWorkspace();

@@ -1,0 +1,102 @@
+/**
+ * TAP networking for real, inside a network namespace this test creates and deletes: the daemon (root)
+ * runs the root helper as its child, which makes the bridge and the TAP devices; guests get addresses
+ * from the SQLite allocator and reach each other over the bridge. Then SIGKILL of the daemon: leases
+ * are adopted and nothing leaks.
+ */
+import { randomBytes } from 'node:crypto';
+import { execa } from 'execa';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { Banger, describeE2E, pidAlive } from './harness.js';
+
+const NS = `bgt${randomBytes(3).toString('hex')}`;
+
+async function taps(): Promise<string[]> {
+  const r = await execa('ip', ['-n', NS, '-j', 'link', 'show'], { reject: false });
+  if (r.exitCode !== 0) return [];
+  return (JSON.parse(r.stdout) as Array<{ ifname: string }>).map((l) => l.ifname).filter((n) => n.startsWith('bgtap')).sort();
+}
+
+async function waitFor<T>(fn: () => Promise<T>, ok: (v: T) => boolean, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let v = await fn();
+  while (!ok(v) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 250));
+    v = await fn();
+  }
+  return v;
+}
+
+describeE2E('tap networking in a network namespace', () => {
+  let b: Banger;
+  beforeAll(async () => {
+    if (process.getuid?.() !== 0) throw new Error('tap e2e tests need root (ip netns, TAP devices)');
+    await execa('ip', ['netns', 'add', NS]);
+    await execa('ip', ['-n', NS, 'link', 'set', 'lo', 'up']);
+    b = await Banger.create({ BANGER_ROOT_HELPER: '' });
+    b.wrap = ['ip', 'netns', 'exec', NS];
+  });
+  afterAll(async () => {
+    await b?.cleanup();
+    // the root helper child (detached) runs in the namespace: stop whatever is left there, then the namespace
+    const pids = await execa('ip', ['netns', 'pids', NS], { reject: false });
+    for (const p of String(pids.stdout).split('\n').filter(Boolean)) {
+      try {
+        process.kill(Number(p), 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+    await execa('ip', ['netns', 'del', NS], { reject: false });
+  });
+
+  it('vm run --net tap --rm -- ip -4 addr shows the allocated address; the warm pool is made', async () => {
+    const r = await b.run(['vm', 'run', '--net', 'tap', '--rm', '--name', 'one', '--', 'ip', '-4', 'addr', 'show'], { timeoutMs: 420_000 });
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/inet 172\.30\.0\.2\/24/);
+    expect(r.stderr).toContain('network.lease');
+    // after --rm: only the pool's idle devices remain
+    const status = await b.json(['daemon', 'status']);
+    expect(status.rootHelper.state).toBe('connected');
+    const idle = await waitFor(taps, (t) => t.length === 2, 15_000);
+    expect(idle).toHaveLength(2);
+    expect(status.tapPool.filter((l: any) => l.vmId !== null)).toEqual([]);
+  });
+
+  it('two VMs at once get different addresses and reach each other; SIGKILL of the daemon adopts their leases; delete leaves only the pool', async () => {
+    const [a, c] = await Promise.all([
+      b.json(['vm', 'create', '--net', 'tap', '--name', 'a'], { timeoutMs: 600_000 }),
+      b.json(['vm', 'create', '--net', 'tap', '--name', 'c'], { timeoutMs: 600_000 }),
+    ]);
+    expect(a.net).toBe('tap');
+    expect(a.guestIp).toMatch(/^172\.30\.0\.\d+$/);
+    expect(c.guestIp).toMatch(/^172\.30\.0\.\d+$/);
+    expect(a.guestIp).not.toBe(c.guestIp);
+    const reach = await b.run(['vm', 'ssh', 'a', '--', 'bash', '-c', `timeout 10 bash -c 'exec 3<>/dev/tcp/${c.guestIp}/22 && head -c 4 <&3'`]);
+    expect(reach.exitCode, reach.stderr).toBe(0);
+    expect(reach.stdout).toBe('SSH-');
+
+    const before = await b.json(['daemon', 'status']);
+    const leasedBefore = before.tapPool.filter((l: any) => l.vmId).map((l: any) => `${l.tap}:${l.vmId}`).sort();
+    expect(leasedBefore).toHaveLength(2);
+    const tapsBefore = await taps();
+
+    process.kill(b.daemonPid()!, 'SIGKILL');
+    await new Promise((r) => setTimeout(r, 500));
+    expect(pidAlive(a.pid) && pidAlive(c.pid)).toBe(true);
+    const list = await b.json(['vm', 'list']);
+    expect(list.map((v: any) => [v.name, v.state, v.pid])).toEqual(expect.arrayContaining([['a', 'running', a.pid], ['c', 'running', c.pid]]));
+    const after = await waitFor(() => b.json(['daemon', 'status']), (s: any) => s.rootHelper?.state === 'connected', 20_000);
+    const leasedAfter = after.tapPool.filter((l: any) => l.vmId).map((l: any) => `${l.tap}:${l.vmId}`).sort();
+    expect(leasedAfter).toEqual(leasedBefore);
+    expect(await waitFor(taps, (t) => t.length === tapsBefore.length, 10_000)).toEqual(tapsBefore);
+    expect((await b.run(['vm', 'ssh', 'c', '--', 'true'])).exitCode).toBe(0);
+
+    await b.ok(['vm', 'delete', 'a', 'c'], { timeoutMs: 120_000 });
+    const final = await b.json(['daemon', 'status']);
+    expect(final.tapPool.filter((l: any) => l.vmId !== null)).toEqual([]);
+    const left = await waitFor(taps, (t) => t.length === 2, 15_000);
+    expect(left.sort()).toEqual(final.tapPool.map((l: any) => l.tap).sort());
+    expect(b.qemuPids()).toEqual([]);
+  });
+});

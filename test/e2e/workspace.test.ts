@@ -1,0 +1,221 @@
+/**
+ * Workspaces against a real guest: vm run --workspace, a round trip whose patch reproduces the guest tree
+ * exactly, the non-mutating export, the FIFO job queue, and STOP during a large prepare. One VM boots.
+ */
+import { createHash } from 'node:crypto';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, lstatSync, readlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { execa } from 'execa';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { RpcClient } from '../../src/rpc/client.js';
+import { Banger, describeE2E } from './harness.js';
+
+const git = async (cwd: string, ...args: string[]) => (await execa('git', args, { cwd, env: gitEnv })).stdout;
+const gitEnv = {
+  ...process.env,
+  GIT_AUTHOR_NAME: 'Test',
+  GIT_AUTHOR_EMAIL: 'test@example.invalid',
+  GIT_COMMITTER_NAME: 'Test',
+  GIT_COMMITTER_EMAIL: 'test@example.invalid',
+  GIT_CONFIG_GLOBAL: '/dev/null',
+  GIT_CONFIG_NOSYSTEM: '1',
+};
+
+async function makeRepo(root: string, name: string): Promise<string> {
+  const dir = join(root, name);
+  mkdirSync(dir, { recursive: true });
+  await git(dir, 'init', '-q', '-b', 'main');
+  writeFileSync(join(dir, 'README.md'), '# demo\n');
+  writeFileSync(join(dir, 'keep.txt'), 'keep\n');
+  writeFileSync(join(dir, 'gone.txt'), 'to be deleted\n');
+  writeFileSync(join(dir, '.gitignore'), 'secret.env\n');
+  writeFileSync(join(dir, 'run.sh'), '#!/bin/sh\necho run\n');
+  chmodSync(join(dir, 'run.sh'), 0o755);
+  await git(dir, 'add', '-A');
+  await git(dir, 'commit', '-qm', 'one');
+  writeFileSync(join(dir, 'keep.txt'), 'keep\nsecond\n');
+  await git(dir, 'commit', '-qam', 'two');
+  // uncommitted state on top: a modified tracked file, a deleted file, an untracked file, an ignored file, a binary
+  writeFileSync(join(dir, 'keep.txt'), 'keep\nsecond\nuncommitted\n');
+  rmSync(join(dir, 'gone.txt'));
+  writeFileSync(join(dir, 'new.txt'), 'untracked\n');
+  writeFileSync(join(dir, 'secret.env'), 'TOKEN=never-leaves-the-host\n');
+  writeFileSync(join(dir, 'blob.bin'), randomBytes(4096));
+  return dir;
+}
+
+/** path → "mode sha256" (or "link target") for every file outside .git. */
+function hostTree(dir: string, rel = ''): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const e of readdirSync(join(dir, rel))) {
+    if (!rel && e === '.git') continue;
+    const p = rel ? `${rel}/${e}` : e;
+    const st = lstatSync(join(dir, p));
+    if (st.isDirectory()) Object.assign(out, hostTree(dir, p));
+    else if (st.isSymbolicLink()) out[p] = `link ${readlinkSync(join(dir, p))}`;
+    else out[p] = `${(st.mode & 0o777).toString(8)} ${createHash('sha256').update(readFileSync(join(dir, p))).digest('hex')}`;
+  }
+  return out;
+}
+
+async function guestTree(b: Banger, vm: string, path: string): Promise<Record<string, string>> {
+  const script = `cd ${path} && find . -path ./.git -prune -o -type f -printf '%P %m ' -exec sha256sum {} \\; | awk '{print $1, $2, $3}'`;
+  const r = await b.ok(['vm', 'ssh', vm, '--', 'sh', '-c', script]);
+  const out: Record<string, string> = {};
+  for (const line of r.stdout.trim().split('\n').filter(Boolean)) {
+    const [p, mode, sha] = line.split(' ');
+    out[p] = `${mode} ${sha}`;
+  }
+  return out;
+}
+
+describeE2E('workspaces against a real guest', () => {
+  let b: Banger;
+  let tmp: string;
+  let client: RpcClient;
+  const call = (method: string, params: Record<string, unknown>, onProgress?: (p: any) => void) => client.call(method as never, params as never, { onProgress });
+
+  beforeAll(async () => {
+    b = await Banger.create();
+    tmp = mkdtempSync('/tmp/bgws-');
+  });
+  afterAll(async () => {
+    client?.close();
+    await b?.cleanup();
+    rmSync(tmp, { recursive: true, force: true });
+  });
+
+  it('vm run --workspace . -- CMD: the guest commits, export + git apply brings the change home', async () => {
+    const repo = await makeRepo(tmp, 'app');
+    const head = await git(repo, 'rev-parse', 'HEAD');
+    const r = await b.run(['vm', 'run', '--name', 'ws', '--workspace', '.', '--', 'sh', '-c', 'echo hi >> README.md && git -C /root/repo commit -qam hi && git -C /root/repo log --format=%s -1'], { cwd: repo, timeoutMs: 420_000 });
+    expect(r.stderr).toContain('workspace app');
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout.trim()).toBe('hi');
+    client = await RpcClient.connect(join(b.runDir, 'daemon.sock'));
+
+    const patchFile = join(tmp, 'hi.patch');
+    const ex = await b.run(['vm', 'workspace', 'export', 'ws', '--base-commit', head, '--output', patchFile]);
+    expect(ex.exitCode, ex.stderr).toBe(0);
+    // the user's repository: apply the patch on HEAD (after setting the uncommitted work aside) and see the change
+    const copy = join(tmp, 'app-copy');
+    await git(tmp, 'clone', '-q', repo, copy);
+    await git(copy, 'apply', '--binary', patchFile);
+    expect(readFileSync(join(copy, 'README.md'), 'utf8')).toBe('# demo\nhi\n');
+    // the host's uncommitted changes travelled with the workspace, so they are in the patch too
+    expect(readFileSync(join(copy, 'keep.txt'), 'utf8')).toBe('keep\nsecond\nuncommitted\n');
+    // stdout carries the patch and nothing else
+    const toStdout = await b.ok(['vm', 'workspace', 'export', 'ws', '--base-commit', head]);
+    expect(toStdout.stdout).toBe(readFileSync(patchFile, 'utf8'));
+  });
+
+  it('round trip: the patch from headCommit applied on a copy of the host repo gives exactly the guest tree; export mutates nothing', async () => {
+    const repo = await makeRepo(tmp, 'rich');
+    const prep = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/rich' });
+    expect(Object.keys(prep).sort()).toEqual(
+      expect.arrayContaining(['vmId', 'sourcePath', 'repoRoot', 'repoName', 'guestPath', 'mode', 'readOnly', 'headCommit', 'currentBranch', 'branchName', 'baseCommit', 'preparedAt']),
+    );
+    expect(prep).toMatchObject({ repoName: 'rich', guestPath: '/root/rich', mode: 'shallow', readOnly: false, currentBranch: 'main', headCommit: await git(repo, 'rev-parse', 'HEAD') });
+    // the ignored file stayed on the host
+    expect((await b.run(['vm', 'ssh', 'ws', '--', 'test', '-e', '/root/rich/secret.env'])).exitCode).toBe(1);
+    // in the guest: edit, delete, add a binary, commit once
+    await b.ok([
+      'vm', 'ssh', 'ws', '--', 'sh', '-c',
+      'cd /root/rich && echo edited >> README.md && git rm -qf keep.txt && head -c 3000 /dev/urandom > new.bin && chmod 755 new.bin && git add -A && git -c user.name=g -c user.email=g@x commit -qm guest',
+    ]);
+    const indexBefore = (await b.ok(['vm', 'ssh', 'ws', '--', 'sha256sum', '/root/rich/.git/index'])).stdout;
+    const ex = await call('vm.workspace.export', { vm: 'ws', guestPath: '/root/rich', baseCommit: prep.headCommit });
+    const indexAfter = (await b.ok(['vm', 'ssh', 'ws', '--', 'sha256sum', '/root/rich/.git/index'])).stdout;
+    expect(indexAfter).toBe(indexBefore);
+    expect(ex.hasChanges).toBe(true);
+    expect(ex.baseCommit).toBe(prep.headCommit);
+    expect(ex.changedFiles).toEqual(expect.arrayContaining(['README.md', 'keep.txt', 'new.bin', 'gone.txt', 'new.txt', 'blob.bin']));
+    expect(ex.changedFiles).not.toContain('secret.env');
+
+    const copy = join(tmp, 'rich-copy');
+    await git(tmp, 'clone', '-q', repo, copy);
+    await git(copy, 'checkout', '-q', prep.headCommit);
+    const patchFile = join(tmp, 'rich.patch');
+    writeFileSync(patchFile, Buffer.from(ex.patch, ex.patchEncoding === 'base64' ? 'base64' : 'utf8'));
+    await git(copy, 'apply', '--binary', patchFile);
+    expect(hostTree(copy)).toEqual(await guestTree(b, 'ws', '/root/rich'));
+  });
+
+  it('three prepares sent at once run one after another, and an export queued behind a prepare sees the finished import', async () => {
+    const repo = await makeRepo(tmp, 'queued');
+    writeFileSync(join(repo, 'big.bin'), randomBytes(4 * 2 ** 20));
+    await git(repo, 'add', 'big.bin');
+    await git(repo, 'commit', '-qm', 'big');
+    const seqBefore = Math.max(0, ...((await call('vm.logs', { vm: 'ws' })) as Array<{ seq: number }>).map((r) => r.seq));
+    const jobs = [1, 2, 3].map((i) => call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: `/root/q${i}` }));
+    const exp = call('vm.workspace.export', { vm: 'ws', guestPath: '/root/q3' });
+    const results = await Promise.all(jobs);
+    expect(results.map((r: any) => r.guestPath)).toEqual(['/root/q1', '/root/q2', '/root/q3']);
+    const ex = await exp;
+    // it ran after q3's import had finished (else: "not a repository"); q3 carries the host's uncommitted edits
+    expect(ex.changedFiles).toEqual(expect.arrayContaining(['keep.txt', 'gone.txt']));
+    const rows = ((await call('vm.logs', { vm: 'ws', afterSeq: seqBefore })) as Array<{ stage: string; status: string; time: string }>).filter((r) => r.stage.startsWith('workspace.'));
+    // start/done strictly alternate: never two jobs at once, in the order they were sent
+    const seq = rows.filter((r) => r.status === 'start' || r.status === 'done').map((r) => `${r.stage}:${r.status}`);
+    expect(seq).toEqual([
+      'workspace.prepare:start', 'workspace.prepare:done',
+      'workspace.prepare:start', 'workspace.prepare:done',
+      'workspace.prepare:start', 'workspace.prepare:done',
+      'workspace.export:start', 'workspace.export:done',
+    ]);
+  });
+
+  it('bad input gets an error that names the problem and changes nothing', async () => {
+    const repo = join(tmp, 'app');
+    const cases: Array<[string[], RegExp]> = [
+      [['--guest-path', '/etc/x'], /under \/root/],
+      [['--guest-path', '/root/../etc'], /\.\./],
+      [['--source', tmp], /not a git repository/],
+      [['--branch', 'a;b'], /branch/],
+      [['--from', 'no-such-ref'], /no-such-ref/],
+      [['--guest-path', '/root/rich'], /already|exists|holds/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await b.run(['vm', 'workspace', 'prepare', 'ws', ...(args[0] === '--source' ? [] : ['--source', repo]), ...args]);
+      expect(r.exitCode, args.join(' ')).not.toBe(0);
+      expect(r.stderr, args.join(' ')).toMatch(re);
+    }
+    const bad = await b.run(['vm', 'workspace', 'export', 'ws', '--guest-path', '/root/rich', '--base-commit', 'deadbeef']);
+    expect(bad.exitCode).not.toBe(0);
+    expect(bad.stderr).toMatch(/deadbeef/);
+    expect(bad.stdout).toBe('');
+  });
+
+  it('STOP during a large prepare returns without waiting for it; the job fails with "vm stopped"', async () => {
+    const repo = join(tmp, 'large');
+    mkdirSync(repo);
+    await git(repo, 'init', '-q', '-b', 'main');
+    for (let i = 0; i < 4; i++) writeFileSync(join(repo, `blob${i}.bin`), randomBytes(24 * 2 ** 20));
+    await git(repo, 'add', '-A');
+    await git(repo, 'commit', '-qm', 'large');
+    let streamed = 0;
+    let resolveStreaming!: () => void;
+    const streaming = new Promise<void>((r) => (resolveStreaming = r));
+    const prep = call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/large' }, (p) => {
+      if (p.bytes) {
+        streamed = p.bytes;
+        resolveStreaming();
+      }
+    }).then(
+      () => 'completed',
+      (e: Error) => e.message,
+    );
+    await streaming;
+    const stop = await b.json(['vm', 'stop', 'ws'], { timeoutMs: 120_000 });
+    expect(stop.state).toBe('stopped');
+    const outcome = await prep;
+    expect(outcome).toMatch(/vm stopped|stopped/);
+    expect(streamed).toBeGreaterThan(0);
+    // a VM that is not running refuses workspace jobs clearly
+    const r = await b.run(['vm', 'workspace', 'export', 'ws']);
+    expect(r.exitCode).toBe(1);
+    expect(r.stderr).toMatch(/stopped: workspace jobs need a running VM/);
+    void statSync;
+  });
+});
