@@ -8,6 +8,7 @@ import { BangerError } from '../errors.js';
 import { daemonCommands } from './commands/daemon.js';
 import { imageCommands } from './commands/image.js';
 import { vmCommands } from './commands/vm.js';
+import { systemCommands } from './commands/system.js';
 import { runInspect } from './commands/inspect.js';
 import { c } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
@@ -32,6 +33,7 @@ const cli = yargs(hideBin(process.argv))
   .command('daemon', 'manage the owner daemon', (y) => daemonCommands(y))
   .command('image', 'manage images', (y) => imageCommands(y))
   .command('vm', 'manage VMs', (y) => vmCommands(y))
+  .command('system', 'install the root helper and daemon as systemd units', (y) => systemCommands(y))
   .command('doctor', 'check what this host can do, with a fix for each problem', {}, async (a: any) => {
     const r = await call('doctor.run', {});
     out(a, r, () =>

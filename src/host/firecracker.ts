@@ -1003,10 +1003,8 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
 
     async waitExit(proc, signal): Promise<VmmExit> {
       const child = children.get(proc.pid);
-      if (!(await isOurs(proc))) {
-        const ex = child ? await Promise.race([child, Promise.resolve(undefined)]) : undefined;
-        return { reason: ex ? describeExit(ex) : 'process not running' };
-      }
+      // Our own child: its exit event tells how it ended. Not /proc first: it can show the child gone (a zombie)
+      // before the event arrives, and the exit status would be lost.
       if (child) {
         const ex = await Promise.race([
           child,
@@ -1017,6 +1015,7 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
         ]);
         return { reason: describeExit(ex) };
       }
+      if (!(await isOurs(proc))) return { reason: 'process not running' };
       while (await isOurs(proc)) await sleep(250, signal);
       return { reason: 'process exited' };
     },
