@@ -211,6 +211,8 @@ export function vmCommands(y: Argv<any>): Argv<any> {
           return;
         }
         const rows = await call('vm.logs', { vm: a.vm, follow: a.follow }, { onStream: print });
+        // --json: exactly the RPC result (the array); with --follow, one JSON object per line as rows arrive
+        if (a.json && !a.follow) return void process.stdout.write(JSON.stringify(rows, null, 2) + '\n');
         for (const r of rows) print(r);
       },
     )
