@@ -86,7 +86,13 @@ export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ c
     add({ name: 'tun', status: 'warn', detail: '/dev/net/tun is missing or not accessible: tap networking cannot work', fix: 'modprobe tun' });
   }
   if (!d.rootHelper) {
-    add({ name: 'root-helper', status: 'warn', detail: `no root helper: nothing answers on ${d.helperSocket} and the daemon is not root${process.env.BANGER_ROOT_HELPER === 'off' ? ' (BANGER_ROOT_HELPER=off)' : ''}; --net auto uses QEMU user-mode networking`, fix: 'sudo banger system install (installs and starts the helper unit), or run the daemon as root' });
+    const off = process.env.BANGER_ROOT_HELPER === 'off';
+    add({
+      name: 'root-helper',
+      status: 'warn',
+      detail: `${off ? 'the root helper is disabled (BANGER_ROOT_HELPER=off)' : `no root helper: nothing answers on ${d.helperSocket} and the daemon is not root`}; --net auto uses QEMU user-mode networking`,
+      fix: off ? 'unset BANGER_ROOT_HELPER and restart the daemon' : 'sudo banger system install --enable, or run the daemon as root',
+    });
   } else if (await d.rootHelper.reachable(5000)) {
     add({ name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}; --net auto uses tap` });
     const r = await run('ip', ['-j', 'link', 'show', 'dev', config.bridge], { reject: false });

@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, fchownSync, openSync, unlinkSync } from 'node:fs';
 import { access, constants as fsConstants, lchown, link, lstat, mkdir, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
+import { createConnection } from 'node:net';
 import { basename, delimiter, dirname, join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
 import { Files } from '../paths.js';
@@ -198,20 +199,46 @@ export class FirecrackerApiError extends BangerError {
   }
 }
 
+/** Connect errors that mean nobody listens on a Unix socket path (absent, a socket file left behind, a plain file). */
+const NOBODY_LISTENS = new Set(['ENOENT', 'ECONNREFUSED', 'ENOTSOCK']);
+
 /**
  * Is something serving the API socket at `socketPath`? Not when the path is absent or nothing listens on it (a
- * socket file left behind by a Firecracker that exited, or a plain file): then it may be removed. Anything else
- * counts as serving: an answer (even a refusal), and also no answer within `timeoutMs` (on a busy machine a live
- * Firecracker can be slow to answer, but it accepted the connection, so it is there).
+ * socket file left behind by a Firecracker that exited, or a plain file): then it may be removed. The verdict
+ * rests on connect(), which on a Unix socket succeeds or fails at once, never on a timer: on a busy machine a live
+ * Firecracker can be slow to answer, and this process slow to see the answer, and neither means nobody is there.
+ * Once connected, GET / (bounded by `timeoutMs`) only says who it is.
  */
 export async function probeApiSocket(socketPath: string, timeoutMs: number, signal?: AbortSignal): Promise<{ serving: false } | { serving: true; info?: InstanceInfo; detail: string }> {
+  if (signal?.aborted) throw new BangerError('aborted', `probing ${socketPath}: aborted`);
+  const connectBoundMs = Math.max(timeoutMs, 30_000); // a safety net only: connect() on a Unix socket does not wait
+  const connected = await new Promise<true | string>((res) => {
+    const sock = createConnection(socketPath);
+    const timer = setTimeout(() => {
+      sock.destroy();
+      res(`connect did not complete within ${connectBoundMs} ms`);
+    }, connectBoundMs);
+    sock.once('connect', () => {
+      clearTimeout(timer);
+      sock.destroy();
+      res(true);
+    });
+    sock.once('error', (e: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      res(e.code ?? e.message);
+    });
+  });
+  if (connected !== true) {
+    if (NOBODY_LISTENS.has(connected)) return { serving: false };
+    return { serving: true, detail: `cannot tell whether something listens on it (${connected})` };
+  }
   try {
     const info = await new FirecrackerApi(socketPath).describe({ timeoutMs, signal });
     return { serving: true, info, detail: `instance ${info.id}, ${info.state}` };
   } catch (e) {
     if (e instanceof BangerError && e.kind === 'aborted') throw e;
-    const code = errno(e instanceof Error ? e.cause : undefined);
-    if (code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ENOTSOCK') return { serving: false };
+    // it went away in between
+    if (NOBODY_LISTENS.has(errno(e instanceof Error ? e.cause : undefined) ?? '')) return { serving: false };
     if (e instanceof BangerError && e.kind === 'timeout') return { serving: true, detail: `it accepted a connection but did not answer GET / within ${timeoutMs} ms` };
     return { serving: true, detail: errorMessage(e) };
   }

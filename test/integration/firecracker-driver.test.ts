@@ -446,7 +446,8 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     );
     await chmod(jailer, 0o755);
     const chrootBase = join(root, 'jail');
-    const driver = createFirecrackerDriver({ binary: fc.path, readyTimeoutMs: READY_MS, jailer: { uid: 1000, gid: 1000, config: { jailerBin: jailer, chrootBase } } });
+    const lines: string[] = [];
+    const driver = createFirecrackerDriver({ binary: fc.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l), jailer: { uid: 1000, gid: 1000, config: { jailerBin: jailer, chrootBase } } });
     const spec = await makeVm();
     // a file the jail's user does not own is never handed to the jail
     const e = await errorOf(driver.launch(spec));
@@ -476,7 +477,7 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     expect(await driver.stop(proc, { timeoutMs: 5000 })).toBe('graceful');
     expect(existsSync(proc.apiSocket)).toBe(false);
     // the chroot (hard links to the disks) is gone, the VM's own files are not
-    expect(existsSync(join(chrootBase, 'firecracker', fcId))).toBe(false);
+    expect(existsSync(join(chrootBase, 'firecracker', fcId)), lines.join('\n')).toBe(false);
     expect(existsSync(spec.rootDisk)).toBe(true);
     // the serial log was kept as a plain file
     expect((await lstat(spec.serialLog)).isFile()).toBe(true);
