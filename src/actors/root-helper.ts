@@ -99,10 +99,10 @@ export class RootHelper {
   async request<V extends keyof VerbResults>(verb: V, args: Record<string, unknown>, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<VerbResults[V]> {
     const deadline = Date.now() + (opts.timeoutMs ?? 30_000);
     let lastErr: unknown;
-    for (let attempt = 0; attempt < 2; attempt++) {
+    for (let attempt = 0; attempt < 3; attempt++) {
       let snap;
       try {
-        snap = await waitFor(this.actor, (s) => s.matches('connected') || s.matches('disabled'), { timeout: Math.max(1, deadline - Date.now()), signal: opts.signal });
+        snap = await waitFor(this.actor, (s) => (s.matches('connected') && (s.context.client as RootHelperClient).isOpen) || s.matches('disabled'), { timeout: Math.max(1, deadline - Date.now()), signal: opts.signal });
       } catch {
         const st = this.state();
         throw new BangerError('host', `the root helper is not reachable (${st.state}${st.lastError ? `: ${st.lastError}` : ''})`, 'start it (banger system install sets it up) or use --net user');

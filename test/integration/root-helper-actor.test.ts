@@ -1,0 +1,131 @@
+/**
+ * The rootHelper actor against a real helper server on a temp socket (operations replaced by recorders):
+ * requests wait while the helper is down and go through after it comes back; a helper that dies in the
+ * middle of a create has the (idempotent) request sent again after the reconnect; and the warm TAP pool
+ * leases, refills and reconciles through it without leaking devices or leases.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { RootHelper } from '../../src/actors/root-helper.js';
+import { TapPool } from '../../src/actors/tap-pool.js';
+import { openDb } from '../../src/store/db.js';
+import { startRootHelper, type HelperOps, type RootHelperServer } from '../../src/roothelper/server.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function fakeHost() {
+  const taps = new Set<string>();
+  const calls: string[] = [];
+  const ops: Partial<HelperOps> = {
+    createTap: async (name) => {
+      calls.push(`create ${name}`);
+      const created = !taps.has(name);
+      taps.add(name);
+      return { name, created };
+    },
+    deleteTap: async (name) => {
+      calls.push(`delete ${name}`);
+      return { name, deleted: taps.delete(name) };
+    },
+    listTaps: async () => ({ taps: [...taps].map((name) => ({ name, up: true })) as never }),
+    ensureBridge: async (name) => ({ name, created: false, addressAdded: false }),
+  };
+  return { taps, calls, ops };
+}
+
+async function serve(dir: string, ops: Partial<HelperOps>): Promise<RootHelperServer> {
+  const s = await startRootHelper({ socketPath: join(dir, 'h.sock'), stateDir: dir, ops, log: () => {} });
+  return s;
+}
+
+describe('rootHelper actor and tapPool', () => {
+  it('holds requests while the helper is down and sends them once it is back', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bgrh-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const host = fakeHost();
+    let server = await serve(dir, host.ops);
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    cleanups.push(() => helper.stop());
+    expect(await helper.reachable(5000)).toBe(true);
+    await helper.request('tap.create', { name: 'bgtapa1', uid: 0 });
+    await server.close();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(helper.state().state).not.toBe('connected');
+    const pending = helper.request('tap.create', { name: 'bgtapa2', uid: 0 }, { timeoutMs: 20_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    server = await serve(dir, host.ops);
+    cleanups.push(() => server.close());
+    await expect(pending).resolves.toMatchObject({ name: 'bgtapa2', created: true });
+    expect([...host.taps].sort()).toEqual(['bgtapa1', 'bgtapa2']);
+  });
+
+  it('a helper that dies mid-create: the request is sent again after the reconnect, nothing leaks', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bgrh-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const host = fakeHost();
+    let server!: RootHelperServer;
+    let died = false;
+    const dying: Partial<HelperOps> = {
+      ...host.ops,
+      createTap: async (name, uid, o) => {
+        if (!died) {
+          died = true;
+          await host.ops.createTap!(name, uid, o); // the device is made, then the helper dies before answering
+          void server.close();
+          return new Promise(() => {});
+        }
+        return host.ops.createTap!(name, uid, o);
+      },
+    };
+    server = await serve(dir, dying);
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    cleanups.push(() => helper.stop());
+    expect(await helper.reachable(5000)).toBe(true);
+    const db = openDb(':memory:');
+    const pool = new TapPool(db, helper, { size: 0, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
+    cleanups.push(() => pool.stop());
+    const leased = pool.lease('vm1');
+    await new Promise((r) => setTimeout(r, 300));
+    const again = await serve(dir, host.ops);
+    cleanups.push(() => again.close());
+    const { tap } = await leased;
+    expect(host.taps.has(tap)).toBe(true);
+    expect(pool.leases()).toEqual([{ tap, vmId: 'vm1' }]);
+    await pool.release('vm1');
+    expect(pool.leases()).toEqual([]);
+    expect(host.taps.size).toBe(0);
+  });
+
+  it('warms the pool, hands out warm devices, and reconciles: adopts what VMs use, deletes strays', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bgrh-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const host = fakeHost();
+    const server = await serve(dir, host.ops);
+    cleanups.push(() => server.close());
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    cleanups.push(() => helper.stop());
+    const db = openDb(':memory:');
+    const pool = new TapPool(db, helper, { size: 2, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
+    cleanups.push(() => pool.stop());
+    await pool.refill();
+    expect(host.taps.size).toBe(2);
+    const a = await pool.lease('vmA');
+    expect(a.warm).toBe(true);
+    await pool.refill();
+    expect(pool.leases().filter((l) => l.vmId === null)).toHaveLength(2);
+    host.taps.add('bgtapstray1');
+    // a stray device, and a VM that still claims its TAP
+    let r = await pool.reconcile(new Map([[a.tap, 'vmA']]), false);
+    expect(r.deleted).toEqual([]); // some VM could not be inspected: nothing is deleted
+    expect(host.taps.has('bgtapstray1')).toBe(true);
+    r = await pool.reconcile(new Map([[a.tap, 'vmA']]), true);
+    expect(r.adopted).toEqual([a.tap]);
+    expect(r.deleted).toEqual(['bgtapstray1']);
+    expect(host.taps.has(a.tap)).toBe(true);
+  });
+});
