@@ -376,6 +376,19 @@ const isZombie = (statText: string) => ['Z', 'X', 'x'].includes(statRest(statTex
 const statFlags = (statText: string) => Number(statRest(statText)[6]) || 0;
 
 /**
+ * A zombie in /proc/<pid>/stat is only the thread-group leader: its other threads may still be exiting, holding
+ * the process's files (the API socket still listens) until the last one is done. The process is gone once no
+ * other thread is left in /proc/<pid>/task.
+ */
+async function otherThreadsLeft(pid: number): Promise<boolean> {
+  try {
+    return (await readdir(`/proc/${pid}/task`)).some((t) => t !== String(pid));
+  } catch {
+    return false;
+  }
+}
+
+/**
  * Is `pid` still the Firecracker of instance `fcId`? Guards against pid reuse: `--id <fcId>` is on its command
  * line (the jailer passes it on too), next to a program named like firecracker. A zombie counts as gone.
  */
@@ -388,7 +401,7 @@ export async function identifyFirecracker(pid: number, fcId: string): Promise<{ 
     if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
     return { id: 'unknown', detail: errorMessage(e) };
   }
-  if (isZombie(statText)) return { id: 'gone', detail: 'zombie' };
+  if (isZombie(statText)) return (await otherThreadsLeft(pid)) ? { id: 'unknown', detail: 'exiting' } : { id: 'gone', detail: 'zombie' };
   let cmdline: string;
   try {
     cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8');
@@ -397,16 +410,17 @@ export async function identifyFirecracker(pid: number, fcId: string): Promise<{ 
     return { id: 'unknown', detail: errorMessage(e) };
   }
   if (cmdline === '') {
-    // No command line: a kernel thread, or a process that is exiting. After SIGKILL a process spends a while
-    // (freeing its memory) in state R or D with its memory, and so its command line, already gone, before it
-    // becomes a zombie: it is not gone yet, and whose it is can no longer be told.
+    // No command line: a kernel thread, or a process that is exiting. After SIGKILL (or exit) a process spends a
+    // while in state R or D with its memory, and so its command line, already gone, before it becomes a zombie:
+    // it is not gone yet (its files, the API socket among them, are still open), and whose it is can no longer
+    // be told.
     try {
       statText = await readFile(`/proc/${pid}/stat`, 'utf8');
     } catch (e) {
       if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
       return { id: 'unknown', detail: errorMessage(e) };
     }
-    if (isZombie(statText)) return { id: 'gone', detail: 'zombie' };
+    if (isZombie(statText)) return (await otherThreadsLeft(pid)) ? { id: 'unknown', detail: 'exiting' } : { id: 'gone', detail: 'zombie' };
     if (statFlags(statText) & PF_EXITING) return { id: 'unknown', detail: 'exiting' };
     return { id: 'other', detail: '(no command line)' };
   }
@@ -727,12 +741,26 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
   async function waitGone(proc: VmmProcess, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     const child = children.get(proc.pid);
+    if (child) {
+      // Our own child: gone when its exit event says so (the kernel reports it once every thread is done).
+      return new Promise<boolean>((res, rej) => {
+        if (signal?.aborted) return rej(new BangerError('aborted', 'aborted'));
+        const done = (fn: () => void) => {
+          clearTimeout(timer);
+          signal?.removeEventListener('abort', onAbort);
+          fn();
+        };
+        const timer = setTimeout(() => done(() => res(false)), Math.max(0, timeoutMs));
+        const onAbort = () => done(() => rej(new BangerError('aborted', 'aborted')));
+        signal?.addEventListener('abort', onAbort, { once: true });
+        void child.then(() => done(() => res(true)));
+      });
+    }
     for (;;) {
       if (!(await isOurs(proc))) return true;
       const left = deadline - Date.now();
       if (left <= 0) return false;
-      if (child) await Promise.race([child, sleep(Math.min(100, left), signal)]);
-      else await sleep(Math.min(100, left), signal);
+      await sleep(Math.min(100, left), signal);
     }
   }
 

@@ -1,38 +1,31 @@
+/**
+ * The KVM probe. Its probe boot needs a bootable kernel: $BANGER_TEST_KERNEL (and $BANGER_TEST_INITRD when that
+ * kernel needs one), else the e2e test image's vmlinuz and initrd.img, which test/e2e/global-setup.ts builds or
+ * takes from the cache. Without the image the probe boot skips with the reason outside CI and fails under CI
+ * (describeE2E); the tests that need no kernel always run.
+ */
 import { constants } from 'node:fs';
-import { access, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { access, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { probeKvm } from '../../src/host/qemu.js';
 import { which } from '../../src/host/runner.js';
-
-/** A bootable kernel: $BANGER_TEST_KERNEL, else the host's /boot/vmlinuz-* when readable. */
-async function findKernel(): Promise<string | undefined> {
-  if (process.env.BANGER_TEST_KERNEL) return process.env.BANGER_TEST_KERNEL;
-  const names = await readdir('/boot').catch(() => [] as string[]);
-  for (const n of names.filter((x) => x.startsWith('vmlinuz-')).sort().reverse()) {
-    try {
-      await access(join('/boot', n), constants.R_OK);
-      return join('/boot', n);
-    } catch {
-      /* next */
-    }
-  }
-  return undefined;
-}
+import { describeE2E } from './harness.js';
+import { imageHome, TEST_IMAGE } from './image-cache.js';
 
 const qemuBin = process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
-const kernel = await findKernel();
-const haveQemu = !!(await which(qemuBin));
-const skipReason =
-  process.env.CI === 'true'
-    ? undefined
-    : !kernel
-      ? 'no kernel: set BANGER_TEST_KERNEL or make a /boot/vmlinuz-* readable'
-      : !haveQemu
-        ? `${qemuBin} not found`
-        : undefined;
-if (skipReason) console.warn(`skipping KVM probe tests: ${skipReason}`);
+const kernelFromEnv = process.env.BANGER_TEST_KERNEL || undefined;
+const imageDir = join(imageHome(), 'images', TEST_IMAGE);
+/** The kernel (and initrd) to probe with: the one named in the environment, else the test image's. */
+const kernel = kernelFromEnv ?? join(imageDir, 'vmlinuz');
+const initrd = kernelFromEnv ? process.env.BANGER_TEST_INITRD || undefined : join(imageDir, 'initrd.img');
+const readable = (p: string) => access(p, constants.R_OK).then(
+  () => true,
+  () => false,
+);
+/** A kernel named in the environment needs no test image: run whatever the e2e setup found, and fail if it is unusable. */
+const describeProbeBoot = kernelFromEnv ? describe : describeE2E;
 
 /** What the probe must conclude here. This project's machines are nested VMs where stock kernels cannot run under KVM. */
 const expected = (process.env.BANGER_EXPECT_KVM ?? 'unusable') === 'usable';
@@ -94,13 +87,18 @@ describe('probeKvm', () => {
       await rm(d, { recursive: true, force: true });
     }
   });
+});
 
-  it.skipIf(!!skipReason)(`decides by a probe boot (expect ${expected ? 'usable' : 'not usable'}) and caches the verdict`, { timeout: 90_000 }, async () => {
-    expect(kernel, 'CI=true needs a kernel: set BANGER_TEST_KERNEL').toBeTruthy();
+describeProbeBoot('probeKvm with a real kernel', () => {
+  it(`decides by a probe boot (expect ${expected ? 'usable' : 'not usable'}) and caches the verdict`, { timeout: 90_000 }, async () => {
+    expect(await which(qemuBin), `${qemuBin} is not installed`).toBeTruthy();
+    for (const f of [kernel, initrd]) {
+      if (f) expect(await readable(f), `${f} is not readable${kernelFromEnv ? '' : ' (the e2e test image is incomplete)'}`).toBe(true);
+    }
     dir = await mkdtemp(join(tmpdir(), 'bkvm-'));
     const cacheFile = join(dir, 'cache', 'kvm-probe.json');
     const t0 = Date.now();
-    const first = await probeKvm({ kernel: kernel!, cacheFile, timeoutMs: 20_000 });
+    const first = await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 });
     const firstMs = Date.now() - t0;
     console.log(`KVM probe: ${JSON.stringify(first)} in ${firstMs} ms`);
     expect(first.cached).toBe(false);
@@ -111,7 +109,7 @@ describe('probeKvm', () => {
     expect(cache).toMatchObject({ usable: first.usable, key: { kernel: expect.any(String), size: expect.any(Number), hostKernel: expect.any(String) } });
 
     const t1 = Date.now();
-    const second = await probeKvm({ kernel: kernel!, cacheFile, timeoutMs: 20_000 });
+    const second = await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 });
     expect(second).toEqual({ ...first, cached: true });
     expect(Date.now() - t1).toBeLessThan(2000);
 
