@@ -37,6 +37,5 @@ export function loadConfig(path: string, env: NodeJS.ProcessEnv = process.env): 
   }
   const cfg = parsed.data;
   if (env.BANGER_BOOT_TIMEOUT_MS) cfg.bootTimeoutMs = Number(env.BANGER_BOOT_TIMEOUT_MS);
-  if (env.BANGER_FIRECRACKER_BIN) cfg.firecrackerBin = env.BANGER_FIRECRACKER_BIN;
   return cfg;
 }
