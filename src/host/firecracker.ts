@@ -18,6 +18,9 @@ import type { Runner } from './runner.js';
  */
 
 export type { LaunchSpec } from './qemu.js';
+import { checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
+
+export { MAX_SOCKET_PATH };
 
 /** File names this driver owns (sockets in the run dir, logs in the VM dir). */
 export const FirecrackerFiles = {
@@ -41,7 +44,6 @@ export const JAIL_FILES = {
   vmmLog: '/firecracker.log',
 } as const;
 
-export const MAX_SOCKET_PATH = 107;
 /** The guest's vsock CID. Firecracker's vsock is backed by a Unix socket per VM, so CIDs need not differ between VMs. */
 export const GUEST_CID = 3;
 export const BASE_BOOT_ARGS = 'console=ttyS0 reboot=k panic=1 root=/dev/vda rw';
@@ -248,30 +250,6 @@ export async function probeApiSocket(socketPath: string, timeoutMs: number, sign
 
 const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
 
-const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((res, rej) => {
-    if (signal?.aborted) return rej(new BangerError('aborted', 'aborted'));
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      res();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      rej(new BangerError('aborted', 'aborted'));
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-
-function checkSocketPath(p: string): string {
-  if (Buffer.byteLength(p) > MAX_SOCKET_PATH) {
-    throw new BangerError(
-      'host',
-      `socket path too long (${Buffer.byteLength(p)} bytes, the limit is ${MAX_SOCKET_PATH}): ${p}`,
-      'set BANGER_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a shorter directory',
-    );
-  }
-  return p;
-}
 
 /** Firecracker's instance id: alphanumerics and hyphens, 64 at most. Other characters of banger's ids become '-'. */
 export function firecrackerId(id: string): string {

@@ -6,6 +6,9 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
 import { Files } from '../paths.js';
 import { run, type Runner } from './runner.js';
+import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
+
+export { MAX_SOCKET_PATH };
 
 // ───────────────────────────── driver interface (shared with Firecracker) ─────────────────────────────
 
@@ -54,41 +57,7 @@ export interface VmmDriver {
 
 // ───────────────────────────── small helpers ─────────────────────────────
 
-/** Unix socket paths must fit sockaddr_un.sun_path (108 bytes including the NUL). */
-export const MAX_SOCKET_PATH = 107;
-
-const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((res, rej) => {
-    if (signal?.aborted) return rej(aborted('wait', signal));
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      res();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      rej(aborted('wait', signal));
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-
-function aborted(what: string, signal?: AbortSignal): BangerError {
-  const r = signal?.reason;
-  const why = r instanceof Error ? r.message : typeof r === 'string' ? r : undefined;
-  return new BangerError('aborted', `${what}: aborted${why ? ` (${why})` : ''}`);
-}
-
 const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
-
-function checkSocketPath(path: string): string {
-  if (Buffer.byteLength(path) > MAX_SOCKET_PATH) {
-    throw new BangerError(
-      'host',
-      `socket path too long (${Buffer.byteLength(path)} bytes, the limit is ${MAX_SOCKET_PATH}): ${path}`,
-      'set BANGER_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a shorter directory',
-    );
-  }
-  return path;
-}
 
 /** The QMP socket of a VM: `<runDir>/<id>.qmp`. */
 export function qmpSocketPath(runDir: string, id: string): string {
