@@ -19,6 +19,7 @@ import type { Runner } from './runner.js';
 
 export type { LaunchSpec } from './qemu.js';
 import { checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
+import { identifyProcess, type PidIdentity } from './proc.js';
 
 export { MAX_SOCKET_PATH };
 
@@ -343,69 +344,14 @@ export interface FirecrackerProcess extends VmmProcess {
   chrootDir?: string;
 }
 
-export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
-
-/** `PF_EXITING` in the flags field of /proc/<pid>/stat (include/linux/sched.h): the task is exiting. */
-const PF_EXITING = 0x4;
-
-/** The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses). */
-const statRest = (statText: string) => statText.slice(statText.lastIndexOf(')') + 2).split(' ');
-const isZombie = (statText: string) => ['Z', 'X', 'x'].includes(statRest(statText)[0]);
-const statFlags = (statText: string) => Number(statRest(statText)[6]) || 0;
-
-/**
- * A zombie in /proc/<pid>/stat is only the thread-group leader: its other threads may still be exiting, holding
- * the process's files (the API socket still listens) until the last one is done. The process is gone once no
- * other thread is left in /proc/<pid>/task.
- */
-async function otherThreadsLeft(pid: number): Promise<boolean> {
-  try {
-    return (await readdir(`/proc/${pid}/task`)).some((t) => t !== String(pid));
-  } catch {
-    return false;
-  }
-}
+export type { PidIdentity };
 
 /**
  * Is `pid` still the Firecracker of instance `fcId`? Guards against pid reuse: `--id <fcId>` is on its command
- * line (the jailer passes it on too), next to a program named like firecracker. A zombie counts as gone.
+ * line (the jailer passes it on too), next to a program named like firecracker. See proc.ts for exiting processes.
  */
-export async function identifyFirecracker(pid: number, fcId: string): Promise<{ id: PidIdentity; detail?: string }> {
-  if (!Number.isInteger(pid) || pid <= 0) return { id: 'gone', detail: `invalid pid ${pid}` };
-  let statText: string;
-  try {
-    statText = await readFile(`/proc/${pid}/stat`, 'utf8');
-  } catch (e) {
-    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
-    return { id: 'unknown', detail: errorMessage(e) };
-  }
-  if (isZombie(statText)) return (await otherThreadsLeft(pid)) ? { id: 'unknown', detail: 'exiting' } : { id: 'gone', detail: 'zombie' };
-  let cmdline: string;
-  try {
-    cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8');
-  } catch (e) {
-    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
-    return { id: 'unknown', detail: errorMessage(e) };
-  }
-  if (cmdline === '') {
-    // No command line: a kernel thread, or a process that is exiting. After SIGKILL (or exit) a process spends a
-    // while in state R or D with its memory, and so its command line, already gone, before it becomes a zombie:
-    // it is not gone yet (its files, the API socket among them, are still open), and whose it is can no longer
-    // be told.
-    try {
-      statText = await readFile(`/proc/${pid}/stat`, 'utf8');
-    } catch (e) {
-      if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
-      return { id: 'unknown', detail: errorMessage(e) };
-    }
-    if (isZombie(statText)) return (await otherThreadsLeft(pid)) ? { id: 'unknown', detail: 'exiting' } : { id: 'gone', detail: 'zombie' };
-    if (statFlags(statText) & PF_EXITING) return { id: 'unknown', detail: 'exiting' };
-    return { id: 'other', detail: '(no command line)' };
-  }
-  const argv = cmdline.split('\0');
-  const hasId = argv.some((a, i) => a === fcId && argv[i - 1] === '--id');
-  const named = argv.some((a) => a.includes('firecracker'));
-  return hasId && named ? { id: 'ours' } : { id: 'other', detail: argv.filter(Boolean).slice(0, 3).join(' ') || '(no command line)' };
+export function identifyFirecracker(pid: number, fcId: string): Promise<{ id: PidIdentity; detail?: string }> {
+  return identifyProcess(pid, (argv) => argv.some((a, i) => a === fcId && argv[i - 1] === '--id') && argv.some((a) => a.includes('firecracker')));
 }
 
 function procFields(proc: VmmProcess): { apiSocket: string; fcId: string; vsockSocket?: string; vmDir?: string; serialLog?: string } {

@@ -7,6 +7,7 @@ import { BangerError, errorMessage } from '../errors.js';
 import { Files } from '../paths.js';
 import { run, type Runner } from './runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
+import { identifyProcess, type PidIdentity } from './proc.js';
 
 export { MAX_SOCKET_PATH };
 
@@ -177,33 +178,15 @@ const qmpArg = (sock: string) => `unix:${qemuOptEscape(sock)},server=on,wait=off
 
 // ───────────────────────────── process identity ─────────────────────────────
 
-export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
+export type { PidIdentity };
 
 /**
  * Is `pid` still the QEMU that serves `qmpSocket`? Guards against pid reuse: the socket path is on the
- * command line of exactly one QEMU. A zombie counts as gone.
+ * command line of exactly one QEMU. A reaped zombie counts as gone; an exiting one as unknown (still going).
  */
-export async function identifyPid(pid: number, qmpSocket: string): Promise<{ id: PidIdentity; detail?: string }> {
-  if (!Number.isInteger(pid) || pid <= 0) return { id: 'gone', detail: `invalid pid ${pid}` };
-  let statText: string;
-  try {
-    statText = await readFile(`/proc/${pid}/stat`, 'utf8');
-  } catch (e) {
-    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
-    return { id: 'unknown', detail: errorMessage(e) };
-  }
-  const state = statText.slice(statText.lastIndexOf(')') + 2, statText.lastIndexOf(')') + 3);
-  if (state === 'Z' || state === 'X') return { id: 'gone', detail: 'zombie' };
-  let argv: string[];
-  try {
-    argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter((a, i, all) => a !== '' || i < all.length - 1);
-  } catch (e) {
-    if (errno(e) === 'ENOENT' || errno(e) === 'ESRCH') return { id: 'gone' };
-    return { id: 'unknown', detail: errorMessage(e) };
-  }
+export function identifyPid(pid: number, qmpSocket: string): Promise<{ id: PidIdentity; detail?: string }> {
   const want = qmpArg(qmpSocket);
-  const ours = argv.some((a, i) => a === want && argv[i - 1] === '-qmp');
-  return ours ? { id: 'ours' } : { id: 'other', detail: argv.slice(0, 3).join(' ') || '(no command line)' };
+  return identifyProcess(pid, (argv) => argv.some((a, i) => a === want && argv[i - 1] === '-qmp'));
 }
 
 async function isOurs(proc: VmmProcess): Promise<boolean> {
