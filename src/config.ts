@@ -17,6 +17,8 @@ export const configSchema = z.strictObject({
   bridge: z.string().default('banger0'),
   subnet: z.string().default('172.30.0.0/24'),
   nat: z.boolean().default(false),
+  /** What `--net auto` prefers when the daemon runs its own root helper (as root): user unless set to tap. */
+  defaultNet: z.enum(['user', 'tap']).default('user'),
   kvmProbeTimeoutMs: z.number().int().min(1000).default(20_000),
 });
 

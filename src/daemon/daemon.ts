@@ -31,6 +31,8 @@ export interface DaemonHandle {
   tapPool?: TapPool;
   network?: ReturnType<typeof makeNetwork>;
   helperSocket?: string;
+  /** The helper runs as a service (not as this daemon's child): `--net auto` then picks tap. */
+  helperIsService?: boolean;
   layout: Layout;
   config: Config;
   store: Store;
@@ -94,6 +96,10 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   let rootHelper: RootHelper | undefined;
   let tapPool: TapPool | undefined;
   let network: ReturnType<typeof makeNetwork> | undefined;
+  // A helper installed as a service (its socket exists before we start) makes `--net auto` pick tap; a helper
+  // a root daemon runs itself serves explicit `--net tap` only, so that plain `sudo banger vm run` does not
+  // put a bridge on the host's network unasked.
+  const helperIsService = existsSync(helperSocket) && !helperSocket.startsWith(layout.run + '/');
   if (env.BANGER_ROOT_HELPER !== 'off' && (isRoot || existsSync(helperSocket))) {
     rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
     tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, log });
@@ -131,7 +137,9 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
       if (tap) vmTaps.set(tap, id);
     }
     const inspectable = restored.errors.length === 0;
-    void (async () => {
+    // Touch the host's network (bridge, warm TAPs) only when tap networking is in use or wanted.
+    const wantPool = helperIsService || config.defaultNet === 'tap' || vmTaps.size > 0 || tapPool.leases().length > 0;
+    if (wantPool) void (async () => {
       if (!(await rootHelper.reachable(15_000))) {
         log(`root helper not reachable on ${helperSocket}: ${rootHelper.state().lastError ?? ''}`);
         return;
@@ -160,6 +168,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
     tapPool,
     network,
     helperSocket,
+    helperIsService,
     stop: () =>
       (stopping ??= (async () => {
         log(`daemon ${process.pid} stopping (VMs keep running)`);

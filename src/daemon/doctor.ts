@@ -94,7 +94,7 @@ export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ c
       fix: off ? 'unset BANGER_ROOT_HELPER and restart the daemon' : 'sudo banger system install --enable, or run the daemon as root',
     });
   } else if (await d.rootHelper.reachable(5000)) {
-    add({ name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}; --net auto uses tap` });
+    add({ name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}${d.helperIsService ? ' (a service); --net auto uses tap' : ' (run by this root daemon); --net tap works, --net auto stays on user networking unless config "defaultNet": "tap"'}` });
     const r = await run('ip', ['-j', 'link', 'show', 'dev', config.bridge], { reject: false });
     add(r.exitCode === 0 ? { name: 'bridge', status: 'ok', detail: `${config.bridge} exists (subnet ${config.subnet}${config.nat ? ', NAT on' : ''})` } : { name: 'bridge', status: 'warn', detail: `${config.bridge} does not exist yet (made on the first tap VM)`, fix: 'banger vm create --net tap' });
     const idle = d.tapPool?.leases().filter((l) => l.vmId === null).length ?? 0;

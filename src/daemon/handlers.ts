@@ -239,7 +239,7 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
           throw new BangerError('unsupported', `--net tap needs the root helper, which is not reachable${st?.lastError ? ` (${st.lastError})` : d.rootHelper ? '' : ` (nothing answers on ${d.helperSocket})`}`, 'install and start it (banger system install), run the daemon as root, or use --net user');
         }
         net = 'tap';
-      } else if (netWanted === 'auto' && d.network && helperUp) {
+      } else if (netWanted === 'auto' && d.network && helperUp && (d.helperIsService || config.defaultNet === 'tap')) {
         net = 'tap';
       }
       let vmm: 'qemu' | 'firecracker' = 'qemu';
