@@ -42,7 +42,11 @@ node -e 'const [M]=process.versions.node.split(".").map(Number); if (M < 20) { c
 # npm ci: the exact lockfile. Some npm 11 releases refuse lockfiles that omit other platforms' optional
 # packages; npm install keeps to the lockfile's versions too, so fall back to it then.
 if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund >/dev/null 2>&1 || npm install --no-audit --no-fund --no-save >/dev/null
+  npm ci --no-audit --no-fund >/dev/null 2>&1 || npm install --no-audit --no-fund --no-save >/dev/null || {
+    echo "bootstrap: npm install failed; retrying once from a clean node_modules" >&2
+    rm -rf node_modules
+    npm install --no-audit --no-fund --no-save >/dev/null
+  }
 fi
 node -e "require('better-sqlite3'); require('ssh2')" || { echo "bootstrap: native modules failed to load; run npm rebuild" >&2; exit 1; }
 echo "bootstrap: ready" >&2
