@@ -2,7 +2,6 @@
  * The rootHelper actor: keeps a connection to the root helper, restarting it (when the daemon runs as root
  * and owns the helper as a child process) or reconnecting with backoff, and holds requests meanwhile.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { createActor, fromPromise, waitFor, type Actor } from 'xstate';
@@ -10,6 +9,7 @@ import { BangerError, errorMessage } from '../errors.js';
 import { rootHelperMachine } from '../machines/root-helper.machine.js';
 import { RootHelperClient } from '../roothelper/client.js';
 import type { VerbResults } from '../roothelper/protocol.js';
+import { spawnDetached, type Detached } from '../host/spawn.js';
 
 const HELPER_MAIN = fileURLToPath(new URL('../roothelper/main.ts', import.meta.url));
 
@@ -24,7 +24,7 @@ export interface RootHelperOptions {
 
 export class RootHelper {
   private actor: Actor<typeof rootHelperMachine>;
-  private child?: ChildProcess;
+  private child?: Detached;
 
   constructor(private opts: RootHelperOptions) {
     const machine = rootHelperMachine.provide({
@@ -47,19 +47,13 @@ export class RootHelper {
       if (!this.opts.spawnChild) throw e;
     }
     // We own the helper: (re)start it as our child process and connect once its socket answers.
-    if (!this.child || this.child.exitCode !== null || this.child.signalCode !== null) {
+    if (!this.child || !this.child.isRunning()) {
       mkdirSync(this.opts.stateDir, { recursive: true });
-      this.child = spawn(process.execPath, ['--import', 'tsx', HELPER_MAIN, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-        detached: true,
+      const c = spawnDetached(process.execPath, ['--import', 'tsx', HELPER_MAIN, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
+        onStderrLine: (line) => this.opts.log(`roothelper: ${line}`),
       });
-      const c = this.child;
-      c.stderr?.setEncoding('utf8');
-      c.stderr?.on('data', (d: string) => {
-        for (const line of d.split('\n').filter(Boolean)) this.opts.log(`roothelper: ${line}`);
-      });
-      c.on('exit', (code, sig) => this.opts.log(`root helper child exited (${sig ?? code})`));
-      c.unref();
+      this.child = c;
+      void c.exited.then((code) => this.opts.log(`root helper child exited (${code})`));
       this.opts.log(`started the root helper as a child process (pid ${c.pid})`);
     }
     const deadline = Date.now() + 15_000;

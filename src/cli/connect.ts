@@ -1,10 +1,10 @@
 /** Connects to the owner daemon, starting it when its socket is absent. */
-import { spawn } from 'node:child_process';
 import { mkdirSync, openSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { BangerError } from '../errors.js';
 import { layout, type Layout } from '../paths.js';
 import { RpcClient } from '../rpc/client.js';
+import { spawnDetached } from '../host/spawn.js';
 
 export const BIN = fileURLToPath(new URL('../../bin/banger.js', import.meta.url));
 
@@ -20,15 +20,10 @@ export async function tryConnect(l: Layout): Promise<RpcClient | undefined> {
 export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number> {
   mkdirSync(l.home, { recursive: true, mode: 0o700 });
   const out = openSync(l.logFile, 'a');
-  const child = spawn(process.execPath, [BIN, 'daemon', 'start', '--foreground'], {
-    detached: true,
-    stdio: ['ignore', out, out],
-    env: process.env,
-  });
-  child.unref();
-  const pid = child.pid ?? -1;
+  const child = spawnDetached(process.execPath, [BIN, 'daemon', 'start', '--foreground'], { logFd: out });
+  const pid = child.pid;
   let exited: number | null = null;
-  child.on('exit', (code) => (exited = code ?? 1));
+  void child.exited.then((code) => (exited = code));
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     const c = await tryConnect(l);

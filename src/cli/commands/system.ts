@@ -2,7 +2,7 @@
 type Argv<_T = any> = any;
 import { fileURLToPath } from 'node:url';
 import { resolve } from 'node:path';
-import { execa } from 'execa';
+import { run } from '../../host/runner.js';
 import { BangerError } from '../../errors.js';
 import { layout } from '../../paths.js';
 import { DAEMON_UNIT, HELPER_UNIT, writeUnits } from '../../roothelper/units.js';
@@ -28,9 +28,9 @@ export function systemCommands(y: Argv<any>): Argv<any> {
         const userDir = a.userDir ?? resolve(process.env.HOME ?? '/root', '.config/systemd/user');
         const usr = await writeUnits(userDir, opts);
         if (a.enable) {
-          const r = await execa('systemctl', ['daemon-reload'], { reject: false });
+          const r = await run('systemctl', ['daemon-reload'], { reject: false }).catch((e) => ({ exitCode: 1, stderr: (e as Error).message }));
           if (r.exitCode !== 0) throw new BangerError('host', `systemctl daemon-reload failed: ${r.stderr}`, 'is systemd running here? the unit files are written; start the helper by hand');
-          const e = await execa('systemctl', ['enable', '--now', HELPER_UNIT], { reject: false });
+          const e = await run('systemctl', ['enable', '--now', HELPER_UNIT], { reject: false }).catch((e) => ({ exitCode: 1, stderr: (e as Error).message }));
           if (e.exitCode !== 0) throw new BangerError('host', `systemctl enable --now ${HELPER_UNIT} failed: ${e.stderr}`);
         }
         out(a, { helperUnit: sys.helper, daemonUnit: usr.daemon, enabled: a.enable }, () =>

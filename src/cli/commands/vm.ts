@@ -1,11 +1,11 @@
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- yargs builder typing is loose on purpose here
 import type { Argv as YArgv } from 'yargs';
 type Argv<_T = any> = any;
-import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
 import { shellQuote } from '../../host/shell.js';
+import { runInteractive } from '../../host/spawn.js';
 import { connectDaemon } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
 import { c, fmtBytes, fmtMs, progressPrinter, stateColor, table } from '../output.js';
@@ -79,11 +79,7 @@ export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty
     // Run in the workspace: cd there first (the path is quoted; the command stays an argv).
     args.push('--', interactive ? `cd ${shellQuote([opts.cwd])} && exec "\${SHELL:-/bin/sh}" -l` : `cd ${shellQuote([opts.cwd])} && exec ${shellQuote(cmd!)}`);
   } else if (!interactive) args.push('--', shellQuote(cmd!));
-  return new Promise((res, rej) => {
-    const child = spawn('ssh', args, { stdio: 'inherit' });
-    child.on('error', (e) => rej(new BangerError('host', `could not run ssh: ${e.message}`, 'apt-get install openssh-client')));
-    child.on('exit', (code, sig) => res(code ?? (sig ? 128 + 15 : 1)));
-  });
+  return runInteractive('ssh', args, 'apt-get install openssh-client');
 }
 
 export function vmCommands(y: Argv<any>): Argv<any> {
