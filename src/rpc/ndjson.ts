@@ -44,14 +44,16 @@ export class LineDecoder {
       return undefined;
     }
     const length = this.size + piece.length;
-    const line = this.parts.length ? (this.parts.push(piece), this.parts.join('')) : piece;
+    const parts = this.parts;
     this.parts = [];
     this.size = 0;
     if (length > this.maxLine) {
       this.opts.onOverflow?.(length);
       return undefined;
     }
-    return line;
+    if (!parts.length) return piece;
+    parts.push(piece);
+    return parts.join('');
   }
 
   private keep(piece: string): void {
