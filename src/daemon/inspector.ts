@@ -9,12 +9,13 @@
  *
  * Loopback only: the stream carries every actor's context (VM specs, paths), never keys or secrets.
  */
-import { createInspector, type Adapter } from '@statelyai/inspect';
+import { createInspector, type StatelyInspectionEvent } from '@statelyai/inspect';
 import type { InspectionEvent, Observer } from 'xstate';
 import { WebSocketServer, WebSocket } from 'ws';
 import { BangerError } from '../errors.js';
 
-type StatelyEvent = Parameters<Adapter['send']>[0];
+type StatelyEvent = StatelyInspectionEvent;
+type Adapter = Parameters<typeof createInspector>[0];
 
 export interface InspectorServer {
   /** Hand this to `createActor(..., { inspect })` of the system's root. */
