@@ -3,8 +3,13 @@
  * start reconciles its leases (SQLite) with the devices that really exist (the root helper's tap.list):
  * devices a VM uses are adopted, strays are deleted — unless some VM could not be inspected, in which case
  * nothing is deleted (lima's reconcile rule). All changes are serialised through one queue.
+ *
+ * Ownership: every TAP this pool makes is named `bgtap<tag><random>`, where the tag is derived from the
+ * daemon's uid and BANGER_HOME, and its lease row is written before the device is made. Reconcile deletes
+ * only devices it has a lease row for or that carry its tag: another daemon's TAPs (another user or home on
+ * the same helper) are never touched.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { BangerError, errorMessage } from '../errors.js';
 import type { DB } from '../store/db.js';
 import type { RootHelper } from './root-helper.js';
@@ -15,17 +20,30 @@ export interface TapPoolOptions {
   uid: number;
   gid: number;
   log: (line: string) => void;
+  /** This daemon's mark in its TAP names (see ownerTag); '' claims every bgtap device (tests). */
+  tag?: string;
 }
 
-export function newTapName(): string {
-  // bgtap + 8 base36 chars: within IFNAMSIZ (15) and TAP_NAME_RE.
-  const n = randomBytes(6).readUIntBE(0, 6).toString(36).padStart(8, '0').slice(-8);
-  return `bgtap${n}`;
+const TAG_LENGTH = 4;
+const RANDOM_LENGTH = 6;
+
+/** A short base36 mark for one daemon (uid + BANGER_HOME), part of the names of the TAPs it makes. */
+export function ownerTag(uid: number, home: string): string {
+  const h = createHash('sha256').update(`${uid}\0${home}`).digest();
+  return h.readUIntBE(0, 6).toString(36).padStart(TAG_LENGTH, '0').slice(-TAG_LENGTH);
+}
+
+/** bgtap + tag + random base36 chars: within IFNAMSIZ (15) and TAP_NAME_RE (at most 10 after bgtap). */
+export function newTapName(tag = ''): string {
+  const len = tag ? RANDOM_LENGTH : 8;
+  const n = randomBytes(6).readUIntBE(0, 6).toString(36).padStart(len, '0').slice(-len);
+  return `bgtap${tag}${n}`;
 }
 
 export class TapPool {
   private chain: Promise<unknown> = Promise.resolve();
-  private refilling = false;
+  /** A refill is queued and has not started yet: a later kick needs no second one. */
+  private refillQueued = false;
   private stopped = false;
 
   constructor(
@@ -49,45 +67,50 @@ export class TapPool {
   }
 
   /**
-   * Reconcile with reality. `vmTaps`: the TAP each live VM records; `inspectable`: false when some VM could
-   * not be inspected (then nothing is deleted).
+   * Reconcile with reality. `vmTaps`: the TAP each live VM records; `liveVms`: every VM that exists when
+   * the reconcile runs (its leases are kept even when it has not recorded its TAP yet: a create interrupted
+   * right after its lease, or one started while the reconcile waited for the helper);
+   * `inspectable`: false when some VM could not be inspected (then nothing is deleted).
    */
-  reconcile(vmTaps: Map<string, string>, inspectable: boolean): Promise<{ adopted: string[]; deleted: string[]; forgotten: string[] }> {
+  reconcile(vmTaps: Map<string, string>, inspectable: boolean, liveVms: () => Iterable<string> = () => vmTaps.values()): Promise<{ adopted: string[]; deleted: string[]; forgotten: string[] }> {
     return this.serial(async () => {
       const real = new Set((await this.helper.request('tap.list', {})).taps.map((t) => t.name));
+      const live = new Set(liveVms());
       const adopted: string[] = [];
       const deleted: string[] = [];
       const forgotten: string[] = [];
-      const known = new Map(this.rows().map((r) => [r.tap, r.vm_id]));
       // Every TAP a VM records is leased to it (adopt), whatever the table said.
       for (const [tap, vmId] of vmTaps) {
         if (!real.has(tap)) continue; // the VM will get a fresh one on its next boot
         this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, ?, ?) ON CONFLICT(tap) DO UPDATE SET vm_id = excluded.vm_id').run(tap, vmId, new Date().toISOString());
         adopted.push(tap);
       }
-      const leasedByVm = new Set(vmTaps.keys());
+      const known = new Map(this.rows().map((r) => [r.tap, r.vm_id]));
       for (const [tap, vmId] of known) {
-        if (leasedByVm.has(tap)) continue;
         if (!real.has(tap)) {
+          if (vmTaps.has(tap)) continue;
           this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
           forgotten.push(tap);
           continue;
         }
-        if (vmId !== null && inspectable) {
-          // Leased to a VM that no longer claims it: back to the pool only after deleting (fresh device).
+        if (vmId !== null && !live.has(vmId) && inspectable) {
+          // Leased to a VM that no longer exists: deleted (the pool warms fresh devices instead).
           await this.helper.request('tap.delete', { name: tap });
           this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
           deleted.push(tap);
         }
       }
-      if (inspectable) {
-        for (const tap of real) {
-          if (known.has(tap) || leasedByVm.has(tap)) continue;
-          await this.helper.request('tap.delete', { name: tap });
-          deleted.push(tap);
-        }
-      } else {
+      if (!inspectable) {
         this.opts.log('tapPool: some VM could not be inspected; stray TAP devices are left alone');
+        return { adopted, deleted, forgotten };
+      }
+      // A device with our tag and no lease row: made by us, and its row is gone (never written by an older
+      // version, or a lease row removed by hand). Devices without our tag belong to someone else.
+      const mine = `bgtap${this.opts.tag ?? ''}`;
+      for (const tap of real) {
+        if (known.has(tap) || !tap.startsWith(mine)) continue;
+        await this.helper.request('tap.delete', { name: tap });
+        deleted.push(tap);
       }
       return { adopted, deleted, forgotten };
     });
@@ -107,7 +130,7 @@ export class TapPool {
         this.kickRefill();
         return { tap: idle.tap, warm: true };
       }
-      const tap = newTapName();
+      const tap = newTapName(this.opts.tag);
       // Record the lease first: a crash between create and record must not leak an unaccounted device.
       this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, ?, ?)').run(tap, vmId, new Date().toISOString());
       try {
@@ -137,10 +160,11 @@ export class TapPool {
   /** Bring the number of idle TAPs up to the configured size. */
   refill(): Promise<number> {
     return this.serial(async () => {
+      this.refillQueued = false;
       let made = 0;
       const idle = () => (this.db.prepare('SELECT COUNT(*) n FROM tap_leases WHERE vm_id IS NULL').get() as { n: number }).n;
       while (!this.stopped && idle() < this.opts.size) {
-        const tap = newTapName();
+        const tap = newTapName(this.opts.tag);
         this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, NULL, NULL)').run(tap);
         try {
           await this.helper.request('tap.create', { name: tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
@@ -154,14 +178,14 @@ export class TapPool {
     });
   }
 
+  /**
+   * Queue a refill behind the current change. The flag is cleared when the refill starts (inside the
+   * queue), so a lease that runs after a refill has begun always queues another: no lease goes unrefilled.
+   */
   private kickRefill(): void {
-    if (this.refilling || this.stopped) return;
-    this.refilling = true;
-    setImmediate(() => {
-      this.refill()
-        .catch((e) => this.opts.log(`tapPool: refill failed: ${errorMessage(e)}`))
-        .finally(() => (this.refilling = false));
-    });
+    if (this.refillQueued || this.stopped) return;
+    this.refillQueued = true;
+    this.refill().catch((e) => this.opts.log(`tapPool: refill failed: ${errorMessage(e)}`));
   }
 
   stop(): void {

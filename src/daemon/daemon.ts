@@ -17,12 +17,13 @@ import { qemuDriver, type VmmDriver } from '../host/qemu.js';
 import { makeHandlers } from './handlers.js';
 import { createFirecrackerDriver } from '../host/firecracker.js';
 import { RootHelper } from '../actors/root-helper.js';
-import { TapPool } from '../actors/tap-pool.js';
+import { TapPool, ownerTag } from '../actors/tap-pool.js';
 import { makeNetwork } from '../actors/network.js';
 import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeJobRunners } from './jobs.js';
+import { clearLeftovers } from '../host/image.js';
 
 export const VERSION = '0.1.0';
 
@@ -102,7 +103,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   const helperIsService = existsSync(helperSocket) && !helperSocket.startsWith(layout.run + '/');
   if (env.BANGER_ROOT_HELPER !== 'off' && (isRoot || existsSync(helperSocket))) {
     rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
-    tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, log });
+    tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, log, tag: ownerTag(process.getuid?.() ?? 0, layout.home) });
     network = makeNetwork(rootHelper, tapPool, store, config);
   }
   const stepEnv = {
@@ -120,6 +121,9 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
     log: (vmId: string, stage: string, status: string, ms?: number, message?: string) =>
       log(`vm ${vmId} ${stage} ${status}${ms !== undefined ? ` ${ms}ms` : ''}${message ? ` ${message.split('\n')[0]}` : ''}`),
   };
+  // What a killed build or create left (gigabytes, at times): none runs yet, so none of it is in use. Awaited
+  // before the VM actors restart (their steps rewrite *.partial files); the big trees go in the background.
+  await clearLeftovers(layout, { runner: run, log }).catch((e) => log(`clearing leftovers: ${(e as Error).message}`));
   let supervisor!: Supervisor;
   const jobRunners = makeJobRunners(() => supervisor, stepEnv);
   supervisor = new Supervisor(stepEnv, jobRunners);
@@ -146,7 +150,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
       }
       try {
         await network.ensureBridge();
-        const r = await tapPool.reconcile(vmTaps, inspectable);
+        const r = await tapPool.reconcile(vmTaps, inspectable, () => supervisor.ids());
         log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
         await tapPool.refill();
       } catch (e) {
