@@ -46,12 +46,9 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
   const pulls = new Map<string, Promise<ImageManifest>>();
 
   const resolveVm = (ref: string): string => {
-    const rows = store.resolveVm(ref);
-    if (rows.length === 0) throw new BangerError('not_found', `no vm named ${JSON.stringify(ref)}`, 'banger vm list shows the VMs');
-    if (rows.length > 1) throw new BangerError('conflict', `${JSON.stringify(ref)} matches ${rows.length} VMs (${rows.map((r) => r.name).join(', ')})`, 'use more of the id, or the name');
-    const id = rows[0].id;
-    if (!sup.has(id)) throw new BangerError('not_found', `vm ${rows[0].name} has no live actor (its snapshot could not be restored)`, 'see the daemon log; banger vm delete is the way out');
-    return id;
+    const row = store.findVm(ref);
+    if (!sup.has(row.id)) throw new BangerError('not_found', `vm ${row.name} has no live actor (its snapshot could not be restored)`, 'see the daemon log; banger vm delete is the way out');
+    return row.id;
   };
 
   const imageView = (name: string, m: ImageManifest): ImageView => {
@@ -218,7 +215,7 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
     'vm.create': async (p: ParamsOf<'vm.create'>, ctx) => {
       const id = newId();
       const name = p.name !== undefined ? validateName('vm', p.name) : `vm-${id.slice(0, 6)}`;
-      if (store.nameTaken(name)) throw new BangerError('conflict', `a vm named ${name} already exists`, 'pick another --name, or delete the old one');
+      store.assertNameFree(name);
       const imageName = validateName('image', p.image ?? config.defaultImage);
       let manifest: ImageManifest;
       try {

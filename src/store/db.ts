@@ -58,6 +58,24 @@ const MIGRATIONS: string[] = [
     leased_at TEXT
   );
   `,
+  // 3: a VM name is unique among live VMs only, so a deleted VM's name can be used again. SQLite cannot drop the
+  // column's UNIQUE: rebuild the table (nothing references vms by foreign key, no index or trigger sits on it).
+  `
+  CREATE TABLE vms_v3 (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    image TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    snapshot TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0
+  );
+  INSERT INTO vms_v3 (id, name, image, created_at, state, snapshot, deleted)
+    SELECT id, name, image, created_at, state, snapshot, deleted FROM vms;
+  DROP TABLE vms;
+  ALTER TABLE vms_v3 RENAME TO vms;
+  CREATE UNIQUE INDEX vms_live_name ON vms (name) WHERE deleted = 0;
+  `,
 ];
 
 export type DB = Database.Database;
@@ -73,15 +91,16 @@ export function openDb(path: string): DB {
   return db;
 }
 
-export function migrate(db: DB): number {
+/** Brings the schema up to `target` (default: the newest); tests pass an older target to build an old database. */
+export function migrate(db: DB, target = MIGRATIONS.length): number {
   const current = db.pragma('user_version', { simple: true }) as number;
-  for (let v = current; v < MIGRATIONS.length; v++) {
+  for (let v = current; v < target; v++) {
     db.transaction(() => {
       db.exec(MIGRATIONS[v]);
       db.pragma(`user_version = ${v + 1}`);
     })();
   }
-  return MIGRATIONS.length;
+  return Math.max(current, target);
 }
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -1,3 +1,4 @@
+import { BangerError } from '../errors.js';
 import type { DB } from './db.js';
 
 export interface VmRow {
@@ -35,10 +36,16 @@ export interface LogRow {
 export class Store {
   constructor(readonly db: DB) {}
 
+  /** A name is unique among live VMs; a racing insert of a live name gets the same `conflict` error as the check before it. */
   insertVm(row: { id: string; name: string; image: string; createdAt: string; state: string }): void {
-    this.db
-      .prepare('INSERT INTO vms (id, name, image, created_at, state) VALUES (?, ?, ?, ?, ?)')
-      .run(row.id, row.name, row.image, row.createdAt, row.state);
+    try {
+      this.db
+        .prepare('INSERT INTO vms (id, name, image, created_at, state) VALUES (?, ?, ?, ?, ?)')
+        .run(row.id, row.name, row.image, row.createdAt, row.state);
+    } catch (e) {
+      if (isUniqueNameViolation(e)) throw this.nameInUse(row.name);
+      throw e;
+    }
   }
 
   getVm(id: string): VmRow | undefined {
@@ -49,16 +56,36 @@ export class Store {
     return this.db.prepare('SELECT * FROM vms WHERE deleted = 0 ORDER BY created_at, id').all() as VmRow[];
   }
 
-  /** Find by exact name, exact id, or unique id prefix. */
+  /** Live VMs matching `ref`: exact name or exact id first, else every id that literally starts with `ref`. */
   resolveVm(ref: string): VmRow[] {
+    if (ref.length === 0) return [];
     const exact = this.db.prepare('SELECT * FROM vms WHERE deleted = 0 AND (name = ? OR id = ?)').all(ref, ref) as VmRow[];
     if (exact.length) return exact;
-    if (!/^[a-zA-Z0-9_-]+$/.test(ref)) return [];
-    return this.db.prepare("SELECT * FROM vms WHERE deleted = 0 AND id LIKE ? || '%'").all(ref) as VmRow[];
+    // substr, not LIKE: `_` and `%` in a ref are characters, never wildcards.
+    return this.db.prepare('SELECT * FROM vms WHERE deleted = 0 AND substr(id, 1, length(@ref)) = @ref ORDER BY created_at, id').all({ ref }) as VmRow[];
   }
 
-  nameTaken(name: string): boolean {
-    return !!this.db.prepare('SELECT 1 FROM vms WHERE name = ? AND deleted = 0').get(name);
+  /** The one live VM `ref` names, or a `not_found` / `conflict` error that says what to type instead. */
+  findVm(ref: string): VmRow {
+    const rows = this.resolveVm(ref);
+    if (rows.length === 1) return rows[0];
+    if (rows.length === 0) throw new BangerError('not_found', `no vm named ${JSON.stringify(ref)} (and no vm id starts with it)`, 'banger vm list shows the VMs');
+    const candidates = rows.map((r) => `${r.name} (${r.id})`).join(', ');
+    throw new BangerError('conflict', `${JSON.stringify(ref)} matches ${rows.length} VMs: ${candidates}`, 'give more of the id, or the name');
+  }
+
+  /** Refuses a name a live VM already has; deleted VMs leave their names free. */
+  assertNameFree(name: string): void {
+    if (this.liveVmNamed(name)) throw this.nameInUse(name);
+  }
+
+  private liveVmNamed(name: string): VmRow | undefined {
+    return this.db.prepare('SELECT * FROM vms WHERE name = ? AND deleted = 0').get(name) as VmRow | undefined;
+  }
+
+  private nameInUse(name: string): BangerError {
+    const holder = this.liveVmNamed(name);
+    return new BangerError('conflict', `a vm named ${name} already exists${holder ? ` (id ${holder.id}, ${holder.state})` : ''}`, `pick another --name, or delete it first: banger vm delete ${name}`);
   }
 
   /** Snapshot + event-log row in one transaction: the persisted state never runs ahead of or behind its log. */
@@ -146,6 +173,11 @@ export class Store {
   releaseAddress(vmId: string): void {
     this.db.prepare('DELETE FROM ip_leases WHERE vm_id = ?').run(vmId);
   }
+}
+
+function isUniqueNameViolation(e: unknown): boolean {
+  const err = e as { code?: unknown; message?: unknown };
+  return err?.code === 'SQLITE_CONSTRAINT_UNIQUE' && typeof err.message === 'string' && err.message.includes('vms.name');
 }
 
 function safeJson(v: unknown): string {
