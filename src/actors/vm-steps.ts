@@ -18,6 +18,7 @@ import { findFreePort, identifyPid, type VmmDriver, type VmmProcess } from '../h
 import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk } from '../host/disks.js';
 import { readManifest, type ImageManifest } from '../host/image.js';
 import { Cleanups } from './cleanups.js';
+import { testStageDelay } from './fault-injection.js';
 
 export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
 
@@ -146,6 +147,7 @@ export function makeSteps(env: StepEnv) {
       (s) => `strategy=${s}`,
     );
     void strategy;
+    await testStageDelay('creating', signal); // test hook, see fault-injection.ts
     // The VM's own SSH host key: generated here, pinned before first contact.
     if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
       const hk = await stage(env, ctx.id, 'hostKey', () => generateHostKey({ runner: env.runner, signal, comment: `banger-${ctx.id}` }));
@@ -180,6 +182,7 @@ export function makeSteps(env: StepEnv) {
     await stage(
       env,
       ctx.id,
+    await testStageDelay('applyingWorkSeed', signal); // test hook, see fault-injection.ts
       'workDisk',
       () =>
         createWorkDisk(f.workDisk, {
@@ -207,6 +210,7 @@ export function makeSteps(env: StepEnv) {
       const prev = await readVmmState(f.vmmState);
       if (prev && (await alive(driver, { pid: prev.pid, qmpSocket: prev.control }))) {
         proc = { pid: prev.pid, qmpSocket: prev.control };
+    await testStageDelay('booting', signal); // test hook, see fault-injection.ts
         sshPort = prev.sshPort;
         env.log(ctx.id, 'vmm.adopt', 'info', undefined, `pid ${prev.pid}`);
       } else {
@@ -301,6 +305,7 @@ export function makeSteps(env: StepEnv) {
     const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
     void how;
     await rm(f.vmmState, { force: true });
+    await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
   });
 
   const applySettings = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
@@ -315,6 +320,7 @@ export function makeSteps(env: StepEnv) {
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver(ctx.spec.vmm);
     const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
+    await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
     if (st && (await alive(driver, { pid: st.pid, qmpSocket: st.control }))) {
       await stage(env, ctx.id, 'vmm.kill', () => driver.kill({ pid: st.pid, qmpSocket: st.control }));
     }
@@ -323,6 +329,7 @@ export function makeSteps(env: StepEnv) {
       await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
     }
     env.store.releaseAddress(ctx.id);
+    await testStageDelay('deleting'); // test hook, see fault-injection.ts
     await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
   });
 

@@ -3,12 +3,14 @@ import { BangerError } from '../errors.js';
 import type { Supervisor } from '../actors/supervisor.js';
 import { sshTargetFor, type StepEnv } from '../actors/vm-steps.js';
 import type { JobRunners } from '../actors/workspace-jobs.js';
+import { testStageDelay } from '../actors/fault-injection.js';
 import { exec as sshExec } from '../host/ssh.js';
 import { exportWorkspace, prepareWorkspace, type GuestExec } from '../host/workspace.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
   return {
     async run(vmId, job, { signal, progress }) {
+      await testStageDelay(job.kind, signal); // test hook, see fault-injection.ts
       const snap = sup().snapshot(vmId);
       const ctx = snap.context;
       if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} is not running`);
