@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 
@@ -88,4 +89,13 @@ export function layout(env: NodeJS.ProcessEnv = process.env): Layout {
     imageDir: (name) => join(home, Files.imagesDir, name),
     vmDir: (id) => join(home, Files.vmsDir, id),
   };
+}
+
+export function readDaemonPid(l: Layout): number | undefined {
+  try {
+    const pid = Number(readFileSync(l.pidFile, 'utf8').trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -12,6 +12,7 @@ import { systemCommands } from './commands/system.js';
 import { runInspect } from './commands/inspect.js';
 import { c } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
+import { versionLine } from '../version.js';
 
 function fail(e: unknown): never {
   if (e instanceof BangerError) {
@@ -50,7 +51,7 @@ const cli = yargs(hideBin(process.argv))
   .demandCommand(1, 'name a command (banger --help lists them)')
   .strict()
   .help()
-  .version('0.1.0')
+  .version(versionLine())
   .fail((msg, err) => {
     if (err) fail(err);
     process.stderr.write(`${c.red('usage error:')} ${msg}\n${c.dim('hint: banger --help')}\n`);

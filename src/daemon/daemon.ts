@@ -23,9 +23,9 @@ import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeJobRunners } from './jobs.js';
+import { buildInfo } from '../version.js';
 import { clearLeftovers } from '../host/image.js';
 
-export const VERSION = '0.1.0';
 
 export interface DaemonHandle {
   rootHelper?: RootHelper;
@@ -185,7 +185,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
         store.db.close();
       })()),
   };
-  const handlers = makeHandlers(handle, { version: VERSION, drivers, log });
+  const handlers = makeHandlers(handle, { version: buildInfo().version, commit: buildInfo().commit, drivers, log });
   handle.server = new RpcServer(handlers, log);
   await handle.server.listen(layout.socket);
   writeFileSync(layout.pidFile, String(process.pid));
@@ -220,13 +220,4 @@ function takeLock(path: string): void {
     }
   }
   throw new BangerError('conflict', `could not take the daemon lock ${path}`);
-}
-
-export function readDaemonPid(l: Layout): number | undefined {
-  try {
-    const pid = Number(readFileSync(l.pidFile, 'utf8').trim());
-    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
-  } catch {
-    return undefined;
-  }
 }

@@ -23,6 +23,7 @@ const newId = customAlphabet('0123456789abcdefghijklmnopqrstuvwxyz', 10);
 
 export interface HandlerDeps {
   version: string;
+  commit: string;
   drivers: Record<string, VmmDriver | undefined>;
   log: (line: string) => void;
 }
@@ -101,6 +102,7 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
       pid: process.pid,
       socket: layout.socket,
       version: deps.version,
+      commit: deps.commit,
       uptimeSeconds: Math.round((Date.now() - d.startedAt) / 1000),
       vms: sup.ids().length,
       home: layout.home,

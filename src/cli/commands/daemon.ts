@@ -1,8 +1,7 @@
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- yargs builder typing is loose on purpose here
 import type { Argv as YArgv } from 'yargs';
 type Argv<_T = any> = any;
-import { layout } from '../../paths.js';
-import { startDaemon, readDaemonPid } from '../../daemon/daemon.js';
+import { layout, readDaemonPid } from '../../paths.js';
 import { spawnDaemon, tryConnect } from '../connect.js';
 import { call, out, type GlobalArgs } from '../context.js';
 import { c } from '../output.js';
@@ -17,6 +16,8 @@ export function daemonCommands(y: Argv<any>): Argv<any> {
         if (a.inspect !== undefined) process.stderr.write('banger: --inspect (Stately inspector over WebSocket) is not built yet; `banger inspect` streams live transitions\n');
         const l = layout();
         if (a.foreground) {
+          // Loaded only here: every other command talks to the daemon and never loads SQLite or XState.
+          const { startDaemon } = await import('../../daemon/daemon.js');
           const h = await startDaemon();
           process.stderr.write(`banger daemon ${process.pid} listening on ${l.socket}\n`);
           const shutdown = () => void h.stop().then(() => process.exit(0));
@@ -54,7 +55,7 @@ export function daemonCommands(y: Argv<any>): Argv<any> {
     })
     .command('status', 'show the daemon status', {}, async (a: GlobalArgs) => {
       const s = await call('daemon.status', {});
-      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version}, up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}`);
+      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}`);
     })
     .demandCommand(1, 'name a daemon command: start, stop or status');
 }
