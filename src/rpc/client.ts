@@ -1,6 +1,10 @@
-/** JSON-RPC client over the daemon socket. A connection that closes rejects every pending request. */
+/**
+ * JSON-RPC client over the daemon socket, reading answers in time linear in their size (LineDecoder). A connection
+ * that closes rejects every pending request.
+ */
 import { connect, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
+import { LineDecoder } from './ndjson.js';
 import { PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type RpcResponse } from './protocol.js';
 
 interface Pending {
@@ -9,6 +13,9 @@ interface Pending {
   onProgress?: (p: ProgressParams) => void;
   onStream?: (data: unknown) => void;
 }
+
+/** The longest answer line read (V8 strings end a little above 2^29 characters); a longer one ends the connection. */
+const MAX_ANSWER_LINE = 2 ** 28;
 
 export interface CallOptions {
   onProgress?: (p: ProgressParams) => void;
@@ -19,19 +26,28 @@ export interface CallOptions {
 export class RpcClient {
   private nextId = 1;
   private pending = new Map<number, Pending>();
-  private buf = '';
   private closed = false;
+  private readonly lines = new LineDecoder({
+    maxLine: MAX_ANSWER_LINE,
+    onOverflow: () => {
+      this.fail(`the daemon sent a line longer than ${MAX_ANSWER_LINE} characters`);
+      this.sock.destroy();
+    },
+  });
+
   private constructor(private sock: Socket) {
     sock.setEncoding('utf8');
     sock.on('data', (c: string) => this.onData(c));
-    const fail = (why: string) => {
-      if (this.closed) return;
-      this.closed = true;
-      for (const p of this.pending.values()) p.reject(new BangerError('host', `lost the connection to the banger daemon (${why})`, 'see `banger daemon status` and the daemon log in $BANGER_HOME/daemon.log'));
-      this.pending.clear();
-    };
-    sock.on('close', () => fail('connection closed'));
-    sock.on('error', (e) => fail(e.message));
+    sock.on('close', () => this.fail('connection closed'));
+    sock.on('error', (e) => this.fail(e.message));
+  }
+
+  private fail(why: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const p of pending) p.reject(new BangerError('host', `lost the connection to the banger daemon (${why})`, 'see `banger daemon status` and the daemon log in $BANGER_HOME/daemon.log'));
   }
 
   static connect(path: string, timeoutMs = 5000): Promise<RpcClient> {
@@ -77,29 +93,33 @@ export class RpcClient {
   }
 
   private onData(chunk: string): void {
-    this.buf += chunk;
-    let nl: number;
-    while ((nl = this.buf.indexOf('\n')) >= 0) {
-      const line = this.buf.slice(0, nl);
-      this.buf = this.buf.slice(nl + 1);
-      if (!line.trim()) continue;
-      let msg: any;
-      try {
-        msg = JSON.parse(line);
-      } catch {
-        continue;
-      }
-      if (msg.method === PROGRESS_METHOD) {
-        this.pending.get(Number(msg.params?.requestId))?.onProgress?.(msg.params);
-      } else if (msg.method === STREAM_METHOD) {
-        this.pending.get(Number(msg.params?.requestId))?.onStream?.(msg.params.data);
-      } else if (msg.id !== undefined) {
-        const p = this.pending.get(Number(msg.id));
-        if (!p) continue;
-        const r = msg as RpcResponse;
-        if (r.error) p.reject(new BangerError((r.error.data?.kind as ErrorKind) ?? 'internal', r.error.message, r.error.data?.hint));
-        else p.resolve(r.result);
-      }
+    try {
+      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
+    } catch (e) {
+      // A progress or stream callback threw: the caller's bug, reported to every pending call rather than lost.
+      this.fail(`an answer could not be handled: ${(e as Error)?.message ?? e}`);
+      this.sock.destroy();
+    }
+  }
+
+  private onLine(line: string): void {
+    let msg: any;
+    try {
+      msg = JSON.parse(line);
+    } catch {
+      return;
+    }
+    if (msg === null || typeof msg !== 'object') return;
+    if (msg.method === PROGRESS_METHOD) {
+      this.pending.get(Number(msg.params?.requestId))?.onProgress?.(msg.params);
+    } else if (msg.method === STREAM_METHOD) {
+      this.pending.get(Number(msg.params?.requestId))?.onStream?.(msg.params?.data);
+    } else if (msg.id !== undefined) {
+      const p = this.pending.get(Number(msg.id));
+      if (!p) return;
+      const r = msg as RpcResponse;
+      if (r.error) p.reject(new BangerError((r.error.data?.kind as ErrorKind) ?? 'internal', r.error.message, r.error.data?.hint));
+      else p.resolve(r.result);
     }
   }
 }

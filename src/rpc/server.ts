@@ -1,12 +1,16 @@
 /**
- * JSON-RPC 2.0 over a Unix socket, one JSON object per line. A malformed line gets a parse error and the
- * connection (and everyone else) keeps being served. Params are validated against src/rpc/protocol.ts.
+ * JSON-RPC 2.0 over a Unix socket, one JSON object per line. No frame can hurt the daemon: every complete line
+ * gets exactly one answer (a JSON-RPC error with data {kind, hint} for a bad one, id null when no id could be
+ * read), methods are looked up among the protocol's own names only (never through the prototype: `toString` is
+ * not a method), params are validated against src/rpc/protocol.ts before a handler runs, an over-long line gets
+ * one error and the connection goes on, and a client that leaves too many answers unread is cut off.
  */
 import { createServer, type Server, type Socket } from 'node:net';
 import { chmodSync, mkdirSync, rmSync, chmodSync as chmod } from 'node:fs';
 import { dirname } from 'node:path';
 import { z } from 'zod';
-import { BangerError, ErrorCodes } from '../errors.js';
+import { BangerError, ErrorCodes, errorMessage, type ErrorKind } from '../errors.js';
+import { LineDecoder } from './ndjson.js';
 import { methods, PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ProgressParams, type RpcResponse } from './protocol.js';
 
 export interface CallContext {
@@ -21,11 +25,19 @@ export interface CallContext {
 export type Handler = (params: any, ctx: CallContext) => Promise<unknown>;
 export type Handlers = Partial<Record<MethodName, Handler>>;
 
-const MAX_LINE = 1024 * 1024;
+/** The longest request line read, in characters; a longer one is answered with one error and skipped. */
+export const MAX_REQUEST_LINE = 1024 * 1024;
+/** Answers queued for a client that does not read them; a connection with more than this unread is cut. */
+export const MAX_UNREAD_BYTES = 16 * 1024 * 1024;
+const MAX_ID_LENGTH = 128;
+const REQUEST_SHAPE = 'send one JSON-RPC 2.0 request per line: {"jsonrpc":"2.0","id":1,"method":"daemon.status","params":{}}';
+
+type Id = number | string | null;
+type Message = RpcResponse | { jsonrpc: '2.0'; method: string; params: unknown };
 
 export function toRpcError(e: unknown): RpcResponse['error'] {
   if (e instanceof BangerError) return { code: e.code, message: e.message, data: { kind: e.kind, hint: e.hint } };
-  return { code: ErrorCodes.Internal, message: e instanceof Error ? e.message : String(e), data: { kind: 'internal' } };
+  return { code: ErrorCodes.Internal, message: errorMessage(e), data: { kind: 'internal', hint: 'see the daemon log ($BANGER_HOME/daemon.log)' } };
 }
 
 export function formatZodError(err: z.ZodError): string {
@@ -36,6 +48,50 @@ export function formatZodError(err: z.ZodError): string {
       return `${path}: ${i.message}`;
     })
     .join('; ');
+}
+
+function errorAnswer(id: Id, kind: ErrorKind, message: string, hint: string): RpcResponse {
+  return { jsonrpc: '2.0', id, error: toRpcError(new BangerError(kind, message, hint)) };
+}
+
+const clip = (s: string, n = 64) => JSON.stringify(s.length > n ? `${s.slice(0, n)}…` : s);
+const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const isId = (v: unknown): v is number | string => typeof v === 'number' || (typeof v === 'string' && v.length <= MAX_ID_LENGTH);
+
+type Request = { id: number | string; method: MethodName; handler: Handler; params: unknown };
+
+/** One line to a request ready to run, or the error that answers it. Never throws. */
+export function parseRequest(line: string, handlers: Handlers): Request | { answer: RpcResponse } {
+  let msg: unknown;
+  try {
+    msg = JSON.parse(line);
+  } catch (e) {
+    return { answer: errorAnswer(null, 'parse', `parse error: the request is not valid JSON (${errorMessage(e)})`, REQUEST_SHAPE) };
+  }
+  if (Array.isArray(msg)) return { answer: errorAnswer(null, 'invalid_request', 'invalid request: batches (JSON arrays) are not accepted', REQUEST_SHAPE) };
+  if (!isPlainObject(msg)) return { answer: errorAnswer(null, 'invalid_request', `invalid request: expected a JSON object, got ${msg === null ? 'null' : typeof msg}`, REQUEST_SHAPE) };
+  if (!isId(msg.id)) {
+    const why = msg.id === undefined || msg.id === null ? 'has no id (notifications are not accepted)' : `has an id that is not a number or a string of ${MAX_ID_LENGTH} characters at most`;
+    return { answer: errorAnswer(null, 'invalid_request', `invalid request: it ${why}`, REQUEST_SHAPE) };
+  }
+  const id = msg.id;
+  if (msg.jsonrpc !== '2.0') return { answer: errorAnswer(id, 'invalid_request', 'invalid request: "jsonrpc" must be "2.0"', REQUEST_SHAPE) };
+  const method = msg.method;
+  if (typeof method !== 'string') return { answer: errorAnswer(id, 'invalid_request', `invalid request: "method" must be a string, got ${method === null ? 'null' : typeof method}`, REQUEST_SHAPE) };
+  // Own properties only: a name like "toString" or "__proto__" must not reach Object.prototype.
+  const handler = Object.hasOwn(methods, method) && Object.hasOwn(handlers, method) ? handlers[method as MethodName] : undefined;
+  if (typeof handler !== 'function') {
+    return { answer: errorAnswer(id, 'method_not_found', `unknown method ${clip(method)}`, `known methods: ${Object.keys(methods).join(', ')}`) };
+  }
+  const params = Object.hasOwn(msg, 'params') ? msg.params : {};
+  if (!isPlainObject(params)) {
+    return { answer: errorAnswer(id, 'invalid_params', `invalid params for ${method}: params must be an object, got ${Array.isArray(params) ? 'an array' : params === null ? 'null' : typeof params}`, 'pass named params as a JSON object') };
+  }
+  const parsed = (methods[method as MethodName] as z.ZodTypeAny).safeParse(params);
+  if (!parsed.success) {
+    return { answer: errorAnswer(id, 'invalid_params', `invalid params for ${method}: ${formatZodError(parsed.error)}`, `see the params of ${method} in src/rpc/protocol.ts`) };
+  }
+  return { id, method: method as MethodName, handler, params: parsed.data };
 }
 
 export class RpcServer {
@@ -50,7 +106,8 @@ export class RpcServer {
     mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     chmod(dirname(path), 0o700);
     rmSync(path, { force: true });
-    this.server = createServer((sock) => this.onConnection(sock));
+    // Half-open: a client may end its side after its last request and still read the answers.
+    this.server = createServer({ allowHalfOpen: true }, (sock) => this.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       this.server!.once('error', reject);
       // Create the socket with a umask-independent 0600 mode.
@@ -71,59 +128,74 @@ export class RpcServer {
   private onConnection(sock: Socket): void {
     this.sockets.add(sock);
     const abort = new AbortController();
-    let buf = '';
-    const send = (obj: unknown) => {
-      if (!sock.destroyed) sock.write(JSON.stringify(obj) + '\n');
+    const send = (m: Message) => this.send(sock, m);
+    let inFlight = 0;
+    let peerEnded = false;
+    const endWhenAnswered = () => {
+      if (peerEnded && inFlight === 0 && !sock.destroyed) sock.end();
     };
+    const decoder = new LineDecoder({
+      maxLine: MAX_REQUEST_LINE,
+      onOverflow: (n) => send(errorAnswer(null, 'invalid_request', `invalid request: line longer than ${MAX_REQUEST_LINE} characters (${n} so far); skipped`, `keep each request under ${MAX_REQUEST_LINE} characters`)),
+    });
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => {
-      buf += chunk;
-      if (buf.length > MAX_LINE && !buf.includes('\n')) {
-        send({ jsonrpc: '2.0', id: null, error: { code: ErrorCodes.InvalidRequest, message: 'request line too long', data: { kind: 'invalid_request', hint: `keep each request under ${MAX_LINE} bytes` } } });
-        buf = '';
-        return;
-      }
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl).trim();
-        buf = buf.slice(nl + 1);
-        if (line) void this.onLine(line, send, abort.signal);
+      try {
+        for (const line of decoder.push(chunk)) {
+          if (!line.trim()) continue;
+          inFlight++;
+          this.answer(line, send, abort.signal)
+            .catch((e) => this.log(`rpc: internal error answering a request: ${(e as Error)?.stack ?? e}`))
+            .finally(() => {
+              inFlight--;
+              endWhenAnswered();
+            });
+        }
+      } catch (e) {
+        this.log(`rpc: dropping a connection after an unexpected error reading it: ${(e as Error)?.stack ?? e}`);
+        sock.destroy();
       }
     });
-    const done = () => {
+    sock.on('end', () => {
+      peerEnded = true;
+      endWhenAnswered();
+    });
+    sock.on('close', () => {
       this.sockets.delete(sock);
       abort.abort(new BangerError('aborted', 'client disconnected'));
-    };
-    sock.on('close', done);
+    });
     sock.on('error', () => sock.destroy());
   }
 
-  private async onLine(line: string, send: (o: unknown) => void, signal: AbortSignal): Promise<void> {
-    let msg: any;
+  /** Write one message, unless the client has left more than MAX_UNREAD_BYTES unread: then cut it off. Never throws. */
+  private send(sock: Socket, m: Message): void {
+    if (sock.destroyed || !sock.writable) return;
+    if (sock.writableLength > MAX_UNREAD_BYTES) {
+      this.log(`rpc: a client left ${sock.writableLength} bytes of answers unread (limit ${MAX_UNREAD_BYTES}); closing its connection`);
+      sock.destroy();
+      return;
+    }
+    let text: string;
     try {
-      msg = JSON.parse(line);
-    } catch {
-      send({ jsonrpc: '2.0', id: null, error: { code: ErrorCodes.ParseError, message: 'parse error: the request is not valid JSON', data: { kind: 'parse', hint: 'send one JSON-RPC 2.0 object per line' } } });
-      return;
+      text = JSON.stringify(m);
+    } catch (e) {
+      if (!('id' in m)) return this.log(`rpc: dropped a ${m.method} notification that cannot be encoded: ${errorMessage(e)}`);
+      text = JSON.stringify(errorAnswer(m.id, 'internal', `the answer could not be encoded as JSON: ${errorMessage(e)}`, 'see the daemon log ($BANGER_HOME/daemon.log)'));
     }
-    const id = msg && typeof msg === 'object' && (typeof msg.id === 'number' || typeof msg.id === 'string') ? msg.id : null;
-    if (!msg || typeof msg !== 'object' || Array.isArray(msg) || msg.jsonrpc !== '2.0' || typeof msg.method !== 'string') {
-      send({ jsonrpc: '2.0', id, error: { code: ErrorCodes.InvalidRequest, message: 'invalid request: expected {"jsonrpc":"2.0","id":…,"method":…,"params":{…}}', data: { kind: 'invalid_request' } } });
-      return;
+    sock.write(`${text}\n`);
+  }
+
+  /** Answer one line exactly once, whatever it holds and whatever its handler does. */
+  private async answer(line: string, send: (m: Message) => void, signal: AbortSignal): Promise<void> {
+    let req: ReturnType<typeof parseRequest>;
+    try {
+      req = parseRequest(line, this.handlers);
+    } catch (e) {
+      this.log(`rpc: internal error reading a request: ${(e as Error)?.stack ?? e}`);
+      return send(errorAnswer(null, 'internal', `internal error reading the request: ${errorMessage(e)}`, 'see the daemon log ($BANGER_HOME/daemon.log)'));
     }
-    const method = msg.method as string;
-    const schema = (methods as Record<string, z.ZodTypeAny>)[method];
-    const handler = (this.handlers as Record<string, Handler | undefined>)[method];
-    if (!schema || !handler) {
-      send({ jsonrpc: '2.0', id, error: { code: ErrorCodes.MethodNotFound, message: `unknown method ${JSON.stringify(method)}`, data: { kind: 'method_not_found', hint: `known methods: ${Object.keys(methods).join(', ')}` } } });
-      return;
-    }
-    const parsed = schema.safeParse(msg.params ?? {});
-    if (!parsed.success) {
-      send({ jsonrpc: '2.0', id, error: { code: ErrorCodes.InvalidParams, message: `invalid params for ${method}: ${formatZodError(parsed.error)}`, data: { kind: 'invalid_params' } } });
-      return;
-    }
-    const requestId = id ?? 0;
+    if ('answer' in req) return send(req.answer);
+    const { id: requestId, method, handler, params } = req;
     const ctx: CallContext = {
       requestId,
       signal,
@@ -131,11 +203,11 @@ export class RpcServer {
       stream: (data) => send({ jsonrpc: '2.0', method: STREAM_METHOD, params: { requestId, data } }),
     };
     try {
-      const result = await handler(parsed.data, ctx);
-      if (id !== null) send({ jsonrpc: '2.0', id, result: result ?? null });
+      const result = await handler(params, ctx);
+      send({ jsonrpc: '2.0', id: requestId, result: result ?? null });
     } catch (e) {
       if (!(e instanceof BangerError)) this.log(`internal error in ${method}: ${(e as Error)?.stack ?? e}`);
-      if (id !== null) send({ jsonrpc: '2.0', id, error: toRpcError(e) });
+      send({ jsonrpc: '2.0', id: requestId, error: toRpcError(e) });
     }
   }
 }
