@@ -1,6 +1,7 @@
 import { createConnection, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
 import type { JailLauncher } from '../host/firecracker.js';
+import { LineDecoder } from '../rpc/ndjson.js';
 import type { Response, Verb, VerbArgs, VerbResults } from './protocol.js';
 
 /**
@@ -22,6 +23,8 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+const MAX_ANSWER_LINE = 16 * 1024 * 1024;
+
 const KINDS: ReadonlySet<string> = new Set<ErrorKind>([
   'parse', 'invalid_request', 'method_not_found', 'invalid_params', 'internal', 'not_found', 'invalid_state', 'conflict',
   'host', 'timeout', 'unsupported', 'aborted', 'usage',
@@ -29,7 +32,8 @@ const KINDS: ReadonlySet<string> = new Set<ErrorKind>([
 
 export class RootHelperClient {
   private nextId = 1;
-  private buf = '';
+  /** Answers are small; a line longer than this means the other end is not the helper: the connection ends. */
+  private readonly lines = new LineDecoder({ maxLine: MAX_ANSWER_LINE, onOverflow: () => this.sock.destroy() });
   private readonly pending = new Map<number, Pending>();
   private isClosed = false;
   /** Resolves when the connection is gone (either side closed it). */
@@ -140,28 +144,29 @@ export class RootHelperClient {
   }
 
   private onData(chunk: string): void {
-    this.buf += chunk;
-    let nl: number;
-    while ((nl = this.buf.indexOf('\n')) >= 0) {
-      const line = this.buf.slice(0, nl).trim();
-      this.buf = this.buf.slice(nl + 1);
-      if (!line) continue;
-      let msg: Response;
-      try {
-        msg = JSON.parse(line) as Response;
-      } catch {
-        continue;
-      }
-      if (typeof msg.id !== 'number') continue;
-      this.settle(msg.id, (p) => {
-        if (msg.ok) p.resolve(msg.result);
-        else {
-          const e = msg.error ?? { kind: 'internal', message: 'malformed error' };
-          const kind = (KINDS.has(e.kind) ? e.kind : 'internal') as ErrorKind;
-          p.reject(new BangerError(kind, e.message, e.hint));
-        }
-      });
+    try {
+      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
+    } catch (e) {
+      this.sock.destroy(new Error(`an answer could not be handled: ${(e as Error)?.message ?? e}`));
     }
+  }
+
+  private onLine(line: string): void {
+    let msg: Response;
+    try {
+      msg = JSON.parse(line) as Response;
+    } catch {
+      return;
+    }
+    if (msg === null || typeof msg !== 'object' || typeof msg.id !== 'number') return;
+    this.settle(msg.id, (p) => {
+      if (msg.ok) p.resolve(msg.result);
+      else {
+        const e = msg.error ?? { kind: 'internal', message: 'malformed error' };
+        const kind = (KINDS.has(e.kind) ? e.kind : 'internal') as ErrorKind;
+        p.reject(new BangerError(kind, e.message, e.hint));
+      }
+    });
   }
 
   private onClose(): void {

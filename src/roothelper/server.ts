@@ -7,6 +7,7 @@ import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type 
 import * as net from '../host/net.js';
 import type { Runner } from '../host/runner.js';
 import { Files } from '../paths.js';
+import { LineDecoder } from '../rpc/ndjson.js';
 import {
   MAX_LINE_BYTES,
   PROTOCOL_VERSION,
@@ -194,31 +195,51 @@ export class RootHelperServer {
     await rm(this.options.socketPath, { force: true });
   }
 
+  /**
+   * Every complete line gets exactly one answer and nothing escapes to the process. A line over MAX_LINE_BYTES is
+   * refused and ends the connection; the lines that came with it are not run (the client sees them rejected
+   * by the close).
+   */
   private onConnection(sock: Socket): void {
     this.sockets.add(sock);
     sock.on('close', () => this.sockets.delete(sock));
     sock.on('error', () => {});
-    let buf = '';
+    let refused = false;
+    const refuseLongLine = () => {
+      if (refused) return;
+      refused = true;
+      this.log(`roothelper: refused a request line over ${MAX_LINE_BYTES} bytes; closing the connection`);
+      this.send(sock, { id: null, ok: false, error: { kind: 'invalid_request', message: `refused request: line longer than ${MAX_LINE_BYTES} bytes` } });
+      sock.end();
+    };
+    // A line of more characters than MAX_LINE_BYTES has more bytes too; one of fewer is measured once complete.
+    const decoder = new LineDecoder({ maxLine: MAX_LINE_BYTES, onOverflow: refuseLongLine });
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => {
-      buf += chunk;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        if (line.trim()) void this.onLine(sock, line);
-      }
-      if (Buffer.byteLength(buf) > MAX_LINE_BYTES) {
-        this.log(`roothelper: refused a request line over ${MAX_LINE_BYTES} bytes; closing the connection`);
-        this.send(sock, { id: null, ok: false, error: { kind: 'invalid_request', message: `refused request: line longer than ${MAX_LINE_BYTES} bytes` } });
-        buf = '';
-        sock.end();
+      if (refused) return;
+      try {
+        const lines = decoder.push(chunk).filter((line) => line.trim());
+        if (lines.some((line) => Buffer.byteLength(line) > MAX_LINE_BYTES)) refuseLongLine();
+        if (refused) return;
+        for (const line of lines) {
+          this.onLine(sock, line).catch((e) => this.log(`roothelper: internal error answering a request: ${errorMessage(e)}`));
+        }
+      } catch (e) {
+        this.log(`roothelper: dropping a connection after an unexpected error reading it: ${errorMessage(e)}`);
+        sock.destroy();
       }
     });
   }
 
   private send(sock: Socket, r: Response): void {
-    if (!sock.destroyed && sock.writable) sock.write(`${JSON.stringify(r)}\n`);
+    if (sock.destroyed || !sock.writable) return;
+    let text: string;
+    try {
+      text = JSON.stringify(r);
+    } catch (e) {
+      text = JSON.stringify({ id: r.id, ok: false, error: { kind: 'internal', message: `the answer could not be encoded: ${errorMessage(e)}` } } satisfies Response);
+    }
+    sock.write(`${text}\n`);
   }
 
   private async onLine(sock: Socket, line: string): Promise<void> {
@@ -229,7 +250,7 @@ export class RootHelperServer {
       const req = parseRequestLine(line);
       id = req.id;
       verb = req.verb;
-      this.log(`roothelper: request id=${JSON.stringify(id)} verb=${JSON.stringify(verb)} args=${clip(JSON.stringify(req.args))}`);
+      this.log(`roothelper: request id=${JSON.stringify(id)} verb=${JSON.stringify(verb)} args=${clip(safeJson(req.args))}`);
       v = await validateRequest(req.verb, req.args, { stateDir: this.options.stateDir });
       await this.checkPolicy(v);
     } catch (e) {
@@ -312,6 +333,15 @@ export class RootHelperServer {
 function toErrorBody(e: unknown): { kind: string; message: string; hint?: string } {
   if (e instanceof BangerError) return { kind: e.kind, message: e.message, ...(e.hint ? { hint: e.hint } : {}) };
   return { kind: 'internal', message: errorMessage(e) };
+}
+
+/** JSON for the log; a value too deep to encode (e.g. 30 000 nested arrays) is named instead of throwing. */
+function safeJson(v: unknown): string | undefined {
+  try {
+    return JSON.stringify(v);
+  } catch (e) {
+    return `<not encodable: ${errorMessage(e)}>`;
+  }
 }
 
 const clip = (s: string | undefined, n = 300) => (s === undefined ? '{}' : s.length > n ? `${s.slice(0, n)}…` : s);
