@@ -5,6 +5,7 @@ import { release, tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
 import { Files } from '../paths.js';
+import { LineDecoder } from '../rpc/ndjson.js';
 import { run, type Runner } from './runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
 import { identifyProcess, type PidIdentity } from './proc.js';
@@ -225,7 +226,8 @@ interface Pending {
  * negotiates capabilities; execute() matches replies by id. Every wait has a timeout.
  */
 export class QmpClient {
-  private buf = '';
+  /** Newline framing linear in what it reads; a line over 64 MiB is not QEMU talking: the connection ends. */
+  private readonly lines = new LineDecoder({ maxLine: 64 * 1024 * 1024, onOverflow: () => this.sock.destroy() });
   private nextId = 1;
   private readonly pending = new Map<string, Pending>();
   private readonly listeners = new Set<(e: QmpEvent) => void>();
@@ -282,37 +284,39 @@ export class QmpClient {
   }
 
   private onData(chunk: string): void {
-    this.buf += chunk;
-    let nl: number;
-    while ((nl = this.buf.indexOf('\n')) >= 0) {
-      const line = this.buf.slice(0, nl).trim();
-      this.buf = this.buf.slice(nl + 1);
-      if (!line) continue;
-      let msg: Record<string, unknown>;
-      try {
-        msg = JSON.parse(line) as Record<string, unknown>;
-      } catch {
-        continue;
-      }
-      if ('QMP' in msg) {
-        this.greeting = msg.QMP;
-        const w = this.greetingWaiter;
-        this.greetingWaiter = undefined;
-        w?.(msg.QMP);
-      } else if (typeof msg.event === 'string') {
-        const ev = msg as unknown as QmpEvent;
-        this.events.push(ev);
-        for (const l of [...this.listeners]) l(ev);
-      } else if (msg.id !== undefined) {
-        const p = this.pending.get(String(msg.id));
-        if (!p) continue;
-        this.pending.delete(String(msg.id));
-        clearTimeout(p.timer);
-        if ('error' in msg) {
-          const err = msg.error as { class?: string; desc?: string };
-          p.reject(new BangerError('host', `QMP ${p.command}: ${err?.class ?? 'Error'}: ${err?.desc ?? 'unknown error'}`));
-        } else p.resolve(msg.return);
-      }
+    try {
+      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
+    } catch (e) {
+      this.sock.destroy(new Error(`QMP ${this.path}: a message could not be handled: ${errorMessage(e)}`));
+    }
+  }
+
+  private onLine(line: string): void {
+    let msg: Record<string, unknown>;
+    try {
+      msg = JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      return;
+    }
+    if (msg === null || typeof msg !== 'object') return;
+    if ('QMP' in msg) {
+      this.greeting = msg.QMP;
+      const w = this.greetingWaiter;
+      this.greetingWaiter = undefined;
+      w?.(msg.QMP);
+    } else if (typeof msg.event === 'string') {
+      const ev = msg as unknown as QmpEvent;
+      this.events.push(ev);
+      for (const l of [...this.listeners]) l(ev);
+    } else if (msg.id !== undefined) {
+      const p = this.pending.get(String(msg.id));
+      if (!p) return;
+      this.pending.delete(String(msg.id));
+      clearTimeout(p.timer);
+      if ('error' in msg) {
+        const err = msg.error as { class?: string; desc?: string };
+        p.reject(new BangerError('host', `QMP ${p.command}: ${err?.class ?? 'Error'}: ${err?.desc ?? 'unknown error'}`));
+      } else p.resolve(msg.return);
     }
   }
 
