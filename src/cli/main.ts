@@ -54,7 +54,9 @@ const cli = yargs(hideBin(process.argv))
   .version(versionLine())
   .fail((msg, err) => {
     if (err) fail(err);
-    process.stderr.write(`${c.red('usage error:')} ${msg}\n${c.dim('hint: banger --help')}\n`);
+    // yargs spreads some messages (invalid choices) over several lines: one line names the problem.
+    const oneLine = String(msg ?? 'invalid usage').replace(/\s*\n\s*/g, ' ').trim();
+    process.stderr.write(`${c.red('usage error:')} ${oneLine}\n${c.dim('hint: banger --help')}\n`);
     process.exit(2);
   });
 

@@ -8,13 +8,14 @@ import { shellQuote } from '../../host/shell.js';
 import { runInteractive } from '../../host/spawn.js';
 import { connectDaemon } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
+import { diskFlag, memoryFlag, MIN_DISK_BYTES, vcpusFlag } from '../flags.js';
 import { c, fmtBytes, fmtMs, progressPrinter, stateColor, table } from '../output.js';
 
 interface CreateArgs extends GlobalArgs {
   name?: string;
   image?: string;
-  vcpus?: number;
-  memory?: number;
+  vcpus?: string;
+  memory?: string;
   disk?: string;
   vmm?: 'auto' | 'firecracker' | 'qemu';
   net?: 'auto' | 'tap' | 'user';
@@ -25,17 +26,20 @@ const createOptions = (a: Argv) : Argv =>
   a
     .option('name', { type: 'string', describe: 'VM name (letters, digits, . _ -)' })
     .option('image', { type: 'string', describe: 'image name (default debian-bookworm)' })
-    .option('vcpus', { type: 'number' })
-    .option('memory', { type: 'number', describe: 'MiB' })
+    .option('vcpus', { type: 'string', describe: 'virtual CPUs' })
+    .option('memory', { type: 'string', describe: 'MiB' })
     .option('disk', { type: 'string', describe: 'work disk size, e.g. 8G' })
     .option('vmm', { choices: ['auto', 'firecracker', 'qemu'] as const })
     .option('net', { choices: ['auto', 'tap', 'user'] as const });
 
+/** Checks every create flag before the daemon is reached: a usage error exits 2 and starts nothing. */
 function createParams(a: CreateArgs) {
   if (a.name !== undefined) validateName('vm', String(a.name));
-  if (a.vcpus !== undefined && (!Number.isInteger(a.vcpus) || a.vcpus < 1)) usage(`--vcpus ${a.vcpus} is not a positive integer`);
-  if (a.memory !== undefined && (!Number.isInteger(a.memory) || a.memory < 128)) usage(`--memory ${a.memory} must be an integer number of MiB, at least 128`);
-  return { name: a.name, image: a.image, vcpus: a.vcpus, memoryMiB: a.memory, disk: a.disk, vmm: a.vmm, net: a.net };
+  if (a.image !== undefined) validateName('image', String(a.image));
+  const vcpus = vcpusFlag(a.vcpus);
+  const memoryMiB = memoryFlag(a.memory);
+  const disk = diskFlag(a.disk, MIN_DISK_BYTES);
+  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net };
 }
 
 export function vmSummary(v: any): string {
@@ -166,9 +170,10 @@ export function vmCommands(y: Argv<any>): Argv<any> {
     .command(
       'set <vm>',
       'change a stopped VM (disks only grow)',
-      (a: Argv) => a.positional('vm', { type: 'string', demandOption: true }).option('vcpus', { type: 'number' }).option('memory', { type: 'number' }).option('disk', { type: 'string' }),
-      async (a: GlobalArgs & { vm: string; vcpus?: number; memory?: number; disk?: string }) => {
-        const v = await call('vm.set', { vm: a.vm, vcpus: a.vcpus, memoryMiB: a.memory, disk: a.disk });
+      (a: Argv) => a.positional('vm', { type: 'string', demandOption: true }).option('vcpus', { type: 'string' }).option('memory', { type: 'string', describe: 'MiB' }).option('disk', { type: 'string' }),
+      async (a: GlobalArgs & { vm: string; vcpus?: string; memory?: string; disk?: string }) => {
+        const params = { vm: a.vm, vcpus: vcpusFlag(a.vcpus), memoryMiB: memoryFlag(a.memory), disk: diskFlag(a.disk) };
+        const v = await call('vm.set', params);
         out(a, v, () => vmSummary(v));
       },
     )

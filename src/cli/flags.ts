@@ -1,0 +1,43 @@
+/**
+ * Usage checks for VM size flags, done in the CLI before any daemon is reached, so a typo exits 2 at once.
+ * The bounds are the daemon's own (its zod schema), which stays the second line of defence.
+ */
+import { parseSize } from '../host/disks.js';
+import { createParams as createSchema } from '../rpc/protocol.js';
+import { usage } from './context.js';
+
+/** The smallest work disk the daemon accepts (vm.create refuses smaller). */
+export const MIN_DISK_BYTES = 64 * 1024 * 1024;
+
+const VCPUS = createSchema.shape.vcpus.unwrap();
+const MEMORY_MIB = createSchema.shape.memoryMiB.unwrap();
+
+/** A whole number within the schema's bounds, from a flag yargs left as a string (so the message shows what was typed). */
+function boundedInt(flag: string, raw: unknown, bounds: { minValue: number | null; maxValue: number | null }, unit = ''): number | undefined {
+  if (raw === undefined) return undefined;
+  const range = `${bounds.minValue} to ${bounds.maxValue}${unit}`;
+  if (typeof raw !== 'string') usage(`${flag} was given more than once`, `give it once: ${range}`);
+  if (!/^\s*\d+\s*$/.test(raw)) usage(`${flag} ${JSON.stringify(raw)} is not a whole number`, `give ${range}`);
+  const n = Number(raw);
+  if ((bounds.minValue !== null && n < bounds.minValue) || (bounds.maxValue !== null && n > bounds.maxValue)) {
+    usage(`${flag} ${n} is out of range`, `give ${range}`);
+  }
+  return n;
+}
+
+export const vcpusFlag = (raw: unknown): number | undefined => boundedInt('--vcpus', raw, VCPUS);
+export const memoryFlag = (raw: unknown): number | undefined => boundedInt('--memory', raw, MEMORY_MIB, ' MiB');
+
+/** A size like 8G; `minBytes` for a new disk (growing an existing one is checked by the daemon against its size). */
+export function diskFlag(raw: unknown, minBytes = 1): string | undefined {
+  if (raw === undefined) return undefined;
+  if (typeof raw !== 'string') usage('--disk was given more than once', 'give it once, e.g. --disk 8G');
+  let bytes: number;
+  try {
+    bytes = parseSize(raw);
+  } catch (e) {
+    usage(`--disk ${JSON.stringify(raw)} is not a size`, (e as { hint?: string }).hint);
+  }
+  if (bytes < minBytes) usage(`--disk ${raw} is too small`, `the work disk needs at least ${minBytes / 2 ** 20}M`);
+  return raw;
+}
