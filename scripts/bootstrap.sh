@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+wanted=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 want() { # want <command> <package>
-  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] || need+=("$2")
+  wanted+=("$1")
+  have "$1" || need+=("$2")
 }
 want qemu-system-x86_64 qemu-system-x86
 want qemu-img qemu-utils
@@ -23,6 +26,8 @@ want zstd zstd
 want make make
 want g++ g++
 want python3 python3
+want nft nftables
+want passt passt
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 
@@ -35,6 +40,14 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${uniq[@]}" >/dev/null
+fi
+
+# Everything the suite needs is here now, or bootstrap says what is missing (a test must never skip for want of it).
+missing=()
+for cmd in "${wanted[@]}"; do have "$cmd" || missing+=("$cmd"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: still missing after install: ${missing[*]} (check the host's apt sources)" >&2
+  exit 1
 fi
 
 node -e 'const [M]=process.versions.node.split(".").map(Number); if (M < 20) { console.error(`banger needs Node 20 or newer (found ${process.versions.node})`); process.exit(1) }'
