@@ -8,6 +8,8 @@ export default defineConfig({
   test: {
     pool: 'forks',
     poolOptions: { forks: { execArgv } },
+    // Each test file gets a TMPDIR of its own (two runs at once, or two files, never share temp files).
+    setupFiles: ['test/support/tmpdir.ts'],
     testTimeout: 30_000,
     hookTimeout: 120_000,
     reporters: process.env.CI ? ['default', 'json'] : ['default'],

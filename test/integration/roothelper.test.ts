@@ -2,9 +2,10 @@ import { randomBytes } from 'node:crypto';
 import { link, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { run, which, type Runner } from '../../src/host/runner.js';
+import { run, type Runner } from '../../src/host/runner.js';
 import { RootHelperClient } from '../../src/roothelper/client.js';
 import { chownTree, startRootHelper, type RootHelperOptions, type RootHelperServer } from '../../src/roothelper/server.js';
 import { DAEMON_UNIT, HELPER_UNIT, daemonUnit, helperUnit, systemdQuote, writeUnits } from '../../src/roothelper/units.js';
@@ -179,16 +180,16 @@ describe('root helper over a Unix socket', () => {
     const notSocket = join(root, 'plain-file.sock');
     await writeFile(notSocket, '');
     await expect(startRootHelper({ socketPath: notSocket, stateDir, log: () => {} })).rejects.toThrow(/exists and is not a socket/);
-    // a socket file left by a crash (bound, never served, not unlinked) is replaced
-    if (await which('python3')) {
-      const stale = join(root, 'stale.sock');
-      await run('python3', ['-c', 'import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])', stale]);
-      const s = await startRootHelper({ socketPath: stale, stateDir, log: () => {} });
-      servers.push(s);
-      const c = await RootHelperClient.connect(stale);
-      clients.push(c);
-      expect(await c.request('ping', {})).toMatchObject({ version: 1 });
-    }
+    // a socket file left by a crash (a process that listened on it and was killed, so never unlinked) is replaced
+    const stale = join(root, 'stale.sock');
+    const crashed = await execa(process.execPath, ['-e', 'require("net").createServer().listen(process.argv[1], () => process.kill(process.pid, "SIGKILL"))', stale], { reject: false, timeout: 20_000 });
+    expect(crashed.signal, 'the listener should die of SIGKILL, leaving its socket file').toBe('SIGKILL');
+    expect((await stat(stale)).isSocket()).toBe(true);
+    const s = await startRootHelper({ socketPath: stale, stateDir, log: () => {} });
+    servers.push(s);
+    const c = await RootHelperClient.connect(stale);
+    clients.push(c);
+    expect(await c.request('ping', {})).toMatchObject({ version: 1 });
   });
 
   it.skipIf(!isRoot)('chowns a VM directory tree without following links, and owns its socket by group', async () => {

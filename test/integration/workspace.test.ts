@@ -5,7 +5,6 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { chmod, lstat, mkdir, readdir, readFile, readlink, rm, stat, symlink, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -74,17 +73,6 @@ function localGuest(hooks: { onStdinData?: (command: string) => void } = {}): Lo
     })) as LocalGuest;
   exec.calls = calls;
   return exec;
-}
-
-/** Run a command with stdin on this host. */
-function runWithInput(file: string, args: string[], input: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: ['pipe', 'ignore', 'pipe'] });
-    let err = '';
-    child.stderr.on('data', (b) => (err += b));
-    child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${file} ${args.join(' ')}: exit ${code}: ${err}`))));
-    child.stdin.end(input);
-  });
 }
 
 /** Run a shell command "in the guest" (a plain local shell) and return stdout. */
@@ -232,6 +220,9 @@ async function makeHostRepo(): Promise<string> {
   await writeFile(join(dir, 'build/out.o'), 'ignored too\n'); // ignored dir
   return dir;
 }
+
+/** Decided once, before the tests are collected, so a test that needs it can skip visibly with the reason. */
+const mountWorks = await canBindMount();
 
 const ignored = (rel: string) => rel === 'debug.log' || rel === 'build' || rel.startsWith('build/');
 
@@ -530,19 +521,15 @@ describe('prepare', { timeout: 30_000 }, () => {
     expect((await git(empty, 'rev-parse', 'HEAD')).trim()).toBe(head);
   });
 
-  it('readOnly: no write bits outside .git; a read-only bind mount where mount works; git still works', async () => {
+  it('readOnly: no write bits outside .git, a bind mount exactly where mount works, git still works, replace undoes it', async () => {
     const dest = guestPath();
     const r = await prep(localGuest(), { guestPath: dest, readOnly: true });
     expect(r.readOnly).toBe(true);
-    expect(r.readOnlyMount).toBe(await canBindMount());
+    expect(r.readOnlyMount).toBe(mountWorks);
     for (const f of ['src/a.txt', 'bin/run.sh', 'src', '.']) {
       expect((await stat(join(dest, f))).mode & 0o222, f).toBe(0);
     }
     expect((await stat(join(dest, '.git/index'))).mode & 0o200).not.toBe(0);
-    if (r.readOnlyMount) {
-      // even root cannot write until it unmounts or remounts
-      await expect(writeFile(join(dest, 'src/a.txt'), 'x')).rejects.toMatchObject({ code: 'EROFS' });
-    }
     expect(await statusOf(dest)).toEqual(await statusOf(host));
     const x = await exportWorkspace(localGuest(), { guestPath: dest, baseCommit: r.baseCommit });
     expect(x.changedFiles.sort()).toEqual(Object.keys(await statusOf(host)).sort());
@@ -552,6 +539,14 @@ describe('prepare', { timeout: 30_000 }, () => {
     await writeFile(join(dest, 'src/a.txt'), 'writable again\n');
     const mounts = await readFile('/proc/self/mountinfo', 'utf8');
     expect(mounts.includes(` ${dest} `)).toBe(false);
+  });
+
+  it.skipIf(!mountWorks)('readOnly where bind mounts work (root with CAP_SYS_ADMIN): even root cannot write into the tree', async () => {
+    const dest = guestPath();
+    const r = await prep(localGuest(), { guestPath: dest, readOnly: true });
+    expect(r.readOnlyMount).toBe(true);
+    await expect(writeFile(join(dest, 'src/a.txt'), 'x')).rejects.toMatchObject({ code: 'EROFS' });
+    expect(await readFile(join(dest, 'src/a.txt'), 'utf8')).toBe('a3\n');
   });
 });
 
@@ -579,6 +574,7 @@ describe('export', { timeout: 30_000 }, () => {
       status: await git(dest, 'status', '--porcelain=v1'),
       objects: (await sh('find .git/objects -type f | sort', dest)),
       tree: await snapshotTree(dest),
+      // this file's own TMPDIR (test/support/tmpdir.ts), which the local guest's mktemp uses too
       tmp: (await readdir(tmpdir())).filter((f) => f.startsWith('banger-export.')).length,
     };
     const x = await exportWorkspace(localGuest(), { guestPath: dest, baseCommit: prepared.headCommit });
@@ -654,12 +650,10 @@ describe('abort', { timeout: 30_000 }, () => {
     const ac = new AbortController();
     const exec = localGuest({ onStdinData: () => ac.abort() });
     const dest = guestPath();
-    const t0 = Date.now();
     await expectBanger(
       prepareWorkspace(exec, { source: big, guestPath: dest, mode: 'shallow', readOnly: false }, { signal: ac.signal }),
       'aborted',
     );
-    expect(Date.now() - t0).toBeLessThan(10_000);
     expect(await hostChildren()).toEqual([]);
     expect(await exists(dest)).toBe(false);
     // the next prepare of that path clears the stale staging directory and succeeds
@@ -678,44 +672,5 @@ describe('abort', { timeout: 30_000 }, () => {
     );
     await expectBanger(exportWorkspace(exec, { guestPath: guestPath() }, { signal: ac.signal }), 'aborted');
     expect(exec.calls).toEqual([]);
-  });
-});
-
-describe('10,000 files', { timeout: 60_000 }, () => {
-  it('prepares and exports (smoke; timings printed, not asserted)', async () => {
-    // Creating 10,000 files (the fixture's checkout, the guest's tar -x) costs seconds on this disk under load:
-    // use tmpfs when there is one. The fixture comes from fast-import (one pack, no 10,000 loose objects).
-    const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
-    const work = await tempDir('banger-10k-', base);
-    cleanups.push(() => rm(work, { recursive: true, force: true }));
-    const dir = await gitdir('repo-', work);
-    const t = [performance.now()];
-    const chunks: string[] = ['commit refs/heads/main\ncommitter Banger Test <test@banger.invalid> 1704067200 +0000\ndata 3\n10k\n'];
-    for (let d = 0; d < 100; d++) {
-      for (let f = 0; f < 100; f++) {
-        const body = `file ${d}/${f}\n`;
-        chunks.push(`M 100644 inline d${d}/f${f}.txt\ndata ${Buffer.byteLength(body)}\n${body}\n`);
-      }
-    }
-    await runWithInput('git', ['-C', dir, 'fast-import', '--quiet'], chunks.join(''));
-    await git(dir, 'checkout', '-q', '-f', 'main');
-    await writeFile(join(dir, 'd0/f0.txt'), 'changed on the host\n');
-    t.push(performance.now());
-    const dest = join(work, 'guest', 'repo');
-    const r = await prepareWorkspace(localGuest(), { source: dir, guestPath: dest, mode: 'shallow', readOnly: false });
-    t.push(performance.now());
-    expect((await readdir(join(dest, 'd99'))).length).toBe(100);
-    for (let i = 0; i < 10; i++) await writeFile(join(dest, `d${i}`, 'f1.txt'), `guest ${i}\n`);
-    await writeFile(join(dest, 'added.txt'), 'added\n');
-    t.push(performance.now());
-    const x = await exportWorkspace(localGuest(), { guestPath: dest, baseCommit: r.baseCommit });
-    t.push(performance.now());
-    expect(x.changedFiles.length).toBe(12);
-    expect(await statusOf(dest)).toMatchObject({ 'd0/f0.txt': 'modified', 'added.txt': 'new' });
-    const ms = (a: number, b: number) => Math.round(t[b] - t[a]);
-    console.log(
-      `10,000 files: prepare ${ms(1, 2)} ms (${(r.bytesStreamed / 1024).toFixed(0)} KiB streamed), export ${ms(3, 4)} ms ` +
-        `(patch ${x.patch.length} bytes); fixture ${ms(0, 1)} ms; in ${base}`,
-    );
   });
 });

@@ -9,14 +9,28 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run } from '../../src/host/runner.js';
 
-const IDENTITY = {
+/**
+ * The identity of the tests' own git commands, given in their environment (never in the machine's files): a fresh
+ * HOME has no ~/.gitconfig, and the machine's /etc/gitconfig is not read.
+ */
+export const GIT_TEST_IDENTITY = {
   GIT_AUTHOR_NAME: 'Banger Test',
   GIT_AUTHOR_EMAIL: 'test@banger.invalid',
   GIT_COMMITTER_NAME: 'Banger Test',
   GIT_COMMITTER_EMAIL: 'test@banger.invalid',
+  GIT_CONFIG_NOSYSTEM: '1',
+} as const;
+
+const IDENTITY = {
+  ...GIT_TEST_IDENTITY,
   GIT_AUTHOR_DATE: '2024-01-01T00:00:00Z',
   GIT_COMMITTER_DATE: '2024-01-01T00:00:00Z',
 };
+
+/** `process.env` plus the test identity: for a test's own git processes (execa/spawn). */
+export function gitTestEnv(extra: Record<string, string> = {}): Record<string, string> {
+  return { ...(process.env as Record<string, string>), ...GIT_TEST_IDENTITY, ...extra };
+}
 
 const GLOBAL_CONFIG = `[user]
 \tname = Banger Test
@@ -62,7 +76,7 @@ export async function isolateGitConfig(): Promise<() => Promise<void>> {
 
 /** Run git in `cwd` with the fixed identity; returns stdout (throws with git's stderr on failure). */
 export async function git(cwd: string, ...args: string[]): Promise<string> {
-  const r = await run('git', ['-C', cwd, ...args], { env: { ...IDENTITY, GIT_CONFIG_NOSYSTEM: '1' } });
+  const r = await run('git', ['-C', cwd, ...args], { env: IDENTITY });
   return r.stdout;
 }
 
@@ -72,7 +86,7 @@ export function gitBuffer(cwd: string, ...args: string[]): Promise<Buffer> {
     execFile(
       'git',
       ['-C', cwd, ...args],
-      { encoding: 'buffer', maxBuffer: 1 << 30, env: { ...process.env, ...IDENTITY, GIT_CONFIG_NOSYSTEM: '1' } },
+      { encoding: 'buffer', maxBuffer: 1 << 30, env: { ...process.env, ...IDENTITY } },
       (err, stdout, stderr) => (err ? reject(new Error(`git ${args.join(' ')}: ${err.message}\n${stderr.toString()}`)) : resolve(stdout)),
     );
   });
