@@ -2,7 +2,10 @@ import Database from 'better-sqlite3';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { makeHandlers } from '../../src/daemon/handlers.js';
+import type { DaemonHandle } from '../../src/daemon/daemon.js';
+import type { CallContext } from '../../src/rpc/server.js';
 import { BangerError } from '../../src/errors.js';
 import { migrate, openDb, SCHEMA_VERSION, type DB } from '../../src/store/db.js';
 import { Store } from '../../src/store/repo.js';
@@ -179,5 +182,34 @@ describe('recordTransition', () => {
     // Once the failure is gone the next transition takes the next sequence number: nothing half-written is left.
     db.exec('DROP TRIGGER inject_failure');
     expect(store.recordTransition('aaaaaaaaaa', { actor: 'vm:aaaaaaaaaa', type: 'BOOTED', payload: {}, to: 'running' }, 'running', { value: 'running' })).toBe(2);
+  });
+});
+
+describe('through the daemon handlers', () => {
+  const ctx: CallContext = { requestId: 1, progress: () => {}, stream: () => {}, signal: new AbortController().signal };
+  let supervisor: { has: (id: string) => boolean; create: ReturnType<typeof vi.fn>; send: ReturnType<typeof vi.fn>; view: (id: string) => unknown };
+
+  function handlers() {
+    supervisor = { has: () => true, create: vi.fn(), send: vi.fn(), view: (id: string) => ({ id }) };
+    // Only what vm ref resolution and vm.create's name check touch; the rest would fail loudly if reached.
+    const d = { store, supervisor, layout: {}, config: {} } as unknown as DaemonHandle;
+    return makeHandlers(d, { version: 'test', drivers: {}, log: () => {} });
+  }
+
+  it.each(['_', '%', '__________', 'a%'])('refuses the wildcard ref %j with not_found and sends nothing', async (ref) => {
+    addVm('abc1234567', 'only');
+    const h = handlers();
+    for (const method of ['vm.delete', 'vm.stop', 'vm.show'] as const) {
+      await expect(h[method]!({ vm: ref }, ctx)).rejects.toMatchObject({ kind: 'not_found', message: expect.stringContaining(JSON.stringify(ref)) });
+    }
+    expect(supervisor.send).not.toHaveBeenCalled();
+  });
+
+  it('vm.create with a live name is refused before anything is created', async () => {
+    addVm('abc1234567', 'taken');
+    const h = handlers();
+    await expect(h['vm.create']!({ name: 'taken' }, ctx)).rejects.toMatchObject({ kind: 'conflict', message: expect.stringContaining('taken') });
+    expect(supervisor.create).not.toHaveBeenCalled();
+    expect(db.prepare('SELECT COUNT(*) n FROM vms').get()).toEqual({ n: 1 });
   });
 });
