@@ -190,9 +190,7 @@ describe('Firecracker driver against the fake binary', () => {
     expect(await waitForText(spec.serialLog, /Run \/sbin\/init as init process/)).toMatch(/Run \/sbin\/init as init process/);
 
     const exit = driver.waitExit(proc, new AbortController().signal);
-    const t0 = Date.now();
     expect(await driver.stop(proc, { timeoutMs: 10_000 })).toBe('graceful');
-    expect(Date.now() - t0).toBeLessThan(5000);
     expect(await exit).toEqual({ reason: 'exited with code 0' });
     expect(alive(proc.pid)).toBe(false);
     expect(readRecord(bin.record).at(-1)).toMatchObject({ method: 'PUT', path: '/actions', body: { action_type: 'SendCtrlAltDel' }, status: 204 });
@@ -232,9 +230,8 @@ describe('Firecracker driver against the fake binary', () => {
     const exit = driver.waitExit(proc, new AbortController().signal);
     const t0 = Date.now();
     expect(await driver.stop(proc, { timeoutMs: 600 })).toBe('killed');
-    const took = Date.now() - t0;
-    expect(took).toBeGreaterThanOrEqual(550);
-    expect(took).toBeLessThan(8000);
+    // it waited out the grace period before the SIGKILL (a lower bound: load can only make it longer)
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(550);
     expect(await exit).toEqual({ reason: 'killed by SIGKILL' });
     expect(readRecord(bin.record).some((r) => (r.body as { action_type?: string } | undefined)?.action_type === 'SendCtrlAltDel' && r.status === 204)).toBe(true);
     expect(alive(proc.pid)).toBe(false);
@@ -259,9 +256,8 @@ describe('Firecracker driver against the fake binary', () => {
   it("ends the wait early with Firecracker's own words when it exits before the socket answers", async () => {
     const bin = await makeBinary({ FAKE_FC_FAIL_AT_START: 'Error creating the Kvm object: No such file or directory (os error 2)' });
     const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: 20_000 });
-    const t0 = Date.now();
     const e = await errorOf(driver.launch(await makeVm()));
-    expect(Date.now() - t0).toBeLessThan(10_000);
+    // early: the exit ended the wait (a wait that ran out would say it timed out, not what Firecracker said)
     expect(e.message).toMatch(/wait-api-socket: Firecracker exited before its API socket answered \(exit code 1\): Error creating the Kvm object/);
     expect(e.hint).toMatch(/kvm/i);
   }, SLOW);

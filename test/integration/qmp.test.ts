@@ -1,10 +1,11 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { createQemuDriver, eventsSocketPath, identifyPid, QmpClient, startDaemonized, type VmmProcess } from '../../src/host/qemu.js';
 import { which } from '../../src/host/runner.js';
+import { within } from '../support/wait.js';
 
 const qemuBin = process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
 const found = await which(qemuBin);
@@ -33,6 +34,26 @@ async function startPaused(id: string): Promise<VmmProcess> {
   const proc = await startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, { timeoutMs: 20_000 });
   started.push(proc);
   return proc;
+}
+
+/**
+ * Resolves once waitExit's watcher holds a working events monitor for `proc`: its first command there (the
+ * query-status that looks for an I/O-error pause) has been answered. Call it before waitExit.
+ */
+function watcherReady(proc: VmmProcess): Promise<void> {
+  const events = eventsSocketPath(proc.qmpSocket);
+  const execute = QmpClient.prototype.execute;
+  const ready = new Promise<void>((resolve) => {
+    const spy = vi.spyOn(QmpClient.prototype, 'execute').mockImplementation(async function (this: QmpClient, ...args: Parameters<QmpClient['execute']>) {
+      const answer = await execute.apply(this, args);
+      if (this.path === events) {
+        spy.mockRestore();
+        resolve();
+      }
+      return answer;
+    } as QmpClient['execute']);
+  });
+  return within('waitExit to attach to the events monitor', ready);
 }
 
 describe.skipIf(!!skipReason)('QEMU driver against a real QEMU (paused, no guest)', () => {
@@ -65,18 +86,15 @@ describe.skipIf(!!skipReason)('QEMU driver against a real QEMU (paused, no guest
     expect(st.reasons.join()).toContain('prelaunch');
 
     const ac = new AbortController();
-    const guard = setTimeout(() => ac.abort(new Error('test guard')), 20_000);
+    const attached = watcherReady(proc);
     const exited = driver.waitExit(proc, ac.signal);
-    // Give the watcher time to attach to the events monitor; status must still work meanwhile.
-    await new Promise((r) => setTimeout(r, 300));
+    // status must still work while the watcher holds the events monitor
+    await attached;
     expect((await driver.status(proc)).state).toBe('paused');
 
     // A guest that is not running ignores the ACPI button: the stop has to fall back to SIGKILL.
-    const t0 = Date.now();
     expect(await driver.stop(proc, { timeoutMs: 1000 })).toBe('killed');
-    expect(Date.now() - t0).toBeLessThan(10_000);
-    const ex = await exited;
-    clearTimeout(guard);
+    const ex = await within('waitExit to see QEMU gone', exited);
     expect(ex.reason).toBe('process exited');
 
     expect(await driver.status(proc)).toMatchObject({ state: 'gone' });
@@ -87,15 +105,13 @@ describe.skipIf(!!skipReason)('QEMU driver against a real QEMU (paused, no guest
 
   it('reports the SHUTDOWN reason to waitExit', { timeout: 30_000 }, async () => {
     const proc = await startPaused('vmB');
-    const ac = new AbortController();
-    const guard = setTimeout(() => ac.abort(new Error('test guard')), 20_000);
-    const exited = driver.waitExit(proc, ac.signal);
-    await new Promise((r) => setTimeout(r, 300));
+    const attached = watcherReady(proc);
+    const exited = driver.waitExit(proc, new AbortController().signal);
+    await attached; // else QEMU could be gone before the watcher ever saw its SHUTDOWN event
     const qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000 });
     await qmp.execute('quit', undefined, { timeoutMs: 5000 }).catch(() => undefined);
-    await Promise.race([qmp.closed, new Promise((r) => setTimeout(r, 5000))]);
-    const ex = await exited;
-    clearTimeout(guard);
+    await within('QEMU to close the monitor after quit', qmp.closed);
+    const ex = await within('waitExit to see QEMU gone', exited);
     expect(ex).toMatchObject({ reason: 'shutdown: host-qmp-quit', shutdownReason: 'host-qmp-quit', guest: false });
   });
 
@@ -112,8 +128,11 @@ describe.skipIf(!!skipReason)('QEMU driver against a real QEMU (paused, no guest
   it('waitExit honours its abort signal', { timeout: 10_000 }, async () => {
     const proc = await startPaused('vmC');
     const ac = new AbortController();
+    const attached = watcherReady(proc);
     const p = driver.waitExit(proc, ac.signal);
-    setTimeout(() => ac.abort(new Error('enough')), 200);
+    p.catch(() => undefined); // observed below; keep it from counting as unhandled meanwhile
+    await attached; // abort while it is watching, not before it started
+    ac.abort(new Error('enough'));
     await expect(p).rejects.toSatisfy((e) => e instanceof BangerError && e.kind === 'aborted');
     await driver.kill(proc);
     expect((await identifyPid(proc.pid, proc.qmpSocket)).id).toBe('gone');

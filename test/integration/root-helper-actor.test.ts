@@ -12,6 +12,7 @@ import { RootHelper } from '../../src/actors/root-helper.js';
 import { TapPool } from '../../src/actors/tap-pool.js';
 import { openDb } from '../../src/store/db.js';
 import { startRootHelper, type HelperOps, type RootHelperServer } from '../../src/roothelper/server.js';
+import { waitUntil } from '../support/wait.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -54,10 +55,13 @@ describe('rootHelper actor and tapPool', () => {
     expect(await helper.reachable(5000)).toBe(true);
     await helper.request('tap.create', { name: 'bgtapa1', uid: 0 });
     await server.close();
-    await new Promise((r) => setTimeout(r, 200));
-    expect(helper.state().state).not.toBe('connected');
+    await waitUntil('the actor to notice the helper went away', () => helper.state().state !== 'connected');
+    let settled = false;
     const pending = helper.request('tap.create', { name: 'bgtapa2', uid: 0 }, { timeoutMs: 20_000 });
-    await new Promise((r) => setTimeout(r, 500));
+    void pending.finally(() => (settled = true)).catch(() => undefined);
+    // the request waits through a failed reconnect rather than failing with it
+    await waitUntil('a failed reconnect attempt while the helper is down', () => helper.state().attempts >= 1);
+    expect(settled).toBe(false);
     server = await serve(dir, host.ops);
     cleanups.push(() => server.close());
     await expect(pending).resolves.toMatchObject({ name: 'bgtapa2', created: true });
@@ -90,7 +94,7 @@ describe('rootHelper actor and tapPool', () => {
     const pool = new TapPool(db, helper, { size: 0, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
     cleanups.push(() => pool.stop());
     const leased = pool.lease('vm1');
-    await new Promise((r) => setTimeout(r, 300));
+    await waitUntil('the helper to die mid-create and the actor to notice', () => died && helper.state().state !== 'connected');
     const again = await serve(dir, host.ops);
     cleanups.push(() => again.close());
     const { tap } = await leased;
