@@ -193,7 +193,8 @@ describe('through the daemon handlers', () => {
     supervisor = { has: () => true, create: vi.fn(), send: vi.fn(), view: (id: string) => ({ id }) };
     // Only what vm ref resolution and vm.create's name check touch; the rest would fail loudly if reached.
     const d = { store, supervisor, layout: {}, config: {} } as unknown as DaemonHandle;
-    return makeHandlers(d, { version: 'test', drivers: {}, log: () => {} });
+    const deps = { version: 'test', drivers: {}, log: () => {} } as unknown as Parameters<typeof makeHandlers>[1];
+    return makeHandlers(d, deps);
   }
 
   it.each(['_', '%', '__________', 'a%'])('refuses the wildcard ref %j with not_found and sends nothing', async (ref) => {
