@@ -26,6 +26,7 @@ import { Files } from '../paths.js';
 import { rdumpDir } from './debugfs.js';
 import { readDiskFile } from './disks.js';
 import { CommandError, run, which, type Runner } from './runner.js';
+import { ensureFreeSpace } from './space.js';
 
 /** Bump when the image recipe changes, so cached images are rebuilt. */
 export const BUILDER_VERSION = 1;
@@ -483,6 +484,22 @@ async function maskUnitInTree(tree: string, unit: string): Promise<boolean> {
 
 const BOOTSTRAP_TIMEOUT_S = 3600;
 
+/**
+ * Free space a Debian image build needs, checked before it starts: the bootstrap tree (minbase with a kernel,
+ * initramfs-tools, git and openssh: about 0.6-0.9 GiB unpacked), the root filesystem made from it (the tree × 1.4,
+ * at least 1 GiB, written sparsely), kernel, initrd and work seed copies, and apt's downloaded packages while the
+ * tree is built. 3 GiB covers that with room for a suite that grew; a build that would fit in less is refused
+ * only when the disk is nearly full anyway.
+ */
+export const IMAGE_BUILD_BYTES = 3 * 2 ** 30;
+
+/**
+ * Names of the temporary directories the builder and the importer make next to an image directory
+ * (`.<name>.bootstrap-XXXXXX`, `.<name>.tmp-XXXXXX`, `.<name>.import-XXXXXX`, from mkdtemp). One left behind means
+ * a build was killed midway; the daemon removes them at start (no build runs outside a daemon).
+ */
+export const BUILD_LEFTOVER_RE = /^\..+\.(bootstrap|tmp|import)-[A-Za-z0-9]{6}$/;
+
 const MASKED_UNITS = [
   'apt-daily.timer',
   'apt-daily.service',
@@ -675,6 +692,8 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
   const cleanups = new Cleanups();
   const parent = dirname(opts.imageDir);
   const base = basename(opts.imageDir);
+  // The tree and the finished image may live on different filesystems: each must hold the whole build.
+  for (const dir of new Set([opts.workDir ?? parent, parent])) await ensureFreeSpace(dir, IMAGE_BUILD_BYTES, `building image ${opts.name}`);
 
   const stage = async <T>(name: string, fn: () => Promise<{ value: T; detail?: string }>): Promise<T> => {
     checkAborted(signal);
@@ -872,6 +891,75 @@ async function removeTree(dir: string, exec: TreeExec): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Leftovers of killed builds and creates
+
+/** `<disk>.partial` (cloneDisk, createWorkDisk, the clone record) and the doctor's copy-on-write probe directories. */
+const PARTIAL_RE = /(\.partial$|^\.banger-cow-probe-[A-Za-z0-9]{6}$)/;
+
+export interface Leftovers {
+  /** Removed before clearLeftovers returned: `*.partial` files in VM and image directories. */
+  removed: string[];
+  /** Build directories being removed in the background (gigabytes, slow). */
+  removing: Promise<{ removed: string[]; skipped: string[] }>;
+}
+
+/**
+ * Removes what a daemon or a build killed midway left behind: `.bootstrap-`/`.tmp-`/`.import-` build directories
+ * under imagesDir and `*.partial` files in image and VM directories. Call it at daemon start, before any VM actor
+ * or build runs (they run only inside the daemon). The list is taken before it returns, so a build started later
+ * is never touched; the big directories are then removed in the background. A tree with something mounted
+ * inside is unmounted or, when that fails, skipped with a log line: nothing is removed across a mount.
+ */
+export async function clearLeftovers(
+  dirs: { imagesDir: string; vmsDir: string },
+  opts: { runner?: Runner; log?: (line: string) => void } = {},
+): Promise<Leftovers> {
+  const runner = opts.runner ?? run;
+  const log = opts.log ?? (() => {});
+  const names = async (dir: string) => (await readdir(dir).catch(() => [] as string[])).map((n) => join(dir, n));
+  const buildDirs: string[] = [];
+  const partials: string[] = [];
+  for (const p of await names(dirs.imagesDir)) {
+    if (BUILD_LEFTOVER_RE.test(basename(p))) buildDirs.push(p);
+    else if (PARTIAL_RE.test(basename(p))) partials.push(p);
+    else if (!basename(p).startsWith('.')) partials.push(...(await names(p)).filter((f) => PARTIAL_RE.test(basename(f))));
+  }
+  for (const vm of await names(dirs.vmsDir)) partials.push(...(await names(vm)).filter((f) => PARTIAL_RE.test(basename(f))));
+  const removed: string[] = [];
+  for (const p of partials) {
+    try {
+      await rm(p, { recursive: true, force: true });
+      removed.push(p);
+      log(`removed leftover ${p}`);
+    } catch (e) {
+      log(`could not remove leftover ${p}: ${errorMessage(e)}`);
+    }
+  }
+  return { removed, removing: removeBuildDirs(buildDirs, runner, log) };
+}
+
+async function removeBuildDirs(dirs: string[], runner: Runner, log: (line: string) => void): Promise<{ removed: string[]; skipped: string[] }> {
+  const out = { removed: [] as string[], skipped: [] as string[] };
+  if (!dirs.length) return out;
+  const plain: TreeExec = (file, args, o = {}) => runner(file, args, o);
+  // An unprivileged build's tree holds files of mmdebstrap's sub-uids: only its user namespace can delete them.
+  const helper = process.getuid?.() !== 0 && (await which('mmdebstrap', runner)) !== undefined;
+  const inNamespace: TreeExec = (file, args, o = {}) => runner('mmdebstrap', ['--unshare-helper', file, ...args], o);
+  for (const dir of dirs) {
+    try {
+      if (helper) await removeTree(dir, inNamespace).catch(() => removeTree(dir, plain));
+      else await removeTree(dir, plain);
+      out.removed.push(dir);
+      log(`removed the leftover build directory ${dir}`);
+    } catch (e) {
+      out.skipped.push(dir);
+      log(`left the leftover build directory ${dir} in place: ${errorMessage(e)}`);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Import
 
 export interface ImportImageOptions {
@@ -899,11 +987,14 @@ export async function importImage(opts: ImportImageOptions): Promise<ImageManife
     ['--kernel', opts.kernel],
     ['--initrd', opts.initrd],
   ];
+  // The copies are sparse: they take what the inputs take on disk, plus a work seed and the vmlinux (≤ 64 MiB).
+  let neededBytes = 64 * MiB;
   for (const [flag, p] of inputs) {
     if (p === undefined) continue;
     const st = await stat(p).catch(() => undefined);
     if (!st) throw new BangerError('not_found', `${flag} file ${p} does not exist`, `check the path given to ${flag}`);
     if (!st.isFile()) throw new BangerError('usage', `${flag} ${p} is not a regular file`, `give a file to ${flag}`);
+    neededBytes += Math.min(st.size, st.blocks * 512);
   }
   {
     const fh = await open(opts.rootfs, 'r');
@@ -918,6 +1009,7 @@ export async function importImage(opts: ImportImageOptions): Promise<ImageManife
   }
   const parent = dirname(opts.imageDir);
   await mkdir(parent, { recursive: true });
+  await ensureFreeSpace(parent, neededBytes, `importing image ${opts.name}`);
   const cleanups = new Cleanups();
   try {
     const out = await mkdtemp(join(parent, `.${basename(opts.imageDir)}.import-`));
