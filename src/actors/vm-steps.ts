@@ -14,9 +14,11 @@ import type { BootOutput, PrepareDisksOutput, StepInput, VmContext, WatchOutput 
 import { run, type Runner } from '../host/runner.js';
 import { generateHostKey, type UserKey } from '../host/keys.js';
 import { waitForSsh, type SshTarget } from '../host/ssh.js';
-import { findFreePort, identifyPid, type VmmDriver, type VmmProcess } from '../host/qemu.js';
+import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/qemu.js';
+import { FirecrackerFiles, firecrackerId } from '../host/firecracker.js';
 import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk } from '../host/disks.js';
 import { readManifest, type ImageManifest } from '../host/image.js';
+import { ensureFreeSpace } from '../host/space.js';
 import { Cleanups } from './cleanups.js';
 import { testStageDelay } from './fault-injection.js';
 
@@ -134,11 +136,80 @@ async function alive(driver: VmmDriver, proc: VmmProcess): Promise<boolean> {
   return (await driver.status(proc)).state !== 'gone';
 }
 
+/**
+ * The VMM of this VM when no vmm.json says so (the daemon died, or a write failed, between the VMM starting and
+ * vmm.json being written): the pid file in the VM directory (QEMU writes it as it daemonizes, the Firecracker
+ * driver right after the spawn), and the control socket this VM's id gives, which the process's command line
+ * must name (so a reused pid is never taken for it). Undefined when there is none alive.
+ */
+async function vmmByPidFile(env: StepEnv, ctx: Pick<VmContext, 'id' | 'spec'>, driver: VmmDriver): Promise<VmmProcess | undefined> {
+  const text = await readFile(join(vmFiles(env.layout, ctx.id).dir, Files.vmmPid), 'utf8').catch(() => '');
+  const pid = Number.parseInt(text.trim(), 10);
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  const control =
+    driver.kind === 'qemu' ? qmpSocketPath(env.layout.run, ctx.id) : join(env.layout.run, FirecrackerFiles.apiSocket(firecrackerId(ctx.id)));
+  const proc = { pid, qmpSocket: control };
+  return (await alive(driver, proc)) ? proc : undefined;
+}
+
+/** The VMM this VM has, from its runtime, else vmm.json, else the pid file; undefined when none is alive. */
+async function findVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver): Promise<VmmProcess | undefined> {
+  const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(vmFiles(env.layout, ctx.id).vmmState);
+  if (st) {
+    const proc = { pid: st.pid, qmpSocket: st.control };
+    if (await alive(driver, proc)) return proc;
+  }
+  return vmmByPidFile(env, ctx, driver);
+}
+
+/**
+ * A VMM already running for this VM as vmm.json records it is adopted (resumed if it is paused, e.g. by a full
+ * disk: `cont` retries the writes that failed). One only the pid file knows (its launch never finished, so its
+ * SSH port is unknown) is killed, so the launch that follows does not collide with it.
+ */
+async function adoptVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver): Promise<{ proc: VmmProcess; sshPort?: number } | undefined> {
+  const prev = await readVmmState(vmFiles(env.layout, ctx.id).vmmState);
+  const recorded = prev ? { pid: prev.pid, qmpSocket: prev.control } : undefined;
+  if (recorded && (await alive(driver, recorded))) {
+    env.log(ctx.id, 'vmm.adopt', 'info', undefined, `pid ${recorded.pid}`);
+    const st = await driver.status(recorded);
+    if (st.state === 'paused' && driver.resume) {
+      await stage(env, ctx.id, 'vmm.resume', () => driver.resume!(recorded), () => st.reasons.join('; '));
+    }
+    return { proc: recorded, sshPort: prev!.sshPort };
+  }
+  const orphan = await vmmByPidFile(env, ctx, driver);
+  if (orphan) {
+    await stage(env, ctx.id, 'vmm.kill', () => driver.kill(orphan), () => `pid ${orphan.pid}: left by a launch that did not finish`);
+  }
+  return undefined;
+}
+
+/**
+ * Free space a create needs in the VM directory, checked before anything is written. The root disk: a sparse
+ * copy takes what the image's rootfs takes on disk (its allocated blocks; a reflink takes almost nothing, but
+ * whether one works is only known by trying). The work disk: a sparse file of the VM's disk size with a lazily
+ * initialised ext4 (no inode tables or journal written) and the seed's files in it: the seed's allocated blocks,
+ * plus the metadata mkfs writes anyway (bitmaps, group descriptors, superblock copies: well under 1/256 of the
+ * size), plus 64 MiB for the host key, logs and headroom.
+ */
+async function createNeedsBytes(rootfs: string | undefined, seed: string | undefined, diskBytes: number): Promise<number> {
+  const allocated = async (p: string | undefined) => (p ? await stat(p).then((s) => Math.min(s.size, s.blocks * 512), () => 0) : 0);
+  return (await allocated(rootfs)) + (seed ? (await allocated(seed)) + Math.ceil(diskBytes / 256) : 0) + 64 * 2 ** 20;
+}
+
 export function makeSteps(env: StepEnv) {
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    await testStageDelay('creating', signal); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     await mkdir(f.dir, { recursive: true, mode: 0o700 });
     const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
+    const needed = await createNeedsBytes(
+      existsSync(f.rootDisk) ? undefined : join(image.dir, image.rootfs),
+      existsSync(f.workDisk) ? undefined : join(image.dir, image.workSeed),
+      ctx.spec.diskBytes,
+    );
+    await ensureFreeSpace(f.dir, needed, `creating vm ${ctx.name}`);
     const strategy = await stage(
       env,
       ctx.id,
@@ -147,7 +218,6 @@ export function makeSteps(env: StepEnv) {
       (s) => `strategy=${s}`,
     );
     void strategy;
-    await testStageDelay('creating', signal); // test hook, see fault-injection.ts
     // The VM's own SSH host key: generated here, pinned before first contact.
     if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
       const hk = await stage(env, ctx.id, 'hostKey', () => generateHostKey({ runner: env.runner, signal, comment: `banger-${ctx.id}` }));
@@ -171,6 +241,7 @@ export function makeSteps(env: StepEnv) {
   });
 
   const applyWorkSeed = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    await testStageDelay('applyingWorkSeed', signal); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     if (existsSync(f.workDisk)) {
       env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
@@ -182,7 +253,6 @@ export function makeSteps(env: StepEnv) {
     await stage(
       env,
       ctx.id,
-    await testStageDelay('applyingWorkSeed', signal); // test hook, see fault-injection.ts
       'workDisk',
       () =>
         createWorkDisk(f.workDisk, {
@@ -199,20 +269,26 @@ export function makeSteps(env: StepEnv) {
   });
 
   const boot = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    await testStageDelay('booting', signal); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver(ctx.spec.vmm);
     const cleanups = new Cleanups();
     const t0 = performance.now();
+    let proc: VmmProcess | undefined;
+    // Registered before anything can fail: a launch cut short (an abort, ENOSPC writing vmm.json) leaves no VMM.
+    // Until the launch returns, the pid file is how the VMM is found.
+    cleanups.add('kill VMM', async () => {
+      const p = proc ?? (await vmmByPidFile(env, ctx, driver));
+      if (p) await driver.kill(p);
+      await rm(f.vmmState, { force: true });
+    });
     try {
-      let proc: VmmProcess | undefined;
       let sshPort: number | undefined;
       // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
-      const prev = await readVmmState(f.vmmState);
-      if (prev && (await alive(driver, { pid: prev.pid, qmpSocket: prev.control }))) {
-        proc = { pid: prev.pid, qmpSocket: prev.control };
-    await testStageDelay('booting', signal); // test hook, see fault-injection.ts
-        sshPort = prev.sshPort;
-        env.log(ctx.id, 'vmm.adopt', 'info', undefined, `pid ${prev.pid}`);
+      const adopted = await adoptVmm(env, ctx, driver);
+      if (adopted) {
+        proc = adopted.proc;
+        sshPort = adopted.sshPort;
       } else {
         const image = await imageOf(env, ctx.spec.image);
         if (ctx.spec.net === 'user') sshPort = await findFreePort();
@@ -248,10 +324,6 @@ export function makeSteps(env: StepEnv) {
         await writeFile(f.vmmState, JSON.stringify({ pid: proc.pid, control: proc.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap } satisfies VmmState));
       }
       const p = proc;
-      cleanups.add('kill VMM', async () => {
-        await driver.kill(p);
-        await rm(f.vmmState, { force: true });
-      });
       const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
       const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
       const timeoutMs = Math.max(1000, deadline - Date.now());
@@ -287,6 +359,12 @@ export function makeSteps(env: StepEnv) {
       return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
     }
     const exit = await driver.waitExit(proc, signal);
+    if (exit.ioError) {
+      // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
+      const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
+      env.log(ctx.id, 'vmm.paused', 'error', undefined, error);
+      return { reason: exit.reason, error };
+    }
     if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
     const reason = `VMM exited on its own: ${exit.reason}`;
     if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
@@ -294,21 +372,23 @@ export function makeSteps(env: StepEnv) {
   });
 
   const stopVmm = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver(ctx.spec.vmm);
-    const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
-    if (!st) {
-      env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process recorded; nothing to stop');
+    // The recorded VMM goes to driver.stop even if it looks gone: an exiting one is waited for there.
+    const proc = ctx.runtime ? { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control } : await findVmm(env, ctx, driver);
+    if (!proc) {
+      env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process of this VM is running; nothing to stop');
+      await rm(f.vmmState, { force: true });
       return;
     }
-    const proc = { pid: st.pid, qmpSocket: st.control };
     const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
     void how;
     await rm(f.vmmState, { force: true });
-    await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
   });
 
   const applySettings = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
     const want = ctx.pendingSet;
     if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
       const f = vmFiles(env.layout, ctx.id);
@@ -317,19 +397,16 @@ export function makeSteps(env: StepEnv) {
   });
 
   const destroy = fromPromise<void, StepInput>(async ({ input: { ctx } }) => {
+    await testStageDelay('deleting'); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver(ctx.spec.vmm);
-    const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(f.vmmState);
-    await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
-    if (st && (await alive(driver, { pid: st.pid, qmpSocket: st.control }))) {
-      await stage(env, ctx.id, 'vmm.kill', () => driver.kill({ pid: st.pid, qmpSocket: st.control }));
-    }
+    const proc = await findVmm(env, ctx, driver);
+    if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
     if (ctx.spec.net === 'tap') {
       if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
       await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
     }
     env.store.releaseAddress(ctx.id);
-    await testStageDelay('deleting'); // test hook, see fault-injection.ts
     await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
   });
 

@@ -830,6 +830,8 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
               pid = res.pid;
               chrootDir = res.chrootDir;
               cleanups.add('kill jailed firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket, vmDir: spec.vmDir, serialLog: spec.serialLog } as FirecrackerProcess));
+              // At once: a daemon killed from here on leaves the pid where `vm delete` finds it.
+              await writeFile(pidFile, `${pid}\n`);
               // Long chroot paths would break the 108-byte socket limit: reach them through short symlinks.
               await symlink(res.apiSocket, apiSocket);
               await symlink(join(res.chrootDir, res.jailPaths.vsock), vsockSocket);
@@ -849,12 +851,12 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
               pid = s.child.pid!;
               exited = s.exited;
               cleanups.add('kill firecracker', () => kill({ pid, qmpSocket: apiSocket, apiSocket, fcId, vsockSocket, vmDir: spec.vmDir, serialLog: spec.serialLog } as FirecrackerProcess));
+              await writeFile(pidFile, `${pid}\n`); // at once: a daemon killed from here on leaves the pid where `vm delete` finds it
             },
           },
       {
         name: 'wait-api-socket',
         run: async () => {
-          await writeFile(pidFile, `${pid}\n`);
           await waitReady(api, pid, exited, fcId, [vmmLog, spec.serialLog], signal);
         },
       },

@@ -46,6 +46,22 @@ export interface VmmExit {
   shutdownReason?: string;
   /** True when the guest itself asked to shut down / reset. */
   guest?: boolean;
+  /**
+   * Set when waitExit returned because QEMU paused the guest on a disk error (werror=enospc): the process is
+   * still there, stopped. `reason` then says what happened and what to do.
+   */
+  ioError?: IoErrorStop;
+}
+
+/** What QEMU said about the disk error it paused the guest for (BLOCK_IO_ERROR, query-block's io-status). */
+export interface IoErrorStop {
+  /** The drive id: 'root' or 'work'. */
+  device?: string;
+  operation?: string;
+  /** The host's disk is full (ENOSPC). */
+  nospace: boolean;
+  /** The host error as QEMU words it, e.g. "No space left on device". */
+  detail?: string;
 }
 
 export interface VmmDriver {
@@ -55,6 +71,8 @@ export interface VmmDriver {
   kill(proc: VmmProcess): Promise<void>;
   status(proc: VmmProcess): Promise<{ state: VmmState; reasons: string[] }>;
   waitExit(proc: VmmProcess, signal: AbortSignal): Promise<VmmExit>;
+  /** Resumes a paused guest (QEMU: `cont`, which retries the I/O that failed). Not every driver can. */
+  resume?(proc: VmmProcess): Promise<void>;
 }
 
 // ───────────────────────────── small helpers ─────────────────────────────
@@ -109,7 +127,9 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   const cache = spec.diskCache ?? 'writeback';
   const drive = (id: string, file: string) => [
     '-drive',
-    `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=raw,if=none,cache=${cache},discard=unmap`,
+    // werror=enospc (QEMU's default, stated): a full host disk pauses the guest (BLOCK_IO_ERROR, then STOP) instead
+    // of failing its writes, so nothing is lost; `cont` after freeing space retries them. Other errors go to the guest.
+    `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=raw,if=none,cache=${cache},discard=unmap,werror=enospc,rerror=report`,
     '-device',
     `virtio-blk-device,drive=${id}`,
   ];
@@ -420,10 +440,49 @@ const STATUS_MAP: Record<string, VmmState> = {
   colo: 'paused',
   shutdown: 'shutdown',
   'internal-error': 'broken',
-  'io-error': 'broken',
+  'io-error': 'paused',
   'guest-panicked': 'broken',
   watchdog: 'broken',
 };
+
+// ───────────────────────────── disk errors that pause the guest ─────────────────────────────
+
+/** A BLOCK_IO_ERROR event whose action paused the guest, as an IoErrorStop; undefined for any other event. */
+export function ioErrorFromEvent(e: QmpEvent): IoErrorStop | undefined {
+  if (e.event !== 'BLOCK_IO_ERROR' || e.data?.action !== 'stop') return undefined;
+  const d = e.data;
+  const str = (v: unknown) => (typeof v === 'string' && v ? v : undefined);
+  return { device: str(d.device) ?? str(d['node-name']), operation: str(d.operation), nospace: d.nospace === true, detail: str(d.reason) };
+}
+
+/** query-block's answer: the first device whose io-status is not 'ok' ('nospace' or 'failed'). */
+export function ioErrorFromBlocks(blocks: unknown): IoErrorStop | undefined {
+  if (!Array.isArray(blocks)) return undefined;
+  for (const b of blocks as Array<Record<string, unknown>>) {
+    const st = b?.['io-status'];
+    if (st === 'nospace' || st === 'failed') {
+      return { device: typeof b.device === 'string' && b.device ? b.device : undefined, nospace: st === 'nospace' };
+    }
+  }
+  return undefined;
+}
+
+/** "the guest's work disk hit an I/O error (ENOSPC: no space left on device) on write and QEMU paused it". */
+export function describeIoErrorStop(io: IoErrorStop | undefined): string {
+  const disk = io?.device === 'root' || io?.device === 'work' ? `${io.device} disk` : io?.device ? `disk ${io.device}` : 'disk';
+  const what = io?.nospace ? 'ENOSPC: no space left on device' : io?.detail ? io.detail : undefined;
+  const op = io?.operation ? ` on ${io.operation}` : '';
+  return `the guest's ${disk} hit an I/O error${what ? ` (${what})` : ''}${op} and QEMU paused it`;
+}
+
+/** Is the VM paused on a disk error? Asks query-status, then query-block for which disk; `seen` fills gaps. */
+async function ioErrorStop(qmp: QmpClient, seen?: IoErrorStop): Promise<IoErrorStop | undefined> {
+  const st = await qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: 2000 });
+  if (st.status !== 'io-error') return undefined;
+  const blocks = await qmp.execute('query-block', undefined, { timeoutMs: 2000 }).catch(() => undefined);
+  const fromBlocks = ioErrorFromBlocks(blocks);
+  return { nospace: false, ...seen, ...fromBlocks, ...(seen?.nospace || fromBlocks?.nospace ? { nospace: true } : {}) };
+}
 
 /** Launches a QEMU VM that has already been built as argv, with -daemonize/-pidfile, and reads its pid. */
 export async function startDaemonized(
@@ -439,29 +498,45 @@ export async function startDaemonized(
     throw new BangerError('conflict', `a QEMU process (pid ${old}) is already running for ${files.qmpSocket}`, 'stop that VM first');
   }
   const ev = eventsSocketPath(files.qmpSocket);
-  await Promise.all([rm(files.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined]);
+  // A stale pid file names someone else's process by now: gone before QEMU writes its own.
+  await Promise.all([rm(files.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, rm(files.pidFile, { force: true })]);
+  // From here on QEMU may exist: every failure (the runner's, a timeout, an abort, a missing pid) kills the QEMU
+  // the pid file names, if it serves our socket, before it is reported. Nothing is left running unowned.
   try {
     await runner(qemuBin, argv, { signal: opts.signal, timeoutMs: opts.timeoutMs ?? 60_000 });
-  } catch (e) {
-    // If it got as far as daemonizing before the abort/timeout, do not leave it behind.
-    const pid = await readPid(files.pidFile);
-    if (pid !== undefined && (await identifyPid(pid, files.qmpSocket)).id === 'ours') {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
+    let pid: number | undefined;
+    for (let i = 0; i < 40 && pid === undefined; i++) {
+      pid = await readPid(files.pidFile);
+      if (pid === undefined) await sleep(50, opts.signal);
     }
-    if (e instanceof BangerError && e.kind === 'aborted') throw e;
+    if (pid === undefined) throw new BangerError('host', `QEMU started but wrote no pid to ${files.pidFile}`);
+    return { pid, qmpSocket: files.qmpSocket };
+  } catch (e) {
+    const killErr = await killByPidFile(files).then(() => undefined, (ke: unknown) => errorMessage(ke));
+    if (killErr && e instanceof Error) e.message += ` (and the QEMU it started could not be killed: ${killErr})`;
+    if (e instanceof BangerError && (e.kind === 'aborted' || e.message.startsWith('QEMU started'))) throw e;
     throw new BangerError('host', `QEMU failed to start: ${errorMessage(e)}`, launchHint(errorMessage(e)), { cause: e });
   }
-  let pid: number | undefined;
-  for (let i = 0; i < 40 && pid === undefined; i++) {
-    pid = await readPid(files.pidFile);
-    if (pid === undefined) await sleep(50, opts.signal);
+}
+
+/**
+ * Kills the QEMU that `pidFile` names if it serves `qmpSocket` (pid reuse is checked on its command line) and
+ * waits for it to go. For a launch cut short before anyone learnt the pid: the pid file is all there is.
+ * Returns the pid killed, if any.
+ */
+export async function killByPidFile(files: { pidFile: string; qmpSocket: string }): Promise<number | undefined> {
+  const pid = await readPid(files.pidFile);
+  if (pid === undefined || (await identifyPid(pid, files.qmpSocket)).id !== 'ours') return undefined;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch (e) {
+    if (errno(e) === 'ESRCH') return undefined;
+    throw new BangerError('host', `cannot kill QEMU pid ${pid}: ${errorMessage(e)}`);
   }
-  if (pid === undefined) throw new BangerError('host', `QEMU started but wrote no pid to ${files.pidFile}`);
-  return { pid, qmpSocket: files.qmpSocket };
+  if (!(await waitGone({ pid, qmpSocket: files.qmpSocket }, 10_000))) {
+    throw new BangerError('host', `QEMU pid ${pid} did not exit within 10 s of SIGKILL`);
+  }
+  return pid;
 }
 
 function launchHint(msg: string): string | undefined {
@@ -570,6 +645,10 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 2000 });
         const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: 2000 });
         const state = STATUS_MAP[st.status] ?? (st.running ? 'running' : 'paused');
+        if (st.status === 'io-error') {
+          const io = await ioErrorStop(qmp).catch(() => undefined);
+          return { state, reasons: [`QEMU reports status 'io-error': ${describeIoErrorStop(io)}`] };
+        }
         return { state, reasons: state === 'running' ? [] : [`QEMU reports status '${st.status}'`] };
       } catch (e) {
         if (!(await isOurs(proc))) return { state: 'gone', reasons: [`QEMU process ${proc.pid} exited`] };
@@ -579,63 +658,101 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       }
     },
 
-    async waitExit(proc, signal) {
-      if (!(await isOurs(proc))) return { reason: 'process not running' };
-      let shutdown: { reason?: string; guest?: boolean } | undefined;
-      let ev: QmpClient | undefined;
-      const evPath = eventsSocketPath(proc.qmpSocket);
-      if (evPath) {
-        try {
-          ev = await QmpClient.connect(evPath, { timeoutMs: 2000, signal });
-          ev.onEvent((e) => {
-            if (e.event === 'SHUTDOWN') shutdown = (e.data ?? {}) as { reason?: string; guest?: boolean };
-          });
-        } catch (e) {
-          if (e instanceof BangerError && e.kind === 'aborted') throw e;
-          ev = undefined; // the process may not have it, or someone else holds it: poll /proc only
-        }
-      }
-      // Poll /proc every 250 ms; QEMU closing the events monitor (it is exiting) wakes the loop early and
-      // switches to quick polls for a moment. One wake-up hook, not one promise reaction per tick.
-      let wake: (() => void) | undefined;
-      let quickUntil = 0;
-      ev?.onClose(() => {
-        quickUntil = Date.now() + 2000;
-        wake?.();
-      });
+    waitExit,
+
+    async resume(proc) {
+      const qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000 });
       try {
-        while (await isOurs(proc)) {
-          await new Promise<void>((res, rej) => {
-            const done = () => {
-              clearTimeout(t);
-              signal.removeEventListener('abort', onAbort);
-              wake = undefined;
-              res();
-            };
-            const onAbort = () => {
-              clearTimeout(t);
-              wake = undefined;
-              rej(aborted('waiting for the VM to exit', signal));
-            };
-            const t = setTimeout(done, Date.now() < quickUntil ? 20 : 250);
-            if (signal.aborted) return onAbort();
-            signal.addEventListener('abort', onAbort, { once: true });
-            wake = done;
-          });
-        }
+        await qmp.execute('cont', undefined, { timeoutMs: 5000 });
       } finally {
-        ev?.close();
+        qmp.close();
       }
-      if (shutdown) {
-        return {
-          reason: `shutdown: ${shutdown.reason ?? 'unknown'}`,
-          shutdownReason: shutdown.reason,
-          guest: shutdown.guest,
-        };
-      }
-      return { reason: 'process exited' };
     },
   };
+}
+
+/**
+ * Resolves when the QEMU is gone (with the SHUTDOWN reason when one was seen), or when QEMU paused the guest on a
+ * disk error (`ioError` set; the process stays). Watches the events monitor: a STOP event (or the start of the
+ * watch: the daemon may have restarted meanwhile) asks query-status whether the pause is an I/O error.
+ */
+async function waitExit(proc: VmmProcess, signal: AbortSignal): Promise<VmmExit> {
+  if (!(await isOurs(proc))) return { reason: 'process not running' };
+  let shutdown: { reason?: string; guest?: boolean } | undefined;
+  let lastIoError: IoErrorStop | undefined;
+  let checkPause = true;
+  const ev = await connectEvents(proc, signal);
+  // Poll /proc every 250 ms; QEMU closing the events monitor (it is exiting) wakes the loop early and switches
+  // to quick polls for a moment. One wake-up hook, not one promise reaction per tick.
+  const ticker = new Ticker(signal);
+  let quickUntil = 0;
+  ev?.onEvent((e) => {
+    if (e.event === 'SHUTDOWN') shutdown = (e.data ?? {}) as { reason?: string; guest?: boolean };
+    lastIoError = ioErrorFromEvent(e) ?? lastIoError;
+    if (e.event === 'STOP') {
+      checkPause = true;
+      ticker.wake();
+    }
+  });
+  ev?.onClose(() => {
+    quickUntil = Date.now() + 2000;
+    ticker.wake();
+  });
+  try {
+    while (await isOurs(proc)) {
+      if (ev?.isOpen && checkPause) {
+        checkPause = false;
+        const io = await ioErrorStop(ev, lastIoError).catch(() => undefined);
+        if (io) return { reason: describeIoErrorStop(io), ioError: io };
+      }
+      await ticker.sleep(Date.now() < quickUntil ? 20 : 250);
+    }
+  } finally {
+    ev?.close();
+  }
+  if (shutdown) return { reason: `shutdown: ${shutdown.reason ?? 'unknown'}`, shutdownReason: shutdown.reason, guest: shutdown.guest };
+  return { reason: 'process exited' };
+}
+
+/** The events monitor of a QEMU, or undefined when it has none or someone else holds it (then /proc only). */
+async function connectEvents(proc: VmmProcess, signal: AbortSignal): Promise<QmpClient | undefined> {
+  const evPath = eventsSocketPath(proc.qmpSocket);
+  if (!evPath) return undefined;
+  try {
+    return await QmpClient.connect(evPath, { timeoutMs: 2000, signal });
+  } catch (e) {
+    if (e instanceof BangerError && e.kind === 'aborted') throw e;
+    return undefined;
+  }
+}
+
+/** An abortable sleep that wake() ends early. */
+class Ticker {
+  private waker?: () => void;
+  constructor(private readonly signal: AbortSignal) {}
+  wake(): void {
+    this.waker?.();
+  }
+  sleep(ms: number): Promise<void> {
+    const signal = this.signal;
+    return new Promise<void>((res, rej) => {
+      const done = () => {
+        clearTimeout(t);
+        signal.removeEventListener('abort', onAbort);
+        this.waker = undefined;
+        res();
+      };
+      const onAbort = () => {
+        clearTimeout(t);
+        this.waker = undefined;
+        rej(aborted('waiting for the VM to exit', signal));
+      };
+      const t = setTimeout(done, ms);
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      this.waker = done;
+    });
+  }
 }
 
 /** The default QEMU driver (qemu-system-x86_64 from PATH, or $BANGER_QEMU_BIN). */

@@ -7,6 +7,7 @@
  *   stopped --START--> booting;  running --RESTART--> stopping → booting
  *   settled --DELETE--> deleting → deleted (final);  any failing step → failed (keeps stage + error)
  *   running --(VMM exits on its own)--> stopped (with the reason)
+ *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
  */
 import { assign, fromPromise, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { workspaceMachine } from './workspace.machine.js';
@@ -95,6 +96,8 @@ export interface BootOutput {
 }
 export interface WatchOutput {
   reason: string;
+  /** Set when the VMM did not exit but cannot go on (QEMU paused the guest on a full disk): the VM fails with it. */
+  error?: string;
 }
 
 const unprovided = (name: string) =>
@@ -121,6 +124,8 @@ export const vmMachine = setup({
   guards: {
     startAfterCreate: ({ context }) => context.spec.start,
     restartPending: ({ context }) => context.restartPending,
+    /** The VMM watch ended with an error (the VMM is there but cannot go on), not with an exit. */
+    vmmFailed: ({ event }) => !!(event as unknown as { output?: WatchOutput }).output?.error,
     failedBeforeDisks: ({ context }) => context.error?.stage === 'creating' || context.error?.stage === 'applyingWorkSeed',
   },
   actions: {
@@ -209,10 +214,17 @@ export const vmMachine = setup({
           id: 'vmm',
           src: 'watchVmm',
           input: ({ context }) => ({ ctx: context }),
-          onDone: {
-            target: 'stopped',
-            actions: [assign({ stopReason: ({ event }) => event.output.reason }), 'clearRuntime'],
-          },
+          onDone: [
+            {
+              guard: 'vmmFailed',
+              target: 'failed',
+              actions: [assign({ error: ({ event }) => ({ stage: 'running', message: event.output.error! }) }), 'clearRuntime'],
+            },
+            {
+              target: 'stopped',
+              actions: [assign({ stopReason: ({ event }) => event.output.reason }), 'clearRuntime'],
+            },
+          ],
           onError: {
             target: 'stopped',
             actions: [assign({ stopReason: ({ event }) => `VMM watch failed: ${messageOf(event.error)}` }), 'clearRuntime'],

@@ -46,8 +46,8 @@ describe('qemuArgv', () => {
   it('puts the root disk before the work disk, both as virtio-blk-device', () => {
     const argv = qemuArgv(base, files);
     expect(values(argv, '-drive')).toEqual([
-      `id=root,file=${base.rootDisk},format=raw,if=none,cache=writeback,discard=unmap`,
-      `id=work,file=${base.workDisk},format=raw,if=none,cache=writeback,discard=unmap`,
+      `id=root,file=${base.rootDisk},format=raw,if=none,cache=writeback,discard=unmap,werror=enospc,rerror=report`,
+      `id=work,file=${base.workDisk},format=raw,if=none,cache=writeback,discard=unmap,werror=enospc,rerror=report`,
     ]);
     const devs = values(argv, '-device').filter((d) => d.startsWith('virtio-blk-device'));
     expect(devs).toEqual(['virtio-blk-device,drive=root', 'virtio-blk-device,drive=work']);
