@@ -6,7 +6,7 @@
 import { createActor, type InspectionEvent, type Snapshot } from 'xstate';
 import { BangerError } from '../errors.js';
 import type { LogRow, Store } from '../store/repo.js';
-import { SETTLED_STATES, vmMachine, type VmActorRef, type VmContext, type VmEvent, type VmInput, type VmSnapshot, type VmState } from '../machines/vm.machine.js';
+import { SETTLED_STATES, vmMachine, type GitIdentity, type VmActorRef, type VmContext, type VmEvent, type VmInput, type VmSnapshot, type VmState } from '../machines/vm.machine.js';
 import { workspaceMachine, type Job } from '../machines/workspace.machine.js';
 import { makeSteps, type StepEnv } from './vm-steps.js';
 import { JobRegistry, makeRunJob, type JobRunners } from './workspace-jobs.js';
@@ -38,6 +38,8 @@ export interface VmView {
   createdAt: string;
   error: { stage: string; message: string } | null;
   stopReason: string | null;
+  /** The guest's git identity and whether it is the host's or banger's default (null: created before it was recorded). */
+  gitIdentity: GitIdentity | null;
   workspace?: { queued: number; running: string | null };
 }
 
@@ -261,6 +263,7 @@ export function viewOf(s: VmSnapshot): VmView {
     createdAt: c.createdAt,
     error: c.error,
     stopReason: c.stopReason,
+    gitIdentity: c.spec.gitIdentity ?? null,
     ...(wsCtx ? { workspace: { queued: wsCtx.queue.length, running: wsCtx.current?.kind ?? null } } : {}),
   };
 }

@@ -10,7 +10,7 @@ import { BangerError, errorMessage } from '../errors.js';
 import { Files, type Layout } from '../paths.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
-import type { BootOutput, PrepareDisksOutput, StepInput, VmContext, WatchOutput } from '../machines/vm.machine.js';
+import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext, WatchOutput } from '../machines/vm.machine.js';
 import { run, type Runner } from '../host/runner.js';
 import { generateHostKey, type UserKey } from '../host/keys.js';
 import { waitForSsh, type SshTarget } from '../host/ssh.js';
@@ -97,12 +97,23 @@ export async function sshTargetFor(env: StepEnv, ctx: Pick<VmContext, 'id' | 'na
   return { host: '127.0.0.1', port: rt.sshPort, privateKey: key.privateKey, hostPublicKey, label: ctx.name };
 }
 
-async function gitIdentity(runner: Runner): Promise<{ name?: string; email?: string }> {
+/** The default guest identity where the host has none: says where it came from, and `.invalid` cannot be mailed. */
+export const defaultGitIdentity = (vmName: string) => ({ name: 'banger guest', email: `root@${vmName}.banger.invalid` });
+
+/**
+ * The git identity a VM's guest gets: the host's (`git config --global`, as the daemon's user) where it has both
+ * halves, else the default for whatever half is missing (source 'default': the guest's .gitconfig says so).
+ */
+export async function gitIdentity(runner: Runner, vmName: string): Promise<GitIdentity> {
   const get = async (k: string) => {
     const r = await runner('git', ['config', '--global', '--get', k], { reject: false }).catch(() => undefined);
     return r && r.exitCode === 0 ? r.stdout.trim() || undefined : undefined;
   };
-  return { name: await get('user.name'), email: await get('user.email') };
+  const name = await get('user.name');
+  const email = await get('user.email');
+  if (name && email) return { name, email, source: 'host' };
+  const fallback = defaultGitIdentity(vmName);
+  return { name: name ?? fallback.name, email: email ?? fallback.email, source: 'default' };
 }
 
 async function serialTail(path: string, lines = 25): Promise<string> {
@@ -249,7 +260,7 @@ export function makeSteps(env: StepEnv) {
     }
     const image = await imageOf(env, ctx.spec.image);
     const key = await env.userKey();
-    const identity = await gitIdentity(env.runner);
+    const identity = ctx.spec.gitIdentity ?? (await gitIdentity(env.runner, ctx.name));
     await stage(
       env,
       ctx.id,

@@ -8,7 +8,7 @@ import type { CallContext, Handlers } from '../rpc/server.js';
 import type { ParamsOf } from '../rpc/protocol.js';
 import type { VmState } from '../machines/vm.machine.js';
 import { viewOf, type VmView } from '../actors/supervisor.js';
-import { vmFiles } from '../actors/vm-steps.js';
+import { gitIdentity, vmFiles } from '../actors/vm-steps.js';
 import { parseSize } from '../host/disks.js';
 import { buildImage, detectMirror, importImage, KNOWN_IMAGES, readManifest, type ImageManifest } from '../host/image.js';
 import { probeKvm, type VmmDriver } from '../host/qemu.js';
@@ -273,6 +273,7 @@ export function makeHandlers(d: DaemonHandle, deps: HandlerDeps): Handlers {
           start: p.start !== false,
           bootTimeoutMs: config.bootTimeoutMs,
           stopTimeoutMs: config.stopTimeoutMs,
+          gitIdentity: await gitIdentity(run, name),
         },
       });
       if (p.wait === false) return sup.view(id);

@@ -307,6 +307,10 @@ function validateGuestRel(guest: string): string {
   return rel;
 }
 
+/** The comment above a default identity in the guest's .gitconfig. */
+export const DEFAULT_IDENTITY_NOTE =
+  '# Set by banger because the host has no git identity (git config --global user.name / user.email): replace it with yours.';
+
 /** A git config value, quoted when needed. */
 function gitValue(v: string): string {
   if (/[\n\r\0]/.test(v)) throw new BangerError('usage', `git identity ${JSON.stringify(v)} contains a newline`);
@@ -321,7 +325,8 @@ export interface WorkDiskOptions {
   label?: string;
   /** Contents of /root/.ssh/authorized_keys (replaces the seed's). */
   authorizedKeys: string;
-  gitIdentity?: { name?: string; email?: string };
+  /** Written as the [user] of /root/.gitconfig; source 'default' adds a comment saying the host had none. */
+  gitIdentity?: { name?: string; email?: string; source?: 'host' | 'default' };
   /** Host file or directory → path relative to /root. */
   fileSync?: Array<{ host: string; guest: string }>;
   runner?: Runner;
@@ -386,6 +391,7 @@ export async function createWorkDisk(path: string, opts: WorkDiskOptions): Promi
       const old = plan.entries.get('.gitconfig');
       const prev = old?.kind === 'file' ? await readFile(old.host, 'utf8') : '';
       let text = prev && !prev.endsWith('\n') ? prev + '\n' : prev;
+      if (gi.source === 'default') text += `${DEFAULT_IDENTITY_NOTE}\n`;
       text += '[user]\n';
       if (gi.name) text += `\tname = ${gitValue(gi.name)}\n`;
       if (gi.email) text += `\temail = ${gitValue(gi.email)}\n`;

@@ -28,6 +28,15 @@ export interface VmSpec {
   start: boolean;
   bootTimeoutMs: number;
   stopTimeoutMs: number;
+  /** The guest's git identity, decided at create (absent in VMs created before it was recorded). */
+  gitIdentity?: GitIdentity;
+}
+
+/** `source`: the host's own identity, or banger's default because the host has none. */
+export interface GitIdentity {
+  name: string;
+  email: string;
+  source: 'host' | 'default';
 }
 
 export interface VmRuntime {
