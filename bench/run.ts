@@ -1,15 +1,16 @@
 /**
- * npm run bench [-- --only disk,tap,create,workspace] [--runs N]
- * Prints medians and ratios; nothing here is asserted. Boots real guests (create, workspace): on TCG each
- * boot costs ~15 s or more.
+ * npm run bench [-- --only disk,tap,create,workspace,local,vmm,fc] [--runs N]
+ * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
+ * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
 import { execa } from 'execa';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { homedir, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { createWorkDisk } from '../src/host/disks.js';
-import { BUILDER_VERSION } from '../src/host/image.js';
+import { imageHome as testImageHome, TEST_IMAGE } from '../test/e2e/image-cache.js';
+import { benchFirecrackerFake, benchLocalWorkspace, benchVmmTimings } from './timings.js';
 import { RpcClient } from '../src/rpc/client.js';
 import { shellQuote } from '../src/host/shell.js';
 
@@ -26,7 +27,8 @@ const median = (xs: number[]) => {
 const ms = (n: number) => (n >= 1000 ? `${(n / 1000).toFixed(2)} s` : `${n.toFixed(1)} ms`);
 const line = (k: string, v: string) => console.log(`  ${k.padEnd(48)} ${v}`);
 
-const imageHome = join(process.env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'banger-test', `image-home-v${BUILDER_VERSION}`);
+/** The e2e tests' image cache ($BANGER_TEST_CACHE, else the checkout's .cache/e2e). */
+const imageHome = testImageHome();
 
 async function home(extra: Record<string, string> = {}) {
   const h = mkdtempSync(join(tmpdir(), 'bgb-'));
@@ -215,3 +217,6 @@ if (want('disk')) await benchDisk();
 if (want('tap')) await benchTap();
 if (want('create')) await benchCreate();
 if (want('workspace')) await benchWorkspace();
+if (want('local')) await benchLocalWorkspace(line);
+if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
+if (want('fc')) await benchFirecrackerFake(line);
