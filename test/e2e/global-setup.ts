@@ -1,5 +1,5 @@
 /**
- * Builds the e2e test image once per run (or takes it from the cache). Outside CI a machine that cannot
+ * Builds the e2e test image once per run (or takes it from the cache: test/e2e/image-cache.ts). Outside CI a machine that cannot
  * build or boot guests makes the e2e tests skip with the reason; under CI (CI=true) that is a failure.
  */
 import { existsSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
@@ -23,18 +23,20 @@ export default async function setup(project: TestProject): Promise<void> {
   if (!reason && !(await have('mmdebstrap')) && !(await have('debootstrap'))) reason = 'neither mmdebstrap nor debootstrap is installed';
   if (!reason && process.getuid?.() !== 0) reason = 'building the test image needs root (mmdebstrap --mode=root)';
   const home = imageHome();
+  mkdirSync(testCacheRoot(), { recursive: true });
   if (!reason && !existsSync(join(home, 'images', TEST_IMAGE, 'manifest.json'))) {
-    mkdirSync(testCacheRoot(), { recursive: true });
     const run = join('/tmp', `bgt-img-${process.pid}`);
     const t0 = Date.now();
     process.stderr.write(`e2e: building the test image ${TEST_IMAGE} into ${home} (cached for later runs)\n`);
+    // Everything banger keeps goes into the test cache, nothing into HOME (CI gives every run a fresh one).
+    const env = { ...process.env, BANGER_HOME: home, BANGER_RUNTIME_DIR: run, BANGER_CACHE_DIR: join(testCacheRoot(), 'banger-cache'), NO_COLOR: '1' };
     const r = await execa(process.execPath, [BIN, 'image', 'pull', TEST_IMAGE], {
-      env: { ...process.env, BANGER_HOME: home, BANGER_RUNTIME_DIR: run, NO_COLOR: '1' },
+      env,
       reject: false,
       timeout: 20 * 60_000,
       all: true,
     });
-    await execa(process.execPath, [BIN, 'daemon', 'stop'], { env: { ...process.env, BANGER_HOME: home, BANGER_RUNTIME_DIR: run }, reject: false, timeout: 30_000 });
+    await execa(process.execPath, [BIN, 'daemon', 'stop'], { env, reject: false, timeout: 30_000 });
     rmSync(run, { recursive: true, force: true });
     if (r.exitCode !== 0) reason = `building the test image failed (exit ${r.exitCode}):\n${String(r.all).slice(-3000)}`;
     else process.stderr.write(`e2e: test image built in ${((Date.now() - t0) / 1000).toFixed(0)} s\n`);

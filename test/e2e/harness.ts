@@ -49,6 +49,12 @@ export class Banger {
       ...(process.env as Record<string, string>),
       BANGER_HOME: this.home,
       BANGER_RUNTIME_DIR: this.runDir,
+      // the KVM verdict and anything else banger caches: this home's, never HOME's
+      BANGER_CACHE_DIR: join(this.home, 'cache'),
+      // banger's host-side git sees only this home's global config (none until a test writes one with
+      // hostGitIdentity), so the guest's identity never depends on the machine's ~/.gitconfig or /etc/gitconfig
+      GIT_CONFIG_GLOBAL: join(this.home, 'host-gitconfig'),
+      GIT_CONFIG_NOSYSTEM: '1',
       NO_COLOR: '1',
       // Suites that test tap networking opt in (inside their own network namespace).
       BANGER_ROOT_HELPER: 'off',
@@ -65,6 +71,13 @@ export class Banger {
     const r = await execa('cp', ['-al', src, join(b.home, 'images', TEST_IMAGE)], { reject: false });
     if (r.exitCode !== 0) await execa('cp', ['-a', '--reflink=auto', src, join(b.home, 'images', TEST_IMAGE)]);
     return b;
+  }
+
+  /** Give the "host" (banger as this home's user) a git identity, as `git config --global` would. */
+  async hostGitIdentity(name: string, email: string): Promise<void> {
+    for (const [k, v] of [['user.name', name], ['user.email', email]]) {
+      await execa('git', ['config', '--file', this.env.GIT_CONFIG_GLOBAL, k, v]);
+    }
   }
 
   async run(args: string[], opts: { timeoutMs?: number; input?: string; cwd?: string } = {}): Promise<CliResult> {

@@ -27,8 +27,18 @@ const readable = (p: string) => access(p, constants.R_OK).then(
 /** A kernel named in the environment needs no test image: run whatever the e2e setup found, and fail if it is unusable. */
 const describeProbeBoot = kernelFromEnv ? describe : describeE2E;
 
-/** What the probe must conclude here. This project's machines are nested VMs where stock kernels cannot run under KVM. */
-const expected = (process.env.BANGER_EXPECT_KVM ?? 'unusable') === 'usable';
+/**
+ * The verdict is the host's to decide: no /dev/kvm, a /dev/kvm that cannot run this kernel (nested virtualization),
+ * and a working KVM are all fine, as long as the verdict and its reason agree. Where the operator knows what the
+ * machine must conclude, BANGER_EXPECT_KVM=usable|unusable pins it.
+ */
+const KVM_DEVICE = '/dev/kvm';
+const pinned = process.env.BANGER_EXPECT_KVM;
+if (pinned !== undefined && pinned !== 'usable' && pinned !== 'unusable') throw new Error(`BANGER_EXPECT_KVM must be usable or unusable, not ${JSON.stringify(pinned)}`);
+const exists = (p: string) => access(p).then(
+  () => true,
+  () => false,
+);
 
 let dir: string | undefined;
 afterAll(async () => {
@@ -76,11 +86,9 @@ describe('probeKvm', () => {
       expect(ok.reason).toMatch(/Run \/init as init process/);
       expect(await gone(join(d, 'ran.pid'))).toBe(true);
 
-      const t0 = Date.now();
       const no = await probeKvm({ kernel: hang, cacheFile: join(d, 'b.json'), kvmDevice: '/dev/null', qemuBin: hang, timeoutMs: 1000 });
       expect(no).toMatchObject({ usable: false, cached: false });
       expect(no.reason).toMatch(/no sign of the kernel running within 1000 ms/);
-      expect(Date.now() - t0).toBeLessThan(8000);
       expect(await gone(join(d, 'hang.pid'))).toBe(true);
       expect((await probeKvm({ kernel: hang, cacheFile: join(d, 'b.json'), kvmDevice: '/dev/null', qemuBin: hang })).cached).toBe(true);
     } finally {
@@ -90,28 +98,36 @@ describe('probeKvm', () => {
 });
 
 describeProbeBoot('probeKvm with a real kernel', () => {
-  it(`decides by a probe boot (expect ${expected ? 'usable' : 'not usable'}) and caches the verdict`, { timeout: 90_000 }, async () => {
+  it('decides from this host (no device, a device that cannot run the kernel, or working KVM) and caches a probe boot\'s verdict', { timeout: 90_000 }, async () => {
     expect(await which(qemuBin), `${qemuBin} is not installed`).toBeTruthy();
     for (const f of [kernel, initrd]) {
       if (f) expect(await readable(f), `${f} is not readable${kernelFromEnv ? '' : ' (the e2e test image is incomplete)'}`).toBe(true);
     }
     dir = await mkdtemp(join(tmpdir(), 'bkvm-'));
     const cacheFile = join(dir, 'cache', 'kvm-probe.json');
-    const t0 = Date.now();
+    const hasDevice = await exists(KVM_DEVICE);
     const first = await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 });
-    const firstMs = Date.now() - t0;
-    console.log(`KVM probe: ${JSON.stringify(first)} in ${firstMs} ms`);
+    console.log(`KVM probe (${KVM_DEVICE} ${hasDevice ? 'present' : 'absent'}): ${JSON.stringify(first)}`);
     expect(first.cached).toBe(false);
-    expect(first.usable).toBe(expected);
-    expect(first.reason.length).toBeGreaterThan(0);
+    if (pinned) expect(first.usable, first.reason).toBe(pinned === 'usable');
 
-    const cache = JSON.parse(await readFile(cacheFile, 'utf8'));
-    expect(cache).toMatchObject({ usable: first.usable, key: { kernel: expect.any(String), size: expect.any(Number), hostKernel: expect.any(String) } });
+    if (!hasDevice) {
+      // decided without a probe boot: the reason names the device; nothing is cached (the device may appear later)
+      expect(first.usable).toBe(false);
+      expect(first.reason).toMatch(/^\/dev\/kvm cannot be opened \(ENOENT\)/);
+      expect(await exists(cacheFile)).toBe(false);
+      expect(await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 })).toEqual(first);
+      return;
+    }
+    // a probe boot ran: its verdict and its reason agree
+    if (first.usable) expect(first.reason).toMatch(/^a probe boot under KVM ran the kernel \(serial: ".+"\)/);
+    else expect(first.reason).toMatch(/cannot be opened|^a probe boot under KVM (failed before the kernel ran: .+|showed no sign of the kernel running within 20000 ms)/);
 
-    const t1 = Date.now();
-    const second = await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 });
-    expect(second).toEqual({ ...first, cached: true });
-    expect(Date.now() - t1).toBeLessThan(2000);
+    if (!/cannot be opened/.test(first.reason)) {
+      const cache = JSON.parse(await readFile(cacheFile, 'utf8'));
+      expect(cache).toMatchObject({ usable: first.usable, key: { kernel: expect.any(String), size: expect.any(Number), hostKernel: expect.any(String) } });
+      expect(await probeKvm({ kernel, initrd, cacheFile, timeoutMs: 20_000 })).toEqual({ ...first, cached: true });
+    }
 
     // No probe VM is left behind.
     const { run } = await import('../../src/host/runner.js');

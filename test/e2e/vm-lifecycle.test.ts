@@ -3,10 +3,21 @@
  * work disk, vm set --disk, refused events), the daemon killed with SIGKILL and the VM adopted, and a
  * guest that never answers SSH. Each boot costs ~15 s or more under TCG, so the suite boots as few as it can.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { waitUntil } from '../support/wait.js';
 import { Banger, describeE2E, pidAlive } from './harness.js';
+
+/**
+ * The accelerator the daemon must have chosen on this host: TCG when told so, else what its KVM verdict says
+ * (cached in the home's cache dir after a probe boot; no cache means it never got past opening /dev/kvm).
+ */
+async function expectedAccel(b: Banger): Promise<'kvm' | 'tcg'> {
+  if (b.env.BANGER_ACCEL === 'tcg') return 'tcg';
+  const cache = join(b.env.BANGER_CACHE_DIR, 'kvm-probe.json');
+  return existsSync(cache) && JSON.parse(readFileSync(cache, 'utf8')).usable === true ? 'kvm' : 'tcg';
+}
 
 describeE2E('vm lifecycle against real guests', () => {
   let b: Banger;
@@ -28,10 +39,15 @@ describeE2E('vm lifecycle against real guests', () => {
   });
 
   it('one VM: exit status, stop/start keeps the work disk, set --disk grows it, refused events, SIGKILL of the daemon', async () => {
+    await b.hostGitIdentity('Ada Lovelace', 'ada@example.invalid');
     const created = await b.json(['vm', 'create', '--name', 'life', '--disk', '1G'], { timeoutMs: 420_000 });
-    expect(created).toMatchObject({ name: 'life', state: 'running', image: 'debian-bookworm', vmm: 'qemu', accel: 'tcg', net: 'user', diskBytes: 2 ** 30 });
+    expect(created).toMatchObject({ name: 'life', state: 'running', image: 'debian-bookworm', vmm: 'qemu', accel: await expectedAccel(b), net: 'user', diskBytes: 2 ** 30 });
     expect(created.sshPort).toBeGreaterThan(0);
     expect(pidAlive(created.pid)).toBe(true);
+    // the host's git identity went into the guest as it is, with no note
+    expect(created.gitIdentity).toEqual({ name: 'Ada Lovelace', email: 'ada@example.invalid', source: 'host' });
+    expect((await b.ok(['vm', 'ssh', 'life', '--', 'cat', '/root/.gitconfig'])).stdout).toMatch(/^\[user\]\n\tname = Ada Lovelace\n\temail = ada@example\.invalid\n/m);
+    expect((await b.ok(['vm', 'ssh', 'life', '--', 'cat', '/root/.gitconfig'])).stdout).not.toContain('Set by banger');
 
     // ssh -- CMD exits with CMD's status; the host's pinned key is the guest's own
     expect((await b.run(['vm', 'ssh', 'life', '--', 'sh', '-c', 'exit 7'])).exitCode).toBe(7);
@@ -48,7 +64,7 @@ describeE2E('vm lifecycle against real guests', () => {
     // SIGKILL the daemon: the VM keeps running; the next command restarts the daemon, which adopts it
     const dpid = b.daemonPid()!;
     process.kill(dpid, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 500));
+    await waitUntil('the killed daemon to be gone', () => !pidAlive(dpid));
     expect(pidAlive(created.pid)).toBe(true);
     const adopted = await b.json(['vm', 'show', 'life']);
     expect(adopted.state).toBe('running');

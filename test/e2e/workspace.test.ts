@@ -9,18 +9,11 @@ import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { RpcClient } from '../../src/rpc/client.js';
+import { gitTestEnv } from '../support/git.js';
 import { Banger, describeE2E } from './harness.js';
 
-const git = async (cwd: string, ...args: string[]) => (await execa('git', args, { cwd, env: gitEnv })).stdout;
-const gitEnv = {
-  ...process.env,
-  GIT_AUTHOR_NAME: 'Test',
-  GIT_AUTHOR_EMAIL: 'test@example.invalid',
-  GIT_COMMITTER_NAME: 'Test',
-  GIT_COMMITTER_EMAIL: 'test@example.invalid',
-  GIT_CONFIG_GLOBAL: '/dev/null',
-  GIT_CONFIG_NOSYSTEM: '1',
-};
+/** The test's own git on the host: identity in its environment, no global or system config. */
+const git = async (cwd: string, ...args: string[]) => (await execa('git', args, { cwd, env: gitTestEnv({ GIT_CONFIG_GLOBAL: '/dev/null' }) })).stdout;
 
 async function makeRepo(root: string, name: string): Promise<string> {
   const dir = join(root, name);
@@ -86,13 +79,17 @@ describeE2E('workspaces against a real guest', () => {
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  it('vm run --workspace . -- CMD: the guest commits, export + git apply brings the change home', async () => {
+  it('vm run --workspace . -- CMD: the guest commits (as banger\'s default identity: the host has none), export + git apply brings the change home', async () => {
     const repo = await makeRepo(tmp, 'app');
     const head = await git(repo, 'rev-parse', 'HEAD');
-    const r = await b.run(['vm', 'run', '--name', 'ws', '--workspace', '.', '--', 'sh', '-c', 'echo hi >> README.md && git -C /root/repo commit -qam hi && git -C /root/repo log --format=%s -1'], { cwd: repo, timeoutMs: 420_000 });
+    const r = await b.run(['vm', 'run', '--name', 'ws', '--workspace', '.', '--', 'sh', '-c', 'echo hi >> README.md && git -C /root/repo commit -qam hi && git -C /root/repo log --format=%s/%an/%ae -1'], { cwd: repo, timeoutMs: 420_000 });
     expect(r.stderr).toContain('workspace app');
     expect(r.exitCode, r.stderr).toBe(0);
-    expect(r.stdout.trim()).toBe('hi');
+    expect(r.stdout.trim()).toBe('hi/banger guest/root@ws.banger.invalid');
+    // the identity, where it came from, and the note in the guest's .gitconfig saying so
+    const shown = await b.json(['vm', 'show', 'ws']);
+    expect(shown.gitIdentity).toEqual({ name: 'banger guest', email: 'root@ws.banger.invalid', source: 'default' });
+    expect((await b.ok(['vm', 'ssh', 'ws', '--', 'cat', '/root/.gitconfig'])).stdout).toMatch(/^# Set by banger because the host has no git identity.*\n\[user\]\n\tname = banger guest\n\temail = root@ws\.banger\.invalid\n/m);
     client = await RpcClient.connect(join(b.runDir, 'daemon.sock'));
 
     const patchFile = join(tmp, 'hi.patch');
