@@ -558,17 +558,20 @@ async function readPid(file: string): Promise<number | undefined> {
 export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
   const qemuBin = options.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
 
+  /** SIGKILL the VM's QEMU if it still runs; then its monitor sockets go too (a killed QEMU leaves them). */
   async function kill(proc: VmmProcess): Promise<void> {
-    if (!(await isOurs(proc))) return;
-    try {
-      process.kill(proc.pid, 'SIGKILL');
-    } catch (e) {
-      if (errno(e) === 'ESRCH') return;
-      throw new BangerError('host', `cannot kill QEMU pid ${proc.pid}: ${errorMessage(e)}`);
+    if (await isOurs(proc)) {
+      try {
+        process.kill(proc.pid, 'SIGKILL');
+      } catch (e) {
+        if (errno(e) !== 'ESRCH') throw new BangerError('host', `cannot kill QEMU pid ${proc.pid}: ${errorMessage(e)}`);
+      }
+      if (!(await waitGone(proc, 10_000))) {
+        throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
+      }
     }
-    if (!(await waitGone(proc, 10_000))) {
-      throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
-    }
+    const ev = eventsSocketPath(proc.qmpSocket);
+    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined]);
   }
 
   return {
