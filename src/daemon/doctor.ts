@@ -1,132 +1,154 @@
-/** `banger doctor`: one line per check, ok / warn / fail, and a fix for each that is not ok. */
+/**
+ * `banger doctor`: one line per check, ok / warn / fail, and a fix for each that is not ok. What
+ * `--vmm auto --net auto` would pick comes from planVm, the same function vm.create decides with.
+ */
 import { constants, existsSync, statSync, statfsSync } from 'node:fs';
 import { access, readdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { run, which } from '../host/runner.js';
 import { probeCowStrategies } from '../host/disks.js';
-import { probeKvm } from '../host/qemu.js';
 import { readManifest } from '../host/image.js';
-import type { DaemonHandle } from './daemon.js';
-import type { HandlerDeps } from './handlers.js';
+import type { DoctorCheck, DoctorReport } from '../rpc/types.js';
+import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } from './capabilities.js';
+import { planVm, type HostCapabilities } from './plan.js';
+import type { DaemonServices, HandlerDeps } from './services.js';
 
-export interface Check {
-  name: string;
-  status: 'ok' | 'warn' | 'fail';
-  detail: string;
-  fix?: string;
-}
+export type Check = DoctorCheck;
 
-export async function runDoctor(d: DaemonHandle, deps: HandlerDeps): Promise<{ checks: Check[]; ok: boolean; vmmAuto: string }> {
-  const { layout, config } = d;
+export async function runDoctor(d: DaemonServices, deps: HandlerDeps): Promise<DoctorReport> {
   const checks: Check[] = [];
   const add = (c: Check) => checks.push(c);
-
-  // KVM: present, and does it really boot a stock kernel?
-  let kvmUsable = false;
-  const kvmPresent = existsSync('/dev/kvm');
-  let kernel: { kernel: string; initrd?: string } | undefined;
-  try {
-    for (const n of (await readdir(layout.imagesDir)).sort()) {
-      try {
-        const m = await readManifest(layout.imageDir(n));
-        kernel = { kernel: join(layout.imageDir(n), m.kernel), initrd: m.initrd ? join(layout.imageDir(n), m.initrd) : undefined };
-        break;
-      } catch {
-        /* not an image */
-      }
-    }
-  } catch {
-    /* no images dir */
-  }
-  if (!kvmPresent) {
-    add({ name: 'kvm', status: 'warn', detail: '/dev/kvm is absent: VMs run under software emulation (QEMU TCG), ~10x slower to boot', fix: 'enable virtualisation (VT-x/AMD-V) or nested virtualisation, and load kvm_intel/kvm_amd' });
-  } else if (!kernel) {
-    add({ name: 'kvm', status: 'warn', detail: '/dev/kvm is present, but no image kernel is available to probe it with', fix: 'banger image pull debian-bookworm, then run doctor again' });
-  } else {
-    const v = await probeKvm({ ...kernel, cacheFile: join(layout.cache, 'kvm-probe.json'), timeoutMs: config.kvmProbeTimeoutMs });
-    kvmUsable = v.usable;
-    add(
-      v.usable
-        ? { name: 'kvm', status: 'ok', detail: `/dev/kvm present and usable: ${v.reason}${v.cached ? ' (cached)' : ''}` }
-        : { name: 'kvm', status: 'warn', detail: `/dev/kvm is present but not usable for a stock kernel: ${v.reason}${v.cached ? ' (cached verdict)' : ''}; QEMU on TCG will be used`, fix: 'on a nested host, enable nested virtualisation properly; otherwise nothing to do (TCG works, slower)' },
-    );
-  }
-
-  const qemu = await which('qemu-system-x86_64');
-  add(qemu ? { name: 'qemu', status: 'ok', detail: qemu } : { name: 'qemu', status: 'fail', detail: 'qemu-system-x86_64 not found', fix: 'apt-get install qemu-system-x86' });
-  const fcBin = config.firecrackerBin ?? process.env.BANGER_FIRECRACKER_BIN ?? (await which('firecracker'));
-  const fcOk = !!fcBin && existsSync(fcBin);
+  const kvm = await kvmCheck(d, add);
+  add(await toolCheck('qemu-system-x86_64', 'qemu', 'qemu-system-x86'));
+  const firecracker = await firecrackerCapability(d, deps);
   add(
-    fcOk
-      ? { name: 'firecracker', status: kvmUsable ? 'ok' : 'warn', detail: `${fcBin}${kvmUsable ? '' : ' (needs usable KVM, which this host lacks)'}` }
-      : { name: 'firecracker', status: 'warn', detail: `firecracker not found${config.firecrackerBin ? ` at ${config.firecrackerBin}` : ' on PATH'}`, fix: 'install a Firecracker release binary and set BANGER_FIRECRACKER_BIN or "firecrackerBin" in config.json' },
+    'binary' in firecracker
+      ? { name: 'firecracker', status: kvm.usable ? 'ok' : 'warn', detail: `${firecracker.binary}${kvm.usable ? '' : ' (needs usable KVM, which this host lacks)'}` }
+      : { name: 'firecracker', status: 'warn', detail: firecracker.missing.message, fix: firecracker.missing.hint },
   );
-  const wiredFc = !!deps.drivers.firecracker;
-  const auto = fcOk && kvmUsable && wiredFc && d.rootHelper ? 'firecracker' : kvmUsable ? 'qemu (kvm)' : 'qemu (tcg)';
-  add({ name: 'vmm.auto', status: 'ok', detail: `--vmm auto picks ${auto}` });
-
-  for (const [tool, pkg] of [
-    ['mkfs.ext4', 'e2fsprogs'],
-    ['debugfs', 'e2fsprogs'],
-    ['resize2fs', 'e2fsprogs'],
-    ['ssh-keygen', 'openssh-client'],
-    ['git', 'git'],
-  ] as const) {
-    const p = await which(tool);
-    add(p ? { name: tool, status: 'ok', detail: p } : { name: tool, status: 'fail', detail: `${tool} not found`, fix: `apt-get install ${pkg}` });
+  const rootHelper = await rootHelperCapability(d, 5000);
+  const host: HostCapabilities = { firecracker, kvm, forceTcg: forceTcg(), rootHelper, defaultNet: d.config.defaultNet };
+  const plan = planVm({ vmm: 'auto', net: 'auto' }, host);
+  const vmmAuto = plan.vmm === 'firecracker' ? 'firecracker' : `qemu (${plan.accel})`;
+  add({ name: 'vmm.auto', status: 'ok', detail: `--vmm auto picks ${vmmAuto}, --net auto picks ${plan.net} (${plan.why.join('; ')})` });
+  for (const [tool, pkg] of [['mkfs.ext4', 'e2fsprogs'], ['debugfs', 'e2fsprogs'], ['resize2fs', 'e2fsprogs'], ['ssh-keygen', 'openssh-client'], ['git', 'git']] as const) {
+    add(await toolCheck(tool, tool, pkg));
   }
   const mm = await which('mmdebstrap');
   const db = await which('debootstrap');
   add(mm || db ? { name: 'bootstrap', status: 'ok', detail: mm ? `mmdebstrap (${mm})` : `debootstrap (${db})` } : { name: 'bootstrap', status: 'fail', detail: 'neither mmdebstrap nor debootstrap found: images cannot be built', fix: 'apt-get install mmdebstrap' });
+  add(await tunCheck());
+  for (const c of await rootHelperChecks(d, rootHelper.reachable)) add(c);
+  add(diskCheck(d));
+  for (const c of await cowChecks(d)) add(c);
+  add(socketCheck(d));
+  return { checks, ok: !checks.some((c) => c.status === 'fail'), vmmAuto };
+}
 
+async function toolCheck(tool: string, name: string, pkg: string): Promise<Check> {
+  const p = await which(tool);
+  return p ? { name, status: 'ok', detail: p } : { name, status: 'fail', detail: `${tool} not found`, fix: `apt-get install ${pkg}` };
+}
+
+/** KVM: present, and does it really boot a stock kernel? Adds its check; returns the verdict planVm gets. */
+async function kvmCheck(d: DaemonServices, add: (c: Check) => void): Promise<HostCapabilities['kvm']> {
+  if (!existsSync('/dev/kvm')) {
+    add({ name: 'kvm', status: 'warn', detail: '/dev/kvm is absent: VMs run under software emulation (QEMU TCG), ~10x slower to boot', fix: 'enable virtualisation (VT-x/AMD-V) or nested virtualisation, and load kvm_intel/kvm_amd' });
+    return { usable: false, reason: '/dev/kvm is absent' };
+  }
+  const kernel = await anyImageKernel(d);
+  if (!kernel) {
+    add({ name: 'kvm', status: 'warn', detail: '/dev/kvm is present, but no image kernel is available to probe it with', fix: 'banger image pull debian-bookworm, then run doctor again' });
+    return { usable: false, reason: 'no image kernel to probe /dev/kvm with' };
+  }
+  const v = await kvmCapability(d, kernel);
+  add(
+    v.usable
+      ? { name: 'kvm', status: 'ok', detail: `/dev/kvm present and usable: ${v.reason}${v.cached ? ' (cached)' : ''}` }
+      : { name: 'kvm', status: 'warn', detail: `/dev/kvm is present but not usable for a stock kernel: ${v.reason}${v.cached ? ' (cached verdict)' : ''}; QEMU on TCG will be used`, fix: 'on a nested host, enable nested virtualisation properly; otherwise nothing to do (TCG works, slower)' },
+  );
+  return v;
+}
+
+/** The kernel of the first image (by name) there is, to probe KVM with. */
+async function anyImageKernel(d: DaemonServices): Promise<{ kernel: string; initrd?: string } | undefined> {
+  let names: string[];
+  try {
+    names = (await readdir(d.layout.imagesDir)).sort();
+  } catch {
+    return undefined; // no images dir
+  }
+  for (const n of names) {
+    const dir = d.layout.imageDir(n);
+    try {
+      const m = await readManifest(dir);
+      return { kernel: join(dir, m.kernel), initrd: m.initrd ? join(dir, m.initrd) : undefined };
+    } catch {
+      /* not an image */
+    }
+  }
+  return undefined;
+}
+
+async function tunCheck(): Promise<Check> {
   try {
     await access('/dev/net/tun', constants.R_OK | constants.W_OK);
-    add({ name: 'tun', status: 'ok', detail: '/dev/net/tun is usable' });
+    return { name: 'tun', status: 'ok', detail: '/dev/net/tun is usable' };
   } catch {
-    add({ name: 'tun', status: 'warn', detail: '/dev/net/tun is missing or not accessible: tap networking cannot work', fix: 'modprobe tun' });
+    return { name: 'tun', status: 'warn', detail: '/dev/net/tun is missing or not accessible: tap networking cannot work', fix: 'modprobe tun' };
   }
+}
+
+async function rootHelperChecks(d: DaemonServices, reachable: boolean): Promise<Check[]> {
+  const { config } = d;
   if (!d.rootHelper) {
     const off = process.env.BANGER_ROOT_HELPER === 'off';
-    add({
+    return [{
       name: 'root-helper',
       status: 'warn',
       detail: `${off ? 'the root helper is disabled (BANGER_ROOT_HELPER=off)' : `no root helper: nothing answers on ${d.helperSocket} and the daemon is not root`}; --net auto uses QEMU user-mode networking`,
       fix: off ? 'unset BANGER_ROOT_HELPER and restart the daemon' : 'sudo banger system install --enable, or run the daemon as root',
-    });
-  } else if (await d.rootHelper.reachable(5000)) {
-    add({ name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}${d.helperIsService ? ' (a service); --net auto uses tap' : ' (run by this root daemon); --net tap works, --net auto stays on user networking unless config "defaultNet": "tap"'}` });
-    const r = await run('ip', ['-j', 'link', 'show', 'dev', config.bridge], { reject: false });
-    add(r.exitCode === 0 ? { name: 'bridge', status: 'ok', detail: `${config.bridge} exists (subnet ${config.subnet}${config.nat ? ', NAT on' : ''})` } : { name: 'bridge', status: 'warn', detail: `${config.bridge} does not exist yet (made on the first tap VM)`, fix: 'banger vm create --net tap' });
-    const idle = d.tapPool?.leases().filter((l) => l.vmId === null).length ?? 0;
-    add({ name: 'tap-pool', status: 'ok', detail: `${idle} idle TAP device(s) warm of ${config.tapPoolSize}` });
-  } else {
+    }];
+  }
+  if (!reachable) {
     const st = d.rootHelper.state();
-    add({ name: 'root-helper', status: 'fail', detail: `not reachable on ${d.helperSocket}: ${st.lastError ?? st.state}`, fix: 'sudo systemctl start banger-roothelper, or check the daemon log' });
+    return [{ name: 'root-helper', status: 'fail', detail: `not reachable on ${d.helperSocket}: ${st.lastError ?? st.state}`, fix: 'sudo systemctl start banger-roothelper, or check the daemon log' }];
   }
+  const r = await run('ip', ['-j', 'link', 'show', 'dev', config.bridge], { reject: false });
+  const idle = d.tapPool?.leases().filter((l) => l.vmId === null).length ?? 0;
+  return [
+    { name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}${d.helperIsService ? ' (a service); --net auto uses tap' : ' (run by this root daemon); --net tap works, --net auto stays on user networking unless config "defaultNet": "tap"'}` },
+    r.exitCode === 0 ? { name: 'bridge', status: 'ok', detail: `${config.bridge} exists (subnet ${config.subnet}${config.nat ? ', NAT on' : ''})` } : { name: 'bridge', status: 'warn', detail: `${config.bridge} does not exist yet (made on the first tap VM)`, fix: 'banger vm create --net tap' },
+    { name: 'tap-pool', status: 'ok', detail: `${idle} idle TAP device(s) warm of ${config.tapPoolSize}` },
+  ];
+}
 
+function diskCheck(d: DaemonServices): Check {
+  const home = d.layout.home;
   try {
-    const s = statfsSync(layout.home);
-    const free = s.bavail * s.bsize;
-    const gib = free / 2 ** 30;
-    add(gib >= 5 ? { name: 'disk', status: 'ok', detail: `${gib.toFixed(1)} GiB free in ${layout.home}` } : { name: 'disk', status: gib >= 2 ? 'warn' : 'fail', detail: `only ${gib.toFixed(1)} GiB free in ${layout.home}`, fix: 'free space or set BANGER_HOME elsewhere' });
+    const s = statfsSync(home);
+    const gib = (s.bavail * s.bsize) / 2 ** 30;
+    return gib >= 5 ? { name: 'disk', status: 'ok', detail: `${gib.toFixed(1)} GiB free in ${home}` } : { name: 'disk', status: gib >= 2 ? 'warn' : 'fail', detail: `only ${gib.toFixed(1)} GiB free in ${home}`, fix: 'free space or set BANGER_HOME elsewhere' };
   } catch (e) {
-    add({ name: 'disk', status: 'fail', detail: `cannot stat ${layout.home}: ${(e as Error).message}` });
+    return { name: 'disk', status: 'fail', detail: `cannot stat ${home}: ${(e as Error).message}` };
   }
+}
+
+async function cowChecks(d: DaemonServices): Promise<Check[]> {
   try {
-    for (const c of await probeCowStrategies(layout.vmsDir)) {
-      add({ name: `cow.${c.strategy}`, status: c.ok ? 'ok' : 'warn', detail: c.why });
-    }
+    return (await probeCowStrategies(d.layout.vmsDir)).map((c) => ({ name: `cow.${c.strategy}`, status: c.ok ? 'ok' : 'warn', detail: c.why }));
   } catch (e) {
-    add({ name: 'cow', status: 'warn', detail: `could not probe copy-on-write strategies: ${(e as Error).message}` });
+    return [{ name: 'cow', status: 'warn', detail: `could not probe copy-on-write strategies: ${(e as Error).message}` }];
   }
+}
+
+function socketCheck(d: DaemonServices): Check {
+  const socket = d.layout.socket;
   try {
-    const st = statSync(layout.socket);
-    const dst = statSync(dirname(layout.socket));
-    const mode = st.mode & 0o777;
-    const dmode = dst.mode & 0o777;
-    add(mode === 0o600 && dmode === 0o700 ? { name: 'socket', status: 'ok', detail: `${layout.socket} mode 0600 in a 0700 directory` } : { name: 'socket', status: 'fail', detail: `${layout.socket} has mode ${mode.toString(8)} (dir ${dmode.toString(8)})`, fix: 'restart the daemon: banger daemon stop; banger daemon start' });
+    const mode = statSync(socket).mode & 0o777;
+    const dmode = statSync(dirname(socket)).mode & 0o777;
+    return mode === 0o600 && dmode === 0o700 ? { name: 'socket', status: 'ok', detail: `${socket} mode 0600 in a 0700 directory` } : { name: 'socket', status: 'fail', detail: `${socket} has mode ${mode.toString(8)} (dir ${dmode.toString(8)})`, fix: 'restart the daemon: banger daemon stop; banger daemon start' };
   } catch (e) {
-    add({ name: 'socket', status: 'fail', detail: `cannot stat the daemon socket: ${(e as Error).message}` });
+    return { name: 'socket', status: 'fail', detail: `cannot stat the daemon socket: ${(e as Error).message}` };
   }
-  return { checks, ok: !checks.some((c) => c.status === 'fail'), vmmAuto: auto };
 }

@@ -5,7 +5,7 @@
 import { connect, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
 import { LineDecoder } from './ndjson.js';
-import { PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type RpcResponse } from './protocol.js';
+import { PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type ResultOf, type RpcErrorObject, type StreamOf } from './protocol.js';
 
 interface Pending {
   resolve: (v: unknown) => void;
@@ -14,12 +14,22 @@ interface Pending {
   onStream?: (data: unknown) => void;
 }
 
+/** A line from the daemon, as far as the client looks into it before trusting it. */
+interface Incoming {
+  id?: unknown;
+  method?: unknown;
+  params?: { requestId?: unknown; data?: unknown };
+  result?: unknown;
+  error?: RpcErrorObject;
+}
+
 /** The longest answer line read (V8 strings end a little above 2^29 characters); a longer one ends the connection. */
 const MAX_ANSWER_LINE = 2 ** 28;
 
-export interface CallOptions {
+export interface CallOptions<M extends MethodName = MethodName> {
   onProgress?: (p: ProgressParams) => void;
-  onStream?: (data: unknown) => void;
+  /** The method's `stream` notifications (inspect.subscribe, vm.logs with follow). */
+  onStream?: (data: StreamOf<M>) => void;
   timeoutMs?: number;
 }
 
@@ -68,17 +78,19 @@ export class RpcClient {
     });
   }
 
-  call<M extends MethodName>(method: M, params: ParamsOf<M>, opts: CallOptions = {}): Promise<any> {
+  /** Call one method; resolves with its result (the daemon's answer, typed by the protocol, not re-validated here). */
+  call<M extends MethodName>(method: M, params: ParamsOf<M>, opts: CallOptions<M> = {}): Promise<ResultOf<M>> {
     if (this.closed) return Promise.reject(new BangerError('host', 'the daemon connection is closed'));
     const id = this.nextId++;
-    return new Promise((resolve, reject) => {
+    return new Promise<ResultOf<M>>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
-      const done = (f: (v: any) => void) => (v: unknown) => {
+      const done = <T>(f: (v: T) => void) => (v: T) => {
         if (timer) clearTimeout(timer);
         this.pending.delete(id);
         f(v);
       };
-      this.pending.set(id, { resolve: done(resolve), reject: done(reject), onProgress: opts.onProgress, onStream: opts.onStream });
+      const onStream = opts.onStream as ((data: unknown) => void) | undefined;
+      this.pending.set(id, { resolve: done((v: unknown) => resolve(v as ResultOf<M>)), reject: done(reject), onProgress: opts.onProgress, onStream });
       if (opts.timeoutMs) {
         timer = setTimeout(() => this.pending.get(id)?.reject(new BangerError('timeout', `${method} did not answer within ${opts.timeoutMs} ms`)), opts.timeoutMs);
       }
@@ -103,23 +115,23 @@ export class RpcClient {
   }
 
   private onLine(line: string): void {
-    let msg: any;
+    let parsed: unknown;
     try {
-      msg = JSON.parse(line);
+      parsed = JSON.parse(line);
     } catch {
       return;
     }
-    if (msg === null || typeof msg !== 'object') return;
+    if (parsed === null || typeof parsed !== 'object') return;
+    const msg = parsed as Incoming;
     if (msg.method === PROGRESS_METHOD) {
-      this.pending.get(Number(msg.params?.requestId))?.onProgress?.(msg.params);
+      this.pending.get(Number(msg.params?.requestId))?.onProgress?.(msg.params as ProgressParams);
     } else if (msg.method === STREAM_METHOD) {
       this.pending.get(Number(msg.params?.requestId))?.onStream?.(msg.params?.data);
     } else if (msg.id !== undefined) {
       const p = this.pending.get(Number(msg.id));
       if (!p) return;
-      const r = msg as RpcResponse;
-      if (r.error) p.reject(new BangerError((r.error.data?.kind as ErrorKind) ?? 'internal', r.error.message, r.error.data?.hint));
-      else p.resolve(r.result);
+      if (msg.error) p.reject(new BangerError((msg.error.data?.kind as ErrorKind) ?? 'internal', msg.error.message, msg.error.data?.hint));
+      else p.resolve(msg.result);
     }
   }
 }

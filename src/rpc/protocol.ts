@@ -3,6 +3,9 @@
  * against these (unknown fields are rejected); the client uses the same names and types.
  */
 import { z } from 'zod';
+import type { Results, Streams } from './types.js';
+
+export type * from './types.js';
 
 const vmRef = z.string().min(1).max(128);
 const size = z.union([z.number().int().positive(), z.string().min(1).max(32)]);
@@ -63,7 +66,18 @@ export const methods = {
 } as const;
 
 export type MethodName = keyof typeof methods;
+/** What a call of M sends (after defaults: the schema's output). */
 export type ParamsOf<M extends MethodName> = z.infer<(typeof methods)[M]>;
+/** What a call of M answers. */
+export type ResultOf<M extends MethodName> = Results[M];
+/** What M sends as `stream` notifications while it runs (never for a method that streams nothing). */
+export type StreamOf<M extends MethodName> = M extends keyof Streams ? Streams[M] : never;
+
+// Every method has exactly one result type, and nothing else has one: a method added to `methods` without
+// its entry in Results (src/rpc/types.ts), or the other way round, stops the build here.
+type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
+const everyMethodHasAResult: Same<MethodName, keyof Results> = true;
+void everyMethodHasAResult;
 
 export interface RpcRequest {
   jsonrpc: '2.0';
@@ -83,16 +97,6 @@ export interface RpcResponse {
   id: number | string | null;
   result?: unknown;
   error?: RpcErrorObject;
-}
-
-/** Notifications the daemon sends while a request runs, tied to its id. */
-export interface ProgressParams {
-  requestId: number | string;
-  stage: string;
-  status: 'start' | 'done' | 'error' | 'info';
-  ms?: number;
-  detail?: string;
-  bytes?: number;
 }
 
 export const PROGRESS_METHOD = 'progress';

@@ -11,19 +11,23 @@ import { dirname } from 'node:path';
 import { z } from 'zod';
 import { BangerError, ErrorCodes, errorMessage, type ErrorKind } from '../errors.js';
 import { LineDecoder } from './ndjson.js';
-import { methods, PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ProgressParams, type RpcResponse } from './protocol.js';
+import { methods, PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type ResultOf, type RpcResponse, type StreamOf } from './protocol.js';
 
-export interface CallContext {
+export interface CallContext<M extends MethodName = MethodName> {
   requestId: number | string;
   progress(p: Omit<ProgressParams, 'requestId'>): void;
-  /** Send an arbitrary notification tied to this request (used for streams like inspect and logs --follow). */
-  stream(data: unknown): void;
+  /** Send a notification tied to this request (the streams of inspect.subscribe and vm.logs --follow). */
+  stream(data: StreamOf<M>): void;
   /** Aborted when the client disconnects. */
   signal: AbortSignal;
 }
 
-export type Handler = (params: any, ctx: CallContext) => Promise<unknown>;
-export type Handlers = Partial<Record<MethodName, Handler>>;
+export type Handler<M extends MethodName> = (params: ParamsOf<M>, ctx: CallContext<M>) => Promise<ResultOf<M>>;
+/** One handler for every method of the protocol, each typed by its params, result and stream. */
+export type Handlers = { [M in MethodName]: Handler<M> };
+
+/** How the server calls a handler once the method's own schema has checked the params. */
+type CheckedHandler = (params: unknown, ctx: CallContext) => Promise<unknown>;
 
 /** The longest request line read, in characters; a longer one is answered with one error and skipped. */
 export const MAX_REQUEST_LINE = 1024 * 1024;
@@ -58,7 +62,7 @@ const clip = (s: string, n = 64) => JSON.stringify(s.length > n ? `${s.slice(0, 
 const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 const isId = (v: unknown): v is number | string => typeof v === 'number' || (typeof v === 'string' && v.length <= MAX_ID_LENGTH);
 
-type Request = { id: number | string; method: MethodName; handler: Handler; params: unknown };
+type Request = { id: number | string; method: MethodName; handler: CheckedHandler; params: unknown };
 
 /** One line to a request ready to run, or the error that answers it. Never throws. */
 export function parseRequest(line: string, handlers: Handlers): Request | { answer: RpcResponse } {
@@ -79,19 +83,20 @@ export function parseRequest(line: string, handlers: Handlers): Request | { answ
   const method = msg.method;
   if (typeof method !== 'string') return { answer: errorAnswer(id, 'invalid_request', `invalid request: "method" must be a string, got ${method === null ? 'null' : typeof method}`, REQUEST_SHAPE) };
   // Own properties only: a name like "toString" or "__proto__" must not reach Object.prototype.
-  const handler = Object.hasOwn(methods, method) && Object.hasOwn(handlers, method) ? handlers[method as MethodName] : undefined;
-  if (typeof handler !== 'function') {
+  const found: unknown = Object.hasOwn(methods, method) && Object.hasOwn(handlers, method) ? handlers[method as MethodName] : undefined;
+  if (typeof found !== 'function') {
     return { answer: errorAnswer(id, 'method_not_found', `unknown method ${clip(method)}`, `known methods: ${Object.keys(methods).join(', ')}`) };
   }
   const params = Object.hasOwn(msg, 'params') ? msg.params : {};
   if (!isPlainObject(params)) {
     return { answer: errorAnswer(id, 'invalid_params', `invalid params for ${method}: params must be an object, got ${Array.isArray(params) ? 'an array' : params === null ? 'null' : typeof params}`, 'pass named params as a JSON object') };
   }
-  const parsed = (methods[method as MethodName] as z.ZodTypeAny).safeParse(params);
+  const parsed = (methods[method as MethodName] as z.ZodType).safeParse(params);
   if (!parsed.success) {
     return { answer: errorAnswer(id, 'invalid_params', `invalid params for ${method}: ${formatZodError(parsed.error)}`, `see the params of ${method} in src/rpc/protocol.ts`) };
   }
-  return { id, method: method as MethodName, handler, params: parsed.data };
+  // The params were just checked against this method's schema: this handler's own params type.
+  return { id, method: method as MethodName, handler: found as CheckedHandler, params: parsed.data };
 }
 
 export class RpcServer {

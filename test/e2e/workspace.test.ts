@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { RpcClient } from '../../src/rpc/client.js';
+import type { MethodName, ParamsOf, ProgressParams } from '../../src/rpc/protocol.js';
 import { gitTestEnv } from '../support/git.js';
 import { Banger, describeE2E } from './harness.js';
 
@@ -67,7 +68,7 @@ describeE2E('workspaces against a real guest', () => {
   let b: Banger;
   let tmp: string;
   let client: RpcClient;
-  const call = (method: string, params: Record<string, unknown>, onProgress?: (p: any) => void) => client.call(method as never, params as never, { onProgress });
+  const call = <M extends MethodName>(method: M, params: ParamsOf<M>, onProgress?: (p: ProgressParams) => void) => client.call(method, params, { onProgress });
 
   beforeAll(async () => {
     b = await Banger.create();

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { makeHandlers } from '../../src/daemon/handlers.js';
-import type { DaemonHandle } from '../../src/daemon/daemon.js';
+import type { DaemonServices, HandlerDeps } from '../../src/daemon/services.js';
 import type { CallContext } from '../../src/rpc/server.js';
 import { BangerError } from '../../src/errors.js';
 import { migrate, openDb, SCHEMA_VERSION, type DB } from '../../src/store/db.js';
@@ -192,8 +192,8 @@ describe('through the daemon handlers', () => {
   function handlers() {
     supervisor = { has: () => true, create: vi.fn(), send: vi.fn(), view: (id: string) => ({ id }) };
     // Only what vm ref resolution and vm.create's name check touch; the rest would fail loudly if reached.
-    const d = { store, supervisor, layout: {}, config: {} } as unknown as DaemonHandle;
-    const deps = { version: 'test', drivers: {}, log: () => {} } as unknown as Parameters<typeof makeHandlers>[1];
+    const d = { store, supervisor, layout: {}, config: {} } as unknown as DaemonServices;
+    const deps: HandlerDeps = { version: 'test', commit: 'test', drivers: {}, log: () => {} };
     return makeHandlers(d, deps);
   }
 
@@ -201,7 +201,7 @@ describe('through the daemon handlers', () => {
     addVm('abc1234567', 'only');
     const h = handlers();
     for (const method of ['vm.delete', 'vm.stop', 'vm.show'] as const) {
-      await expect(h[method]!({ vm: ref }, ctx)).rejects.toMatchObject({ kind: 'not_found', message: expect.stringContaining(JSON.stringify(ref)) });
+      await expect(h[method]({ vm: ref }, ctx)).rejects.toMatchObject({ kind: 'not_found', message: expect.stringContaining(JSON.stringify(ref)) });
     }
     expect(supervisor.send).not.toHaveBeenCalled();
   });
@@ -209,7 +209,7 @@ describe('through the daemon handlers', () => {
   it('vm.create with a live name is refused before anything is created', async () => {
     addVm('abc1234567', 'taken');
     const h = handlers();
-    await expect(h['vm.create']!({ name: 'taken' }, ctx)).rejects.toMatchObject({ kind: 'conflict', message: expect.stringContaining('taken') });
+    await expect(h['vm.create']({ name: 'taken' }, ctx)).rejects.toMatchObject({ kind: 'conflict', message: expect.stringContaining('taken') });
     expect(supervisor.create).not.toHaveBeenCalled();
     expect(db.prepare('SELECT COUNT(*) n FROM vms').get()).toEqual({ n: 1 });
   });

@@ -1,0 +1,49 @@
+/** vm.workspace.prepare and vm.workspace.export: jobs queued on the VM's workspace actor, one at a time. */
+import { validateGuestPath } from '../../host/workspace.js';
+import type { CallContext, Handlers } from '../../rpc/server.js';
+import type { DaemonServices } from '../services.js';
+import { newId, vmAccess } from './vm-access.js';
+import { viewOf } from '../views.js';
+
+export function workspaceHandlers(d: DaemonServices): Pick<Handlers, 'vm.workspace.prepare' | 'vm.workspace.export'> {
+  const { resolveVm } = vmAccess(d);
+  const runJob = jobRunner(d);
+  return {
+    'vm.workspace.prepare': async (p, ctx) => {
+      const id = resolveVm(p.vm);
+      const guestPath = validateGuestPath(p.guestPath ?? '/root/repo');
+      const params = { ...p, guestPath, mode: p.mode ?? 'shallow', readOnly: p.readOnly ?? false };
+      return runJob(id, 'prepare', params, ctx);
+    },
+
+    'vm.workspace.export': async (p, ctx) => {
+      const id = resolveVm(p.vm);
+      const guestPath = validateGuestPath(p.guestPath ?? '/root/repo');
+      return runJob(id, 'export', { ...p, guestPath }, ctx);
+    },
+  };
+}
+
+interface JobResults {
+  prepare: Awaited<ReturnType<Handlers['vm.workspace.prepare']>>;
+  export: Awaited<ReturnType<Handlers['vm.workspace.export']>>;
+}
+
+/** Enqueue a job on the VM's workspace actor; resolves with what the job runner (src/daemon/jobs.ts) returns. */
+function jobRunner(d: DaemonServices) {
+  const { supervisor: sup } = d;
+  return async function runJob<K extends 'prepare' | 'export'>(vmId: string, kind: K, params: Record<string, unknown>, ctx: CallContext): Promise<JobResults[K]> {
+    const job = { jobId: `${kind}-${newId()}`, kind, params, enqueuedAt: new Date().toISOString() };
+    const done = sup.jobs.register(vmId, job, (pr) => ctx.progress({ stage: pr.stage, status: 'info', bytes: pr.bytes, detail: pr.detail }));
+    try {
+      sup.enqueueJob(vmId, job);
+    } catch (e) {
+      sup.jobs.settle(job.jobId, false, e);
+      await done.catch(() => {});
+      throw e;
+    }
+    ctx.progress({ stage: kind, status: 'start', detail: viewOf(sup.snapshot(vmId)).workspace?.running ? 'queued behind another job' : undefined });
+    // The runner's result for this kind: src/daemon/jobs.ts builds exactly these shapes.
+    return (await done) as JobResults[K];
+  };
+}

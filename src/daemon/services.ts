@@ -1,0 +1,39 @@
+/**
+ * What the RPC handlers and the doctor need from the running daemon, and nothing more. daemon.ts builds it
+ * (its DaemonHandle satisfies this interface); handlers and doctor never import daemon.ts, so the daemon
+ * module graph has no cycle.
+ */
+import type { Supervisor } from '../actors/supervisor.js';
+import type { RootHelper } from '../actors/root-helper.js';
+import type { TapPool } from '../actors/tap-pool.js';
+import type { Config } from '../config.js';
+import type { VmmDriver } from '../host/qemu.js';
+import type { Layout } from '../paths.js';
+import type { Store } from '../store/repo.js';
+
+/** The supervisor calls the handlers make. */
+export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'jobs' | 'enqueueJob'>;
+
+export interface DaemonServices {
+  layout: Layout;
+  config: Config;
+  store: Store;
+  supervisor: VmSupervisor;
+  /** The root helper (TAP devices, bridge), when this daemon has one. */
+  rootHelper?: Pick<RootHelper, 'reachable' | 'state'>;
+  tapPool?: Pick<TapPool, 'leases'>;
+  /** Present when tap networking is wired in (a root helper and a TAP pool). */
+  network?: object;
+  helperSocket?: string;
+  /** The helper runs as a service (not as this daemon's child): `--net auto` then picks tap. */
+  helperIsService?: boolean;
+  startedAt: number;
+  stop(): Promise<void>;
+}
+
+export interface HandlerDeps {
+  version: string;
+  commit: string;
+  drivers: Record<string, VmmDriver | undefined>;
+  log: (line: string) => void;
+}

@@ -1,0 +1,233 @@
+/**
+ * The shapes that cross the daemon socket: what each method answers and what its notifications carry. Plain
+ * interfaces that import nothing from the daemon, the actors or the host layer, so that a client (the CLI,
+ * the SDK in src/index.ts) can use them without loading any of that. The daemon builds these from its own
+ * types (src/daemon/views.ts); the compiler checks that they agree.
+ */
+
+export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'running' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
+export type Vmm = 'firecracker' | 'qemu';
+export type Accel = 'kvm' | 'tcg';
+export type Net = 'tap' | 'user';
+export type WorkspaceMode = 'shallow' | 'full_history' | 'full_copy';
+
+export interface GitIdentity {
+  name: string;
+  email: string;
+  source: 'host' | 'default';
+}
+
+export interface VmView {
+  id: string;
+  name: string;
+  state: VmState;
+  image: string;
+  vmm: string;
+  accel: string;
+  net: string;
+  vcpus: number;
+  memoryMiB: number;
+  diskBytes: number;
+  guestIp: string | null;
+  sshPort: number | null;
+  pid: number | null;
+  createdAt: string;
+  error: { stage: string; message: string } | null;
+  stopReason: string | null;
+  /** The guest's git identity and whether it is the host's or banger's default (null: created before it was recorded). */
+  gitIdentity: GitIdentity | null;
+  workspace?: { queued: number; running: string | null };
+}
+
+/** `vm.show`: the view plus where the VM's files are and what its disks really take. */
+export interface VmDetail extends VmView {
+  dir: string;
+  serialLog: string;
+  workDiskAllocatedBytes: number | null;
+  rootDiskAllocatedBytes: number | null;
+}
+
+export interface ImageView {
+  name: string;
+  createdAt: string;
+  kernel: string;
+  vmlinux: string | null;
+  initrd: string | null;
+  rootfs: string;
+  workSeed: string;
+  sizeBytes: number;
+  packages: number;
+  builderVersion: number;
+  usedBy: string[];
+}
+
+export interface PulledImage extends ImageView {
+  /** false when the image was already present and nothing was built. */
+  pulled: boolean;
+}
+
+export interface DaemonStatus {
+  pid: number;
+  socket: string;
+  version: string;
+  commit: string;
+  uptimeSeconds: number;
+  vms: number;
+  home: string;
+  running: number;
+  rootHelper: { socket?: string; state: string; lastError: string | null; attempts: number } | null;
+  tapPool: Array<{ tap: string; vmId: string | null }> | null;
+}
+
+export interface DaemonStopping {
+  stopping: true;
+  pid: number;
+}
+
+export interface DoctorCheck {
+  name: string;
+  status: 'ok' | 'warn' | 'fail';
+  detail: string;
+  fix?: string;
+}
+
+export interface DoctorReport {
+  checks: DoctorCheck[];
+  ok: boolean;
+  /** What `--vmm auto --net auto` would pick here, e.g. "firecracker (kvm, net tap)" or "qemu (tcg)". */
+  vmmAuto: string;
+}
+
+/** One row of a VM's lifecycle log (`vm.logs`, and streamed by `vm.logs --follow`). */
+export interface LogRow {
+  vmId: string;
+  seq: number;
+  time: string;
+  stage: string;
+  status: 'start' | 'done' | 'error' | 'info';
+  durationMs?: number | null;
+  message?: string | null;
+}
+
+/** `vm.logs` with serial: true. */
+export interface SerialLog {
+  serial: string;
+}
+
+/** One row of a VM's event log (`vm.events`). */
+export interface EventRow {
+  vmId: string;
+  seq: number;
+  time: string;
+  actor: string;
+  type: string;
+  payload: unknown;
+  from?: string | null;
+  to?: string | null;
+}
+
+/** A live state transition, streamed by `inspect.subscribe`. */
+export interface Transition {
+  time: string;
+  vmId: string;
+  vmName: string;
+  actor: string;
+  event: string;
+  from: string | null;
+  to: string;
+}
+
+/** The first message `inspect.subscribe` streams: the VMs there are now. */
+export interface InspectHello {
+  type: 'hello';
+  vms: Array<{ id: string; name: string; state: VmState }>;
+}
+
+export type InspectEvent = InspectHello | Transition;
+
+/** How to reach a VM's sshd (`vm.ssh`). */
+export interface SshTarget {
+  host: string;
+  port: number | null;
+  user: string;
+  identityFile: string;
+  knownHostsFile: string;
+  hostKeyAlias: string;
+}
+
+export interface PrepareResult {
+  vmId: string;
+  sourcePath: string;
+  repoRoot: string;
+  repoName: string;
+  guestPath: string;
+  mode: WorkspaceMode;
+  readOnly: boolean;
+  /** Whether a read-only bind mount backs readOnly (else only mode bits do). */
+  readOnlyMount: boolean;
+  /** The host's HEAD. */
+  headCommit: string;
+  /** The host's current branch (null when detached). */
+  currentBranch: string | null;
+  /** The branch checked out in the guest (null when the guest is detached). */
+  branchName: string | null;
+  /** The commit the guest's tree is based on: export against this. */
+  baseCommit: string;
+  preparedAt: string;
+  bytesStreamed: number;
+}
+
+export interface ExportResult {
+  guestPath: string;
+  baseCommit: string;
+  /** `git diff --binary` output, as UTF-8 text when it is valid UTF-8, else base64. */
+  patch: string;
+  patchEncoding: 'utf8' | 'base64';
+  changedFiles: string[];
+  hasChanges: boolean;
+}
+
+/** Notifications the daemon sends while a request runs, tied to its id. */
+export interface ProgressParams {
+  requestId: number | string;
+  stage: string;
+  status: 'start' | 'done' | 'error' | 'info';
+  ms?: number;
+  detail?: string;
+  bytes?: number;
+}
+
+/** What each method answers. */
+export interface Results {
+  'daemon.status': DaemonStatus;
+  'daemon.stop': DaemonStopping;
+  'doctor.run': DoctorReport;
+  'image.pull': PulledImage;
+  'image.import': ImageView;
+  'image.list': ImageView[];
+  'image.show': ImageView;
+  'image.delete': { deleted: string };
+  'vm.create': VmView;
+  'vm.start': VmView;
+  'vm.stop': VmView;
+  'vm.restart': VmView;
+  'vm.delete': VmView;
+  'vm.set': VmView;
+  'vm.wait': VmView;
+  'vm.list': VmView[];
+  'vm.show': VmDetail;
+  'vm.events': EventRow[];
+  /** The rows (streamed as they come, then [] with follow: true), or the serial console with serial: true. */
+  'vm.logs': LogRow[] | SerialLog;
+  'vm.ssh': SshTarget;
+  'vm.workspace.prepare': PrepareResult;
+  'vm.workspace.export': ExportResult;
+  /** Answers only when the client goes away; everything it has to say is streamed. */
+  'inspect.subscribe': null;
+}
+
+/** What the methods that stream send as `stream` notifications. */
+export interface Streams {
+  'vm.logs': LogRow;
+  'inspect.subscribe': InspectEvent;
+}
