@@ -1,16 +1,15 @@
-/** Connects to the owner daemon, starting it when its socket is absent. */
+/** Connects to the owner daemon through the library client (src/index.ts), starting the daemon when its socket is absent. */
 import { mkdirSync, openSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { BangerError } from '../errors.js';
 import { layout, type Layout } from '../paths.js';
-import { RpcClient } from '../rpc/client.js';
-import { spawnDetached } from '../host/spawn.js';
+import { connect, type BangerClient } from '../index.js';
 
 export const BIN = fileURLToPath(new URL('../../bin/banger.js', import.meta.url));
 
-export async function tryConnect(l: Layout): Promise<RpcClient | undefined> {
+export async function tryConnect(l: Layout): Promise<BangerClient | undefined> {
   try {
-    return await RpcClient.connect(l.socket, 3000);
+    return await connect({ socket: l.socket, timeoutMs: 3000 });
   } catch {
     return undefined;
   }
@@ -20,6 +19,7 @@ export async function tryConnect(l: Layout): Promise<RpcClient | undefined> {
 export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number> {
   mkdirSync(l.home, { recursive: true, mode: 0o700 });
   const out = openSync(l.logFile, 'a');
+  const { spawnDetached } = await import('../host/spawn.js'); // only when a daemon has to be started
   const child = spawnDetached(process.execPath, [BIN, 'daemon', 'start', '--foreground'], { logFd: out });
   const pid = child.pid;
   let exited: number | null = null;
@@ -47,7 +47,7 @@ export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number
   throw new BangerError('timeout', `the banger daemon did not answer on ${l.socket} within ${timeoutMs / 1000} s`, `see ${l.logFile}`);
 }
 
-export async function connectDaemon(autoStart = true): Promise<RpcClient> {
+export async function connectDaemon(autoStart = true): Promise<BangerClient> {
   const l = layout();
   const c = await tryConnect(l);
   if (c) return c;

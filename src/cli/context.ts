@@ -1,6 +1,6 @@
 /** What every command gets: --json, the RPC call helper with progress, and output helpers. */
 import { BangerError } from '../errors.js';
-import type { MethodName, ParamsOf } from '../rpc/protocol.js';
+import type { MethodName, ParamsOf, ResultOf, StreamOf } from '../rpc/protocol.js';
 import { connectDaemon } from './connect.js';
 import { progressPrinter } from './output.js';
 
@@ -9,7 +9,14 @@ export interface GlobalArgs {
   quiet?: boolean;
 }
 
-export async function call<M extends MethodName>(method: M, params: ParamsOf<M>, opts: { quiet?: boolean; onStream?: (d: unknown) => void } = {}): Promise<any> {
+export interface CallFlags<M extends MethodName> {
+  /** No progress lines on stderr. */
+  quiet?: boolean;
+  onStream?: (data: StreamOf<M>) => void;
+}
+
+/** One call on a connection of its own (the daemon is started when it is not running), with progress on stderr. */
+export async function call<M extends MethodName>(method: M, params: ParamsOf<M>, opts: CallFlags<M> = {}): Promise<ResultOf<M>> {
   const client = await connectDaemon();
   try {
     return await client.call(method, params, { onProgress: progressPrinter(opts.quiet), onStream: opts.onStream });

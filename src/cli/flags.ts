@@ -2,7 +2,6 @@
  * Usage checks for VM size flags, done in the CLI before any daemon is reached, so a typo exits 2 at once.
  * The bounds are the daemon's own (its zod schema), which stays the second line of defence.
  */
-import { parseSize } from '../host/disks.js';
 import { createParams as createSchema } from '../rpc/protocol.js';
 import { usage } from './context.js';
 
@@ -29,9 +28,11 @@ export const vcpusFlag = (raw: unknown): number | undefined => boundedInt('--vcp
 export const memoryFlag = (raw: unknown): number | undefined => boundedInt('--memory', raw, MEMORY_MIB, ' MiB');
 
 /** A size like 8G; `minBytes` for a new disk (growing an existing one is checked by the daemon against its size). */
-export function diskFlag(raw: unknown, minBytes = 1): string | undefined {
+export async function diskFlag(raw: unknown, minBytes = 1): Promise<string | undefined> {
   if (raw === undefined) return undefined;
   if (typeof raw !== 'string') usage('--disk was given more than once', 'give it once, e.g. --disk 8G');
+  // Loaded only for --disk: the host layer stays out of the CLI's ordinary path.
+  const { parseSize } = await import('../host/disks.js');
   let bytes: number;
   try {
     bytes = parseSize(raw);

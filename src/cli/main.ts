@@ -2,7 +2,7 @@
  * banger's CLI. One top-level error handler: known errors print one line and a hint and exit with their
  * code (2 usage, 1 operation failed); anything else prints the stack and exits 1.
  */
-import yargs from 'yargs';
+import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { BangerError } from '../errors.js';
 import { daemonCommands } from './commands/daemon.js';
@@ -12,6 +12,7 @@ import { systemCommands } from './commands/system.js';
 import { runInspect } from './commands/inspect.js';
 import { c } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
+import type { DoctorCheck } from '../rpc/types.js';
 import { versionLine } from '../version.js';
 
 function fail(e: unknown): never {
@@ -27,7 +28,18 @@ function fail(e: unknown): never {
 
 process.on('unhandledRejection', fail);
 
-const cli = yargs(hideBin(process.argv))
+function checkLine(ch: DoctorCheck): string {
+  const mark = ch.status === 'ok' ? c.green('ok  ') : ch.status === 'warn' ? c.yellow('warn') : c.red('fail');
+  return `${mark} ${ch.name.padEnd(18)} ${ch.detail}${ch.fix ? `\n     ${''.padEnd(18)} ${c.dim('fix: ' + ch.fix)}` : ''}`;
+}
+
+async function doctor(a: GlobalArgs): Promise<void> {
+  const r = await call('doctor.run', {});
+  out(a, r, () => r.checks.map(checkLine).join('\n'));
+  if (!r.ok) process.exitCode = 1;
+}
+
+const cli: Argv<GlobalArgs> = yargs(hideBin(process.argv))
   .scriptName('banger')
   .parserConfiguration({ 'populate--': true })
   .option('json', { type: 'boolean', describe: 'print exactly the RPC result as JSON' })
@@ -35,19 +47,8 @@ const cli = yargs(hideBin(process.argv))
   .command('image', 'manage images', (y) => imageCommands(y))
   .command('vm', 'manage VMs', (y) => vmCommands(y))
   .command('system', 'install the root helper and daemon as systemd units', (y) => systemCommands(y))
-  .command('doctor', 'check what this host can do, with a fix for each problem', {}, async (a: any) => {
-    const r = await call('doctor.run', {});
-    out(a, r, () =>
-      r.checks
-        .map((ch: any) => {
-          const mark = ch.status === 'ok' ? c.green('ok  ') : ch.status === 'warn' ? c.yellow('warn') : c.red('fail');
-          return `${mark} ${ch.name.padEnd(18)} ${ch.detail}${ch.fix ? `\n     ${''.padEnd(18)} ${c.dim('fix: ' + ch.fix)}` : ''}`;
-        })
-        .join('\n'),
-    );
-    if (!r.ok) process.exitCode = 1;
-  })
-  .command('inspect [vm]', 'print live state transitions (time, actor, event, from → to)', (y) => y.positional('vm', { type: 'string' }), (a) => runInspect(a as never))
+  .command('doctor', 'check what this host can do, with a fix for each problem', (a) => a, (a) => doctor(a))
+  .command('inspect [vm]', 'print live state transitions (time, actor, event, from → to)', (y) => y.positional('vm', { type: 'string' }), (a) => runInspect(a))
   .demandCommand(1, 'name a command (banger --help lists them)')
   .strict()
   .help()

@@ -1,59 +1,66 @@
-// eslint-disable-next-line @typescript-eslint/no-explicit-any -- yargs builder typing is loose on purpose here
-import type { Argv as YArgv } from 'yargs';
-type Argv<_T = any> = any;
+import type { Argv } from 'yargs';
 import { layout, readDaemonPid } from '../../paths.js';
 import { spawnDaemon, tryConnect } from '../connect.js';
 import { call, out, type GlobalArgs } from '../context.js';
 import { c } from '../output.js';
 
-export function daemonCommands(y: Argv<any>): Argv<any> {
+interface StartArgs extends GlobalArgs {
+  foreground: boolean;
+  inspect?: unknown;
+}
+
+async function start(a: StartArgs): Promise<void> {
+  if (a.inspect !== undefined) process.stderr.write('banger: --inspect (Stately inspector over WebSocket) is not built yet; `banger inspect` streams live transitions\n');
+  const l = layout();
+  if (a.foreground) {
+    // Loaded only here: every other command talks to the daemon and never loads SQLite or XState.
+    const { startDaemon } = await import('../../daemon/daemon.js');
+    const h = await startDaemon();
+    process.stderr.write(`banger daemon ${process.pid} listening on ${l.socket}\n`);
+    const shutdown = () => void h.stop().then(() => process.exit(0));
+    process.on('SIGTERM', shutdown);
+    process.on('SIGINT', shutdown);
+    await new Promise(() => {});
+    return;
+  }
+  const existing = await tryConnect(l);
+  if (existing) {
+    existing.close();
+    out(a, { started: false, pid: readDaemonPid(l), socket: l.socket }, () => `daemon already running (pid ${readDaemonPid(l)}) on ${l.socket}`);
+    return;
+  }
+  await spawnDaemon(l);
+  out(a, { started: true, pid: readDaemonPid(l), socket: l.socket }, () => `daemon started (pid ${readDaemonPid(l)}) on ${l.socket}`);
+}
+
+async function stop(a: GlobalArgs): Promise<void> {
+  const l = layout();
+  const client = await tryConnect(l);
+  if (!client) {
+    out(a, { stopped: false, reason: 'not running' }, () => 'daemon is not running');
+    return;
+  }
+  const pid = readDaemonPid(l);
+  await client.call('daemon.stop', {}).catch(() => undefined);
+  client.close();
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    if (!(await tryConnect(l).then((cl) => (cl?.close(), !!cl)))) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  out(a, { stopped: true, pid }, () => `daemon ${pid ?? ''} stopped`);
+}
+
+export function daemonCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   return y
     .command(
       'start',
       'start the owner daemon',
-      (a: Argv) => a.option('foreground', { type: 'boolean', default: false, describe: 'run in this process' }).option('inspect', { describe: 'serve the actor system to Stately Inspect (not built yet)' }),
-      async (a: GlobalArgs & { foreground: boolean; inspect?: unknown }) => {
-        if (a.inspect !== undefined) process.stderr.write('banger: --inspect (Stately inspector over WebSocket) is not built yet; `banger inspect` streams live transitions\n');
-        const l = layout();
-        if (a.foreground) {
-          // Loaded only here: every other command talks to the daemon and never loads SQLite or XState.
-          const { startDaemon } = await import('../../daemon/daemon.js');
-          const h = await startDaemon();
-          process.stderr.write(`banger daemon ${process.pid} listening on ${l.socket}\n`);
-          const shutdown = () => void h.stop().then(() => process.exit(0));
-          process.on('SIGTERM', shutdown);
-          process.on('SIGINT', shutdown);
-          await new Promise(() => {});
-          return;
-        }
-        const existing = await tryConnect(l);
-        if (existing) {
-          existing.close();
-          out(a, { started: false, pid: readDaemonPid(l), socket: l.socket }, () => `daemon already running (pid ${readDaemonPid(l)}) on ${l.socket}`);
-          return;
-        }
-        await spawnDaemon(l);
-        out(a, { started: true, pid: readDaemonPid(l), socket: l.socket }, () => `daemon started (pid ${readDaemonPid(l)}) on ${l.socket}`);
-      },
+      (a) => a.option('foreground', { type: 'boolean', default: false, describe: 'run in this process' }).option('inspect', { describe: 'serve the actor system to Stately Inspect (not built yet)' }),
+      (a) => start(a),
     )
-    .command('stop', 'stop the owner daemon (VMs keep running)', {}, async (a: GlobalArgs) => {
-      const l = layout();
-      const client = await tryConnect(l);
-      if (!client) {
-        out(a, { stopped: false, reason: 'not running' }, () => 'daemon is not running');
-        return;
-      }
-      const pid = readDaemonPid(l);
-      await client.call('daemon.stop', {}).catch(() => undefined);
-      client.close();
-      const deadline = Date.now() + 15_000;
-      while (Date.now() < deadline) {
-        if (!(await tryConnect(l).then((cl) => (cl?.close(), !!cl)))) break;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-      out(a, { stopped: true, pid }, () => `daemon ${pid ?? ''} stopped`);
-    })
-    .command('status', 'show the daemon status', {}, async (a: GlobalArgs) => {
+    .command('stop', 'stop the owner daemon (VMs keep running)', (a) => a, (a) => stop(a))
+    .command('status', 'show the daemon status', (a) => a, async (a) => {
       const s = await call('daemon.status', {});
       out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}`);
     })

@@ -1,11 +1,11 @@
-// eslint-disable-next-line @typescript-eslint/no-explicit-any -- yargs builder typing is loose on purpose here
-import type { Argv as YArgv } from 'yargs';
-type Argv<_T = any> = any;
+import { resolve } from 'node:path';
+import type { Argv } from 'yargs';
 import { validateName } from '../../errors.js';
+import type { ImageView } from '../../rpc/types.js';
 import { call, out, type GlobalArgs } from '../context.js';
 import { c, fmtBytes, table } from '../output.js';
 
-const show = (i: any) =>
+const show = (i: ImageView) =>
   [
     `${c.bold(i.name)}  created ${i.createdAt}`,
     `  kernel   ${i.kernel}`,
@@ -17,17 +17,27 @@ const show = (i: any) =>
     `  used by  ${i.usedBy?.length ? i.usedBy.join(', ') : '-'}`,
   ].join('\n');
 
-export function imageCommands(y: Argv<any>): Argv<any> {
+const listing = (images: ImageView[]) =>
+  images.length
+    ? table([['NAME', 'CREATED', 'SIZE', 'PACKAGES', 'USED BY'], ...images.map((i) => [c.bold(i.name), i.createdAt, fmtBytes(i.sizeBytes), String(i.packages), i.usedBy.join(',') || '-'])])
+    : 'no images (banger image pull debian-bookworm)';
+
+interface NameArgs extends GlobalArgs {
+  name: string;
+}
+
+const named = <T>(a: Argv<T>) => a.positional('name', { type: 'string', demandOption: true });
+
+export function imageCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   return y
     .command(
       'pull <name>',
       'build a known image (debian-bookworm, debian-trixie) from Debian\'s mirror',
-      (a: Argv) =>
-        a
-          .positional('name', { type: 'string', demandOption: true })
+      (a) =>
+        named(a)
           .option('mirror', { type: 'string', describe: 'Debian mirror URL (default: the one in the host\'s apt sources)' })
           .option('force', { type: 'boolean', describe: 'rebuild even if present' }),
-      async (a: GlobalArgs & { name: string; mirror?: string; force?: boolean }) => {
+      async (a) => {
         validateName('image', a.name);
         const t0 = Date.now();
         const r = await call('image.pull', { name: a.name, mirror: a.mirror, force: a.force });
@@ -37,29 +47,23 @@ export function imageCommands(y: Argv<any>): Argv<any> {
     .command(
       'import <name>',
       'import an image from a rootfs and a kernel',
-      (a: Argv) =>
-        a
-          .positional('name', { type: 'string', demandOption: true })
-          .option('rootfs', { type: 'string', demandOption: true })
-          .option('kernel', { type: 'string', demandOption: true })
-          .option('initrd', { type: 'string' }),
-      async (a: GlobalArgs & { name: string; rootfs: string; kernel: string; initrd?: string }) => {
+      (a) => named(a).option('rootfs', { type: 'string', demandOption: true }).option('kernel', { type: 'string', demandOption: true }).option('initrd', { type: 'string' }),
+      async (a) => {
         validateName('image', a.name);
-        const { resolve } = await import('node:path');
         const r = await call('image.import', { name: a.name, rootfs: resolve(a.rootfs), kernel: resolve(a.kernel), initrd: a.initrd ? resolve(a.initrd) : undefined });
         out(a, r, () => show(r));
       },
     )
-    .command('list', 'list images', {}, async (a: GlobalArgs) => {
+    .command('list', 'list images', (a) => a, async (a) => {
       const r = await call('image.list', {});
-      out(a, r, () => (r.length ? table([['NAME', 'CREATED', 'SIZE', 'PACKAGES', 'USED BY'], ...r.map((i: any) => [c.bold(i.name), i.createdAt, fmtBytes(i.sizeBytes), String(i.packages), i.usedBy.join(',') || '-'])]) : 'no images (banger image pull debian-bookworm)'));
+      out(a, r, () => listing(r));
     })
-    .command('show <name>', 'show an image', (a: Argv) => a.positional('name', { type: 'string', demandOption: true }), async (a: GlobalArgs & { name: string }) => {
+    .command('show <name>', 'show an image', named, async (a: NameArgs) => {
       validateName('image', a.name);
       const r = await call('image.show', { name: a.name });
       out(a, r, () => show(r));
     })
-    .command('delete <name>', 'delete an image (refused while a VM uses it)', (a: Argv) => a.positional('name', { type: 'string', demandOption: true }), async (a: GlobalArgs & { name: string }) => {
+    .command('delete <name>', 'delete an image (refused while a VM uses it)', named, async (a: NameArgs) => {
       validateName('image', a.name);
       const r = await call('image.delete', { name: a.name });
       out(a, r, () => `deleted image ${a.name}`);

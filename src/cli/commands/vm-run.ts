@@ -1,0 +1,129 @@
+/** banger vm create and vm run, and the ssh session both vm run and vm ssh open. */
+import { resolve } from 'node:path';
+import type { Argv } from 'yargs';
+import { validateName } from '../../errors.js';
+import type { ParamsOf } from '../../rpc/protocol.js';
+import type { VmView } from '../../rpc/types.js';
+import { connectDaemon } from '../connect.js';
+import { call, out, type GlobalArgs } from '../context.js';
+import { diskFlag, memoryFlag, MIN_DISK_BYTES, vcpusFlag } from '../flags.js';
+import { c, fmtMs, progressPrinter } from '../output.js';
+import { vmSummary } from './vm-view.js';
+
+export interface CreateArgs extends GlobalArgs {
+  name?: string;
+  image?: string;
+  vcpus?: string;
+  memory?: string;
+  disk?: string;
+  vmm?: 'auto' | 'firecracker' | 'qemu';
+  net?: 'auto' | 'tap' | 'user';
+  start?: boolean;
+}
+
+export interface RunArgs extends CreateArgs {
+  workspace?: string;
+  rm?: boolean;
+  '--'?: Array<string | number>;
+}
+
+export const createOptions = <T>(a: Argv<T>) =>
+  a
+    .option('name', { type: 'string', describe: 'VM name (letters, digits, . _ -)' })
+    .option('image', { type: 'string', describe: 'image name (default debian-bookworm)' })
+    .option('vcpus', { type: 'string', describe: 'virtual CPUs' })
+    .option('memory', { type: 'string', describe: 'MiB' })
+    .option('disk', { type: 'string', describe: 'work disk size, e.g. 8G' })
+    .option('vmm', { choices: ['auto', 'firecracker', 'qemu'] as const })
+    .option('net', { choices: ['auto', 'tap', 'user'] as const });
+
+/** Checks every create flag before the daemon is reached: a usage error exits 2 and starts nothing. */
+async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
+  if (a.name !== undefined) validateName('vm', String(a.name));
+  if (a.image !== undefined) validateName('image', String(a.image));
+  const vcpus = vcpusFlag(a.vcpus);
+  const memoryMiB = memoryFlag(a.memory);
+  const disk = await diskFlag(a.disk, MIN_DISK_BYTES);
+  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net };
+}
+
+export async function createVm(a: CreateArgs): Promise<void> {
+  const params = await createParams(a);
+  const t0 = Date.now();
+  const v = await call('vm.create', { ...params, start: a.start });
+  out(a, v, () => `${vmSummary(v)}\n  ${c.dim(`ready in ${fmtMs(Date.now() - t0)}`)}`);
+}
+
+async function ensureImage(image: string | undefined, quiet: boolean): Promise<void> {
+  const name = image ?? 'debian-bookworm';
+  const list = await call('image.list', {});
+  if (list.some((i) => i.name === name)) return;
+  if (!quiet) process.stderr.write(`image ${name} is not here yet: pulling it\n`);
+  await call('image.pull', { name }, { quiet });
+}
+
+/** Create and boot on one connection, progress shown as it comes; resolves with the running VM. */
+async function bootNew(params: ParamsOf<'vm.create'>, quiet: boolean, created: (v: VmView) => void): Promise<VmView> {
+  const client = await connectDaemon();
+  try {
+    const v = await client.call('vm.create', { ...params, start: true, wait: false }, { onProgress: progressPrinter(quiet) });
+    created(v);
+    return await client.call('vm.wait', { vm: v.id, state: 'running' }, { onProgress: progressPrinter(quiet) });
+  } finally {
+    client.close();
+  }
+}
+
+export async function runVm(a: RunArgs): Promise<void> {
+  const cmd = (a['--'] ?? []).map(String);
+  const params = await createParams(a);
+  const quiet = !!a.json;
+  await ensureImage(a.image, quiet);
+  const t0 = Date.now();
+  let vm: VmView | undefined;
+  let status = 1;
+  try {
+    vm = await bootNew(params, quiet, (v) => (vm = v));
+    if (!quiet) process.stderr.write(c.dim(`vm ${vm.name} ready in ${fmtMs(Date.now() - t0)}\n`));
+    let cwd: string | undefined;
+    if (a.workspace) {
+      const r = await call('vm.workspace.prepare', { vm: vm.id, source: resolve(a.workspace) }, { quiet });
+      cwd = r.guestPath;
+      if (!quiet) process.stderr.write(c.dim(`workspace ${r.repoName} → ${r.guestPath} at ${String(r.headCommit).slice(0, 12)} (export with --base-commit ${r.headCommit})\n`));
+    }
+    status = await sshInto(vm.id, cmd, { cwd });
+  } finally {
+    const made = vm;
+    if (a.rm && made) {
+      await call('vm.delete', { vm: made.id }, { quiet: true }).catch((e) => process.stderr.write(`banger: could not delete ${made.name}: ${(e as Error).message}\n`));
+    }
+  }
+  process.exitCode = status;
+}
+
+/** Runs `ssh` with banger's key and the VM's pinned host key; resolves with its exit status. */
+export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty?: boolean; cwd?: string } = {}): Promise<number> {
+  const info = await call('vm.ssh', { vm }, { quiet: true });
+  // Loaded only for an ssh session: the host layer stays out of the CLI's ordinary path.
+  const [{ shellQuote }, { runInteractive }] = await Promise.all([import('../../host/shell.js'), import('../../host/spawn.js')]);
+  const args = [
+    '-i', info.identityFile,
+    '-p', String(info.port),
+    '-o', 'IdentitiesOnly=yes',
+    '-o', `UserKnownHostsFile=${info.knownHostsFile}`,
+    '-o', `HostKeyAlias=${info.hostKeyAlias}`,
+    '-o', 'StrictHostKeyChecking=yes',
+    '-o', 'GlobalKnownHostsFile=/dev/null',
+    '-o', 'LogLevel=ERROR',
+    '-o', 'ConnectTimeout=30',
+  ];
+  const interactive = !cmd || cmd.length === 0;
+  if (interactive || opts.tty) args.push('-t');
+  else args.push('-T');
+  args.push(`${info.user}@${info.host}`);
+  if (opts.cwd) {
+    // Run in the workspace: cd there first (the path is quoted; the command stays an argv).
+    args.push('--', interactive ? `cd ${shellQuote([opts.cwd])} && exec "\${SHELL:-/bin/sh}" -l` : `cd ${shellQuote([opts.cwd])} && exec ${shellQuote(cmd!)}`);
+  } else if (!interactive) args.push('--', shellQuote(cmd!));
+  return runInteractive('ssh', args, 'apt-get install openssh-client');
+}
