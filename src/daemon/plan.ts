@@ -77,7 +77,7 @@ function planVmm(wanted: 'auto' | Vmm, host: HostCapabilities, accel: Accel, net
     const warnings = accel === 'kvm' ? [] : [`KVM is not usable here (${reason}); starting Firecracker anyway as asked — its own error will say why if it cannot run`];
     return { vmm: 'firecracker', why: `vmm firecracker: as asked (${fc.binary})`, warnings };
   }
-  if ('missing' in fc) return { vmm: 'qemu', why: `vmm qemu: no Firecracker (${fc.missing.message})`, warnings: [] };
+  if ('missing' in fc) return { vmm: 'qemu', why: 'vmm qemu: no Firecracker binary', warnings: [] };
   if (accel !== 'kvm') return { vmm: 'qemu', why: 'vmm qemu: Firecracker needs usable KVM', warnings: [] };
   if (net !== 'tap') return { vmm: 'qemu', why: 'vmm qemu: Firecracker needs tap networking', warnings: [] };
   return { vmm: 'firecracker', why: `vmm firecracker: ${fc.binary}, KVM usable, net tap`, warnings: [] };
