@@ -192,6 +192,16 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
   return handle;
 }
 
+/** A daemon killed with SIGKILL whose parent has not reaped it yet is a zombie: it holds nothing any more. */
+function isZombie(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2)[0] === 'Z';
+  } catch {
+    return false;
+  }
+}
+
 /** One daemon per BANGER_HOME: an O_EXCL lock file holding the pid; a dead holder's lock is taken over. */
 function takeLock(path: string): void {
   for (let i = 0; i < 2; i++) {
@@ -211,7 +221,7 @@ function takeLock(path: string): void {
       let alive = false;
       try {
         process.kill(holder, 0);
-        alive = holder !== process.pid;
+        alive = holder !== process.pid && !isZombie(holder);
       } catch {
         alive = false;
       }
