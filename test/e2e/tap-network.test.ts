@@ -2,7 +2,7 @@
  * TAP networking for real, inside a network namespace this test creates and deletes: the daemon (root)
  * runs the root helper as its child, which makes the bridge and the TAP devices; guests get addresses
  * from the SQLite allocator and reach each other over the bridge. Then SIGKILL of the daemon: leases
- * are adopted and nothing leaks.
+ * are adopted and nothing leaks, the TAP count is exact, and a bgtap device this daemon did not make is left alone.
  */
 import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
@@ -14,8 +14,12 @@ const NS = `bgt${randomBytes(3).toString('hex')}`;
 async function taps(): Promise<string[]> {
   const r = await execa('ip', ['-n', NS, '-j', 'link', 'show'], { reject: false });
   if (r.exitCode !== 0) return [];
-  return (JSON.parse(r.stdout) as Array<{ ifname: string }>).map((l) => l.ifname).filter((n) => n.startsWith('bgtap')).sort();
+  return (JSON.parse(r.stdout) as Array<{ ifname: string }>).map((l) => l.ifname).filter((n) => n.startsWith('bgtap') && n !== FOREIGN).sort();
 }
+
+/** A TAP with banger's prefix that this daemon did not make (another user's or home's): never touched. */
+const FOREIGN = 'bgtapforeign1';
+const foreignExists = async () => (await execa('ip', ['-n', NS, 'link', 'show', FOREIGN], { reject: false })).exitCode === 0;
 
 async function waitFor<T>(fn: () => Promise<T>, ok: (v: T) => boolean, timeoutMs: number): Promise<T> {
   const deadline = Date.now() + timeoutMs;
@@ -79,7 +83,11 @@ describeE2E('tap networking in a network namespace', () => {
     const before = await b.json(['daemon', 'status']);
     const leasedBefore = before.tapPool.filter((l: any) => l.vmId).map((l: any) => `${l.tap}:${l.vmId}`).sort();
     expect(leasedBefore).toHaveLength(2);
-    const tapsBefore = await taps();
+    // exact: two leased devices and the warm pool refilled to its size (a lease must never leave it short)
+    const tapsBefore = await waitFor(taps, (t) => t.length === 4, 15_000);
+    expect(tapsBefore).toHaveLength(4);
+    expect(new Set(tapsBefore.map((t) => t.slice(0, 9))).size).toBe(1); // one owner tag in every name
+    await execa('ip', ['-n', NS, 'tuntap', 'add', 'dev', FOREIGN, 'mode', 'tap']);
 
     process.kill(b.daemonPid()!, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 500));
@@ -90,6 +98,7 @@ describeE2E('tap networking in a network namespace', () => {
     const leasedAfter = after.tapPool.filter((l: any) => l.vmId).map((l: any) => `${l.tap}:${l.vmId}`).sort();
     expect(leasedAfter).toEqual(leasedBefore);
     expect(await waitFor(taps, (t) => t.length === tapsBefore.length, 10_000)).toEqual(tapsBefore);
+    expect(await foreignExists()).toBe(true);
     expect((await b.run(['vm', 'ssh', 'c', '--', 'true'])).exitCode).toBe(0);
 
     await b.ok(['vm', 'delete', 'a', 'c'], { timeoutMs: 120_000 });
@@ -98,5 +107,6 @@ describeE2E('tap networking in a network namespace', () => {
     const left = await waitFor(taps, (t) => t.length === 2, 15_000);
     expect(left.sort()).toEqual(final.tapPool.map((l: any) => l.tap).sort());
     expect(b.qemuPids()).toEqual([]);
+    expect(await foreignExists()).toBe(true);
   });
 });
