@@ -6,10 +6,18 @@ import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { AnyStateMachine, AnyStateNode } from 'xstate';
+import { daemonMachine } from '../src/machines/daemon.machine.js';
+import { createJobQueueMachine } from '../src/machines/job-queue.machine.js';
+import { rootHelperMachine } from '../src/machines/root-helper.machine.js';
 import { vmMachine } from '../src/machines/vm.machine.js';
-import { workspaceMachine } from '../src/machines/workspace.machine.js';
 
-export const MACHINES: Record<string, AnyStateMachine> = { vm: vmMachine, workspace: workspaceMachine };
+/** Every machine of the system; `job-queue` is the shape of both the workspace and the tapPool actors. */
+export const MACHINES: Record<string, AnyStateMachine> = {
+  daemon: daemonMachine,
+  vm: vmMachine,
+  'job-queue': createJobQueueMachine('jobQueue'),
+  'root-helper': rootHelperMachine,
+};
 export const DIAGRAMS_DIR = join(fileURLToPath(new URL('..', import.meta.url)), 'diagrams');
 
 function label(eventType: string): string {

@@ -1,10 +1,12 @@
 /**
- * The rootHelper actor: keeps a connection to the root helper, restarting it (when the daemon runs as root
- * and owns the helper as a child process) or reconnecting with backoff, and holds requests meanwhile.
+ * The rootHelper actor: the root-helper connection machine (src/machines/root-helper.machine.ts) with its steps —
+ * connect (starting the helper as our child process when the daemon is root and nothing answers) and watch —
+ * plus the link the rest of the daemon uses to send verbs. The actor itself is a child of the daemon's root
+ * (systemId "rootHelper"); `attach` hands this link the live actor once the root has started it.
  */
 import { existsSync, mkdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { createActor, fromPromise, waitFor, type Actor } from 'xstate';
+import { fromPromise, waitFor, type ActorRefFrom } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import { rootHelperMachine } from '../machines/root-helper.machine.js';
 import { RootHelperClient } from '../roothelper/client.js';
@@ -22,12 +24,16 @@ export interface RootHelperOptions {
   log: (line: string) => void;
 }
 
+type RootHelperRef = ActorRefFrom<typeof rootHelperMachine>;
+
 export class RootHelper {
-  private actor: Actor<typeof rootHelperMachine>;
+  /** The machine with its steps, for the daemon's root to run as its `rootHelper` child. */
+  readonly logic: typeof rootHelperMachine;
+  private ref?: RootHelperRef;
   private child?: Detached;
 
   constructor(private opts: RootHelperOptions) {
-    const machine = rootHelperMachine.provide({
+    this.logic = rootHelperMachine.provide({
       actors: {
         connect: fromPromise(async () => this.connect()) as never,
         watch: fromPromise(async ({ input }) => {
@@ -36,8 +42,17 @@ export class RootHelper {
         }),
       },
     });
-    this.actor = createActor(machine, { systemId: 'rootHelper' });
-    this.actor.start();
+  }
+
+  /** The live actor, once the daemon's root runs it. */
+  attach(ref: RootHelperRef | undefined): void {
+    if (!ref) throw new Error('the daemon has no rootHelper actor: send HELPER.ENABLE first');
+    this.ref = ref;
+  }
+
+  private actor(): RootHelperRef {
+    if (!this.ref) throw new BangerError('unsupported', 'the root helper is not enabled in this daemon', 'use --net user');
+    return this.ref;
   }
 
   private async connect(): Promise<RootHelperClient> {
@@ -72,14 +87,15 @@ export class RootHelper {
   }
 
   state(): { state: string; lastError: string | null; attempts: number } {
-    const s = this.actor.getSnapshot();
+    if (!this.ref) return { state: 'not enabled', lastError: null, attempts: 0 };
+    const s = this.ref.getSnapshot();
     return { state: String(s.value), lastError: s.context.lastError, attempts: s.context.attempts };
   }
 
   /** Is the helper reachable now (waits up to timeoutMs for a connection in progress)? */
   async reachable(timeoutMs = 3000): Promise<boolean> {
     try {
-      await waitFor(this.actor, (s) => s.matches('connected'), { timeout: timeoutMs });
+      await waitFor(this.actor(), (s) => s.matches('connected'), { timeout: timeoutMs });
       return true;
     } catch {
       return false;
@@ -96,7 +112,7 @@ export class RootHelper {
     for (let attempt = 0; attempt < 3; attempt++) {
       let snap;
       try {
-        snap = await waitFor(this.actor, (s) => (s.matches('connected') && (s.context.client as RootHelperClient).isOpen) || s.matches('disabled'), { timeout: Math.max(1, deadline - Date.now()), signal: opts.signal });
+        snap = await waitFor(this.actor(), (s) => (s.matches('connected') && (s.context.client as RootHelperClient).isOpen) || s.matches('disabled'), { timeout: Math.max(1, deadline - Date.now()), signal: opts.signal });
       } catch {
         const st = this.state();
         throw new BangerError('host', `the root helper is not reachable (${st.state}${st.lastError ? `: ${st.lastError}` : ''})`, 'start it (banger system install sets it up) or use --net user');
@@ -115,11 +131,12 @@ export class RootHelper {
     throw lastErr;
   }
 
-  /** Stop the actor; a helper we run as our child (or adopted from an earlier daemon) is stopped too. */
+  /** Disable the connection; a helper we run as our child (or adopted from an earlier daemon) is stopped too. */
   async stop(): Promise<void> {
-    if (this.opts.spawnChild && this.actor.getSnapshot().matches('connected')) {
+    if (!this.ref) return;
+    if (this.opts.spawnChild && this.ref.getSnapshot().matches('connected')) {
       try {
-        const client = this.actor.getSnapshot().context.client as RootHelperClient;
+        const client = this.ref.getSnapshot().context.client as RootHelperClient;
         const { pid } = (await client.request('ping' as never, {} as never, { timeoutMs: 2000 })) as { pid: number };
         client.close();
         if (pid && pid !== process.pid) process.kill(pid, 'SIGTERM');
@@ -127,7 +144,6 @@ export class RootHelper {
         /* already gone */
       }
     }
-    this.actor.send({ type: 'DISABLE' });
-    this.actor.stop();
+    this.ref.send({ type: 'DISABLE' });
   }
 }

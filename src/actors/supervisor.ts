@@ -1,90 +1,110 @@
 /**
- * The supervisor: owns every VM actor (systemId `vm:<id>`), persists each actor's snapshot together with the
- * event-log row of the event that caused it (one SQLite transaction), restores them all on daemon start,
- * and fans live transitions out to `banger inspect`.
+ * The daemon's actor system (src/machines/daemon.machine.ts) bound to the host: one root actor, every VM a
+ * child of it (systemId `vm:<id>`), the root helper and the TAP pool beside them. This class is the door to
+ * that system for the RPC handlers — it holds no actors of its own; everything is found with `system.get`.
+ *
+ * Observers of the system, one job each:
+ *  - persistence (VmPersistence): each VM's snapshot written with the event-log row of the event that caused
+ *    it, in one SQLite transaction; the same transitions are announced to `banger inspect`;
+ *  - the live inspector (`daemon start --inspect`), when one is served.
  */
-import { createActor, type InspectionEvent, type Snapshot } from 'xstate';
+import { createActor, type Actor, type InspectionEvent, type Observer, type Snapshot } from 'xstate';
+import { nanoid } from 'nanoid';
 import { BangerError } from '../errors.js';
-import type { LogRow, Store } from '../store/repo.js';
-import { SETTLED_STATES, vmMachine, type GitIdentity, type VmActorRef, type VmContext, type VmEvent, type VmInput, type VmSnapshot, type VmState } from '../machines/vm.machine.js';
-import { workspaceMachine, type Job } from '../machines/workspace.machine.js';
+import type { LogRow } from '../store/repo.js';
+import { daemonMachine, restoredDaemonSnapshot, tapPoolMachine, vmActorId, type DaemonMachine } from '../machines/daemon.machine.js';
+import type { rootHelperMachine } from '../machines/root-helper.machine.js';
+import { vmMachine, type VmActorRef, type VmEvent, type VmInput, type VmSnapshot, type VmState } from '../machines/vm.machine.js';
+import { workspaceMachine, type JobKind } from '../machines/workspace.machine.js';
 import { makeSteps, type StepEnv } from './vm-steps.js';
-import { JobRegistry, makeRunJob, type JobRunners } from './workspace-jobs.js';
+import { makeRunJob, type JobRunners } from './workspace-jobs.js';
+import { JobProgress, runQueuedJob, type JobProgressUpdate } from './job-results.js';
+import { VmPersistence, type Transition } from './persistence.js';
 
-export interface Transition {
-  time: string;
-  vmId: string;
-  vmName: string;
-  actor: string;
-  event: string;
-  from: string | null;
-  to: string;
-}
-
-export interface VmView {
-  id: string;
-  name: string;
-  state: VmState;
-  image: string;
-  vmm: string;
-  accel: string;
-  net: string;
-  vcpus: number;
-  memoryMiB: number;
-  diskBytes: number;
-  guestIp: string | null;
-  sshPort: number | null;
-  pid: number | null;
-  createdAt: string;
-  error: { stage: string; message: string } | null;
-  stopReason: string | null;
-  /** The guest's git identity and whether it is the host's or banger's default (null: created before it was recorded). */
-  gitIdentity: GitIdentity | null;
-  workspace?: { queued: number; running: string | null };
-}
+export type { Transition };
 
 const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;
 
+export interface SupervisorOptions {
+  /** Tests hand in fake steps here instead of mocking modules. */
+  steps?: Partial<ReturnType<typeof makeSteps>>;
+  /** The root helper's and the TAP pool's logic (src/actors/root-helper.ts, tap-pool.ts), when this daemon has them. */
+  infra?: { rootHelper: typeof rootHelperMachine; tapPool: typeof tapPoolMachine };
+  /** The live inspector's observer. */
+  inspect?: Observer<InspectionEvent>;
+}
+
 export class Supervisor {
-  private actors = new Map<string, VmActorRef>();
-  private names = new Map<string, string>();
-  private lastState = new Map<string, string>();
-  private transitionListeners = new Set<(t: Transition) => void>();
+  /** This daemon run: a job restored from an earlier run has no requester left (see workspace-jobs.ts). */
+  readonly session = nanoid(10);
+  readonly progress = new JobProgress();
+  private readonly persistence: VmPersistence;
+  private readonly machine: DaemonMachine;
+  private readonly vmLogic: typeof vmMachine;
+  private root?: Actor<DaemonMachine>;
   private logListeners = new Set<(row: LogRow) => void>();
-  private persisting = true;
-  readonly jobs = new JobRegistry();
-  private machine;
 
   constructor(
     private env: StepEnv,
     jobRunners: JobRunners,
-    /** Tests hand in fake steps here instead of mocking modules. */
-    stepsOverride?: Partial<ReturnType<typeof makeSteps>>,
+    private opts: SupervisorOptions = {},
   ) {
-    const store = env.store;
-    // Lifecycle log rows are written to the store and fanned out to followers.
     const baseLog = env.log;
     env.log = (vmId, stage, status, ms, message) => {
       baseLog?.(vmId, stage, status, ms, message);
-      const row = store.log(vmId, stage, status, ms, message);
+      const row = env.store.log(vmId, stage, status, ms, message);
       for (const l of this.logListeners) l(row);
     };
-    const steps = { ...makeSteps(env), ...stepsOverride };
-    this.machine = vmMachine.provide({
-      actors: {
-        ...steps,
-        workspace: workspaceMachine.provide({ actors: { runJob: makeRunJob(this.jobs, jobRunners, env) } }),
-      },
-    });
+    const workspace = workspaceMachine.provide({ actors: { runJob: makeRunJob(jobRunners, env, this.session, this.progress) } });
+    this.vmLogic = vmMachine.provide({ actors: { ...makeSteps(env), ...opts.steps, workspace } });
+    this.machine = daemonMachine.provide({ actors: { vm: this.vmLogic, ...opts.infra } });
+    this.persistence = new VmPersistence(env.store, (vmId) => this.ref(vmId), (vmId) => this.root?.send({ type: 'VM.FORGET', vmId }));
   }
 
-  get store(): Store {
-    return this.env.store;
+  /** Start the system: a new root with every persisted VM restored as its child (and whatever step it had in flight). */
+  start(): { restored: number; errors: string[] } {
+    const { vms, errors } = this.restorable();
+    const observers = [this.persistence.observer, this.opts.inspect].filter((o): o is Observer<InspectionEvent> => !!o);
+    this.root = createActor(this.machine, {
+      snapshot: restoredDaemonSnapshot(vms) as never,
+      systemId: 'daemon',
+      inspect: (ev) => observers.forEach((o) => o.next?.(ev)),
+    });
+    this.root.subscribe({ error: (e) => process.stderr.write(`banger: the daemon's actor system failed: ${(e as Error)?.message ?? e}\n`) });
+    this.root.start();
+    return { restored: vms.length, errors };
+  }
+
+  /** Every live VM whose snapshot can be restored; the others are marked failed, with the reason. */
+  private restorable(): { vms: Array<{ id: string; snapshot: Snapshot<unknown> }>; errors: string[] } {
+    const vms: Array<{ id: string; snapshot: Snapshot<unknown> }> = [];
+    const errors: string[] = [];
+    for (const row of this.env.store.listVms()) {
+      try {
+        if (!row.snapshot) throw new Error('it never persisted a snapshot: nothing was started for it');
+        const snapshot = JSON.parse(row.snapshot) as Snapshot<unknown>;
+        createActor(this.vmLogic, { snapshot, input: undefined } as never); // throws on a snapshot it cannot restore
+        vms.push({ id: row.id, snapshot });
+      } catch (e) {
+        this.env.store.recordTransition(row.id, { actor: vmActorId(row.id), type: 'daemon.restore', payload: { error: (e as Error).message }, to: 'failed' }, 'failed', null);
+        errors.push(`${row.name}: ${(e as Error).message}`);
+      }
+    }
+    return { vms, errors };
+  }
+
+  /** The system, for the parts that find their actors in it (root helper, TAP pool). */
+  get system(): Actor<DaemonMachine>['system'] {
+    return this.started().system;
+  }
+
+  /** Turn the root helper and the TAP pool on (once tap networking is wanted). */
+  enableRootHelper(): void {
+    this.started().send({ type: 'HELPER.ENABLE' });
   }
 
   onTransition(fn: (t: Transition) => void): () => void {
-    this.transitionListeners.add(fn);
-    return () => this.transitionListeners.delete(fn);
+    return this.persistence.onTransition(fn);
   }
 
   onLog(fn: (row: LogRow) => void): () => void {
@@ -92,118 +112,53 @@ export class Supervisor {
     return () => this.logListeners.delete(fn);
   }
 
-  /** Restore every VM actor from its persisted snapshot; the restored steps reconcile with reality. */
-  restoreAll(): { restored: number; errors: string[] } {
-    const errors: string[] = [];
-    let restored = 0;
-    for (const row of this.store.listVms()) {
-      if (!row.snapshot) {
-        // Created but never persisted a snapshot: nothing was started for it.
-        this.store.recordTransition(row.id, { actor: `vm:${row.id}`, type: 'daemon.restore', payload: {}, to: 'failed' }, 'failed', null);
-        errors.push(`${row.name}: no snapshot`);
-        continue;
-      }
-      try {
-        const snapshot = JSON.parse(row.snapshot) as Snapshot<unknown>;
-        this.startActor(row.id, row.name, { snapshot });
-        restored++;
-      } catch (e) {
-        errors.push(`${row.name}: ${(e as Error).message}`);
-      }
-    }
-    return { restored, errors };
-  }
-
-  create(input: VmInput): VmActorRef {
-    this.store.insertVm({ id: input.id, name: input.name, image: input.spec.image, createdAt: input.createdAt, state: 'creating' });
-    return this.startActor(input.id, input.name, { input });
-  }
-
-  private startActor(id: string, name: string, opts: { input?: VmInput; snapshot?: Snapshot<unknown> }): VmActorRef {
-    this.names.set(id, name);
-    let actor: VmActorRef | undefined;
-    const inspect = (ev: InspectionEvent) => {
-      if (ev.type !== '@xstate.snapshot' || !actor || !this.persisting) return;
-      const isRoot = ev.actorRef === actor;
-      const isWorkspace = !isRoot && (ev.actorRef as { id?: string }).id === 'workspace';
-      if (!isRoot && !isWorkspace) return;
-      const snap = actor.getSnapshot() as VmSnapshot;
-      const to = isRoot ? stateOf(ev.snapshot as VmSnapshot) : stateOf(ev.snapshot as unknown as { value: unknown });
-      const label = isRoot ? `vm:${id}` : `workspace:${id}`;
-      const fromKey = label;
-      const from = this.lastState.get(fromKey) ?? null;
-      this.lastState.set(fromKey, to);
-      const event = ev.event as { type: string } & Record<string, unknown>;
-      const { type, ...payload } = event;
-      const persisted = isRoot ? (ev.snapshot as VmSnapshot) : snap;
-      const rootState = stateOf(persisted);
-      try {
-        this.store.recordTransition(id, { actor: label, type, payload: scrub(payload), from: from ?? undefined, to }, rootState, actor.getPersistedSnapshot());
-      } catch (e) {
-        process.stderr.write(`banger: could not persist ${label}: ${(e as Error).message}\n`);
-      }
-      const t: Transition = { time: new Date().toISOString(), vmId: id, vmName: name, actor: label, event: type, from, to };
-      for (const l of this.transitionListeners) l(t);
-      if (isRoot && to !== 'running') this.jobs.failAll(id, `vm stopped: ${name} left running (now ${to}) while the job was queued or running`);
-      if (isRoot && to === 'deleted') {
-        this.actors.delete(id);
-      }
-    };
-    actor = createActor(this.machine, {
-      input: opts.input as VmInput,
-      snapshot: opts.snapshot as never,
-      systemId: `vm:${id}`,
-      inspect,
-    }) as unknown as VmActorRef;
-    this.actors.set(id, actor);
-    actor.subscribe({ error: (e) => process.stderr.write(`banger: vm ${name} actor error: ${(e as Error)?.message ?? e}\n`) });
-    actor.start();
-    return actor;
+  create(input: VmInput): void {
+    this.env.store.insertVm({ id: input.id, name: input.name, image: input.spec.image, createdAt: input.createdAt, state: 'creating' });
+    this.started().send({ type: 'VM.SPAWN', input });
   }
 
   has(id: string): boolean {
-    return this.actors.has(id);
-  }
-
-  actor(id: string): VmActorRef {
-    const a = this.actors.get(id);
-    if (!a) throw new BangerError('not_found', `vm ${id} has no live actor`);
-    return a;
+    return !!this.ref(id);
   }
 
   snapshot(id: string): VmSnapshot {
-    return this.actor(id).getSnapshot() as VmSnapshot;
+    return this.actor(id).getSnapshot();
+  }
+
+  ids(): string[] {
+    return Object.keys(this.started().getSnapshot().children).flatMap((k) => (k.startsWith('vm:') ? [k.slice(3)] : []));
   }
 
   /** Deliver a lifecycle event; refused with the current state named when the machine would ignore it. */
   send(id: string, event: VmEvent): void {
-    const a = this.actor(id);
-    const snap = a.getSnapshot() as VmSnapshot;
+    const snap = this.snapshot(id);
     if (!snap.can(event)) {
-      const name = this.names.get(id) ?? id;
+      const name = snap.context.name;
       throw new BangerError('invalid_state', `cannot ${event.type.toLowerCase()} vm ${name}: it is ${stateOf(snap)}`, hintFor(event.type, stateOf(snap), name));
     }
-    a.send(event);
+    this.actor(id).send(event);
   }
 
-  enqueueJob(id: string, job: Job): void {
-    const a = this.actor(id);
-    const snap = a.getSnapshot() as VmSnapshot;
-    const ws = (snap.children as Record<string, { send(e: unknown): void } | undefined>).workspace;
-    if (stateOf(snap) !== 'running' || !ws) {
-      throw new BangerError('invalid_state', `vm ${this.names.get(id) ?? id} is ${stateOf(snap)}: workspace jobs need a running VM`, `start it: banger vm start ${this.names.get(id) ?? id}`);
+  /** Queue a workspace job on the VM and wait for its result (a `job.done` / `job.failed` event of the VM). */
+  async runJob(id: string, kind: JobKind, params: Record<string, unknown>, onProgress: (p: JobProgressUpdate) => void): Promise<unknown> {
+    const job = { jobId: `${kind}-${nanoid(10)}`, kind, params, enqueuedAt: new Date().toISOString(), session: this.session };
+    const snap = this.snapshot(id);
+    if (!snap.can({ type: 'ENQUEUE', job })) {
+      throw new BangerError('invalid_state', `vm ${snap.context.name} is ${stateOf(snap)}: workspace jobs need a running VM`, `start it: banger vm start ${snap.context.name}`);
     }
-    ws.send({ type: 'ENQUEUE', job });
+    const stopListening = this.progress.listen(job.jobId, onProgress);
+    try {
+      return await runQueuedJob(this.actor(id), job);
+    } finally {
+      stopListening();
+    }
   }
 
   /** Wait until the VM reaches one of `states` (or a terminal failure); bounded by timeoutMs. */
   waitFor(id: string, states: VmState[], timeoutMs: number, signal?: AbortSignal): Promise<VmSnapshot> {
     const a = this.actor(id);
     return new Promise((resolve, reject) => {
-      let done = false;
       const finish = (f: () => void) => {
-        if (done) return;
-        done = true;
         clearTimeout(timer);
         sub.unsubscribe();
         signal?.removeEventListener('abort', onAbort);
@@ -212,60 +167,42 @@ export class Supervisor {
       const check = (s: VmSnapshot) => {
         const st = stateOf(s);
         if (states.includes(st)) finish(() => resolve(s));
-        else if (st === 'failed' && !states.includes('failed')) {
-          const err = s.context.error;
-          finish(() => reject(new BangerError('host', `vm ${s.context.name} failed while ${err?.stage ?? 'working'}: ${err?.message ?? 'unknown error'}`, `see banger vm logs ${s.context.name}`)));
-        } else if (st === 'deleted' && !states.includes('deleted')) finish(() => reject(new BangerError('not_found', `vm ${s.context.name} was deleted`)));
+        else if (st === 'failed' && !states.includes('failed')) finish(() => reject(failedError(s)));
+        else if (st === 'deleted' && !states.includes('deleted')) finish(() => reject(new BangerError('not_found', `vm ${s.context.name} was deleted`)));
       };
       const onAbort = () => finish(() => reject(new BangerError('aborted', 'the request was cancelled')));
-      const timer = setTimeout(() => finish(() => reject(new BangerError('timeout', `vm ${this.names.get(id)} did not reach ${states.join('/')} within ${Math.round(timeoutMs / 1000)} s (it is ${stateOf(a.getSnapshot())})`))), timeoutMs);
+      const timer = setTimeout(() => finish(() => reject(new BangerError('timeout', `vm ${a.getSnapshot().context.name} did not reach ${states.join('/')} within ${Math.round(timeoutMs / 1000)} s (it is ${stateOf(a.getSnapshot())})`))), timeoutMs);
       signal?.addEventListener('abort', onAbort);
-      const sub = a.subscribe((s) => check(s as VmSnapshot));
-      check(a.getSnapshot() as VmSnapshot);
+      const sub = a.subscribe((s) => check(s));
+      check(a.getSnapshot());
     });
   }
 
-  view(id: string): VmView {
-    const s = this.snapshot(id);
-    return viewOf(s);
-  }
-
-  ids(): string[] {
-    return [...this.actors.keys()];
-  }
-
-  /** Stop every actor without touching the VMs: persisted snapshots stay as they were (daemon shutdown). */
+  /** Stop the system without touching the VMs: persisted snapshots stay as they were (daemon shutdown). */
   detachAll(): void {
-    this.persisting = false;
-    for (const a of this.actors.values()) a.stop();
-    this.actors.clear();
+    this.persistence.pause();
+    this.root?.stop();
+  }
+
+  private started(): Actor<DaemonMachine> {
+    if (!this.root) throw new Error('the actor system is not started');
+    return this.root;
+  }
+
+  private ref(id: string): VmActorRef | undefined {
+    return this.root?.system.get(vmActorId(id)) as VmActorRef | undefined;
+  }
+
+  private actor(id: string): VmActorRef {
+    const a = this.ref(id);
+    if (!a) throw new BangerError('not_found', `vm ${id} has no live actor`);
+    return a;
   }
 }
 
-export function viewOf(s: VmSnapshot): VmView {
-  const c: VmContext = s.context;
-  const ws = (s.children as Record<string, { getSnapshot(): { context: { queue: unknown[]; current: { kind: string } | null } } } | undefined>).workspace;
-  const wsCtx = ws?.getSnapshot().context;
-  return {
-    id: c.id,
-    name: c.name,
-    state: stateOf(s),
-    image: c.spec.image,
-    vmm: c.spec.vmm,
-    accel: c.spec.accel,
-    net: c.spec.net,
-    vcpus: c.spec.vcpus,
-    memoryMiB: c.spec.memoryMiB,
-    diskBytes: c.spec.diskBytes,
-    guestIp: c.runtime?.guestIp ?? c.net?.guestIp ?? null,
-    sshPort: c.runtime?.sshPort ?? null,
-    pid: c.runtime?.pid ?? null,
-    createdAt: c.createdAt,
-    error: c.error,
-    stopReason: c.stopReason,
-    gitIdentity: c.spec.gitIdentity ?? null,
-    ...(wsCtx ? { workspace: { queued: wsCtx.queue.length, running: wsCtx.current?.kind ?? null } } : {}),
-  };
+function failedError(s: VmSnapshot): BangerError {
+  const err = s.context.error;
+  return new BangerError('host', `vm ${s.context.name} failed while ${err?.stage ?? 'working'}: ${err?.message ?? 'unknown error'}`, `see banger vm logs ${s.context.name}`);
 }
 
 function hintFor(type: string, state: string, name: string): string {
@@ -276,13 +213,3 @@ function hintFor(type: string, state: string, name: string): string {
   return `see banger vm show ${name}`;
 }
 
-function scrub(payload: Record<string, unknown>): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(payload)) {
-    if (k === 'error') out.error = v instanceof Error ? { message: v.message } : v;
-    else out[k] = v;
-  }
-  return out;
-}
-
-export { SETTLED_STATES };

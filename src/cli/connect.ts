@@ -16,11 +16,13 @@ export async function tryConnect(l: Layout): Promise<BangerClient | undefined> {
 }
 
 /** Start the daemon in the background; resolve once its socket answers (bounded). */
-export async function spawnDaemon(l: Layout, timeoutMs = 30_000): Promise<number> {
+export async function spawnDaemon(l: Layout, opts: { timeoutMs?: number; inspectPort?: number } = {}): Promise<number> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  const inspect = opts.inspectPort === undefined ? [] : ['--inspect', String(opts.inspectPort)];
   mkdirSync(l.home, { recursive: true, mode: 0o700 });
   const out = openSync(l.logFile, 'a');
   const { spawnDetached } = await import('../host/spawn.js'); // only when a daemon has to be started
-  const child = spawnDetached(process.execPath, [BIN, 'daemon', 'start', '--foreground'], { logFd: out });
+  const child = spawnDetached(process.execPath, [BIN, 'daemon', 'start', '--foreground', ...inspect], { logFd: out });
   const pid = child.pid;
   let exited: number | null = null;
   void child.exited.then((code) => (exited = code));

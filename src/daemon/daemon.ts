@@ -23,24 +23,36 @@ import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeJobRunners } from './jobs.js';
+import { serveInspector, type InspectorServer } from './inspector.js';
+import type { StepEnv } from '../actors/vm-steps.js';
 import { buildInfo } from '../version.js';
 import { clearLeftovers } from '../host/image.js';
 
-
-export interface DaemonHandle {
-  rootHelper?: RootHelper;
-  tapPool?: TapPool;
-  network?: ReturnType<typeof makeNetwork>;
-  helperSocket?: string;
-  /** The helper runs as a service (not as this daemon's child): `--net auto` then picks tap. */
-  helperIsService?: boolean;
+export interface DaemonHandle extends Partial<TapNetworking> {
   layout: Layout;
   config: Config;
   store: Store;
   supervisor: Supervisor;
   server: RpcServer;
+  /** The live inspector (`daemon start --inspect`), when served. */
+  inspector?: InspectorServer;
   startedAt: number;
   stop(): Promise<void>;
+}
+
+export interface DaemonOptions {
+  /** Serve the actor system to Stately's inspector on 127.0.0.1:PORT (0 picks a free port). */
+  inspectPort?: number;
+}
+
+/** The root helper, the TAP pool over it and the network they make: present when this daemon can do tap networking. */
+interface TapNetworking {
+  rootHelper: RootHelper;
+  tapPool: TapPool;
+  network: ReturnType<typeof makeNetwork>;
+  helperSocket: string;
+  /** The helper runs as a service (not as this daemon's child): `--net auto` then picks tap. */
+  helperIsService: boolean;
 }
 
 function socketAnswers(path: string): Promise<boolean> {
@@ -62,13 +74,9 @@ function socketAnswers(path: string): Promise<boolean> {
   });
 }
 
-export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise<DaemonHandle> {
-  const layout = makeLayout(env);
-  const config = loadConfig(layout.config, env);
-  mkdirSync(layout.home, { recursive: true, mode: 0o700 });
-  mkdirSync(layout.run, { recursive: true, mode: 0o700 });
-  mkdirSync(layout.vmsDir, { recursive: true });
-  mkdirSync(layout.imagesDir, { recursive: true });
+async function claimHome(layout: Layout): Promise<void> {
+  for (const dir of [layout.home, layout.run]) mkdirSync(dir, { recursive: true, mode: 0o700 });
+  for (const dir of [layout.vmsDir, layout.imagesDir]) mkdirSync(dir, { recursive: true });
   if (Buffer.byteLength(layout.socket) > 107) {
     throw new BangerError('usage', `the daemon socket path ${layout.socket} is longer than the 107 bytes a Unix socket allows`, 'set XDG_RUNTIME_DIR or BANGER_RUNTIME_DIR to a shorter directory');
   }
@@ -76,120 +84,134 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env): Promise
     throw new BangerError('conflict', `a banger daemon is already running on ${layout.socket}`, 'banger daemon status');
   }
   takeLock(join(layout.run, 'daemon.lock'));
-  const store = new Store(openDb(layout.db));
-  const log = (line: string) => {
+}
+
+function daemonLog(layout: Layout): (line: string) => void {
+  return (line) => {
     try {
       appendFileSync(layout.logFile, `${new Date().toISOString()} ${line}\n`);
     } catch {
       /* logging must never take the daemon down */
     }
   };
-  let keyPromise: Promise<UserKey> | undefined;
-  const drivers: Record<string, VmmDriver | undefined> = {
+}
+
+/**
+ * The root helper (TAP devices, bridge, NAT): a service on its socket, or — when the daemon runs as root — our
+ * own child process. BANGER_ROOT_HELPER=off disables it (user-mode networking only). A helper installed as a
+ * service (its socket exists before we start) makes `--net auto` pick tap; a helper a root daemon runs itself
+ * serves explicit `--net tap` only, so that plain `sudo banger vm run` does not put a bridge on the host unasked.
+ */
+function tapNetworking(env: NodeJS.ProcessEnv, layout: Layout, config: Config, store: Store, log: (l: string) => void): TapNetworking | undefined {
+  const isRoot = process.getuid?.() === 0;
+  const helperSocket = env.BANGER_ROOT_HELPER_SOCKET ?? (isRoot ? join(layout.run, 'roothelper.sock') : DEFAULT_HELPER_SOCKET);
+  if (env.BANGER_ROOT_HELPER === 'off' || !(isRoot || existsSync(helperSocket))) return undefined;
+  const uid = process.getuid?.() ?? 0;
+  const rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
+  const tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid, gid: process.getgid?.() ?? 0, log, tag: ownerTag(uid, layout.home) });
+  const helperIsService = existsSync(helperSocket) && !helperSocket.startsWith(layout.run + '/');
+  return { rootHelper, tapPool, network: makeNetwork(rootHelper, tapPool, store, config), helperSocket, helperIsService };
+}
+
+function vmmDrivers(config: Config, log: (l: string) => void): Record<string, VmmDriver | undefined> {
+  return {
     qemu: qemuDriver,
     firecracker: createFirecrackerDriver({ binary: config.firecrackerBin, log: (l) => log(`firecracker: ${l}`) }),
   };
+}
 
-  // The root helper (TAP devices, bridge, NAT): a service on its socket, or — when the daemon runs as root —
-  // our own child process. BANGER_ROOT_HELPER=off disables it (user-mode networking only).
-  const isRoot = process.getuid?.() === 0;
-  const helperSocket = env.BANGER_ROOT_HELPER_SOCKET ?? (isRoot ? join(layout.run, 'roothelper.sock') : DEFAULT_HELPER_SOCKET);
-  let rootHelper: RootHelper | undefined;
-  let tapPool: TapPool | undefined;
-  let network: ReturnType<typeof makeNetwork> | undefined;
-  // A helper installed as a service (its socket exists before we start) makes `--net auto` pick tap; a helper
-  // a root daemon runs itself serves explicit `--net tap` only, so that plain `sudo banger vm run` does not
-  // put a bridge on the host's network unasked.
-  const helperIsService = existsSync(helperSocket) && !helperSocket.startsWith(layout.run + '/');
-  if (env.BANGER_ROOT_HELPER !== 'off' && (isRoot || existsSync(helperSocket))) {
-    rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
-    tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, log, tag: ownerTag(process.getuid?.() ?? 0, layout.home) });
-    network = makeNetwork(rootHelper, tapPool, store, config);
-  }
-  const stepEnv = {
+function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: Record<string, VmmDriver | undefined>, network: TapNetworking['network'] | undefined, log: (l: string) => void): StepEnv {
+  let keyPromise: Promise<UserKey> | undefined;
+  return {
     layout,
     store,
     config,
     runner: run,
     userKey: () => (keyPromise ??= ensureUserKey(layout.keysDir, { runner: run })),
     network,
-    driver: (kind: string) => {
+    driver: (kind) => {
       const d = drivers[kind];
       if (!d) throw new BangerError('unsupported', `the ${kind} VMM driver is not available in this daemon`, 'use --vmm qemu');
       return d;
     },
-    log: (vmId: string, stage: string, status: string, ms?: number, message?: string) =>
-      log(`vm ${vmId} ${stage} ${status}${ms !== undefined ? ` ${ms}ms` : ''}${message ? ` ${message.split('\n')[0]}` : ''}`),
+    log: (vmId, stage, status, ms, message) => log(`vm ${vmId} ${stage} ${status}${ms !== undefined ? ` ${ms}ms` : ''}${message ? ` ${message.split('\n')[0]}` : ''}`),
   };
+}
+
+/**
+ * Reconcile TAP leases with the devices that exist, then warm the pool — in the pool's queue, so any lease asked
+ * for meanwhile waits for it. The host's network (bridge, warm TAPs) is touched only when tap networking is in use
+ * or wanted.
+ */
+function startTapNetworking(t: TapNetworking, sup: Supervisor, config: Config, inspectable: boolean, log: (l: string) => void): void {
+  sup.enableRootHelper();
+  t.rootHelper.attach(sup.system.get('rootHelper'));
+  t.tapPool.attach(sup.system.get('tapPool'));
+  const vmTaps = new Map<string, string>();
+  for (const id of sup.ids()) {
+    const c = sup.snapshot(id).context;
+    const tap = c.runtime?.tap ?? c.net?.tap;
+    if (tap) vmTaps.set(tap, id);
+  }
+  const wanted = t.helperIsService || config.defaultNet === 'tap' || vmTaps.size > 0 || t.tapPool.leases().length > 0;
+  if (!wanted) return;
+  void (async () => {
+    if (!(await t.rootHelper.reachable(15_000))) return log(`root helper not reachable on ${t.helperSocket}: ${t.rootHelper.state().lastError ?? ''}`);
+    try {
+      await t.network.ensureBridge();
+      const r = await t.tapPool.reconcile(vmTaps, inspectable, () => sup.ids());
+      log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
+      await t.tapPool.refill();
+    } catch (e) {
+      log(`tapPool: ${(e as Error).message}`);
+    }
+  })();
+}
+
+export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: DaemonOptions = {}): Promise<DaemonHandle> {
+  const layout = makeLayout(env);
+  const config = loadConfig(layout.config, env);
+  await claimHome(layout);
+  const store = new Store(openDb(layout.db));
+  const log = daemonLog(layout);
+  const tap = tapNetworking(env, layout, config, store, log);
+  const drivers = vmmDrivers(config, log);
+  const stepEnv = stepEnvironment(layout, config, store, drivers, tap?.network, log);
   // What a killed build or create left (gigabytes, at times): none runs yet, so none of it is in use. Awaited
   // before the VM actors restart (their steps rewrite *.partial files); the big trees go in the background.
   await clearLeftovers(layout, { runner: run, log }).catch((e) => log(`clearing leftovers: ${(e as Error).message}`));
-  let supervisor!: Supervisor;
-  const jobRunners = makeJobRunners(() => supervisor, stepEnv);
-  supervisor = new Supervisor(stepEnv, jobRunners);
-  const restored = supervisor.restoreAll();
-  log(`daemon ${process.pid} started; restored ${restored.restored} VM actor(s)${restored.errors.length ? `; errors: ${restored.errors.join('; ')}` : ''}`);
+  const inspector = opts.inspectPort === undefined ? undefined : await serveInspector(opts.inspectPort);
+  const infra = tap && { rootHelper: tap.rootHelper.logic, tapPool: tap.tapPool.logic };
+  const supervisor: Supervisor = new Supervisor(stepEnv, makeJobRunners(() => supervisor, stepEnv), { infra, inspect: inspector?.inspect });
+  const restored = supervisor.start();
+  log(`daemon ${process.pid} started; restored ${restored.restored} VM actor(s)${restored.errors.length ? `; errors: ${restored.errors.join('; ')}` : ''}${inspector ? `; inspector on 127.0.0.1:${inspector.port}` : ''}`);
   // Address leases of VMs that no longer exist are freed.
   store.db.prepare('DELETE FROM ip_leases WHERE vm_id NOT IN (SELECT id FROM vms WHERE deleted = 0)').run();
-  if (tapPool && network && rootHelper) {
-    // Reconcile TAP leases with the devices that exist, then warm the pool. Runs in the pool's queue, so any
-    // lease asked for meanwhile waits for it.
-    const vmTaps = new Map<string, string>();
-    for (const id of supervisor.ids()) {
-      const c = supervisor.snapshot(id).context;
-      const tap = c.runtime?.tap ?? c.net?.tap;
-      if (tap) vmTaps.set(tap, id);
-    }
-    const inspectable = restored.errors.length === 0;
-    // Touch the host's network (bridge, warm TAPs) only when tap networking is in use or wanted.
-    const wantPool = helperIsService || config.defaultNet === 'tap' || vmTaps.size > 0 || tapPool.leases().length > 0;
-    if (wantPool) void (async () => {
-      if (!(await rootHelper.reachable(15_000))) {
-        log(`root helper not reachable on ${helperSocket}: ${rootHelper.state().lastError ?? ''}`);
-        return;
-      }
-      try {
-        await network.ensureBridge();
-        const r = await tapPool.reconcile(vmTaps, inspectable, () => supervisor.ids());
-        log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
-        await tapPool.refill();
-      } catch (e) {
-        log(`tapPool: ${(e as Error).message}`);
-      }
-    })();
-  }
-
-  const startedAt = Date.now();
-  let stopping: Promise<void> | undefined;
-  const handle: DaemonHandle = {
-    layout,
-    config,
-    store,
-    supervisor,
-    server: undefined as unknown as RpcServer,
-    startedAt,
-    rootHelper,
-    tapPool,
-    network,
-    helperSocket,
-    helperIsService,
-    stop: () =>
-      (stopping ??= (async () => {
-        log(`daemon ${process.pid} stopping (VMs keep running)`);
-        supervisor.detachAll();
-        tapPool?.stop();
-        await rootHelper?.stop();
-        await handle.server.close();
-        rmSync(layout.socket, { force: true });
-        rmSync(layout.pidFile, { force: true });
-        store.db.close();
-      })()),
-  };
-  const handlers = makeHandlers(handle, { version: buildInfo().version, commit: buildInfo().commit, drivers, log });
-  handle.server = new RpcServer(handlers, log);
-  await handle.server.listen(layout.socket);
+  if (tap) startTapNetworking(tap, supervisor, config, restored.errors.length === 0, log);
+  const services = { layout, config, store, supervisor, inspector, ...tap, startedAt: Date.now(), stop: () => handle.stop() };
+  const server = new RpcServer(makeHandlers(services, { version: buildInfo().version, commit: buildInfo().commit, drivers, log }), log);
+  const handle: DaemonHandle = { ...services, server, stop: stopper(() => handle, log) };
+  await server.listen(layout.socket);
   writeFileSync(layout.pidFile, String(process.pid));
   return handle;
+}
+
+/** Stop serving; VMs keep running (the next daemon adopts them). Idempotent. */
+function stopper(handle: () => DaemonHandle, log: (l: string) => void): () => Promise<void> {
+  let stopping: Promise<void> | undefined;
+  return () =>
+    (stopping ??= (async () => {
+      const h = handle();
+      log(`daemon ${process.pid} stopping (VMs keep running)`);
+      h.tapPool?.stop();
+      await h.rootHelper?.stop();
+      h.supervisor.detachAll();
+      await h.inspector?.close();
+      await h.server.close();
+      rmSync(h.layout.socket, { force: true });
+      rmSync(h.layout.pidFile, { force: true });
+      h.store.db.close();
+    })());
 }
 
 /** A daemon killed with SIGKILL whose parent has not reaped it yet is a zombie: it holds nothing any more. */

@@ -10,9 +10,10 @@ import type { Config } from '../config.js';
 import type { VmmDriver } from '../host/qemu.js';
 import type { Layout } from '../paths.js';
 import type { Store } from '../store/repo.js';
+import type { InspectorServer } from './inspector.js';
 
 /** The supervisor calls the handlers make. */
-export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'jobs' | 'enqueueJob'>;
+export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'runJob'>;
 
 export interface DaemonServices {
   layout: Layout;
@@ -27,6 +28,8 @@ export interface DaemonServices {
   helperSocket?: string;
   /** The helper runs as a service (not as this daemon's child): `--net auto` then picks tap. */
   helperIsService?: boolean;
+  /** The live inspector (`daemon start --inspect`), when served. */
+  inspector?: Pick<InspectorServer, 'port'>;
   startedAt: number;
   stop(): Promise<void>;
 }

@@ -9,7 +9,8 @@
  *   running --(VMM exits on its own)--> stopped (with the reason)
  *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
  */
-import { assign, fromPromise, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
+import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
+import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
 import { workspaceMachine } from './workspace.machine.js';
 
 export type VmmKind = 'qemu' | 'firecracker';
@@ -88,7 +89,10 @@ export type VmEvent =
   | { type: 'STOP'; reason?: string }
   | { type: 'RESTART' }
   | { type: 'DELETE' }
-  | ({ type: 'SET' } & SetParams);
+  | ({ type: 'SET' } & SetParams)
+  /** A workspace job (prepare/export): accepted only while running, forwarded to the workspace queue. */
+  | { type: 'ENQUEUE'; job: Job }
+  | JobSettled;
 
 /** Names of the states a VM is "settled" in: nothing is in flight. */
 export const SETTLED_STATES = ['running', 'stopped', 'failed'] as const;
@@ -119,6 +123,8 @@ export const vmMachine = setup({
     context: {} as VmContext,
     events: {} as VmEvent,
     input: {} as VmInput,
+    emitted: {} as JobQueueEmitted,
+    children: {} as { workspace: 'workspace' },
   },
   actors: {
     prepareDisks: unprovided('prepareDisks') as unknown as ReturnType<typeof fromPromise<PrepareDisksOutput, StepInput>>,
@@ -138,6 +144,19 @@ export const vmMachine = setup({
     failedBeforeDisks: ({ context }) => context.error?.stage === 'creating' || context.error?.stage === 'applyingWorkSeed',
   },
   actions: {
+    /** A job's result, to whoever listens on this VM (the request that enqueued it). */
+    announceJob: emit(({ event }) => {
+      const e = event as JobSettled;
+      return e.ok ? { type: 'job.done' as const, jobId: e.jobId, kind: e.kind, output: e.output } : { type: 'job.failed' as const, jobId: e.jobId, kind: e.kind, error: e.error };
+    }),
+    /** Leaving `running` stops the workspace (aborting its job): every job it still owed fails, saying why. */
+    failPendingJobs: enqueueActions(({ context, self, enqueue }) => {
+      const ws = self.getSnapshot().children.workspace?.getSnapshot() as { context: JobQueueContext } | undefined;
+      for (const job of ws ? pendingJobs(ws.context) : []) {
+        const message = `${job.kind} job ${job.jobId} failed: vm stopped (${context.name} left running while the job was queued or running)`;
+        enqueue.emit({ type: 'job.failed', jobId: job.jobId, kind: job.kind, error: { message, kind: 'aborted', hint: 'start the VM and run the job again' } });
+      }
+    }),
     clearError: assign({ error: null }),
     clearRuntime: assign({ runtime: null, bootDeadline: null }),
   },
@@ -242,11 +261,13 @@ export const vmMachine = setup({
         {
           id: 'workspace',
           src: 'workspace',
-          systemId: 'workspace',
-          input: ({ context }) => ({ vmId: context.id }),
+          input: ({ context }) => ({ owner: context.id, notifyParent: true }),
         },
       ],
+      exit: 'failPendingJobs',
       on: {
+        ENQUEUE: { actions: sendTo('workspace', ({ event }) => event) },
+        'JOB.SETTLED': { actions: 'announceJob' },
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
         RESTART: { target: 'stopping', actions: assign({ restartPending: true, stopReason: 'restart' }) },
         DELETE: { target: 'deleting' },

@@ -77,6 +77,8 @@ export interface DaemonStatus {
   running: number;
   rootHelper: { socket?: string; state: string; lastError: string | null; attempts: number } | null;
   tapPool: Array<{ tap: string; vmId: string | null }> | null;
+  /** The live inspector's WebSocket address (`daemon start --inspect`), or null. */
+  inspector: string | null;
 }
 
 export interface DaemonStopping {

@@ -13,6 +13,7 @@ import { TapPool } from '../../src/actors/tap-pool.js';
 import { openDb } from '../../src/store/db.js';
 import { startRootHelper, type HelperOps, type RootHelperServer } from '../../src/roothelper/server.js';
 import { waitUntil } from '../support/wait.js';
+import { runInSystem } from '../support/infra.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -52,6 +53,7 @@ describe('rootHelper actor and tapPool', () => {
     let server = await serve(dir, host.ops);
     const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
     cleanups.push(() => helper.stop());
+    cleanups.push(runInSystem(helper));
     expect(await helper.reachable(5000)).toBe(true);
     await helper.request('tap.create', { name: 'bgtapa1', uid: 0 });
     await server.close();
@@ -89,10 +91,11 @@ describe('rootHelper actor and tapPool', () => {
     server = await serve(dir, dying);
     const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
     cleanups.push(() => helper.stop());
-    expect(await helper.reachable(5000)).toBe(true);
     const db = openDb(':memory:');
     const pool = new TapPool(db, helper, { size: 0, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
     cleanups.push(() => pool.stop());
+    cleanups.push(runInSystem(helper, pool));
+    expect(await helper.reachable(5000)).toBe(true);
     const leased = pool.lease('vm1');
     await waitUntil('the helper to die mid-create and the actor to notice', () => died && helper.state().state !== 'connected');
     const again = await serve(dir, host.ops);
@@ -116,6 +119,7 @@ describe('rootHelper actor and tapPool', () => {
     const db = openDb(':memory:');
     const pool = new TapPool(db, helper, { size: 2, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
     cleanups.push(() => pool.stop());
+    cleanups.push(runInSystem(helper, pool));
     await pool.refill();
     expect(host.taps.size).toBe(2);
     const a = await pool.lease('vmA');

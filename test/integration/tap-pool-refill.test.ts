@@ -11,6 +11,7 @@ import { RootHelper } from '../../src/actors/root-helper.js';
 import { TapPool, newTapName, ownerTag } from '../../src/actors/tap-pool.js';
 import { openDb } from '../../src/store/db.js';
 import { startRootHelper, type HelperOps } from '../../src/roothelper/server.js';
+import { runInSystem } from '../support/infra.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -37,6 +38,7 @@ async function poolWithHelper(tag: string) {
   cleanups.push(() => helper.stop());
   const pool = new TapPool(openDb(':memory:'), helper, { size: 2, bridge: 'banger0', uid: 0, gid: 0, log: () => {}, tag });
   cleanups.push(() => pool.stop());
+  cleanups.push(runInSystem(helper, pool));
   return { pool, taps };
 }
 

@@ -14,5 +14,5 @@ export function stubHandlers(given: Partial<Handlers>): Handlers {
 }
 
 export function fakeStatus(over: Partial<DaemonStatus> = {}): DaemonStatus {
-  return { pid: process.pid, socket: '/nowhere/daemon.sock', version: 'test', commit: 'test', uptimeSeconds: 0, vms: 0, home: '/nowhere', running: 0, rootHelper: null, tapPool: null, ...over };
+  return { pid: process.pid, socket: '/nowhere/daemon.sock', version: 'test', commit: 'test', uptimeSeconds: 0, vms: 0, home: '/nowhere', running: 0, rootHelper: null, tapPool: null, inspector: null, ...over };
 }

@@ -18,6 +18,7 @@ export function daemonHandlers(d: DaemonServices, deps: HandlerDeps): Pick<Handl
       running: sup.ids().filter((id) => viewOf(sup.snapshot(id)).state === 'running').length,
       rootHelper: d.rootHelper ? { socket: d.helperSocket, ...d.rootHelper.state() } : null,
       tapPool: d.tapPool ? d.tapPool.leases() : null,
+      inspector: d.inspector ? `ws://127.0.0.1:${d.inspector.port}` : null,
     }),
 
     'daemon.stop': async () => {

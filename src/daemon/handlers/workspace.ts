@@ -2,7 +2,7 @@
 import { validateGuestPath } from '../../host/workspace.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
-import { newId, vmAccess } from './vm-access.js';
+import { vmAccess } from './vm-access.js';
 import { viewOf } from '../views.js';
 
 export function workspaceHandlers(d: DaemonServices): Pick<Handlers, 'vm.workspace.prepare' | 'vm.workspace.export'> {
@@ -29,21 +29,14 @@ interface JobResults {
   export: Awaited<ReturnType<Handlers['vm.workspace.export']>>;
 }
 
-/** Enqueue a job on the VM's workspace actor; resolves with what the job runner (src/daemon/jobs.ts) returns. */
+/** Queue a job on the VM's workspace actor; resolves with what the job runner (src/daemon/jobs.ts) returns. */
 function jobRunner(d: DaemonServices) {
   const { supervisor: sup } = d;
   return async function runJob<K extends 'prepare' | 'export'>(vmId: string, kind: K, params: Record<string, unknown>, ctx: CallContext): Promise<JobResults[K]> {
-    const job = { jobId: `${kind}-${newId()}`, kind, params, enqueuedAt: new Date().toISOString() };
-    const done = sup.jobs.register(vmId, job, (pr) => ctx.progress({ stage: pr.stage, status: 'info', bytes: pr.bytes, detail: pr.detail }));
-    try {
-      sup.enqueueJob(vmId, job);
-    } catch (e) {
-      sup.jobs.settle(job.jobId, false, e);
-      await done.catch(() => {});
-      throw e;
-    }
-    ctx.progress({ stage: kind, status: 'start', detail: viewOf(sup.snapshot(vmId)).workspace?.running ? 'queued behind another job' : undefined });
+    const queued = viewOf(sup.snapshot(vmId)).workspace?.running;
+    const result = sup.runJob(vmId, kind, params, (pr) => ctx.progress({ stage: pr.stage, status: 'info', bytes: pr.bytes, detail: pr.detail }));
+    ctx.progress({ stage: kind, status: 'start', detail: queued ? 'queued behind another job' : undefined });
     // The runner's result for this kind: src/daemon/jobs.ts builds exactly these shapes.
-    return (await done) as JobResults[K];
+    return (await result) as JobResults[K];
   };
 }
