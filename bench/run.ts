@@ -8,11 +8,11 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync 
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { createWorkDisk } from '../src/host/disks.js';
+import { createWorkDisk } from '../src/host/disk/disks.js';
 import { imageHome as testImageHome, TEST_IMAGE } from '../test/e2e/image-cache.js';
 import { benchFirecrackerFake, benchLocalWorkspace, benchVmmTimings } from './timings.js';
 import { RpcClient } from '../src/rpc/client.js';
-import { shellQuote } from '../src/host/shell.js';
+import { shellQuote } from '../src/host/exec/shell.js';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'banger.js');
 const args = process.argv.slice(2);

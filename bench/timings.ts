@@ -10,10 +10,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { execa } from 'execa';
-import { createFirecrackerDriver } from '../src/host/firecracker.js';
-import { macForVm } from '../src/host/net.js';
-import { createQemuDriver, eventsSocketPath, probeKvm, startDaemonized, type LaunchSpec } from '../src/host/qemu.js';
-import { exportWorkspace, prepareWorkspace, type GuestExec } from '../src/host/workspace.js';
+import { createFirecrackerDriver } from '../src/host/vmm/firecracker/firecracker.js';
+import { macForVm } from '../src/host/net/net.js';
+import { createQemuDriver, eventsSocketPath, probeKvm, startDaemonized, type LaunchSpec } from '../src/host/vmm/qemu/qemu.js';
+import { exportWorkspace, prepareWorkspace, type GuestExec } from '../src/host/guest/workspace.js';
 import { gitTestEnv } from '../test/support/git.js';
 
 type Line = (k: string, v: string) => void;

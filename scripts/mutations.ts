@@ -17,7 +17,7 @@ import { copyFile, lstat, mkdir, mkdtemp, readFile, readlink, rm, symlink, write
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { run } from '../src/host/runner.js';
+import { run } from '../src/host/exec/runner.js';
 
 interface Mutation {
   what: string;
@@ -30,7 +30,7 @@ interface Mutation {
 const MUTATIONS: Mutation[] = [
   {
     what: 'workspace export stages into the real index (no GIT_INDEX_FILE)',
-    file: 'src/host/workspace.ts',
+    file: 'src/host/guest/workspace.ts',
     from: 'GIT_INDEX_FILE=$tmp/index GIT_OBJECT_DIRECTORY=$tmp/objects',
     to: 'GIT_OBJECT_DIRECTORY=$tmp/objects',
     tests: ['test/integration/export-index.test.ts'],
@@ -51,7 +51,7 @@ const MUTATIONS: Mutation[] = [
   },
   {
     what: 'the workspace queue runs LIFO',
-    file: 'src/machines/workspace.machine.ts',
+    file: 'src/machines/job-queue.machine.ts',
     from: 'assign({ current: ({ context }) => context.queue[0], queue: ({ context }) => context.queue.slice(1) })',
     to: 'assign({ current: ({ context }) => context.queue[context.queue.length - 1], queue: ({ context }) => context.queue.slice(0, -1) })',
     tests: ['test/unit/workspace-queue-order.test.ts', 'test/unit/workspace-machine.test.ts'],

@@ -7,7 +7,7 @@
  * Unset (always, outside tests) it costs one map lookup. The wait ends early when the step is aborted.
  */
 import { BangerError } from '../errors.js';
-import { sleep } from '../host/wait.js';
+import { sleep } from '../host/exec/wait.js';
 
 const ENV = 'BANGER_TEST_STAGE_DELAY';
 let delays: Map<string, number> | undefined;

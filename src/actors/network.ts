@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { BangerError } from '../errors.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
-import { gatewayAddress, hostAddresses, intToIp, ipToInt, parseCidr } from '../host/net.js';
+import { gatewayAddress, hostAddresses, intToIp, ipToInt, parseCidr } from '../host/net/net.js';
 import type { NetworkProvider } from './vm-steps.js';
 import type { RootHelper } from './root-helper.js';
 import type { TapPool } from './tap-pool.js';

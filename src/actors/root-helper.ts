@@ -11,7 +11,7 @@ import { BangerError, errorMessage } from '../errors.js';
 import { rootHelperMachine } from '../machines/root-helper.machine.js';
 import { RootHelperClient } from '../roothelper/client.js';
 import type { VerbResults } from '../roothelper/protocol.js';
-import { spawnDetached, type Detached } from '../host/spawn.js';
+import { spawnDetached, type Detached } from '../host/exec/spawn.js';
 
 const HELPER_MAIN = fileURLToPath(new URL('../roothelper/main.ts', import.meta.url));
 

@@ -21,7 +21,7 @@ export async function spawnDaemon(l: Layout, opts: { timeoutMs?: number; inspect
   const inspect = opts.inspectPort === undefined ? [] : ['--inspect', String(opts.inspectPort)];
   mkdirSync(l.home, { recursive: true, mode: 0o700 });
   const out = openSync(l.logFile, 'a');
-  const { spawnDetached } = await import('../host/spawn.js'); // only when a daemon has to be started
+  const { spawnDetached } = await import('../host/exec/spawn.js'); // only when a daemon has to be started
   const child = spawnDetached(process.execPath, [BIN, 'daemon', 'start', '--foreground', ...inspect], { logFd: out });
   const pid = child.pid;
   let exited: number | null = null;

@@ -32,7 +32,7 @@ export async function diskFlag(raw: unknown, minBytes = 1): Promise<string | und
   if (raw === undefined) return undefined;
   if (typeof raw !== 'string') usage('--disk was given more than once', 'give it once, e.g. --disk 8G');
   // Loaded only for --disk: the host layer stays out of the CLI's ordinary path.
-  const { parseSize } = await import('../host/disks.js');
+  const { parseSize } = await import('../host/disk/disks.js');
   let bytes: number;
   try {
     bytes = parseSize(raw);

@@ -1,8 +1,8 @@
 /** What this host and daemon can do, gathered for planVm (src/daemon/plan.ts) by vm.create and the doctor. */
 import { join } from 'node:path';
 import { BangerError } from '../errors.js';
-import { resolveFirecrackerBinary } from '../host/firecracker.js';
-import { probeKvm } from '../host/qemu.js';
+import { resolveFirecrackerBinary } from '../host/vmm/firecracker/firecracker.js';
+import { probeKvm } from '../host/vmm/qemu/qemu.js';
 import type { HostCapabilities } from './plan.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 

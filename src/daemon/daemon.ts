@@ -11,11 +11,11 @@ import { openDb } from '../store/db.js';
 import { Store } from '../store/repo.js';
 import { RpcServer } from '../rpc/server.js';
 import { Supervisor } from '../actors/supervisor.js';
-import { run } from '../host/runner.js';
-import { ensureUserKey, type UserKey } from '../host/keys.js';
-import { qemuDriver, type VmmDriver } from '../host/qemu.js';
+import { run } from '../host/exec/runner.js';
+import { ensureUserKey, type UserKey } from '../host/guest/keys.js';
+import { qemuDriver, type VmmDriver } from '../host/vmm/qemu/qemu.js';
 import { makeHandlers } from './handlers.js';
-import { createFirecrackerDriver } from '../host/firecracker.js';
+import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js';
 import { RootHelper } from '../actors/root-helper.js';
 import { TapPool, ownerTag } from '../actors/tap-pool.js';
 import { makeNetwork } from '../actors/network.js';
@@ -26,7 +26,7 @@ import { makeJobRunners } from './jobs.js';
 import { serveInspector, type InspectorServer } from './inspector.js';
 import type { StepEnv } from '../actors/vm-steps.js';
 import { buildInfo } from '../version.js';
-import { clearLeftovers } from '../host/image.js';
+import { clearLeftovers } from '../host/image/image.js';
 
 export interface DaemonHandle extends Partial<TapNetworking> {
   layout: Layout;

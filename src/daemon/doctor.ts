@@ -5,9 +5,9 @@
 import { constants, existsSync, statSync, statfsSync } from 'node:fs';
 import { access, readdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { run, which } from '../host/runner.js';
-import { probeCowStrategies } from '../host/disks.js';
-import { readManifest } from '../host/image.js';
+import { run, which } from '../host/exec/runner.js';
+import { probeCowStrategies } from '../host/disk/disks.js';
+import { readManifest } from '../host/image/image.js';
 import type { DoctorCheck, DoctorReport } from '../rpc/types.js';
 import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } from './capabilities.js';
 import { planVm, type HostCapabilities } from './plan.js';

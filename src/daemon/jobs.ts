@@ -4,8 +4,8 @@ import type { Supervisor } from '../actors/supervisor.js';
 import { sshTargetFor, type StepEnv } from '../actors/vm-steps.js';
 import type { JobRunners } from '../actors/workspace-jobs.js';
 import { testStageDelay } from '../actors/fault-injection.js';
-import { exec as sshExec } from '../host/ssh.js';
-import { exportWorkspace, prepareWorkspace, type GuestExec } from '../host/workspace.js';
+import { exec as sshExec } from '../host/guest/ssh.js';
+import { exportWorkspace, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
   return {

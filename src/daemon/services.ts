@@ -7,7 +7,7 @@ import type { Supervisor } from '../actors/supervisor.js';
 import type { RootHelper } from '../actors/root-helper.js';
 import type { TapPool } from '../actors/tap-pool.js';
 import type { Config } from '../config.js';
-import type { VmmDriver } from '../host/qemu.js';
+import type { VmmDriver } from '../host/vmm/qemu/qemu.js';
 import type { Layout } from '../paths.js';
 import type { Store } from '../store/repo.js';
 import type { InspectorServer } from './inspector.js';

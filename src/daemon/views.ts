@@ -1,7 +1,7 @@
 /** The daemon's state as the wire shapes of src/rpc/types.ts: what a client is shown of a VM or an image. */
 import { join } from 'node:path';
 import type { VmContext, VmSnapshot } from '../machines/vm.machine.js';
-import type { ImageManifest } from '../host/image.js';
+import type { ImageManifest } from '../host/image/image.js';
 import type { ImageView, VmState, VmView } from '../rpc/types.js';
 
 const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;

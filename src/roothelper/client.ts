@@ -1,6 +1,6 @@
 import { createConnection, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
-import type { JailLauncher } from '../host/firecracker.js';
+import type { JailLauncher } from '../host/vmm/firecracker/firecracker.js';
 import { LineDecoder } from '../rpc/ndjson.js';
 import type { Response, Verb, VerbArgs, VerbResults } from './protocol.js';
 

@@ -7,7 +7,7 @@
  */
 import { parseArgs } from 'node:util';
 import { BangerError, errorMessage } from '../errors.js';
-import { BRIDGE_NAME_RE } from '../host/net.js';
+import { BRIDGE_NAME_RE } from '../host/net/net.js';
 import { startRootHelper } from './server.js';
 
 const usage =

@@ -2,8 +2,8 @@ import { realpath, stat } from 'node:fs/promises';
 import { isAbsolute, resolve, sep, basename } from 'node:path';
 import { z } from 'zod';
 import { BangerError } from '../errors.js';
-import type { JailResult } from '../host/firecracker.js';
-import { BRIDGE_NAME_RE, TAP_NAME_RE, bridgeCidrProblem } from '../host/net.js';
+import type { JailResult } from '../host/vmm/firecracker/firecracker.js';
+import { BRIDGE_NAME_RE, TAP_NAME_RE, bridgeCidrProblem } from '../host/net/net.js';
 
 /**
  * The root helper's wire protocol and the rules every argument must pass before anything runs as root.

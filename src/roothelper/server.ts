@@ -3,9 +3,9 @@ import { chmod, chown, lchown, lstat, open, readFile, readdir, readlink, realpat
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
-import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type JailRequest, type JailResult } from '../host/firecracker.js';
-import * as net from '../host/net.js';
-import type { Runner } from '../host/runner.js';
+import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type JailRequest, type JailResult } from '../host/vmm/firecracker/firecracker.js';
+import * as net from '../host/net/net.js';
+import type { Runner } from '../host/exec/runner.js';
 import { Files } from '../paths.js';
 import { LineDecoder } from '../rpc/ndjson.js';
 import {

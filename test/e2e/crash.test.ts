@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { identifyProcess } from '../../src/host/proc.js';
+import { identifyProcess } from '../../src/host/exec/proc.js';
 import { RpcClient } from '../../src/rpc/client.js';
 import { Banger, describeE2E, pidAlive, vmmPidsFor, type CliResult } from './harness.js';
 

@@ -4,7 +4,7 @@
  * for every run.
  */
 import { join } from 'node:path';
-import { BUILDER_VERSION } from '../../src/host/image.js';
+import { BUILDER_VERSION } from '../../src/host/image/image.js';
 
 export const TEST_IMAGE = 'debian-bookworm';
 

@@ -9,8 +9,8 @@ import { access, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { probeKvm } from '../../src/host/qemu.js';
-import { which } from '../../src/host/runner.js';
+import { probeKvm } from '../../src/host/vmm/qemu/qemu.js';
+import { which } from '../../src/host/exec/runner.js';
 import { describeE2E } from './harness.js';
 import { imageHome, TEST_IMAGE } from './image-cache.js';
 
@@ -130,7 +130,7 @@ describeProbeBoot('probeKvm with a real kernel', () => {
     }
 
     // No probe VM is left behind.
-    const { run } = await import('../../src/host/runner.js');
+    const { run } = await import('../../src/host/exec/runner.js');
     const ps = await run('ps', ['-eo', 'args'], { timeoutMs: 5000 });
     expect(ps.stdout).not.toMatch(/qemu-system\S* .*-accel kvm -cpu host .*banger-kvmprobe-/);
   });

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, mkdir, readFile, readlink, rm, stat, symlink, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { run } from '../../src/host/runner.js';
+import { run } from '../../src/host/exec/runner.js';
 import {
   DebugfsScript,
   S_IFDIR,
@@ -14,8 +14,8 @@ import {
   parseDebugfsErrors,
   rdumpDir,
   runDebugfs,
-} from '../../src/host/debugfs.js';
-import { readDiskFile } from '../../src/host/disks.js';
+} from '../../src/host/disk/debugfs.js';
+import { readDiskFile } from '../../src/host/disk/disks.js';
 import { BangerError } from '../../src/errors.js';
 
 let dir: string;

@@ -4,9 +4,9 @@ import { mkdir, mkdtemp, readFile, rm, statfs, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BangerError } from '../../src/errors.js';
-import { clearLeftovers } from '../../src/host/image.js';
-import { run } from '../../src/host/runner.js';
-import { ensureFreeSpace, freeBytes, humanBytes } from '../../src/host/space.js';
+import { clearLeftovers } from '../../src/host/image/image.js';
+import { run } from '../../src/host/exec/runner.js';
+import { ensureFreeSpace, freeBytes, humanBytes } from '../../src/host/disk/space.js';
 
 const GiB = 2 ** 30;
 const isRoot = process.getuid?.() === 0;

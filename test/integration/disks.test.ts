@@ -3,9 +3,9 @@ import { chmod, chown, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } 
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { run } from '../../src/host/runner.js';
+import { run } from '../../src/host/exec/runner.js';
 import { BangerError } from '../../src/errors.js';
-import { debugfsStat } from '../../src/host/debugfs.js';
+import { debugfsStat } from '../../src/host/disk/debugfs.js';
 import {
   cloneDisk,
   cowRecordPath,
@@ -16,7 +16,7 @@ import {
   parseSize,
   probeCowStrategies,
   readDiskFile,
-} from '../../src/host/disks.js';
+} from '../../src/host/disk/disks.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;

@@ -14,9 +14,9 @@ import {
   firecrackerId,
   resolveFirecrackerBinary,
   type FirecrackerProcess,
-} from '../../src/host/firecracker.js';
-import { macForVm } from '../../src/host/net.js';
-import type { LaunchSpec } from '../../src/host/qemu.js';
+} from '../../src/host/vmm/firecracker/firecracker.js';
+import { macForVm } from '../../src/host/net/net.js';
+import type { LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
 import { startFakeFirecracker, type FakeFirecracker, type RecordedRequest } from '../support/fake-firecracker.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -481,7 +481,7 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
   }, SLOW);
 
   it('refuses a chroot base that the user could redirect', async () => {
-    const { assertRootOwnedDir } = await import('../../src/host/firecracker.js');
+    const { assertRootOwnedDir } = await import('../../src/host/vmm/firecracker/firecracker.js');
     const userDir = join(root, 'userdir');
     await mkdir(userDir, { recursive: true });
     await chown(userDir, 1000, 1000);

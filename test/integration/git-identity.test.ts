@@ -8,8 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultGitIdentity, gitIdentity } from '../../src/actors/vm-steps.js';
-import { createWorkDisk, DEFAULT_IDENTITY_NOTE, readDiskFile } from '../../src/host/disks.js';
-import { run, type Runner } from '../../src/host/runner.js';
+import { createWorkDisk, DEFAULT_IDENTITY_NOTE, readDiskFile } from '../../src/host/disk/disks.js';
+import { run, type Runner } from '../../src/host/exec/runner.js';
 
 let dir: string;
 let seed: string;

@@ -4,10 +4,10 @@ import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { run } from '../../src/host/runner.js';
+import { run } from '../../src/host/exec/runner.js';
 import { BangerError } from '../../src/errors.js';
-import { debugfsStat } from '../../src/host/debugfs.js';
-import { readDiskFile } from '../../src/host/disks.js';
+import { debugfsStat } from '../../src/host/disk/debugfs.js';
+import { readDiskFile } from '../../src/host/disk/disks.js';
 import {
   BUILDER_VERSION,
   KNOWN_IMAGES,
@@ -19,7 +19,7 @@ import {
   payloadCandidates,
   readManifest,
   resolveInTree,
-} from '../../src/host/image.js';
+} from '../../src/host/image/image.js';
 
 let dir: string;
 

@@ -14,8 +14,8 @@ import {
   listTaps,
   macForVm,
   parseCidr,
-} from '../../src/host/net.js';
-import { run, which, type Runner, type RunResult } from '../../src/host/runner.js';
+} from '../../src/host/net/net.js';
+import { run, which, type Runner, type RunResult } from '../../src/host/exec/runner.js';
 
 const isRoot = process.getuid?.() === 0;
 const inCi = process.env.CI === 'true';

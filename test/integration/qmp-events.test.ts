@@ -12,8 +12,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeSteps, type StepEnv } from '../../src/actors/vm-steps.js';
 import { Files, layout as makeLayout } from '../../src/paths.js';
-import { createQemuDriver, eventsSocketPath, identifyPid, qmpSocketPath, type LaunchSpec } from '../../src/host/qemu.js';
-import { run, which, type Runner } from '../../src/host/runner.js';
+import { createQemuDriver, eventsSocketPath, identifyPid, qmpSocketPath, type LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
+import { run, which, type Runner } from '../../src/host/exec/runner.js';
 import { createActor } from 'xstate';
 import { vmInput } from '../support/vm-fixtures.js';
 

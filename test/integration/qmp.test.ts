@@ -3,8 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { createQemuDriver, eventsSocketPath, identifyPid, QmpClient, startDaemonized, type VmmProcess } from '../../src/host/qemu.js';
-import { which } from '../../src/host/runner.js';
+import { createQemuDriver, eventsSocketPath, identifyPid, QmpClient, startDaemonized, type VmmProcess } from '../../src/host/vmm/qemu/qemu.js';
+import { which } from '../../src/host/exec/runner.js';
 import { within } from '../support/wait.js';
 
 const qemuBin = process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';

@@ -3,7 +3,7 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Runner } from '../../src/host/runner.js';
+import type { Runner } from '../../src/host/exec/runner.js';
 import { LineDecoder } from '../../src/rpc/ndjson.js';
 import { RootHelperClient } from '../../src/roothelper/client.js';
 import { MAX_LINE_BYTES } from '../../src/roothelper/protocol.js';

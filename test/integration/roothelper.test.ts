@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { run, type Runner } from '../../src/host/runner.js';
+import { run, type Runner } from '../../src/host/exec/runner.js';
 import { RootHelperClient } from '../../src/roothelper/client.js';
 import { chownTree, startRootHelper, type RootHelperOptions, type RootHelperServer } from '../../src/roothelper/server.js';
 import { DAEMON_UNIT, HELPER_UNIT, daemonUnit, helperUnit, systemdQuote, writeUnits } from '../../src/roothelper/units.js';

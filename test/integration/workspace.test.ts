@@ -22,8 +22,8 @@ import {
   unquoteGitPath,
   type GuestExec,
   type PrepareOptions,
-} from '../../src/host/workspace.js';
-import { shellQuote } from '../../src/host/shell.js';
+} from '../../src/host/guest/workspace.js';
+import { shellQuote } from '../../src/host/exec/shell.js';
 import { commitAll, git, gitBuffer, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
 
 // ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { run } from '../../src/host/runner.js';
+import { run } from '../../src/host/exec/runner.js';
 
 /**
  * The identity of the tests' own git commands, given in their environment (never in the machine's files): a fresh

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { eventsSocketPath, hostTscKhz, KERNEL_RAN_RE, kvmProbeArgv, qemuArgv, qemuOptEscape, qmpSocketPath, type LaunchSpec } from '../../src/host/qemu.js';
+import { eventsSocketPath, hostTscKhz, KERNEL_RAN_RE, kvmProbeArgv, qemuArgv, qemuOptEscape, qmpSocketPath, type LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
 
 const base: LaunchSpec = {
   id: 'abc123',

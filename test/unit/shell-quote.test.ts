@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { run } from '../../src/host/runner.js';
-import { shellQuote, shellQuoteArg } from '../../src/host/ssh.js';
+import { run } from '../../src/host/exec/runner.js';
+import { shellQuote, shellQuoteArg } from '../../src/host/guest/ssh.js';
 
 const hostile = [
   '',

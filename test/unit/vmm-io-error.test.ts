@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { initialTransition, transition } from 'xstate';
 import { vmMachine, type VmSnapshot } from '../../src/machines/vm.machine.js';
-import { describeIoErrorStop, ioErrorFromBlocks, ioErrorFromEvent, qemuArgv, type LaunchSpec } from '../../src/host/qemu.js';
+import { describeIoErrorStop, ioErrorFromBlocks, ioErrorFromEvent, qemuArgv, type LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
 import { runtime, vmInput } from '../support/vm-fixtures.js';
 
 const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;

@@ -16,7 +16,7 @@ interface InstallArgs extends GlobalArgs {
 
 async function install(a: InstallArgs): Promise<void> {
   // Loaded only here: the host layer stays out of the CLI's ordinary path.
-  const { run } = await import('../../host/runner.js');
+  const { run } = await import('../../host/exec/runner.js');
   const { DAEMON_UNIT, HELPER_UNIT, writeUnits } = await import('../../roothelper/units.js');
   const l = layout();
   const opts = { nodePath: process.execPath, projectDir: PROJECT, stateDir: l.home, group: a.group };

@@ -105,7 +105,7 @@ export async function runVm(a: RunArgs): Promise<void> {
 export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty?: boolean; cwd?: string } = {}): Promise<number> {
   const info = await call('vm.ssh', { vm }, { quiet: true });
   // Loaded only for an ssh session: the host layer stays out of the CLI's ordinary path.
-  const [{ shellQuote }, { runInteractive }] = await Promise.all([import('../../host/shell.js'), import('../../host/spawn.js')]);
+  const [{ shellQuote }, { runInteractive }] = await Promise.all([import('../../host/exec/shell.js'), import('../../host/exec/spawn.js')]);
   const args = [
     '-i', info.identityFile,
     '-p', String(info.port),

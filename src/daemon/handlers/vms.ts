@@ -2,9 +2,9 @@
 import { join } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
 import { gitIdentity } from '../../actors/vm-steps.js';
-import { parseSize } from '../../host/disks.js';
-import { readManifest, type ImageManifest } from '../../host/image.js';
-import { run } from '../../host/runner.js';
+import { parseSize } from '../../host/disk/disks.js';
+import { readManifest, type ImageManifest } from '../../host/image/image.js';
+import { run } from '../../host/exec/runner.js';
 import type { ParamsOf } from '../../rpc/protocol.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
 import type { VmView } from '../../rpc/types.js';

@@ -1,5 +1,5 @@
 /** vm.workspace.prepare and vm.workspace.export: jobs queued on the VM's workspace actor, one at a time. */
-import { validateGuestPath } from '../../host/workspace.js';
+import { validateGuestPath } from '../../host/guest/workspace.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';

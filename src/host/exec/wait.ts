@@ -1,5 +1,5 @@
 /** Small helpers shared by the VMM drivers: an abortable sleep and the Unix socket path limit. */
-import { BangerError } from '../errors.js';
+import { BangerError } from '../../errors.js';
 
 /** Unix socket paths must fit sockaddr_un.sun_path (108 bytes including the NUL). */
 export const MAX_SOCKET_PATH = 107;

@@ -3,7 +3,7 @@
  * Kept here so that src/host stays the only place that starts processes.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { BangerError } from '../errors.js';
+import { BangerError } from '../../errors.js';
 
 export interface DetachedOptions {
   /** A file descriptor for stdout and stderr (e.g. an opened log file); default ignore. */

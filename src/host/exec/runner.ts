@@ -1,5 +1,5 @@
 import { execa, type Options as ExecaOptions } from 'execa';
-import { BangerError } from '../errors.js';
+import { BangerError } from '../../errors.js';
 
 /**
  * The one way banger starts a child process. Takes an AbortSignal (stopping an actor stops its commands)

@@ -5,7 +5,7 @@
  * Such a process is 'unknown' (not gone yet, no longer identifiable); only a fully reaped or lone zombie is gone.
  */
 import { readdir, readFile } from 'node:fs/promises';
-import { errorMessage } from '../errors.js';
+import { errorMessage } from '../../errors.js';
 
 export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
 

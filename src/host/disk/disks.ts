@@ -3,8 +3,8 @@ import { isIP } from 'node:net';
 import { lstat, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, posix } from 'node:path';
-import { BangerError } from '../errors.js';
-import { run, which, type Runner } from './runner.js';
+import { BangerError } from '../../errors.js';
+import { run, which, type Runner } from '../exec/runner.js';
 import {
   DebugfsScript,
   S_IFDIR,

@@ -2,9 +2,9 @@ import { readFile, stat } from 'node:fs/promises';
 import { basename, posix, resolve } from 'node:path';
 import { Transform, type Readable, type Writable } from 'node:stream';
 import { execa } from 'execa';
-import { BangerError, errorMessage } from '../errors.js';
-import { run, type Runner } from './runner.js';
-import { shellQuote } from './shell.js';
+import { BangerError, errorMessage } from '../../errors.js';
+import { run, type Runner } from '../exec/runner.js';
+import { shellQuote } from '../exec/shell.js';
 
 /**
  * Workspaces: copy a host git repository into a guest and get the guest's work back as a patch.

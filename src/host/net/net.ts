@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { BangerError } from '../errors.js';
-import { run as defaultRun, which, type Runner } from './runner.js';
+import { BangerError } from '../../errors.js';
+import { run as defaultRun, which, type Runner } from '../exec/runner.js';
 
 /**
  * Host network operations: the bridge, the TAP devices and egress NAT, all through real `ip` (and `nft` or

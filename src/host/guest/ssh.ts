@@ -2,7 +2,7 @@ import { createConnection } from 'node:net';
 import { constants as osConstants } from 'node:os';
 import type { Readable } from 'node:stream';
 import ssh2, { type ClientChannel, type ConnectConfig } from 'ssh2';
-import { BangerError, errorMessage } from '../errors.js';
+import { BangerError, errorMessage } from '../../errors.js';
 import { parsePublicKey } from './keys.js';
 
 const { Client } = ssh2;

@@ -21,12 +21,12 @@ import {
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, posix } from 'node:path';
 import { z } from 'zod';
-import { BangerError, errorMessage, validateName } from '../errors.js';
-import { Files } from '../paths.js';
-import { rdumpDir } from './debugfs.js';
-import { readDiskFile } from './disks.js';
-import { CommandError, run, which, type Runner } from './runner.js';
-import { ensureFreeSpace } from './space.js';
+import { BangerError, errorMessage, validateName } from '../../errors.js';
+import { Files } from '../../paths.js';
+import { rdumpDir } from '../disk/debugfs.js';
+import { readDiskFile } from '../disk/disks.js';
+import { CommandError, run, which, type Runner } from '../exec/runner.js';
+import { ensureFreeSpace } from '../disk/space.js';
 
 /** Bump when the image recipe changes, so cached images are rebuilt. */
 export const BUILDER_VERSION = 1;

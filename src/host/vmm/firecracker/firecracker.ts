@@ -4,10 +4,10 @@ import { access, constants as fsConstants, lchown, link, lstat, mkdir, readdir, 
 import { request as httpRequest } from 'node:http';
 import { createConnection } from 'node:net';
 import { basename, delimiter, dirname, join, resolve } from 'node:path';
-import { BangerError, errorMessage } from '../errors.js';
-import { Files } from '../paths.js';
-import type { LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from './qemu.js';
-import type { Runner } from './runner.js';
+import { BangerError, errorMessage } from '../../../errors.js';
+import { Files } from '../../../paths.js';
+import type { LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../qemu/qemu.js';
+import type { Runner } from '../../exec/runner.js';
 
 /**
  * The Firecracker driver. Firecracker is started detached (its own session, so the VM outlives the daemon),
@@ -17,9 +17,9 @@ import type { Runner } from './runner.js';
  * acquired and run in reverse on failure (firecracker-go-sdk handlers.go / doCleanup).
  */
 
-export type { LaunchSpec } from './qemu.js';
-import { checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
-import { identifyProcess, type PidIdentity } from './proc.js';
+export type { LaunchSpec } from '../qemu/qemu.js';
+import { checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
+import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 
 export { MAX_SOCKET_PATH };
 

@@ -3,12 +3,12 @@ import { access, constants as fsConstants, mkdir, mkdtemp, open, readFile, renam
 import { createConnection, createServer, type Socket } from 'node:net';
 import { release, tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { BangerError, errorMessage } from '../errors.js';
-import { Files } from '../paths.js';
-import { LineDecoder } from '../rpc/ndjson.js';
-import { run, type Runner } from './runner.js';
-import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from './wait.js';
-import { identifyProcess, type PidIdentity } from './proc.js';
+import { BangerError, errorMessage } from '../../../errors.js';
+import { Files } from '../../../paths.js';
+import { LineDecoder } from '../../../rpc/ndjson.js';
+import { run, type Runner } from '../../exec/runner.js';
+import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
+import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 
 export { MAX_SOCKET_PATH };
 

@@ -3,9 +3,9 @@ import { chmod, link, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import ssh2 from 'ssh2';
-import { BangerError } from '../errors.js';
-import { Files } from '../paths.js';
-import { run, type Runner } from './runner.js';
+import { BangerError } from '../../errors.js';
+import { Files } from '../../paths.js';
+import { run, type Runner } from '../exec/runner.js';
 
 const { utils } = ssh2;
 

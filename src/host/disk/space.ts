@@ -5,7 +5,7 @@
  */
 import { statfs } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { BangerError, errorMessage } from '../errors.js';
+import { BangerError, errorMessage } from '../../errors.js';
 
 const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
 

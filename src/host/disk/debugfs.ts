@@ -1,8 +1,8 @@
 import { chmod, lstat, mkdir, mkdtemp, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { BangerError } from '../errors.js';
-import { run, type Runner } from './runner.js';
+import { BangerError } from '../../errors.js';
+import { run, type Runner } from '../exec/runner.js';
 
 /**
  * Scripting debugfs (e2fsprogs) to edit ext4 images without mounting them and without root.
