@@ -62,4 +62,8 @@ if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.package-l
   }
 fi
 node -e "require('better-sqlite3'); require('ssh2')" || { echo "bootstrap: native modules failed to load; run npm rebuild" >&2; exit 1; }
+# The CLI runs compiled JavaScript from dist/ (bin/banger.js falls back to the sources, slower, when it is stale).
+if [ "$(node -e "import('./bin/freshness.js').then((m) => console.log(m.distState('.')))")" != fresh ]; then
+  node scripts/build.mjs >/dev/null || { echo "bootstrap: compiling src/ to dist/ failed (npm run build shows why)" >&2; exit 1; }
+fi
 echo "bootstrap: ready" >&2
