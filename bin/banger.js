@@ -8,7 +8,11 @@ import { distState } from './freshness.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const state = distState(root);
-if (state === 'fresh') {
+if (state === 'fresh' && process.argv.length === 3 && process.argv[2] === '--version') {
+  // The one command that needs neither yargs nor the daemon's client: answered before loading them.
+  const { versionLine } = await import('../dist/version.js');
+  process.stdout.write(`${versionLine()}\n`);
+} else if (state === 'fresh') {
   await import('../dist/cli/main.js');
 } else {
   if (process.stderr.isTTY && process.env.BANGER_QUIET_SOURCE !== '1') {
