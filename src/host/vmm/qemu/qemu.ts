@@ -9,72 +9,11 @@ import { run, type Runner } from '../../exec/runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
+import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
 export { MAX_SOCKET_PATH };
 export { QmpClient, type QmpEvent };
-
-// ───────────────────────────── driver interface (shared with Firecracker) ─────────────────────────────
-
-export interface LaunchSpec {
-  id: string;
-  vmDir: string;
-  runDir: string;
-  kernel: string;
-  initrd?: string;
-  cmdline: string;
-  rootDisk: string;
-  workDisk: string;
-  vcpus: number;
-  memoryMiB: number;
-  accel: 'kvm' | 'tcg';
-  net: { mode: 'user'; sshPort: number } | { mode: 'tap'; tap: string; mac: string };
-  serialLog: string;
-  /** QEMU block cache mode for both disks. Default 'writeback' (flushes from the guest are honoured). */
-  diskCache?: 'writeback' | 'none' | 'unsafe';
-}
-
-export interface VmmProcess {
-  pid: number;
-  /** QEMU: the command QMP socket. Also identifies the process (it is on the command line). */
-  qmpSocket: string;
-}
-
-export type VmmState = 'running' | 'paused' | 'shutdown' | 'gone' | 'broken';
-
-export interface VmmExit {
-  reason: string;
-  /** From QEMU's SHUTDOWN event when one was seen, e.g. 'guest-shutdown', 'guest-reset', 'host-signal'. */
-  shutdownReason?: string;
-  /** True when the guest itself asked to shut down / reset. */
-  guest?: boolean;
-  /**
-   * Set when waitExit returned because QEMU paused the guest on a disk error (werror=enospc): the process is
-   * still there, stopped. `reason` then says what happened and what to do.
-   */
-  ioError?: IoErrorStop;
-}
-
-/** What QEMU said about the disk error it paused the guest for (BLOCK_IO_ERROR, query-block's io-status). */
-export interface IoErrorStop {
-  /** The drive id: 'root' or 'work'. */
-  device?: string;
-  operation?: string;
-  /** The host's disk is full (ENOSPC). */
-  nospace: boolean;
-  /** The host error as QEMU words it, e.g. "No space left on device". */
-  detail?: string;
-}
-
-export interface VmmDriver {
-  kind: 'qemu' | 'firecracker';
-  launch(spec: LaunchSpec, opts: { signal?: AbortSignal; runner?: Runner }): Promise<VmmProcess>;
-  stop(proc: VmmProcess, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<'graceful' | 'killed' | 'already-gone'>;
-  kill(proc: VmmProcess): Promise<void>;
-  status(proc: VmmProcess): Promise<{ state: VmmState; reasons: string[] }>;
-  waitExit(proc: VmmProcess, signal: AbortSignal): Promise<VmmExit>;
-  /** Resumes a paused guest (QEMU: `cont`, which retries the I/O that failed). Not every driver can. */
-  resume?(proc: VmmProcess): Promise<void>;
-}
+export type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
 // ───────────────────────────── small helpers ─────────────────────────────
 
