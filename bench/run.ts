@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only disk,tap,create,workspace,local,vmm,fc] [--runs N]
+ * npm run bench [-- --only disk,tap,create,workspace,local,vmm,fc,cli] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { createWorkDisk } from '../src/host/disk/disks.js';
 import { imageHome as testImageHome, TEST_IMAGE } from '../test/e2e/image-cache.js';
 import { benchFirecrackerFake, benchLocalWorkspace, benchVmmTimings } from './timings.js';
+import { benchCli } from './cli.js';
 import { RpcClient } from '../src/rpc/client.js';
 import { shellQuote } from '../src/host/exec/shell.js';
 
@@ -220,3 +221,4 @@ if (want('workspace')) await benchWorkspace();
 if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
 if (want('fc')) await benchFirecrackerFake(line);
+if (want('cli')) await benchCli(line, BIN);
