@@ -7,16 +7,9 @@
 import type { InspectionEvent, Observer } from 'xstate';
 import type { Store } from '../store/repo.js';
 import type { VmActorRef, VmSnapshot } from '../machines/vm.machine.js';
+import type { Transition } from '../rpc/types.js';
 
-export interface Transition {
-  time: string;
-  vmId: string;
-  vmName: string;
-  actor: string;
-  event: string;
-  from: string | null;
-  to: string;
-}
+export type { Transition };
 
 const stateOf = (s: { value: unknown }): string => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]);
 

@@ -11,26 +11,9 @@ export interface VmRow {
   deleted: number;
 }
 
-export interface EventRow {
-  vmId: string;
-  seq: number;
-  time: string;
-  actor: string;
-  type: string;
-  payload: unknown;
-  from?: string | null;
-  to?: string | null;
-}
-
-export interface LogRow {
-  vmId: string;
-  seq: number;
-  time: string;
-  stage: string;
-  status: 'start' | 'done' | 'error' | 'info';
-  durationMs?: number | null;
-  message?: string | null;
-}
+/** The store's rows are the wire's shapes: `vm events` and `vm logs` print them as they are. */
+export type { EventRow, LogRow } from '../rpc/types.js';
+import type { EventRow, LogRow } from '../rpc/types.js';
 
 /** Typed access to the store. All multi-row writes go through a transaction. */
 export class Store {
