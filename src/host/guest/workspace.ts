@@ -1,6 +1,6 @@
 import { readFile, stat } from 'node:fs/promises';
 import { basename, posix, resolve } from 'node:path';
-import { Transform, type Readable, type Writable } from 'node:stream';
+import { PassThrough, Transform, type Readable, type Writable } from 'node:stream';
 import { execa } from 'execa';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
@@ -381,13 +381,29 @@ if [ "$format" = sha1 ]; then git init -q . >/dev/null; else git init -q --objec
 git index-pack --stdin >/dev/null
 `;
 
-/** $1 dest, $2 stage, $3 replace (0|1), $4 fresh (1: start the staging dir, 0: it holds the history already). stdin: a tar. */
-const TREE_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 fresh=$4
-if [ "$fresh" = 1 ]; then
+/** $1 dest, $2 stage, $3 replace (0|1). stdin: a tar of the whole directory (full_copy). */
+const TREE_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3
 ${ENTER_STAGE}
-else
-  cd -- "$stage"
+tar -x -f - --no-same-owner
+`;
+
+/**
+ * $1 stage, $2 the commit to check out. The tree comes out of the pack already in the staging repository (each
+ * byte crosses the link once); then the host's working-tree delta. stdin: `<n>\n`, n bytes of NUL-terminated
+ * paths the host deleted (or replaced by a directory), then a tar of the host's changed and untracked files.
+ * `read` takes the first line byte by byte and `head -c` reads no more than n bytes, so the tar starts where it
+ * should. Directories the deletions leave empty go too (git's checkout never has empty directories).
+ */
+const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2
+cd -- "$stage"
+git -c checkout.workers=0 read-tree --reset -u "$head"
+IFS= read -r n
+head -c "$n" > .git/banger-deleted
+if [ -s .git/banger-deleted ]; then
+  xargs -0 rm -f -- < .git/banger-deleted
+  xargs -0 dirname -z -- < .git/banger-deleted | xargs -0 rmdir -p --ignore-fail-on-non-empty -- 2>/dev/null || :
 fi
+rm -f .git/banger-deleted
 tar -x -f - --no-same-owner
 `;
 
@@ -408,7 +424,6 @@ if [ "$fullcopy" = 0 ]; then
   [ -s .git/shallow ] || rm -f .git/shallow
   git update-ref --stdin
   if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; else git update-ref --no-deref HEAD "$head"; fi
-  git read-tree "$head"
 fi
 git update-index -q --refresh >/dev/null 2>&1 || :
 if [ "$base" != "$head" ]; then
@@ -762,7 +777,7 @@ export async function prepareWorkspace(
         const tar = startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '.'], { signal });
         onProgress?.({ stage: 'tree' });
         started = true;
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace, '1']), [tar], tar.stdout, ctx);
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace]), [tar], tar.stdout, ctx);
         step('tree', t.result);
         bytesStreamed += t.bytes;
       } else {
@@ -800,16 +815,17 @@ export async function prepareWorkspace(
         step('history', h.result);
         bytesStreamed += h.bytes;
 
-        // 2. the working tree: tracked and present, plus untracked and not ignored
-        const files = await worktreeFiles(runner, root, signal);
+        // 2. the tree out of the pack, then only what differs on the host: deletions, changed and untracked files
+        const delta = await worktreeDelta(runner, root, signal);
         const tar = startHostStream(
           'tar -c',
           'tar',
           ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'],
-          { signal, input: files },
+          { signal, input: delta.send },
         );
         onProgress?.({ stage: 'tree' });
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace, '0']), [tar], tar.stdout, ctx);
+        const input = prefixed(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]), tar.stdout);
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [stagePath, repo.headCommit]), [tar], input, ctx);
         step('tree', t.result);
         bytesStreamed += t.bytes;
       }
@@ -893,21 +909,40 @@ async function checkFullCopyable(root: string, gitDir: string): Promise<void> {
   }
 }
 
-/** NUL-separated list of the files to send: tracked and present, plus untracked and not ignored. */
-async function worktreeFiles(runner: Runner, root: string, signal?: AbortSignal): Promise<Buffer> {
-  const [listed, deleted] = await Promise.all([
-    hostGitPaths(runner, root, ['ls-files', '--cached', '--others', '--exclude-standard'], signal),
-    hostGitPaths(runner, root, ['ls-files', '--deleted'], signal),
+/**
+ * How the host's working tree differs from HEAD, as NUL-terminated path lists: `send` (changed, added, type- or
+ * mode-changed, and untracked non-ignored files) and `deleted` (gone from the working tree, or no longer a file:
+ * a file that became a directory is deleted here and its new contents are untracked, so they are sent).
+ */
+export async function worktreeDelta(runner: Runner, root: string, signal?: AbortSignal): Promise<{ send: Buffer; deleted: Buffer }> {
+  const [changed, untracked] = await Promise.all([
+    hostGitPaths(runner, root, ['diff', '--name-status', '--no-renames', '--no-ext-diff', '--ignore-submodules=none', 'HEAD', '--'], signal),
+    hostGitPaths(runner, root, ['ls-files', '--others', '--exclude-standard'], signal),
   ]);
-  const gone = new Set(deleted);
-  const seen = new Set<string>();
-  const out: Buffer[] = [];
-  for (const line of listed) {
-    if (gone.has(line) || seen.has(line)) continue; // duplicates: unmerged entries have one line per stage
-    seen.add(line);
-    out.push(unquoteGitPath(line), Buffer.from([0]));
+  const send: Buffer[] = [];
+  const deleted: Buffer[] = [];
+  const seen = { send: new Set<string>(), deleted: new Set<string>() };
+  const nul = Buffer.from([0]);
+  const add = (to: 'send' | 'deleted', path: string) => {
+    if (seen[to].has(path)) return; // unmerged entries can be listed once per stage
+    seen[to].add(path);
+    (to === 'send' ? send : deleted).push(unquoteGitPath(path), nul);
+  };
+  for (const line of changed) {
+    const tab = line.indexOf('\t');
+    add(line.slice(0, tab) === 'D' ? 'deleted' : 'send', line.slice(tab + 1));
   }
-  return Buffer.concat(out);
+  // A path removed from the index but still present is both: deleted first, then sent.
+  for (const path of untracked) add('send', path);
+  return { send: Buffer.concat(send), deleted: Buffer.concat(deleted) };
+}
+
+/** A stream of `head`, then everything `rest` produces. */
+function prefixed(head: Buffer, rest: Readable): Readable {
+  const out = new PassThrough();
+  out.write(head);
+  rest.pipe(out);
+  return out;
 }
 
 /** The host's own shallow boundary (a shallow host clone stays shallow in the guest). */
