@@ -1,8 +1,8 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { isIP } from 'node:net';
-import { lstat, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, lstat, mkdir, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, posix } from 'node:path';
+import { isAbsolute, join, posix } from 'node:path';
 import { BangerError } from '../../errors.js';
 import { run, which, type Runner } from '../exec/runner.js';
 import {
@@ -144,13 +144,102 @@ export async function probeCowStrategies(
     await rm(probe, { recursive: true, force: true });
   }
   const qemuImg = await which('qemu-img', runner);
+  const overlayUse = 'QEMU VMs get a qcow2 overlay on the image (constant time, any filesystem) when the image applies its identity from the work disk (built by banger ≥ 2); Firecracker and other images use reflink, else a sparse copy';
   out.push(
     qemuImg
-      ? { strategy: 'qcow2-overlay', ok: true, why: `qemu-img found (${qemuImg}); QEMU only, not used by banger yet` }
-      : { strategy: 'qcow2-overlay', ok: false, why: 'qemu-img not found (package qemu-utils); QEMU only, not used by banger yet' },
+      ? { strategy: 'qcow2-overlay', ok: true, why: `qemu-img found (${qemuImg}): ${overlayUse}` }
+      : { strategy: 'qcow2-overlay', ok: false, why: `qemu-img not found (package qemu-utils): every root disk is a reflink or a sparse copy, whose cost grows with the image` },
   );
   return out;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// qcow2 overlays (QEMU only)
+
+/** How a VM's root disk was made: a qcow2 overlay on the image's rootfs, or a raw clone (reflink / sparse copy). */
+export type RootDiskStrategy = 'qcow2-overlay' | CowStrategy;
+
+/**
+ * A qcow2 overlay whose backing file is `backing` (raw, opened read-only by QEMU and never written): its cost does
+ * not depend on the image's size. `qemu-img` (given an argv, never a shell string) makes one template per backing
+ * file in `templateDir` (named by the backing file's path, inode, size and mtime, so a re-pulled image gets a new
+ * one); each VM's overlay is a copy of it (about 200 KB), which saves the ~40-100 ms qemu-img takes to start.
+ * Built at `dst.partial` and renamed, so `dst` is never half-made. Idempotent: an existing `dst` is kept.
+ */
+export async function overlayDisk(backing: string, dst: string, opts: Ctx & { templateDir: string }): Promise<'qcow2-overlay'> {
+  if (await exists(dst)) return 'qcow2-overlay';
+  const template = await overlayTemplate(backing, opts.templateDir, opts);
+  const partial = `${dst}.partial`;
+  try {
+    await copyFile(template, partial);
+    await rename(partial, dst);
+    return 'qcow2-overlay';
+  } catch (e) {
+    await rm(partial, { force: true });
+    throw e;
+  }
+}
+
+async function overlayTemplate(backing: string, dir: string, opts: Ctx): Promise<string> {
+  if (!isAbsolute(backing)) throw new BangerError('invalid_params', `backing file ${backing} must be an absolute path`);
+  const st = await stat(backing).catch(() => undefined);
+  if (!st?.isFile()) throw new BangerError('not_found', `disk image ${backing} does not exist`, 'pull or import the image again');
+  const key = createHash('sha256').update(`${backing}\0${st.ino}\0${st.size}\0${st.mtimeMs}`).digest('hex').slice(0, 24);
+  const template = join(dir, `${key}.qcow2`);
+  if (await exists(template)) return template;
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const partial = `${template}.${process.pid}.${randomBytes(4).toString('hex')}.partial`;
+  try {
+    // -u: qemu-img does not open the backing file (it was just stat'ed); its size is given instead.
+    await (opts.runner ?? run)('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, '-u', partial, String(st.size)], { signal: opts.signal });
+    await rename(partial, template);
+    return template;
+  } catch (e) {
+    await rm(partial, { force: true });
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-VM identity, applied by the guest at boot (images built by banger ≥ 2, see image.ts IDENTITY_SCRIPT)
+
+/** Where the identity lives on the work disk, relative to its root (the guest's /root). */
+export const IDENTITY_GUEST_DIR = '.banger/identity';
+
+export interface Identity {
+  hostname: string;
+  hostKey: { privateKey: string; publicKey: string };
+  network: NetworkConfig;
+}
+
+/**
+ * Write a VM's identity as files into `dir` (made 0700): hostname, the SSH host key pair, the networkd file and,
+ * for static networks, resolv.conf. The image's banger-identity.service copies them into /etc at boot, before
+ * networkd and sshd start. Validates like customizeRootDisk.
+ */
+export async function writeIdentityDir(dir: string, id: Identity): Promise<void> {
+  validateIdentity(id);
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const put = (name: string, content: string, mode: number) => writeFile(join(dir, name), content, { mode });
+  await put('hostname', id.hostname + '\n', 0o644);
+  await put('ssh_host_ed25519_key', withNewline(id.hostKey.privateKey), 0o600);
+  await put('ssh_host_ed25519_key.pub', withNewline(id.hostKey.publicKey.trim()), 0o644);
+  await put('10-banger.network', networkdUnit(id.network), 0o644);
+  if (id.network.mode === 'static') await put('resolv.conf', resolvConf(id.network.dns), 0o644);
+}
+
+function validateIdentity(id: Identity): void {
+  if (!HOSTNAME_RE.test(id.hostname)) {
+    throw new BangerError('usage', `invalid hostname ${JSON.stringify(id.hostname)}`, 'a hostname is letters, digits and hyphens, in dot-separated labels');
+  }
+  if (!id.hostKey.privateKey.includes('PRIVATE KEY') || !id.hostKey.publicKey.trim()) {
+    throw new BangerError('invalid_params', 'a VM identity needs an OpenSSH private host key and its public key');
+  }
+  validateNetwork(id.network);
+}
+
+const resolvConf = (dns: string[]) => ['# written by banger', ...dns.map((d) => `nameserver ${d}`)].join('\n') + '\n';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Root disk customisation
@@ -200,13 +289,7 @@ export async function customizeRootDisk(
   },
 ): Promise<{ ms: number }> {
   const t0 = performance.now();
-  if (!HOSTNAME_RE.test(opts.hostname)) {
-    throw new BangerError('usage', `invalid hostname ${JSON.stringify(opts.hostname)}`, 'a hostname is letters, digits and hyphens, in dot-separated labels');
-  }
-  if (!opts.hostKey.privateKey.includes('PRIVATE KEY') || !opts.hostKey.publicKey.trim()) {
-    throw new BangerError('invalid_params', 'customizeRootDisk needs an OpenSSH private host key and its public key');
-  }
-  validateNetwork(opts.network);
+  validateIdentity(opts);
   if (!(await exists(disk))) throw new BangerError('not_found', `root disk ${disk} does not exist`);
   const tmp = await mkdtemp(join(tmpdir(), 'banger-custom-'));
   try {
@@ -224,8 +307,7 @@ export async function customizeRootDisk(
     s.replaceFile(await f('key.pub', withNewline(opts.hostKey.publicKey.trim()), 0o644), '/etc/ssh/ssh_host_ed25519_key.pub', 0o644);
     s.replaceFile(await f('net', networkdUnit(opts.network), 0o644), '/etc/systemd/network/10-banger.network', 0o644);
     if (opts.network.mode === 'static') {
-      const resolv = ['# written by banger', ...opts.network.dns.map((d) => `nameserver ${d}`)].join('\n') + '\n';
-      s.replaceFile(await f('resolv', resolv, 0o644), '/etc/resolv.conf', 0o644);
+      s.replaceFile(await f('resolv', resolvConf(opts.network.dns), 0o644), '/etc/resolv.conf', 0o644);
     }
     await runDebugfs(disk, s, { runner: opts.runner, signal: opts.signal });
   } finally {

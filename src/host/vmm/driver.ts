@@ -13,6 +13,8 @@ export interface LaunchSpec {
   initrd?: string;
   cmdline: string;
   rootDisk: string;
+  /** The root disk's format: 'qcow2' for an overlay on the image (QEMU only; Firecracker takes raw), default raw. */
+  rootFormat?: 'raw' | 'qcow2';
   workDisk: string;
   vcpus: number;
   memoryMiB: number;

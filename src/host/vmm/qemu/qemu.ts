@@ -65,11 +65,11 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1) throw new BangerError('invalid_params', `vcpus must be a positive integer, got ${spec.vcpus}`);
   if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 64) throw new BangerError('invalid_params', `memory must be at least 64 MiB, got ${spec.memoryMiB}`);
   const cache = spec.diskCache ?? 'writeback';
-  const drive = (id: string, file: string) => [
+  const drive = (id: string, file: string, format: 'raw' | 'qcow2' = 'raw') => [
     '-drive',
     // werror=enospc (QEMU's default, stated): a full host disk pauses the guest (BLOCK_IO_ERROR, then STOP) instead
     // of failing its writes, so nothing is lost; `cont` after freeing space retries them. Other errors go to the guest.
-    `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=raw,if=none,cache=${cache},discard=unmap,werror=enospc,rerror=report`,
+    `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=${format},if=none,cache=${cache},discard=unmap,werror=enospc,rerror=report`,
     '-device',
     `virtio-blk-device,drive=${id}`,
   ];
@@ -89,7 +89,7 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   if (spec.initrd) args.push('-initrd', assertPath('initrd', spec.initrd));
   args.push('-append', tcgCmdline(spec, opts.tscKhz));
   args.push('-serial', `file:${assertPath('serial log', spec.serialLog)}`);
-  args.push(...drive('root', spec.rootDisk), ...drive('work', spec.workDisk));
+  args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk));
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
