@@ -1,6 +1,7 @@
 import Database from 'better-sqlite3';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { BangerError } from '../errors.js';
 
 /**
  * The SQLite store. Versioned migrations: each entry runs once, in order, inside a transaction,
@@ -87,8 +88,38 @@ export function openDb(path: string): DB {
   db.pragma('synchronous = NORMAL');
   db.pragma('foreign_keys = ON');
   db.pragma('busy_timeout = 5000');
-  migrate(db);
+  try {
+    refuseNewerStore(db, path);
+    if (path !== ':memory:') backupBeforeMigrating(db, path);
+    migrate(db);
+  } catch (e) {
+    db.close();
+    throw e;
+  }
   return db;
+}
+
+/** Where the copy of a store at schema `version` is kept before a newer release migrates it. */
+export const storeBackupPath = (path: string, version: number): string => `${path}.schema-${version}.bak`;
+
+/** A store written by a newer banger: refuse it rather than run with (and write into) a schema we do not know. */
+function refuseNewerStore(db: DB, path: string): void {
+  const current = db.pragma('user_version', { simple: true }) as number;
+  if (current <= MIGRATIONS.length) return;
+  throw new BangerError(
+    'usage',
+    `the store ${path} has schema version ${current}, newer than this banger understands (${MIGRATIONS.length}): a newer release wrote it`,
+    `run the newer release again (sudo banger update --rollback undoes a rollback), or restore ${storeBackupPath(path, MIGRATIONS.length)} if an update made one`,
+  );
+}
+
+/** Before migrating an existing store, keep a consistent copy of it (VACUUM INTO), so a rollback can restore it. */
+function backupBeforeMigrating(db: DB, path: string): void {
+  const current = db.pragma('user_version', { simple: true }) as number;
+  if (current === 0 || current >= MIGRATIONS.length) return;
+  const backup = storeBackupPath(path, current);
+  if (existsSync(backup)) rmSync(backup);
+  db.prepare('VACUUM INTO ?').run(backup);
 }
 
 /** Brings the schema up to `target` (default: the newest); tests pass an older target to build an old database. */
