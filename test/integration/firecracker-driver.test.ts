@@ -178,7 +178,7 @@ describe('Firecracker driver against the fake binary', () => {
       { action_type: 'InstanceStart' },
     ]);
     // each step logged with its time
-    for (const step of ['resolve-binary', 'spawn', 'wait-api-socket', 'machine-config', 'boot-source', 'drive-rootfs', 'drive-work', 'network', 'vsock', 'instance-start']) {
+    for (const step of ['resolve-binary', 'spawn', 'wait-api-socket', 'machine-config', 'boot-source', 'drive-rootfs', 'drive-work', 'network-interfaces', 'vsock', 'instance-start']) {
       expect(lines.some((l) => new RegExp(`: ${step} \\d+ ms$`).test(l)), step).toBe(true);
     }
 

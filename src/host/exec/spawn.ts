@@ -6,11 +6,19 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { BangerError } from '../../errors.js';
 
 export interface DetachedOptions {
-  /** A file descriptor for stdout and stderr (e.g. an opened log file); default ignore. */
+  /** A file descriptor for stdout (and stderr, unless stderrFd or onStderrLine is given); default ignore. */
   logFd?: number;
+  /** A file descriptor for stderr alone (e.g. a VMM's log while stdout is the guest console). */
+  stderrFd?: number;
   /** Called with each stderr line instead of writing stderr to logFd. */
   onStderrLine?: (line: string) => void;
   env?: NodeJS.ProcessEnv;
+  cwd?: string;
+}
+
+export interface ExitStatus {
+  code: number | null;
+  signal: NodeJS.Signals | null;
 }
 
 export interface Detached {
@@ -18,29 +26,36 @@ export interface Detached {
   child: ChildProcess;
   /** Resolves with the exit code (or 1 for a signal) when the process ends. */
   exited: Promise<number>;
+  /** Resolves with how the process ended (code or signal; both null when it could not start). */
+  exitStatus: Promise<ExitStatus>;
+  /** Resolves once the process runs; rejects when it could not be started (e.g. no such file). */
+  started: Promise<void>;
   isRunning(): boolean;
 }
 
 /** Start a process that outlives us (its own process group, unref'd). */
 export function spawnDetached(file: string, args: readonly string[], opts: DetachedOptions = {}): Detached {
   const out = opts.logFd ?? 'ignore';
-  const child = spawn(file, args as string[], {
-    detached: true,
-    stdio: ['ignore', out, opts.onStderrLine ? 'pipe' : out],
-    env: opts.env ?? process.env,
-  });
+  const err = opts.onStderrLine ? 'pipe' : (opts.stderrFd ?? out);
+  const child = spawn(file, args as string[], { detached: true, stdio: ['ignore', out, err], env: opts.env ?? process.env, cwd: opts.cwd });
   if (opts.onStderrLine && child.stderr) {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (d: string) => {
       for (const line of d.split('\n').filter(Boolean)) opts.onStderrLine!(line);
     });
   }
-  const exited = new Promise<number>((resolve) => {
-    child.once('exit', (code) => resolve(code ?? 1));
-    child.once('error', () => resolve(1));
+  const exitStatus = new Promise<ExitStatus>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: null, signal: null }));
   });
+  const started = new Promise<void>((resolve, reject) => {
+    child.once('spawn', () => resolve());
+    child.once('error', (e) => reject(new BangerError('host', `cannot start ${file}: ${e.message}`, undefined, { cause: e })));
+  });
+  started.catch(() => {}); // a caller that does not wait for the start learns of a failure through exited
+  const exited = exitStatus.then(({ code }) => code ?? 1);
   child.unref();
-  return { pid: child.pid ?? -1, child, exited, isRunning: () => child.exitCode === null && child.signalCode === null };
+  return { pid: child.pid ?? -1, child, exited, exitStatus, started, isRunning: () => child.exitCode === null && child.signalCode === null };
 }
 
 /** Run a command attached to our terminal (stdin/stdout/stderr inherited); resolves with its exit status. */
