@@ -491,3 +491,127 @@ describe.skipIf(!isRoot)('through the jailer (a fake jailer; needs root for chow
     await expect(assertRootOwnedDir(join(root, 'fine', 'jail'))).resolves.toBeUndefined();
   });
 });
+
+describe('snapshots: PATCH /vm, PUT /snapshot/create, PUT /snapshot/load', () => {
+  let fake: FakeFirecracker | undefined;
+  afterEach(async () => {
+    await fake?.close();
+    fake?.unlinkSockets();
+    fake = undefined;
+  });
+  const fault = async (p: Promise<unknown>) => {
+    const e = await errorOf(p);
+    expect(e).toBeInstanceOf(FirecrackerApiError);
+    return e as FirecrackerApiError;
+  };
+  /** A fake with a booted microVM: boot source, one drive, one interface. */
+  const booted = async () => {
+    const kernel = join(root, 'snap-kernel');
+    await writeFile(kernel, 'k');
+    const socketPath = join(root, `s${++n}.sock`);
+    fake = await startFakeFirecracker({ socketPath, id: 'snap' });
+    const api = new FirecrackerApi(socketPath);
+    await api.put('/boot-source', { kernel_image_path: kernel });
+    await api.put('/drives/rootfs', { drive_id: 'rootfs', is_root_device: true, is_read_only: false, path_on_host: kernel });
+    await api.put('/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'bgtap1' });
+    await api.put('/actions', { action_type: 'InstanceStart' });
+    return { api, dir: await mkdtemp(join(root, 'snap-')) };
+  };
+
+  it('the fake creates a snapshot only of a paused microVM, from documented fields only, and answers 204', async () => {
+    const { api, dir } = await booted();
+    const files = { snapshot_path: join(dir, 'vm.snap'), mem_file_path: join(dir, 'vm.mem') };
+    expect((await fault(api.put('/snapshot/create', files))).faultMessage).toMatch(/not paused/);
+    expect((await fault(api.patch('/vm', { state: 'Stopped' }))).faultMessage).toMatch(/state/);
+    await api.patch('/vm', { state: 'Paused' });
+    expect((await api.describe()).state).toBe('Paused');
+    expect((await fault(api.put('/snapshot/create', { ...files, version: '1.0.0' }))).faultMessage).toMatch(/unknown field `version`/);
+    expect((await fault(api.put('/snapshot/create', { snapshot_path: files.snapshot_path }))).faultMessage).toMatch(/mem_file_path/);
+    expect((await fault(api.put('/snapshot/create', { ...files, snapshot_type: 'Diff' }))).faultMessage).toMatch(/dirty page tracking/);
+    expect((await fault(api.put('/snapshot/create', { ...files, snapshot_path: join(dir, 'no', 'vm.snap') }))).faultMessage).toMatch(/No such file/);
+    await api.put('/snapshot/create', { ...files, snapshot_type: 'Full' });
+    expect(existsSync(files.snapshot_path) && existsSync(files.mem_file_path)).toBe(true);
+    expect(fake!.find('PUT', '/snapshot/create').map((r) => r.status)).toEqual([400, 400, 400, 400, 400, 204]);
+  });
+
+  it('the fake loads a snapshot only into an unconfigured microVM, with exactly one memory backend', async () => {
+    const { api, dir } = await booted();
+    const files = { snapshot_path: join(dir, 'vm.snap'), mem_file_path: join(dir, 'vm.mem') };
+    await api.patch('/vm', { state: 'Paused' });
+    await api.put('/snapshot/create', files);
+    expect((await fault(api.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend: { backend_type: 'File', backend_path: files.mem_file_path } }))).faultMessage).toMatch(
+      /not supported after starting/,
+    );
+    await fake!.close();
+    fake!.unlinkSockets();
+    const socketPath = join(root, `s${++n}.sock`);
+    fake = await startFakeFirecracker({ socketPath, id: 'snap2' });
+    const fresh = new FirecrackerApi(socketPath);
+    const mem_backend = { backend_type: 'File', backend_path: files.mem_file_path };
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path }))).faultMessage).toMatch(/mem_backend.*mem_file_path/);
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend, mem_file_path: files.mem_file_path }))).faultMessage).toMatch(/not both/);
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend: { ...mem_backend, backend_type: 'Disk' } }))).faultMessage).toMatch(/backend_type/);
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend, resume: true }))).faultMessage).toMatch(/unknown field `resume`/);
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: join(dir, 'absent'), mem_backend }))).faultMessage).toMatch(/No such file/);
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.mem_file_path, mem_backend }))).faultMessage).toMatch(/invalid snapshot file/);
+    await fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend, resume_vm: false, network_overrides: [{ iface_id: 'eth0', host_dev_name: 'bgtap2' }] });
+    expect((await fresh.describe()).state).toBe('Paused');
+    expect(fake!.ifaces.get('eth0')?.host_dev_name).toBe('bgtap2');
+    expect((await fault(fresh.put('/snapshot/load', { snapshot_path: files.snapshot_path, mem_backend }))).faultMessage).toMatch(/after starting/);
+    await fresh.patch('/vm', { state: 'Resumed' });
+    expect((await fresh.describe()).state).toBe('Running');
+  });
+
+  it('the driver pauses and snapshots a VM, then restores it into a fresh Firecracker with PUT /snapshot/load', async () => {
+    const bin = await makeBinary();
+    const lines: string[] = [];
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l) });
+    const spec = await makeVm();
+    const proc = await driver.launch(spec);
+    launched.push(proc);
+    const files = { snapshotPath: join(spec.vmDir, 'vm.snap'), memFilePath: join(spec.vmDir, 'vm.mem') };
+    await driver.createSnapshot(proc, files);
+    expect(readRecord(bin.record).filter((r) => r.method !== 'GET').slice(-2).map((r) => [r.method, r.path, r.body, r.status])).toEqual([
+      ['PATCH', '/vm', { state: 'Paused' }, 204],
+      ['PUT', '/snapshot/create', { snapshot_type: 'Full', snapshot_path: files.snapshotPath, mem_file_path: files.memFilePath }, 204],
+    ]);
+    expect((await driver.status(proc)).state).toBe('paused');
+    await driver.kill(proc);
+
+    const bin2 = await makeBinary();
+    const restorer = createFirecrackerDriver({ binary: bin2.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l) });
+    const restored = await restorer.loadSnapshot(spec, files);
+    launched.push(restored);
+    const puts = readRecord(bin2.record).filter((r) => r.method !== 'GET');
+    expect(puts.map((r) => [r.method, r.path, r.body, r.status])).toEqual([
+      ['PUT', '/snapshot/load', { snapshot_path: files.snapshotPath, mem_backend: { backend_type: 'File', backend_path: files.memFilePath }, resume_vm: true, network_overrides: [{ iface_id: 'eth0', host_dev_name: 'bgtap3' }] }, 204],
+    ]);
+    expect(lines.some((l) => /: snapshot-load \d+ ms$/.test(l))).toBe(true);
+    expect(await restorer.status(restored)).toEqual({ state: 'running', reasons: [] });
+    expect(await restorer.stop(restored, { timeoutMs: 10_000 })).toBe('graceful');
+
+    // a snapshot that is not there: the launch names the handler and leaves no process behind
+    const e = await errorOf(restorer.loadSnapshot(spec, { ...files, snapshotPath: join(spec.vmDir, 'absent.snap') }));
+    expect(e.message).toMatch(/^Firecracker launch failed at step snapshot-load: Firecracker refused PUT \/snapshot\/load \(HTTP 400\): .*No such file/);
+    expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
+  }, SLOW);
+
+  it('handler lists can be edited by name before a launch', async () => {
+    const bin = await makeBinary();
+    const driver = createFirecrackerDriver({
+      binary: bin.path,
+      readyTimeoutMs: READY_MS,
+      handlers: (h) => {
+        h.config.remove('vsock');
+        expect(h.config.swap({ name: 'machine-config', fn: (c) => c.api.put('/machine-config', { vcpu_count: 1, mem_size_mib: 256 }) })).toBe(true);
+        return h;
+      },
+    });
+    const proc = await driver.launch(await makeVm());
+    launched.push(proc);
+    const puts = readRecord(bin.record).filter((r) => r.method !== 'GET');
+    expect(puts.map((r) => r.path)).toEqual(['/machine-config', '/boot-source', '/drives/rootfs', '/drives/work', '/network-interfaces/eth0', '/actions']);
+    expect(puts[0].body).toEqual({ vcpu_count: 1, mem_size_mib: 256 });
+    await driver.kill(proc);
+  }, SLOW);
+});

@@ -6,7 +6,7 @@
  * before it. Files named in bodies must exist (kernel, initrd, drives), as Firecracker opens them.
  * Every request is recorded.
  */
-import { existsSync, statSync, unlinkSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createNetServer, type Server as NetServer } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -112,6 +112,21 @@ const Metrics = z.strictObject({ metrics_path: z.string() });
 const Vm = z.strictObject({ state: z.enum(['Paused', 'Resumed']) });
 const EntropyDevice = z.strictObject({ rate_limiter: RateLimiter.optional() });
 const SerialDevice = z.strictObject({ serial_out_path: z.string().optional(), rate_limiter: TokenBucket.optional() });
+const SnapshotCreateParams = z.strictObject({ mem_file_path: z.string(), snapshot_path: z.string(), snapshot_type: z.enum(['Full', 'Diff']).optional() });
+const MemoryBackend = z.strictObject({ backend_type: z.enum(['File', 'Uffd']), backend_path: z.string() });
+const SnapshotLoadParams = z.strictObject({
+  enable_diff_snapshots: z.boolean().optional(),
+  track_dirty_pages: z.boolean().optional(),
+  mem_file_path: z.string().optional(),
+  mem_backend: MemoryBackend.optional(),
+  snapshot_path: z.string(),
+  resume_vm: z.boolean().optional(),
+  network_overrides: z.array(z.strictObject({ iface_id: z.string(), host_dev_name: z.string() })).optional(),
+  vsock_override: z.strictObject({ uds_path: z.string() }).optional(),
+  clock_realtime: z.boolean().optional(),
+});
+/** What the fake writes into a snapshot file: its configuration, so that a load restores it. */
+const SNAPSHOT_MAGIC = 'fake-firecracker-snapshot/1';
 
 function deserialize<T>(schema: z.ZodType<T>, body: unknown): T {
   if (body === undefined) throw new Fault('The request body is empty.');
@@ -352,6 +367,10 @@ export class FakeFirecracker {
         this.entropy = b;
         return undefined;
       }
+      case 'PUT /snapshot/create':
+        return this.snapshotCreate(body);
+      case 'PUT /snapshot/load':
+        return this.snapshotLoad(body);
       case 'PUT /serial': {
         const b = deserialize(SerialDevice, body);
         this.preBoot();
@@ -364,10 +383,60 @@ export class FakeFirecracker {
       'GET /balloon', 'PUT /balloon', 'PATCH /balloon', 'GET /balloon/statistics', 'PATCH /balloon/statistics',
       'PATCH /balloon/hinting/start', 'GET /balloon/hinting/status', 'PATCH /balloon/hinting/stop', 'PUT /cpu-config',
       'PUT /mmds', 'PATCH /mmds', 'GET /mmds', 'PUT /mmds/config', 'PUT /hotplug/memory', 'PATCH /hotplug/memory',
-      'GET /hotplug/memory', 'PUT /snapshot/create', 'PUT /snapshot/load',
+      'GET /hotplug/memory',
     ]);
     if (documented.has(key) || /^\/pmem\/[^/]+$/.test(path)) throw new Fault(`fake firecracker does not model ${method} ${path}`, 501);
     throw invalid();
+  }
+
+  /** Firecracker: the microVM must be paused; a Diff snapshot needs dirty page tracking; the files' directory must exist. */
+  private snapshotCreate(body: unknown): undefined {
+    const b = deserialize(SnapshotCreateParams, body);
+    this.postBoot();
+    if (this.state !== 'Paused') throw new Fault('Create snapshot error: Cannot save the microVM state: the microVM is not paused.');
+    if (b.snapshot_type === 'Diff' && !this.machineConfig.track_dirty_pages) {
+      throw new Fault('Create snapshot error: Diff snapshots require dirty page tracking (track_dirty_pages) to be enabled.');
+    }
+    for (const p of [b.snapshot_path, b.mem_file_path]) {
+      if (!existsSync(dirname(this.host(p)))) throw new Fault(`Create snapshot error: Cannot open snapshot file: No such file or directory (os error 2): ${p}`);
+    }
+    const config = { machineConfig: this.machineConfig, bootSource: this.bootSource, drives: [...this.drives.values()], ifaces: [...this.ifaces.values()], vsock: this.vsock };
+    writeFileSync(this.host(b.snapshot_path), JSON.stringify({ magic: SNAPSHOT_MAGIC, id: this.id, config }));
+    writeFileSync(this.host(b.mem_file_path), Buffer.alloc(4096));
+    return undefined;
+  }
+
+  /** Firecracker: pre-boot only, and only on a microVM nothing was configured on; exactly one memory backend. */
+  private snapshotLoad(body: unknown): undefined {
+    const b = deserialize(SnapshotLoadParams, body);
+    this.preBoot();
+    if (this.bootSource || this.drives.size || this.ifaces.size || this.vsock) throw new Fault('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
+    if ((b.mem_file_path === undefined) === (b.mem_backend === undefined)) {
+      throw new Fault('An error occurred when deserializing the json body of a request: either `mem_backend` or `mem_file_path` must be present, not both.');
+    }
+    if (b.mem_backend?.backend_type === 'Uffd') throw new Fault('fake firecracker does not model the Uffd memory backend', 501);
+    this.mustBeFile(b.snapshot_path, 'Load snapshot error: Cannot open snapshot file');
+    this.mustBeFile(b.mem_file_path ?? b.mem_backend!.backend_path, 'Load snapshot error: Cannot open the memory file');
+    let saved: { magic?: string; config?: { machineConfig: FakeFirecracker['machineConfig']; bootSource?: FakeFirecracker['bootSource']; drives: Array<z.infer<typeof Drive>>; ifaces: Array<z.infer<typeof NetworkInterface>>; vsock?: FakeFirecracker['vsock'] } };
+    try {
+      saved = JSON.parse(readFileSync(this.host(b.snapshot_path), 'utf8'));
+    } catch {
+      saved = {};
+    }
+    if (saved.magic !== SNAPSHOT_MAGIC || !saved.config) throw new Fault('Load snapshot error: Cannot deserialize the microVM state: invalid snapshot file.');
+    const c = saved.config;
+    for (const o of b.network_overrides ?? []) {
+      const n = c.ifaces.find((i) => i.iface_id === o.iface_id);
+      if (!n) throw new Fault(`Load snapshot error: Invalid network override: no interface ${o.iface_id} in the snapshot.`);
+      n.host_dev_name = o.host_dev_name;
+    }
+    this.machineConfig = c.machineConfig;
+    this.bootSource = c.bootSource;
+    for (const d of c.drives) this.drives.set(d.drive_id, d);
+    for (const n of c.ifaces) this.ifaces.set(n.iface_id, n);
+    this.vsock = b.vsock_override && c.vsock ? { ...c.vsock, uds_path: b.vsock_override.uds_path } : c.vsock;
+    this.state = b.resume_vm ? 'Running' : 'Paused';
+    return undefined;
   }
 
   private checkMachine(m: z.infer<typeof MachineConfiguration>): void {
