@@ -10,15 +10,16 @@ import { imageCommands } from './commands/image.js';
 import { vmCommands } from './commands/vm.js';
 import { systemCommands } from './commands/system.js';
 import { runInspect } from './commands/inspect.js';
-import { c } from './output.js';
+import { c, stripControl } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
 import type { DoctorCheck } from '../rpc/types.js';
 import { versionLine } from '../version.js';
 
 function fail(e: unknown): never {
   if (e instanceof BangerError) {
-    process.stderr.write(`${c.red('error:')} ${e.message}\n`);
-    if (e.hint) process.stderr.write(`${c.dim('hint:')} ${e.hint}\n`);
+    // An error can quote the guest (a serial console tail, a command's stderr): no control sequences reach the terminal.
+    process.stderr.write(`${c.red('error:')} ${stripControl(e.message)}\n`);
+    if (e.hint) process.stderr.write(`${c.dim('hint:')} ${stripControl(e.hint)}\n`);
     process.exit(e.exitCode);
   }
   const err = e as Error;

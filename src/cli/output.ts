@@ -65,3 +65,27 @@ export function table(rows: string[][]): string {
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => strip(r[i] ?? '').length)));
   return rows.map((r) => r.map((cell, i) => cell + ' '.repeat(Math.max(0, widths[i] - strip(cell).length))).join('  ').trimEnd()).join('\n');
 }
+
+/**
+ * Guest text made safe for a terminal: escape sequences (CSI, OSC, DCS/PM/APC strings, two-byte ESC forms) and
+ * other C0/C1 control characters are removed; newlines and tabs stay, CRLF becomes LF. A guest must not be able
+ * to retitle the window, write to the clipboard (OSC 52), move the cursor over earlier output or hide text.
+ */
+export function stripControl(text: string): string {
+  return (
+    text
+      // OSC / DCS / SOS / PM / APC strings, up to BEL or ST (or the end when unterminated)
+      // eslint-disable-next-line no-control-regex
+      .replace(/(?:\u001b[\]PX^_]|[\u0090\u0098\u009d\u009e\u009f])[\s\S]*?(?:\u0007|\u001b\\|\u009c|$)/g, '')
+      // CSI sequences (7- and 8-bit)
+      // eslint-disable-next-line no-control-regex
+      .replace(/(?:\u001b\[|\u009b)[\u0030-\u003f]*[\u0020-\u002f]*[\u0040-\u007e]?/g, '')
+      // other ESC sequences: ESC, intermediates, final byte
+      // eslint-disable-next-line no-control-regex
+      .replace(/\u001b[\u0020-\u002f]*[\u0030-\u007e]?/g, '')
+      .replace(/\r\n/g, '\n')
+      // remaining C0 controls (but \t and \n), DEL and C1 controls
+      // eslint-disable-next-line no-control-regex
+      .replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g, '')
+  );
+}

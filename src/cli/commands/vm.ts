@@ -3,7 +3,7 @@ import type { Argv } from 'yargs';
 import type { LogRow } from '../../rpc/types.js';
 import { call, out, type GlobalArgs } from '../context.js';
 import { diskFlag, memoryFlag, vcpusFlag } from '../flags.js';
-import { c } from '../output.js';
+import { c, stripControl } from '../output.js';
 import { createOptions, createVm, runVm, sshInto } from './vm-run.js';
 import { logLine, vmSummary, vmTable } from './vm-view.js';
 import { workspaceCommands } from './workspace.js';
@@ -64,7 +64,7 @@ async function logs(a: LogsArgs): Promise<void> {
   const print = (r: LogRow) => process.stdout.write((a.json ? JSON.stringify(r) : logLine(r)) + '\n');
   if (a.serial) {
     const r = await call('vm.logs', { vm: a.vm, serial: true });
-    if ('serial' in r) process.stdout.write(r.serial);
+    if ('serial' in r) process.stdout.write(process.stdout.isTTY ? stripControl(r.serial) : r.serial);
     return;
   }
   const r = await call('vm.logs', { vm: a.vm, follow: a.follow }, { onStream: print });

@@ -1,9 +1,9 @@
 /** What there is to know about VMs: vm.list, vm.show, vm.events, vm.logs, vm.ssh. */
 import { statSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import { BangerError } from '../../errors.js';
 import { vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
+import { readTail } from '../../host/guest/serial.js';
 import { run } from '../../host/exec/runner.js';
 import type { Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
@@ -29,7 +29,8 @@ export function vmInfoHandlers(d: DaemonServices): InfoHandlers {
       const rows = store.resolveVm(p.vm);
       if (rows.length !== 1) resolveVm(p.vm);
       const id = rows[0].id;
-      if (p.serial) return { serial: await readFile(vmFiles(layout, id).serialLog, 'utf8').catch(() => '') };
+      // The tail only: the guest decides how much it writes to its console.
+      if (p.serial) return { serial: (await readTail(vmFiles(layout, id).serialLog).catch(() => ({ text: '' }))).text };
       const existing = store.logs(id, p.afterSeq ?? 0);
       if (!p.follow) return existing;
       for (const r of existing) ctx.stream(r);
