@@ -5,6 +5,7 @@
  */
 import type { Handlers } from '../rpc/server.js';
 import { daemonHandlers } from './handlers/daemon.js';
+import { guestHandlers } from './handlers/guest.js';
 import { imageHandlers } from './handlers/images.js';
 import { inspectHandlers } from './handlers/inspect.js';
 import { vmInfoHandlers } from './handlers/vm-info.js';
@@ -22,5 +23,6 @@ export function makeHandlers(d: DaemonServices, deps: HandlerDeps): Handlers {
     ...vmInfoHandlers(d),
     ...workspaceHandlers(d),
     ...inspectHandlers(d),
+    ...guestHandlers(d),
   };
 }

@@ -39,6 +39,29 @@ export const exportParams = z.strictObject({
   baseCommit: z.string().optional(),
 });
 
+// ---- guest sessions, exec and health (issue 11)
+/** A session name: one word a shell never splits or expands, and part of a systemd unit name. */
+export const SESSION_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+const sessionName = z.string().regex(SESSION_NAME, 'a session name is 1-32 characters of a-z 0-9 _ - starting with a letter or digit');
+const envMap = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,127}$/, 'environment names are letters, digits and _'), z.string().max(65536));
+const guestArgv = z.array(z.string().max(65536)).min(1).max(4096);
+const sessionRef = { vm: vmRef, session: sessionName };
+/** The most bytes one guest.session.send carries. */
+export const SEND_LIMIT_BYTES = 512 * 1024;
+
+export const sessionMethods = {
+  'guest.session.start': z.strictObject({ vm: vmRef, name: sessionName.optional(), pipe: z.boolean().optional(), cwd: z.string().min(1).max(4096).optional(), env: envMap.optional(), argv: guestArgv }),
+  'guest.session.list': z.strictObject({ vm: vmRef }),
+  'guest.session.show': z.strictObject(sessionRef),
+  'guest.session.send': z.strictObject({ ...sessionRef, data: z.string(), encoding: z.enum(['utf8', 'base64']).optional() }),
+  'guest.session.attach': z.strictObject({ ...sessionRef, holder: z.string().min(1).max(200) }),
+  'guest.session.logs': z.strictObject({ ...sessionRef, stderr: z.boolean().optional(), follow: z.boolean().optional(), offset: z.number().int().min(0).optional() }),
+  'guest.session.kill': z.strictObject({ ...sessionRef, signal: z.string().regex(/^(SIG)?[A-Z0-9+]{2,10}$/, 'a signal name such as TERM, KILL, INT').optional() }),
+  'vm.exec': z.strictObject({ vm: vmRef, argv: guestArgv, cwd: z.string().min(1).max(4096).optional(), env: envMap.optional(), timeoutMs: z.number().int().positive().optional(), stdin: z.string().optional() }),
+  'vm.health': z.strictObject({ vm: vmRef }),
+} as const;
+// ---- end guest sessions
+
 export const methods = {
   'daemon.status': z.strictObject({}),
   'daemon.stop': z.strictObject({}),
@@ -63,6 +86,7 @@ export const methods = {
   'vm.workspace.prepare': prepareParams,
   'vm.workspace.export': exportParams,
   'inspect.subscribe': z.strictObject({ vm: vmRef.optional() }),
+  ...sessionMethods,
 } as const;
 
 export type MethodName = keyof typeof methods;

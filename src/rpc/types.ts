@@ -45,6 +45,10 @@ export interface VmDetail extends VmView {
   serialLog: string;
   workDiskAllocatedBytes: number | null;
   rootDiskAllocatedBytes: number | null;
+  /** The VM's guest sessions (issue 11), when they could be read. */
+  sessions?: SessionView[];
+  /** The guest's health, when it is running and answered. */
+  health?: HealthView | null;
 }
 
 export interface ImageView {
@@ -199,8 +203,88 @@ export interface ProgressParams {
   bytes?: number;
 }
 
+// ---- guest sessions, exec and health (issue 11)
+export type SessionState = 'running' | 'ended';
+
+/** One session in the guest, as last seen. */
+export interface SessionView {
+  name: string;
+  /** Its transient systemd unit in the guest. */
+  unit: string;
+  pipe: boolean;
+  argv: string[];
+  cwd: string | null;
+  startedAt: string;
+  state: SessionState;
+  /** When ended: why (`exited with status 0`, `killed by signal TERM`, `the VM stopped`...). */
+  endReason: string | null;
+  exitCode: number | null;
+  /** Bytes written so far to its stdout and stderr files (null when the guest could not be asked). */
+  stdoutBytes: number | null;
+  stderrBytes: number | null;
+  /** Who holds the exclusive attach, if anyone. */
+  attachedBy: string | null;
+}
+
+/** A chunk of a session's or a command's output. `data` is base64. */
+export interface OutputChunk {
+  stream: 'stdout' | 'stderr';
+  data: string;
+  /** Offset in the session's file after this chunk (sessions only). */
+  offset?: number;
+}
+
+export interface SessionLogs {
+  /** base64 */
+  data: string;
+  /** Where the next read starts. */
+  offset: number;
+}
+
+export interface SessionSent {
+  bytes: number;
+  lines: number;
+}
+
+export interface ExecResultView {
+  exitCode: number;
+  signal: string | null;
+}
+
+export interface HealthView {
+  ok: boolean;
+  /** How it was measured: 'ssh' (the guest agent is not built). */
+  via: 'ssh';
+  uptimeSeconds: number;
+  load: [number, number, number];
+  memory: { totalBytes: number; availableBytes: number };
+  disk: { path: string; totalBytes: number; freeBytes: number }[];
+  sessionsRunning: number;
+  checkedAt: string;
+}
+
+export interface SessionResults {
+  'guest.session.start': SessionView;
+  'guest.session.list': SessionView[];
+  'guest.session.show': SessionView;
+  'guest.session.send': SessionSent;
+  /** Answers when the attach ends: detached by the client, or the session ended. */
+  'guest.session.attach': { ended: boolean };
+  'guest.session.logs': SessionLogs;
+  'guest.session.kill': SessionView;
+  'vm.exec': ExecResultView;
+  'vm.health': HealthView;
+}
+
+export interface SessionStreams {
+  'guest.session.attach': OutputChunk;
+  'guest.session.logs': OutputChunk;
+  'vm.exec': OutputChunk;
+}
+// ---- end guest sessions
+
 /** What each method answers. */
-export interface Results {
+export interface Results extends SessionResults {
   'daemon.status': DaemonStatus;
   'daemon.stop': DaemonStopping;
   'doctor.run': DoctorReport;
@@ -229,7 +313,7 @@ export interface Results {
 }
 
 /** What the methods that stream send as `stream` notifications. */
-export interface Streams {
+export interface Streams extends SessionStreams {
   'vm.logs': LogRow;
   'inspect.subscribe': InspectEvent;
 }

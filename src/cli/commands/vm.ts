@@ -7,6 +7,7 @@ import { c, stripControl } from '../output.js';
 import { createOptions, createVm, runVm, sshInto } from './vm-run.js';
 import { logLine, vmSummary, vmTable } from './vm-view.js';
 import { workspaceCommands } from './workspace.js';
+import { guestCommands } from './session.js';
 
 type Verb = 'start' | 'stop' | 'restart' | 'delete';
 
@@ -82,6 +83,7 @@ export function vmCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   each('stop', 'stop VMs (ACPI power-off, then kill after a timeout)');
   each('restart', 'restart VMs');
   each('delete', 'delete VMs and their disks');
+  guestCommands(y);
   return y
     .command('create', 'create a VM and boot it', (a) => createOptions(a).option('start', { type: 'boolean', default: true, describe: 'boot it (--no-start leaves it stopped)' }), (a) => createVm(a))
     .command(

@@ -8,6 +8,7 @@ import { run } from '../../host/exec/runner.js';
 import type { Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';
+import { guestFields } from './guest.js';
 
 type InfoHandlers = Pick<Handlers, 'vm.list' | 'vm.show' | 'vm.events' | 'vm.logs' | 'vm.ssh'>;
 
@@ -20,7 +21,7 @@ export function vmInfoHandlers(d: DaemonServices): InfoHandlers {
     'vm.show': async (p) => {
       const id = resolveVm(p.vm);
       const f = vmFiles(layout, id);
-      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(f.workDisk), rootDiskAllocatedBytes: allocated(f.rootDisk) };
+      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(f.workDisk), rootDiskAllocatedBytes: allocated(f.rootDisk), ...(await guestFields(d, id)) };
     },
 
     'vm.events': async (p) => store.events(resolveVm(p.vm)),

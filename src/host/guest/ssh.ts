@@ -451,4 +451,8 @@ export class SshConnectionCache {
   get size(): number {
     return this.conns.size;
   }
+
+  keys(): string[] {
+    return [...this.conns.keys()];
+  }
 }

@@ -1,0 +1,224 @@
+/** banger vm session ..., vm exec and vm health: programs in a running guest (issue 11). */
+import { hostname, userInfo } from 'node:os';
+import type { Argv } from 'yargs';
+import { BangerError } from '../../errors.js';
+import type { OutputChunk, SessionView, HealthView } from '../../rpc/types.js';
+import { connectDaemon } from '../connect.js';
+import { call, out, usage, type GlobalArgs } from '../context.js';
+
+interface VmArg extends GlobalArgs {
+  vm: string;
+  '--'?: Array<string | number>;
+}
+interface SessionArg extends VmArg {
+  session: string;
+}
+interface StartArgs extends VmArg {
+  name?: string;
+  pipe?: boolean;
+  cwd?: string;
+  env?: string[];
+}
+interface ExecArgs extends VmArg {
+  cwd?: string;
+  env?: string[];
+  timeout?: number;
+}
+
+/** The key that starts the detach sequence (Ctrl-]); `d` after it detaches, another Ctrl-] sends one. */
+const DETACH_KEY = 0x1d;
+
+const argvOf = (a: VmArg, what: string) => {
+  const argv = (a['--'] ?? []).map(String);
+  if (argv.length === 0) usage(`${what} needs a command after --`, `e.g. banger vm ${what} myvm -- cat`);
+  return argv;
+};
+
+export function envFlag(list: string[] | undefined): Record<string, string> | undefined {
+  if (!list?.length) return undefined;
+  const env: Record<string, string> = {};
+  for (const kv of list) {
+    const eq = kv.indexOf('=');
+    const k = eq > 0 ? kv.slice(0, eq) : '';
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) usage(`--env ${JSON.stringify(kv)}: expected NAME=VALUE with NAME of letters, digits and _`, 'e.g. --env DEBUG=1');
+    env[k] = kv.slice(eq + 1);
+  }
+  return env;
+}
+
+const write = (c: OutputChunk) => (c.stream === 'stdout' ? process.stdout : process.stderr).write(Buffer.from(c.data, 'base64'));
+
+export function sessionLine(s: SessionView): string {
+  const state = s.state === 'running' ? 'running' : `ended: ${s.endReason}`;
+  const attach = s.attachedBy ? `  attached by ${s.attachedBy}` : '';
+  return `${s.name}  ${s.pipe ? 'pipe' : 'plain'}  ${state}  ${JSON.stringify(s.argv)}${attach}`;
+}
+
+export function healthText(h: HealthView): string {
+  const gib = (n: number) => `${(n / 2 ** 30).toFixed(2)} GiB`;
+  return [
+    `ok: ${h.ok} (measured over SSH; the guest agent is not built)`,
+    `uptime: ${h.uptimeSeconds.toFixed(0)} s   load: ${h.load.join(' ')}`,
+    `memory: ${gib(h.memory.availableBytes)} available of ${gib(h.memory.totalBytes)}`,
+    ...h.disk.map((d) => `disk ${d.path}: ${gib(d.freeBytes)} free of ${gib(d.totalBytes)}`),
+    `sessions running: ${h.sessionsRunning}`,
+  ].join('\n');
+}
+
+async function readStdin(limit: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let n = 0;
+  for await (const c of process.stdin) {
+    n += (c as Buffer).length;
+    if (n > limit) throw new BangerError('usage', `stdin is over ${limit} bytes`, 'send it in parts');
+    chunks.push(c as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
+
+async function send(a: SessionArg & { data?: string }): Promise<void> {
+  const data = a.data !== undefined ? Buffer.from(`${a.data}\n`) : await readStdin(16 * 1024 * 1024);
+  const r = await call('guest.session.send', { vm: a.vm, session: a.session, data: data.toString('base64'), encoding: 'base64' }, { quiet: true });
+  out(a, r, () => (a.quiet ? undefined : `sent ${r.lines} line(s), ${r.bytes} bytes`));
+}
+
+async function logs(a: SessionArg & { follow?: boolean; stderr?: boolean }): Promise<void> {
+  const r = await call('guest.session.logs', { vm: a.vm, session: a.session, follow: a.follow, stderr: a.stderr }, { quiet: true, onStream: write });
+  if (!a.follow) (a.stderr ? process.stderr : process.stdout).write(Buffer.from(r.data, 'base64'));
+}
+
+/**
+ * Attach: the session's output from now on, and (pipe mode) input forwarded with send. Ctrl-] then d detaches
+ * and leaves it running. Without a terminal, stdin's end detaches.
+ */
+async function attach(a: SessionArg): Promise<void> {
+  const s = await call('guest.session.show', { vm: a.vm, session: a.session }, { quiet: true });
+  const client = await connectDaemon();
+  const holder = `${userInfo().username}@${hostname()} pid ${process.pid}`;
+  const tty = process.stdin.isTTY;
+  let detached = false;
+  const detach = () => {
+    detached = true;
+    client.close();
+  };
+  if (!s.pipe) process.stderr.write(`(session ${s.name} is not in pipe mode: input is not forwarded)\n`);
+  process.stderr.write(`attached to ${s.name}; ${tty ? 'Ctrl-] then d detaches' : 'end of input detaches'}\n`);
+  const input = forwardInput(a, s.pipe, tty, detach);
+  try {
+    const r = await client.call('guest.session.attach', { vm: a.vm, session: a.session, holder }, { onStream: write });
+    process.stderr.write(r.ended ? `session ${s.name} ended\n` : 'detached\n');
+  } catch (e) {
+    if (!detached) throw e;
+    process.stderr.write(`detached; session ${s.name} keeps running\n`);
+  } finally {
+    input.stop();
+    client.close();
+  }
+}
+
+function forwardInput(a: SessionArg, pipe: boolean, tty: boolean, detach: () => void): { stop(): void } {
+  let armed = false;
+  const sendChunk = (b: Buffer) => {
+    if (pipe && b.length) void call('guest.session.send', { vm: a.vm, session: a.session, data: b.toString('base64'), encoding: 'base64' }, { quiet: true }).catch((e) => process.stderr.write(`send failed: ${(e as Error).message}\n`));
+  };
+  const onData = (chunk: Buffer) => {
+    const keep: number[] = [];
+    for (const byte of chunk) {
+      if (armed) {
+        armed = false;
+        if (byte === 0x64 /* d */) return detach();
+        if (byte !== DETACH_KEY) keep.push(DETACH_KEY);
+        keep.push(byte);
+      } else if (byte === DETACH_KEY) armed = true;
+      else keep.push(byte);
+    }
+    sendChunk(Buffer.from(keep));
+  };
+  if (tty) process.stdin.setRawMode(true);
+  process.stdin.on('data', onData);
+  process.stdin.on('end', detach);
+  process.stdin.resume();
+  return {
+    stop() {
+      process.stdin.off('data', onData);
+      process.stdin.off('end', detach);
+      if (tty) process.stdin.setRawMode(false);
+      process.stdin.pause();
+    },
+  };
+}
+
+async function execIn(a: ExecArgs): Promise<void> {
+  const argv = argvOf(a, 'exec');
+  const stdin = process.stdin.isTTY ? undefined : (await readStdin(8 * 1024 * 1024)).toString('base64');
+  const timeoutMs = a.timeout === undefined ? undefined : Math.round(a.timeout * 1000);
+  if (timeoutMs !== undefined && !(timeoutMs > 0)) usage(`--timeout ${a.timeout}: give a positive number of seconds`);
+  const r = await call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, stdin }, { quiet: true, onStream: write });
+  process.exitCode = r.exitCode;
+}
+
+const sessionRef = <T>(y: Argv<T>) => y.positional('vm', { type: 'string', demandOption: true }).positional('session', { type: 'string', demandOption: true });
+
+export function sessionCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
+  return y
+    .command(
+      'start <vm>',
+      'start a program as a session in the guest (a systemd unit that outlives the daemon)',
+      (a) =>
+        a
+          .positional('vm', { type: 'string', demandOption: true })
+          .option('name', { type: 'string', describe: 'session name: a-z 0-9 _ -, up to 32' })
+          .option('pipe', { type: 'boolean', describe: 'stdin is a FIFO fed by `session send` (never EOF between sends)' })
+          .option('cwd', { type: 'string', describe: 'working directory in the guest' })
+          .option('env', { type: 'string', array: true, describe: 'NAME=VALUE (repeatable)' })
+          .usage('banger vm session start <vm> [--name N] [--pipe] [--cwd P] [--env K=V]... -- CMD...'),
+      async (args) => {
+        const a = args as unknown as StartArgs;
+        const argv = argvOf(a, 'session start');
+        const s = await call('guest.session.start', { vm: a.vm, name: a.name, pipe: a.pipe, cwd: a.cwd, env: envFlag(a.env), argv }, { quiet: true });
+        out(a, s, () => s.name);
+      },
+    )
+    .command('list <vm>', "list the VM's sessions", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
+      const a = args as unknown as VmArg;
+      const r = await call('guest.session.list', { vm: a.vm }, { quiet: true });
+      out(a, r, () => r.map(sessionLine).join('\n'));
+    })
+    .command('show <vm> <session>', 'show one session', sessionRef, async (args) => {
+      const a = args as unknown as SessionArg;
+      const s = await call('guest.session.show', { vm: a.vm, session: a.session }, { quiet: true });
+      out(a, s, () => sessionLine(s));
+    })
+    .command('send <vm> <session> [data]', "write DATA (and a newline), or all of stdin, to a pipe session's stdin; each line up to 4096 bytes lands whole", (a) => sessionRef(a).positional('data', { type: 'string' }), (a) => send(a as unknown as SessionArg & { data?: string }))
+    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => attach(a as unknown as SessionArg))
+    .command('logs <vm> <session>', "print a session's stdout (or --stderr); --follow until it ends", (a) => sessionRef(a).option('follow', { alias: 'f', type: 'boolean' }).option('stderr', { type: 'boolean' }), (a) => logs(a as unknown as SessionArg & { follow?: boolean; stderr?: boolean }))
+    .command('kill <vm> <session>', 'signal a session (default TERM)', (a) => sessionRef(a).option('signal', { type: 'string', describe: 'TERM, INT, KILL, HUP...' }), async (args) => {
+      const a = args as unknown as SessionArg & { signal?: string };
+      const s = await call('guest.session.kill', { vm: a.vm, session: a.session, signal: a.signal?.toUpperCase() }, { quiet: true });
+      out(a, s, () => sessionLine(s));
+    })
+    .demandCommand(1, 'name a session command');
+}
+
+/** `vm exec`, `vm health` and `vm session`, added to the vm command group. */
+export function guestCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
+  return y
+    .command('session', 'programs that live in the guest: start, list, show, send, attach, logs, kill', (s) => sessionCommands(s))
+    .command(
+      'exec <vm>',
+      "run CMD in the guest over the VM's pooled SSH connection; its stdout, stderr and exit status become this command's",
+      (a) =>
+        a
+          .positional('vm', { type: 'string', demandOption: true })
+          .option('cwd', { type: 'string' })
+          .option('env', { type: 'string', array: true, describe: 'NAME=VALUE (repeatable)' })
+          .option('timeout', { type: 'number', describe: 'seconds' })
+          .usage('banger vm exec <vm> [--cwd P] [--env K=V]... [--timeout S] -- CMD...'),
+      (a) => execIn(a as ExecArgs),
+    )
+    .command('health <vm>', "the guest's uptime, load, memory, free disk and running sessions (read over SSH: the guest agent is not built)", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
+      const a = args as unknown as VmArg;
+      const h = await call('vm.health', { vm: a.vm }, { quiet: true });
+      out(a, h, () => healthText(h));
+    });
+}

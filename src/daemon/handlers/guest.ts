@@ -1,0 +1,147 @@
+/**
+ * guest.session.*, vm.exec and vm.health: commands in a running guest over one pooled SSH connection per VM.
+ * Sessions live in the guest (src/host/guest/sessions.ts); the daemon keeps only what must outlive the guest —
+ * a record per VM (sessions.json in its directory, so a stopped VM still lists its sessions, ended, with the
+ * reason) — and what lives only as long as a client: the exclusive attach and the per-session send lock.
+ */
+import { readFile } from 'node:fs/promises';
+import { Writable } from 'node:stream';
+import { BangerError } from '../../errors.js';
+import { vmFiles } from '../../actors/vm-steps.js';
+import { ensureUserKey } from '../../host/guest/keys.js';
+import { SshPool } from '../../host/guest/pool.js';
+import type { SshTarget } from '../../host/guest/ssh.js';
+import { guestHealth, listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
+import { shellQuote, quoteArg } from '../../host/exec/shell.js';
+import { run } from '../../host/exec/runner.js';
+import type { Handlers } from '../../rpc/server.js';
+import type { HealthView, OutputChunk, SessionView } from '../../rpc/types.js';
+import type { DaemonServices } from '../services.js';
+import { vmAccess } from './vm-access.js';
+import { SessionRecords } from './session-records.js';
+import { sessionHandlers } from './sessions.js';
+
+/** A running VM's guest: how to run a command in it, over its pooled connection. */
+export interface Guest {
+  vmId: string;
+  vmName: string;
+  run: GuestRun;
+  exec: SshPool['exec'] extends (a: string, b: SshTarget, ...rest: infer R) => infer T ? (...rest: R) => T : never;
+}
+
+export interface GuestAccess {
+  /** The guest of a running VM; a clear error for a VM that is not running. */
+  guest(ref: string): Promise<Guest>;
+  records: SessionRecords;
+  pool: SshPool;
+  /** Who holds each session's exclusive attach, by `vmId/name`: it lasts as long as the attaching client. */
+  attached: Map<string, { holder: string; since: string }>;
+  /** A session as shown, with its attach holder. */
+  viewOf(vmId: string, s: GuestSession): SessionView;
+  /** The VM's id and state, whatever the state. */
+  vm(ref: string): { id: string; name: string; state: string };
+}
+
+const pools = new WeakMap<DaemonServices, GuestAccess>();
+
+export function guestAccess(d: DaemonServices): GuestAccess {
+  const existing = pools.get(d);
+  if (existing) return existing;
+  const { resolveVm, view } = vmAccess(d);
+  const pool = new SshPool();
+  const attached: GuestAccess['attached'] = new Map();
+  const access: GuestAccess = {
+    pool,
+    attached,
+    viewOf(vmId, s) {
+      const a = attached.get(`${vmId}/${s.name}`);
+      return { ...s, attachedBy: a ? `${a.holder} (since ${a.since})` : null };
+    },
+    records: new SessionRecords((id) => vmFiles(d.layout, id).dir),
+    vm(ref) {
+      const v = view(resolveVm(ref));
+      return { id: v.id, name: v.name, state: v.state };
+    },
+    async guest(ref) {
+      const id = resolveVm(ref);
+      const v = view(id);
+      const rt = d.supervisor.snapshot(id).context.runtime;
+      if (v.state !== 'running' || !rt) {
+        pool.drop(id);
+        throw new BangerError('invalid_state', `vm ${v.name} is ${v.state}, not running: commands and sessions need a running guest`, `banger vm start ${v.name}`);
+      }
+      const target = await targetOf(d, id, v.name, rt);
+      const key = `${id}#${rt.pid}`;
+      const exec: Guest['exec'] = (command, opts) => pool.exec(key, target, command, opts);
+      const runIt: GuestRun = (command, opts = {}) => exec(command, { stdin: opts.stdin, timeoutMs: opts.timeoutMs ?? 60_000 });
+      return { vmId: id, vmName: v.name, run: runIt, exec };
+    },
+  };
+  pools.set(d, access);
+  return access;
+}
+
+async function targetOf(d: DaemonServices, id: string, name: string, rt: { sshPort?: number; guestIp?: string }): Promise<SshTarget> {
+  const key = await ensureUserKey(d.layout.keysDir, { runner: run });
+  const hostPublicKey = (await readFile(vmFiles(d.layout, id).hostKeyPub, 'utf8')).trim();
+  if (rt.guestIp) return { host: rt.guestIp, port: 22, privateKey: key.privateKey, hostPublicKey, label: name };
+  if (!rt.sshPort) throw new BangerError('invalid_state', `vm ${name} has no SSH address`, `banger vm restart ${name}`);
+  return { host: '127.0.0.1', port: rt.sshPort, privateKey: key.privateKey, hostPublicKey, label: name };
+}
+
+type GuestHandlers = Pick<Handlers, 'vm.exec' | 'vm.health'>;
+
+export function guestHandlers(d: DaemonServices): GuestHandlers & ReturnType<typeof sessionHandlers> {
+  const access = guestAccess(d);
+  return {
+    ...sessionHandlers(access),
+    'vm.exec': async (p, ctx) => {
+      const g = await access.guest(p.vm);
+      const toStream = (stream: OutputChunk['stream']) =>
+        new Writable({
+          write(chunk: Buffer, _enc, cb) {
+            ctx.stream({ stream, data: chunk.toString('base64') });
+            cb();
+          },
+        });
+      const r = await g.exec(execCommand(p.argv, p.cwd, p.env), {
+        stdin: p.stdin === undefined ? undefined : Buffer.from(p.stdin, 'base64'),
+        stdout: toStream('stdout'),
+        stderr: toStream('stderr'),
+        timeoutMs: p.timeoutMs,
+        signal: ctx.signal,
+      });
+      return { exitCode: r.exitCode, signal: r.signal ?? null };
+    },
+    'vm.health': async (p) => healthOf(await access.guest(p.vm)),
+  };
+}
+
+/** `cd DIR && export K=V && exec ARGV`, every value one quoted word. */
+export function execCommand(argv: string[], cwd?: string, env?: Record<string, string>): string {
+  const parts: string[] = [];
+  if (cwd) parts.push(`cd -- ${quoteArg(cwd)}`);
+  for (const [k, v] of Object.entries(env ?? {})) parts.push(`export ${quoteArg(`${k}=${v}`)}`);
+  parts.push(`exec ${shellQuote(argv)}`);
+  return parts.join(' && ');
+}
+
+export async function healthOf(g: Guest): Promise<HealthView> {
+  const h = await guestHealth(g.run);
+  return { ok: true, via: 'ssh', ...h, checkedAt: new Date().toISOString() };
+}
+
+/** What `vm show` adds: the VM's sessions (live when it runs, else as last recorded) and its health. */
+export async function guestFields(d: DaemonServices, id: string): Promise<{ sessions: SessionView[]; health: HealthView | null }> {
+  const access = guestAccess(d);
+  const v = access.vm(id);
+  const show = (list: GuestSession[]) => list.map((s) => access.viewOf(id, s));
+  if (v.state !== 'running') return { sessions: show(access.records.ended(id, `the VM is ${v.state}`)), health: null };
+  try {
+    const g = await access.guest(id);
+    const sessions = show(access.records.merge(id, await listSessions(g.run)));
+    return { sessions, health: await healthOf(g).catch(() => null) };
+  } catch {
+    return { sessions: show(Object.values(access.records.load(id))), health: null };
+  }
+}

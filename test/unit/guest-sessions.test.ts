@@ -1,0 +1,106 @@
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { endOf, parseHealth, parseListLine, runScript, SESSIONS_DIR, splitLines, validateSessionName } from '../../src/host/guest/sessions.js';
+import { execCommand } from '../../src/daemon/handlers/guest.js';
+import { SendLock } from '../../src/daemon/handlers/sessions.js';
+
+describe('session names', () => {
+  it.each(['a;b', 'a b', '$(x)', 'A', '-x', '', 'a'.repeat(33), 'a/b', "a'b", 'a\nb'])('refuses %j', (n) => {
+    expect(() => validateSessionName(n)).toThrow(/invalid session name/);
+  });
+  it.each(['a', 'agent-1', 's_2', '0'])('accepts %j', (n) => expect(validateSessionName(n)).toBe(n));
+});
+
+describe('runScript', () => {
+  it('runs argv, cwd and env with every metacharacter as one word each', () => {
+    const root = mkdtempSync(join(tmpdir(), 'banger-run-'));
+    const dir = join(root, 's1');
+    const cwd = join(root, "it's $here");
+    mkdirSync(dir);
+    mkdirSync(cwd);
+    const script = runScript({ name: 's1', pipe: false, argv: ['sh', '-c', 'pwd; printf "[%s]\\n" "$V" "$@"', 'x', 'a b', '$(id)', "'", '`x`;|&'], cwd, env: { V: 'v $HOME;`x`' }, startedAt: '' });
+    execFileSync('sh', ['-c', script.replaceAll(`${SESSIONS_DIR}/s1`, dir)]);
+    expect(readFileSync(join(dir, 'stdout'), 'utf8')).toBe(`${cwd}\n[v $HOME;\`x\`]\n[a b]\n[$(id)]\n[']\n[\`x\`;|&]\n`);
+  });
+
+  it('pipe mode opens the FIFO read-write (never EOF); plain mode reads /dev/null', () => {
+    expect(runScript({ name: 'p', pipe: true, argv: ['cat'], startedAt: '' })).toContain(`<>${SESSIONS_DIR}/p/stdin`);
+    expect(runScript({ name: 'p', pipe: false, argv: ['cat'], startedAt: '' })).toContain('</dev/null');
+  });
+});
+
+describe('what the guest reports', () => {
+  it('reads the exit file: status, signal, or still running', () => {
+    expect(endOf('exit-code exited 3', 'failed')).toEqual({ reason: 'exited with status 3', code: 3 });
+    expect(endOf('success exited 0', 'inactive')).toEqual({ reason: 'exited with status 0', code: 0 });
+    expect(endOf('signal killed KILL', 'failed')).toEqual({ reason: 'killed by signal KILL', code: null });
+    expect(endOf('', 'active')).toBeUndefined();
+    expect(endOf('', 'inactive')?.reason).toContain('left no exit status');
+  });
+
+  it('parses a list line', () => {
+    const meta = JSON.stringify({ pipe: true, argv: ['cat', 'a\tb'], cwd: null, startedAt: '2026-01-01T00:00:00Z' });
+    expect(parseListLine(`echo\tactive\t\t12\t0\t${meta}`)).toMatchObject({ name: 'echo', state: 'running', pipe: true, argv: ['cat', 'a\tb'], stdoutBytes: 12, endReason: null });
+  });
+
+  it('parses a health report, and refuses a broken one', () => {
+    const text = `123.45 200.1
+0.50 0.25 0.10 1/80 300
+MemTotal:         1000 kB
+MemAvailable:      600 kB
+/dev/vda  2000 1000 900 53% /
+/dev/vdb  4000 1000 2500 29% /root
+sessions 2
+`;
+    expect(parseHealth(text)).toEqual({
+      uptimeSeconds: 123.45,
+      load: [0.5, 0.25, 0.1],
+      memory: { totalBytes: 1024000, availableBytes: 614400 },
+      disk: [
+        { path: '/', totalBytes: 2000, freeBytes: 900 },
+        { path: '/root', totalBytes: 4000, freeBytes: 2500 },
+      ],
+      sessionsRunning: 2,
+    });
+    expect(() => parseHealth('garbage\n\n')).toThrow(/could not be read/);
+  });
+});
+
+describe('send payloads', () => {
+  it('counts lines, finds the longest and ends the payload with a newline', () => {
+    const r = splitLines(Buffer.from('ab\ncdef\ng'));
+    expect(r).toMatchObject({ lines: 3, longest: 5 });
+    expect(r.normalised.toString()).toBe('ab\ncdef\ng\n');
+    expect(splitLines(Buffer.from('x\n')).normalised.toString()).toBe('x\n');
+  });
+
+  it('the send lock shares small payloads and gives a long-line payload the session alone', async () => {
+    const lock = new SendLock();
+    const log: string[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const a = lock.run(false, async () => {
+      log.push('a+');
+      await gate;
+      log.push('a-');
+    });
+    const b = lock.run(false, async () => void log.push('b'));
+    const big = lock.run(true, async () => void log.push('big'));
+    await b;
+    expect(log).toEqual(['a+', 'b']);
+    release();
+    await Promise.all([a, big]);
+    expect(log).toEqual(['a+', 'b', 'a-', 'big']);
+  });
+});
+
+describe('vm exec command line', () => {
+  it('quotes cwd, env and argv so a shell runs exactly them', () => {
+    const root = mkdtempSync(join(tmpdir(), "banger-exec- '"));
+    const out = execFileSync('sh', ['-c', execCommand(['sh', '-c', 'pwd; echo "$K"; echo "$1"', 'x', '; rm -rf /'], root, { K: '$(id) `x`' })]).toString();
+    expect(out).toBe(`${root}\n$(id) \`x\`\n; rm -rf /\n`);
+  });
+});
