@@ -116,6 +116,16 @@ export async function sshInto(vm: string, cmd: string[] | undefined, opts: { tty
     '-o', 'GlobalKnownHostsFile=/dev/null',
     '-o', 'LogLevel=ERROR',
     '-o', 'ConnectTimeout=30',
+    // The guest is untrusted: whatever the user's ssh_config says, hand it no agent, no X11, no forwarded ports,
+    // and no shared (multiplexed) connection. Options on the command line win over the config files.
+    '-a', '-x',
+    '-o', 'ForwardAgent=no',
+    '-o', 'ForwardX11=no',
+    '-o', 'ClearAllForwardings=yes',
+    '-o', 'ControlMaster=no',
+    '-o', 'ControlPath=none',
+    '-o', 'PermitLocalCommand=no',
+    '-o', 'ProxyCommand=none',
   ];
   const interactive = !cmd || cmd.length === 0;
   if (interactive || opts.tty) args.push('-t');
