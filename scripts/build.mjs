@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 // Compiles src/ to dist/ (plain JavaScript: the CLI, the daemon and the root helper run without tsx) and
-// stamps dist/build-info.json with the version, the commit, and the newest source mtime it was built from.
+// stamps dist/build-info.json with the version, the commit, the newest source mtime it was built from and the
+// store schema version. `npm pack` runs it (prepack), so a packed release carries dist/ and needs no tsx.
 // bin/banger.js runs dist/ only while that stamp is at least as new as every file under src/.
 import { execFileSync } from 'node:child_process';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { newestMtime } from '../bin/freshness.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -19,4 +20,6 @@ try {
 } catch {
   /* not a git checkout (a release tarball): keep what was given */
 }
-writeFileSync(join(root, 'dist', 'build-info.json'), JSON.stringify({ version, commit, sourceMtimeMs }, null, 2) + '\n');
+// The store schema this build understands: an update's rollback compares it with the store (src/host/install).
+const { SCHEMA_VERSION: schemaVersion } = await import(pathToFileURL(join(root, 'dist', 'store', 'db.js')).href);
+writeFileSync(join(root, 'dist', 'build-info.json'), JSON.stringify({ version, commit, sourceMtimeMs, schemaVersion }, null, 2) + '\n');

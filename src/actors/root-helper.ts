@@ -13,7 +13,7 @@ import { RootHelperClient } from '../roothelper/client.js';
 import type { VerbResults } from '../roothelper/protocol.js';
 import { spawnDetached, type Detached } from '../host/exec/spawn.js';
 
-const HELPER_MAIN = fileURLToPath(new URL('../roothelper/main.ts', import.meta.url));
+const HELPER_ARGV = import.meta.url.endsWith('.js') ? [fileURLToPath(new URL('../roothelper/main.js', import.meta.url))] : ['--import', 'tsx', fileURLToPath(new URL('../roothelper/main.ts', import.meta.url))]; // compiled code (a release) runs the compiled helper: no tsx
 
 export interface RootHelperOptions {
   socket: string;
@@ -64,7 +64,7 @@ export class RootHelper {
     // We own the helper: (re)start it as our child process and connect once its socket answers.
     if (!this.child || !this.child.isRunning()) {
       mkdirSync(this.opts.stateDir, { recursive: true });
-      const c = spawnDetached(process.execPath, ['--import', 'tsx', HELPER_MAIN, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
+      const c = spawnDetached(process.execPath, [...HELPER_ARGV, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
         onStderrLine: (line) => this.opts.log(`roothelper: ${line}`),
       });
       this.child = c;

@@ -269,7 +269,7 @@ describe('systemd units', () => {
   it('runs the helper as a root system unit with the validated arguments', () => {
     const u = helperUnit(o);
     expect(u).toContain(
-      'ExecStart=/usr/bin/node --import tsx /opt/banger/src/roothelper/main.ts --socket /run/banger-roothelper/helper.sock --state-dir /home/ann/.local/share/banger --group banger',
+      'ExecStart=/usr/bin/node /opt/banger/dist/roothelper/main.js --socket /run/banger-roothelper/helper.sock --state-dir /home/ann/.local/share/banger --group banger',
     );
     expect(u).toContain('RuntimeDirectory=banger-roothelper');
     expect(u).toContain('KillMode=process');

@@ -19,7 +19,7 @@ async function linkTarget(path: string): Promise<string | undefined> {
 }
 
 /** Point `path` at `target` through a temporary link renamed over it (atomic on one filesystem). */
-async function renameLinkInto(path: string, target: string): Promise<void> {
+export async function renameLinkInto(path: string, target: string): Promise<void> {
   const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}`);
   await rm(tmp, { force: true });
   await symlink(target, tmp);
