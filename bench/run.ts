@@ -209,7 +209,84 @@ async function benchWorkspace() {
   }
 }
 
-if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace'))) {
+/** A generated repository: 100 directories of 100 small files, plus 32 MiB of random bytes, one commit. */
+async function generatedRepo(dir: string, git: (cwd: string, ...a: string[]) => Promise<unknown>) {
+  mkdirSync(dir);
+  await git(dir, 'init', '-q', '-b', 'main');
+  for (let d = 0; d < 100; d++) {
+    mkdirSync(join(dir, `d${d}`));
+    for (let f = 0; f < 100; f++) writeFileSync(join(dir, `d${d}`, `f${f}.txt`), `file ${d}/${f}\n${randomBytes(200).toString('hex')}\n`);
+  }
+  writeFileSync(join(dir, 'big.bin'), randomBytes(32 * 2 ** 20));
+  await git(dir, 'add', '-A');
+  await git(dir, 'commit', '-qm', 'init');
+}
+
+/**
+ * Prepare throughput against the raw pipes into the same guest, side by side in one run (medians of --runs):
+ * shallow and full_history against `git archive HEAD | ssh tar -x`, full_copy against `tar c . | ssh tar x`.
+ * On the generated 10,000-file repository and on this project's own repository cloned locally.
+ */
+async function benchPrepareRates() {
+  console.log('prepare vs raw pipes (same guest, one run; ratio = banger throughput / raw throughput, goal >= 0.9)');
+  const b = await home();
+  const tmp = mkdtempSync(join(tmpdir(), 'bgb-rate-'));
+  const git = (cwd: string, ...a: string[]) => execa('git', a, { cwd, env: { ...process.env, GIT_AUTHOR_NAME: 'b', GIT_AUTHOR_EMAIL: 'b@x', GIT_COMMITTER_NAME: 'b', GIT_COMMITTER_EMAIL: 'b@x' } });
+  try {
+    const generated = join(tmp, 'generated');
+    await generatedRepo(generated, git);
+    const project = join(tmp, 'project');
+    await git(tmp, 'clone', '-q', '--no-local', join(import.meta.dirname, '..'), project);
+    const vm = await b.cli(['vm', 'create', '--name', 'rate']);
+    const client = await RpcClient.connect(join(b.run, 'daemon.sock'));
+    const info = await client.call('vm.ssh', { vm: vm.id });
+    const ssh = ['ssh', '-i', info.identityFile, '-p', String(info.port), '-o', `UserKnownHostsFile=${info.knownHostsFile}`, '-o', `HostKeyAlias=${info.hostKeyAlias}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'LogLevel=ERROR', `root@${info.host}`];
+    const guest = (cmd: string) => execa(ssh[0], [...ssh.slice(1), cmd]);
+    let n = 0;
+    const timed = async (f: () => Promise<unknown>) => {
+      const t0 = performance.now();
+      await f();
+      return performance.now() - t0;
+    };
+    for (const [label, repo] of [['generated 10,000 files + 32 MiB', generated], ['this project, cloned', project]] as const) {
+      const t: Record<string, number[]> = { archive: [], tar: [], shallow: [], full_history: [], full_copy: [] };
+      const sent: Record<string, number> = {};
+      for (let i = 0; i < runs; i++) {
+        const dest = () => `/root/r${++n}`;
+        for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
+          const d = dest();
+          t[mode].push(await timed(async () => {
+            const r = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo, guestPath: d, mode });
+            sent[mode] = r.bytesSent;
+          }));
+          if (mode === 'shallow') {
+            const a = dest();
+            t.archive.push(await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, `mkdir -p ${a} && tar -x -C ${a}`])}`])));
+          }
+          if (mode === 'full_copy') {
+            const c = dest();
+            t.tar.push(await timed(() => execa('sh', ['-c', `tar -c -f - -C ${shellQuote([repo])} --owner=0 --group=0 --numeric-owner . | ${shellQuote([...ssh, `mkdir -p ${c} && tar -x -f - --no-same-owner -C ${c}`])}`])));
+          }
+        }
+        await guest('rm -rf /root/r* && sync');
+      }
+      console.log(`  ${label}`);
+      line('git archive HEAD | ssh tar -x (median)', ms(median(t.archive)));
+      line('tar c . | ssh tar x (median)', ms(median(t.tar)));
+      for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
+        const raw = mode === 'full_copy' ? t.tar : t.archive;
+        line(`${mode} prepare (median; bytesSent ${sent[mode]})`, ms(median(t[mode])));
+        line(`${mode} ratio raw time / banger time (goal >= 0.9)`, (median(raw) / median(t[mode])).toFixed(2));
+      }
+    }
+    client.close();
+  } finally {
+    await b.cleanup();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare'))) {
   console.log(`no cached test image in ${imageHome}: run the e2e tests once (npm test) or skip with --only disk,tap`);
   process.exit(1);
 }
@@ -218,6 +295,7 @@ if (want('disk')) await benchDisk();
 if (want('tap')) await benchTap();
 if (want('create')) await benchCreate();
 if (want('workspace')) await benchWorkspace();
+if (want('prepare')) await benchPrepareRates();
 if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
 if (want('fc')) await benchFirecrackerFake(line);
