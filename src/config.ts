@@ -20,6 +20,10 @@ export const configSchema = z.strictObject({
   /** What `--net auto` prefers when the daemon runs its own root helper (as root): user unless set to tap. */
   defaultNet: z.enum(['user', 'tap']).default('user'),
   kvmProbeTimeoutMs: z.number().int().min(1000).default(20_000),
+  /** Workspace export: a patch larger than this is refused (PatchTooLarge) and nothing is written. */
+  maxPatchBytes: z.number().int().min(1).default(2 ** 30),
+  /** Workspace export: the whole export, guest command included. */
+  exportTimeoutMs: z.number().int().min(1000).default(600_000),
 });
 
 export type Config = z.infer<typeof configSchema>;

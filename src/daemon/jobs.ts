@@ -5,7 +5,10 @@ import { sshTargetFor, type StepEnv } from '../actors/vm-steps.js';
 import type { JobRunners } from '../actors/workspace-jobs.js';
 import { testStageDelay } from '../actors/fault-injection.js';
 import { exec as sshExec } from '../host/guest/ssh.js';
-import { exportWorkspace, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
   return {
@@ -16,7 +19,7 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
       if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} is not running`);
       const target = await sshTargetFor(env, ctx, ctx.runtime);
       const guest: GuestExec = (command, opts = {}) =>
-        sshExec(target, command, { stdin: opts.stdin, signal: opts.signal ?? signal }).then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
+        sshExec(target, command, { stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr, signal: opts.signal ?? signal }).then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
       const p = job.params as Record<string, any>;
       if (job.kind === 'prepare') {
         const result = await prepareWorkspace(
@@ -26,17 +29,32 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
         );
         return { ...result, vmId };
       }
-      const r = await exportWorkspace(guest, { guestPath: p.guestPath, baseCommit: p.baseCommit }, { signal, runner: env.runner });
-      const utf8 = r.patch.toString('utf8');
-      const binarySafe = Buffer.from(utf8, 'utf8').equals(r.patch);
-      return {
-        guestPath: r.guestPath,
-        baseCommit: r.baseCommit,
-        patch: binarySafe ? utf8 : r.patch.toString('base64'),
-        patchEncoding: binarySafe ? 'utf8' : 'base64',
-        changedFiles: r.changedFiles,
-        hasChanges: r.hasChanges,
-      };
+      return runExport(guest, env, p, signal);
     },
   };
+}
+
+/**
+ * Export under config maxPatchBytes and exportTimeoutMs. With `output` the patch streams into that file and
+ * never sits whole in the daemon; without it (the RPC result carries the patch) it goes through a temp file.
+ */
+async function runExport(guest: GuestExec, env: StepEnv, p: Record<string, any>, signal: AbortSignal) {
+  const limits = { maxBytes: env.config.maxPatchBytes, timeoutMs: env.config.exportTimeoutMs };
+  const base = { guestPath: p.guestPath as string, baseCommit: p.baseCommit as string | undefined };
+  if (typeof p.output === 'string') {
+    const r = await exportWorkspaceToFile(guest, { ...base, ...limits, outputPath: p.output }, { signal });
+    const { outputPath, ...rest } = r;
+    return { ...rest, patch: '', patchEncoding: 'utf8' as const, output: outputPath };
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'banger-export-'));
+  try {
+    const r = await exportWorkspaceToFile(guest, { ...base, ...limits, outputPath: join(dir, 'patch') }, { signal });
+    const patch = await readFile(r.outputPath);
+    const utf8 = patch.toString('utf8');
+    const binarySafe = Buffer.from(utf8, 'utf8').equals(patch);
+    const { outputPath: _drop, ...rest } = r;
+    return { ...rest, patch: binarySafe ? utf8 : patch.toString('base64'), patchEncoding: binarySafe ? ('utf8' as const) : ('base64' as const) };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }

@@ -37,6 +37,8 @@ export const exportParams = z.strictObject({
   vm: vmRef,
   guestPath: z.string().optional(),
   baseCommit: z.string().optional(),
+  /** An absolute path the daemon writes the patch to (whole or not at all); the result then carries no patch. */
+  output: z.string().min(1).optional(),
 });
 
 // ---- guest sessions, exec and health (issue 11)

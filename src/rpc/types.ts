@@ -181,6 +181,10 @@ export interface PrepareResult {
   baseCommit: string;
   preparedAt: string;
   bytesStreamed: number;
+  /** Bytes that crossed the link into the guest. */
+  bytesSent: number;
+  /** The workspace cache is not built: always "off". */
+  cache: 'hit' | 'miss' | 'off';
 }
 
 export interface ExportResult {
@@ -191,6 +195,10 @@ export interface ExportResult {
   patchEncoding: 'utf8' | 'base64';
   changedFiles: string[];
   hasChanges: boolean;
+  /** The size of the patch in bytes. */
+  patchBytes: number;
+  /** Where the daemon wrote the patch, when the call gave `output` (then `patch` is empty). */
+  output?: string;
 }
 
 /** Notifications the daemon sends while a request runs, tied to its id. */

@@ -1,6 +1,9 @@
 /** banger vm workspace prepare / export. */
-import { writeFileSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { createReadStream } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { pipeline } from 'node:stream/promises';
+import { join, resolve } from 'node:path';
 import type { Argv } from 'yargs';
 import type { ExportResult, WorkspaceMode } from '../../rpc/types.js';
 import { call, out, type GlobalArgs } from '../context.js';
@@ -31,18 +34,33 @@ async function prepare(a: PrepareArgs): Promise<void> {
 
 const changes = (r: ExportResult) => `${r.hasChanges ? `${r.changedFiles.length} file(s) changed` : 'no changes'} since ${String(r.baseCommit).slice(0, 12)}`;
 
+/**
+ * The daemon writes the patch into a file (whole or not at all, under maxPatchBytes and exportTimeoutMs): the
+ * --output file, or a private temp file that is then copied to stdout. On any error nothing reaches stdout.
+ */
 async function exportPatch(a: ExportArgs): Promise<void> {
-  const r = await call('vm.workspace.export', { vm: a.vm, guestPath: a.guestPath, baseCommit: a.baseCommit }, { quiet: true });
-  const patch = Buffer.from(r.patch, r.patchEncoding === 'base64' ? 'base64' : 'utf8');
+  const params = { vm: a.vm, guestPath: a.guestPath, baseCommit: a.baseCommit };
   if (a.output) {
-    writeFileSync(a.output, patch);
-    if (a.json) out(a, { ...r, patch: undefined, output: a.output }, () => '');
+    const r = await call('vm.workspace.export', { ...params, output: resolve(a.output) }, { quiet: true });
+    if (a.json) out(a, r, () => '');
     else process.stderr.write(`${changes(r)} → ${a.output}\n`);
-  } else if (a.json) {
-    out(a, r, () => '');
-  } else {
-    process.stdout.write(patch);
+    return;
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'banger-patch-'));
+  try {
+    const file = join(dir, 'patch');
+    const r = await call('vm.workspace.export', { ...params, output: file }, { quiet: true });
+    if (a.json) {
+      const patch = await readFile(file);
+      const utf8 = patch.toString('utf8');
+      const binarySafe = Buffer.from(utf8, 'utf8').equals(patch);
+      out(a, { ...r, output: undefined, patch: binarySafe ? utf8 : patch.toString('base64'), patchEncoding: binarySafe ? 'utf8' : 'base64' }, () => '');
+      return;
+    }
+    await pipeline(createReadStream(file), process.stdout, { end: false });
     process.stderr.write(`${changes(r)}\n`);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 }
 

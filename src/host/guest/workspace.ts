@@ -1,6 +1,7 @@
-import { readFile, stat } from 'node:fs/promises';
-import { basename, posix, resolve } from 'node:path';
-import { PassThrough, Transform, type Readable, type Writable } from 'node:stream';
+import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { basename, dirname, isAbsolute, join, posix, resolve } from 'node:path';
+import { PassThrough, Transform, Writable, type Readable } from 'node:stream';
 import { execa } from 'execa';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
@@ -34,7 +35,14 @@ export interface GuestExecResult {
 export interface GuestExec {
   (
     command: string,
-    opts?: { stdin?: NodeJS.ReadableStream | Buffer | string; signal?: AbortSignal },
+    opts?: {
+      stdin?: NodeJS.ReadableStream | Buffer | string;
+      signal?: AbortSignal;
+      /** Where stdout goes (piped with backpressure, not ended); the result's stdout is then empty. */
+      stdout?: NodeJS.WritableStream;
+      /** Where stderr goes, likewise. */
+      stderr?: NodeJS.WritableStream;
+    },
   ): Promise<GuestExecResult>;
 }
 
@@ -104,6 +112,10 @@ export interface WorkspacePrepareResult {
   preparedAt: string;
   /** Total bytes streamed into the guest. */
   bytesStreamed: number;
+  /** Every byte that went into the guest's stdin (the streams plus the finishing step's ref list). */
+  bytesSent: number;
+  /** The workspace cache is not built: every prepare streams. */
+  cache: 'off';
 }
 
 export interface ExportOptions {
@@ -541,7 +553,7 @@ async function execGuest(
   exec: GuestExec,
   what: string,
   command: string,
-  opts: { stdin?: NodeJS.ReadableStream | Buffer | string; signal?: AbortSignal },
+  opts: Parameters<GuestExec>[1] & { signal?: AbortSignal },
 ): Promise<GuestExecResult> {
   if (opts.signal?.aborted) throw abortError(opts.signal, what);
   const p = exec(command, opts);
@@ -835,6 +847,7 @@ export async function prepareWorkspace(
       const preparedAt = new Date().toISOString();
       const sourcePath = resolve(opts.source);
       const marker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt });
+      const finInput = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
       const fin = await execGuest(
         exec,
         what,
@@ -852,7 +865,7 @@ export async function prepareWorkspace(
           repo.currentBranch ?? '',
           ...shallow,
         ]),
-        { signal, stdin: Buffer.from(refUpdates.map((u) => u + '\n').join('')) },
+        { signal, stdin: finInput },
       );
       step('finish', fin);
       return {
@@ -869,6 +882,8 @@ export async function prepareWorkspace(
         baseCommit,
         preparedAt,
         bytesStreamed,
+        bytesSent: bytesStreamed + finInput.length,
+        cache: 'off',
       };
     } catch (e) {
       // Best effort: the staging dir goes away, unless we were aborted (the connection may be gone; the next
@@ -1018,4 +1033,183 @@ function parseExport(out: Buffer): { sha: string; names: Buffer; patch: Buffer }
   const start = nl + 1;
   if (start + n > out.length) throw new BangerError('host', 'workspace export: the guest output was cut short');
   return { sha: m[1], names: out.subarray(start, start + n), patch: Buffer.from(out.subarray(start + n)) };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// export to a file, bounded
+
+export interface ExportToFileOptions extends ExportOptions {
+  /** Absolute path of the patch file; written whole or not at all (a temp file next to it, then rename). */
+  outputPath: string;
+  /** More patch bytes than this is a PatchTooLarge error (config maxPatchBytes). */
+  maxBytes: number;
+  /** The whole export, guest command included (config exportTimeoutMs). */
+  timeoutMs: number;
+}
+
+export interface WorkspaceFileExportResult extends Omit<WorkspaceExportResult, 'patch'> {
+  outputPath: string;
+  patchBytes: number;
+}
+
+/** The patch was bigger than the cap: nothing was written. */
+export function patchTooLargeError(maxBytes: number): BangerError {
+  return new BangerError(
+    'conflict',
+    `PatchTooLarge: the patch is larger than maxPatchBytes (${maxBytes} bytes); nothing was written`,
+    'raise maxPatchBytes in $BANGER_HOME/config.json, or export less (commit or remove large generated files in the guest)',
+  );
+}
+
+/**
+ * exportWorkspace's patch, streamed from the guest into `outputPath` under a byte cap and a timeout: the daemon
+ * holds one chunk at a time (the ssh channel waits for each file write), never the patch. Over the cap or past
+ * the deadline the guest command is aborted, the temp file removed, and the output path left as it was.
+ */
+export async function exportWorkspaceToFile(
+  exec: GuestExec,
+  opts: ExportToFileOptions,
+  ctx: { signal?: AbortSignal } = {},
+): Promise<WorkspaceFileExportResult> {
+  const what = 'workspace export';
+  if (typeof opts.guestPath !== 'string' || !opts.guestPath.startsWith('/') || CONTROL_RE.test(opts.guestPath)) {
+    throw new BangerError('usage', `guest path ${JSON.stringify(opts.guestPath)} is not an absolute path`);
+  }
+  if (!isAbsolute(opts.outputPath)) throw new BangerError('usage', `the output path ${JSON.stringify(opts.outputPath)} is not absolute`);
+  const guestPath = normalizeAbsolute(opts.guestPath);
+  const base = opts.baseCommit === undefined || opts.baseCommit === '' ? '' : validateRevision(opts.baseCommit, 'base commit');
+  const temp = join(dirname(opts.outputPath), `.${basename(opts.outputPath)}.${randomBytes(6).toString('hex')}.partial`);
+  const file = await open(temp, 'wx', 0o600).catch((e: NodeJS.ErrnoException) => {
+    throw new BangerError('usage', `cannot write the patch next to ${opts.outputPath}: ${e.message}`, 'give an output path in a directory you can write to');
+  });
+  const abort = new AbortController();
+  const stop = (why: BangerError) => abort.signal.aborted || abort.abort(why);
+  const onOuterAbort = () => stop(abortError(ctx.signal, what));
+  if (ctx.signal?.aborted) onOuterAbort();
+  ctx.signal?.addEventListener('abort', onOuterAbort, { once: true });
+  const timer = setTimeout(() => stop(new BangerError('timeout', `${what} did not finish within ${opts.timeoutMs} ms; nothing was written`,
+    'raise exportTimeoutMs in $BANGER_HOME/config.json')), opts.timeoutMs);
+  const sink = exportSink(file, opts.maxBytes, stop);
+  const stderr = tailSink(64 * 1024);
+  let done = false;
+  try {
+    const r = await execGuest(exec, what, guestCommand(EXPORT_SCRIPT, [guestPath, base]), { signal: abort.signal, stdout: sink.stream, stderr: stderr.stream })
+      .catch((e) => { throw abort.signal.aborted ? abort.signal.reason : e; });
+    await sink.finish();
+    if (abort.signal.aborted) throw abort.signal.reason;
+    checkExportExit(what, { ...r, stderr: Buffer.concat([r.stderr, stderr.text()]) });
+    const { sha, names } = sink.parsed();
+    await file.close();
+    await rename(temp, opts.outputPath);
+    done = true;
+    const changedFiles = splitNul(names).map((b) => b.toString('utf8'));
+    return { guestPath, baseCommit: sha, changedFiles, hasChanges: sink.patchBytes() > 0, outputPath: opts.outputPath, patchBytes: sink.patchBytes() };
+  } finally {
+    clearTimeout(timer);
+    ctx.signal?.removeEventListener('abort', onOuterAbort);
+    if (!done) {
+      sink.stream.destroy();
+      await file.close().catch(() => {});
+      await unlink(temp).catch(() => {});
+    }
+  }
+}
+
+function checkExportExit(what: string, r: GuestExecResult): void {
+  if (r.exitCode === 3) {
+    throw new BangerError('not_found', `${what}: ${tail(r.stderr, 1)}`, 'prepare a workspace there first, or pass the right --guest-path');
+  }
+  if (r.exitCode === 4) {
+    throw new BangerError('usage', `${what}: ${tail(r.stderr, 1)}`, 'give a commit that exists in the guest repository (the prepare result has baseCommit)');
+  }
+  if (r.exitCode !== 0) throw guestStepError(what, r);
+}
+
+/** Keeps only the last `max` bytes written (a guest's stderr is never held whole). */
+function tailSink(max: number) {
+  let buf = Buffer.alloc(0);
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      buf = Buffer.concat([buf, chunk]);
+      if (buf.length > max) buf = buf.subarray(buf.length - max);
+      cb();
+    },
+  });
+  return { stream, text: () => buf };
+}
+
+const MAX_HEADER_SEARCH = 64 * 1024;
+
+/**
+ * Parses the framed export output (see parseExport) as it arrives: the header and the names are kept (names
+ * longer than the cap are refused too), the patch goes to `file`, one chunk at a time, each write awaited.
+ * A failure (over the cap, bad framing, a write error) goes to `onFail` once; later output is then discarded, so
+ * the channel always drains.
+ */
+function exportSink(file: import('node:fs/promises').FileHandle, maxBytes: number, onFail: (e: BangerError) => void) {
+  let pending = Buffer.alloc(0); // before and inside the header
+  let header: { sha: string; n: number } | undefined;
+  const names: Buffer[] = [];
+  let namesLeft = 0;
+  let patch = 0;
+  let failed = false;
+  const writePatch = async (b: Buffer) => {
+    if (b.length === 0) return;
+    if (patch + b.length > maxBytes) throw patchTooLargeError(maxBytes);
+    patch += b.length;
+    await file.write(b);
+  };
+  const take = async (chunk: Buffer) => {
+    if (!header) {
+      pending = Buffer.concat([pending, chunk]);
+      const at = pending.indexOf('BANGER-EXPORT 1 ');
+      const nl = at < 0 ? -1 : pending.indexOf(10, at);
+      if (nl < 0) {
+        if (pending.length > MAX_HEADER_SEARCH) throw new BangerError('host', 'workspace export: the guest sent no export header (unexpected output)');
+        return;
+      }
+      const m = /^BANGER-EXPORT 1 ([0-9a-f]{40,64}) (\d+)$/.exec(pending.subarray(at, nl).toString('latin1'));
+      if (!m) throw new BangerError('host', 'workspace export: the guest sent a malformed export header');
+      header = { sha: m[1], n: Number(m[2]) };
+      if (header.n > maxBytes) throw patchTooLargeError(maxBytes);
+      namesLeft = header.n;
+      chunk = pending.subarray(nl + 1);
+      pending = Buffer.alloc(0);
+    }
+    if (namesLeft > 0) {
+      const part = chunk.subarray(0, namesLeft);
+      names.push(Buffer.from(part));
+      namesLeft -= part.length;
+      chunk = chunk.subarray(part.length);
+    }
+    await writePatch(chunk);
+  };
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      if (failed) return cb();
+      take(chunk).then(
+        () => cb(),
+        (e: unknown) => {
+          failed = true;
+          onFail(e instanceof BangerError ? e : new BangerError('host', `workspace export: writing the patch failed: ${errorMessage(e)}`));
+          cb();
+        },
+      );
+    },
+  });
+  stream.on('error', () => {});
+  return {
+    stream,
+    finish: () => new Promise<void>((res, rej) => {
+      if (stream.destroyed) return res();
+      stream.end(() => res());
+      stream.once('error', rej);
+    }),
+    parsed() {
+      if (!header) throw new BangerError('host', 'workspace export: the guest sent no export header (unexpected output)');
+      if (namesLeft > 0) throw new BangerError('host', 'workspace export: the guest output was cut short');
+      return { sha: header.sha, names: Buffer.concat(names) };
+    },
+    patchBytes: () => patch,
+  };
 }

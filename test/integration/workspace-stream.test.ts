@@ -1,0 +1,179 @@
+/**
+ * Prepare sends the tree once (out of the pack, then the host's working-tree delta) and export streams into a
+ * file under a cap and a timeout. The "guest" is this host (test/support/local-guest.ts).
+ */
+import { execFile } from 'node:child_process';
+import { chmod, lstat, mkdir, readdir, readFile, readlink, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BangerError } from '../../src/errors.js';
+import { exportWorkspace, exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
+import { commitAll, git, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
+import { streamingLocalGuest } from '../support/local-guest.js';
+
+let restoreGit: () => Promise<void>;
+let tmp: string;
+beforeAll(async () => {
+  restoreGit = await isolateGitConfig();
+  tmp = await tempDir('banger-ws-stream-');
+});
+afterAll(async () => {
+  await restoreGit();
+  await rm(tmp, { recursive: true, force: true });
+});
+
+/** Every path under `root` except .git (and `skip`): type, the owner's exec bit, and contents or link target. */
+async function treeOf(root: string, skip: string[] = []): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  const walk = async (rel: string) => {
+    for (const name of await readdir(join(root, rel))) {
+      const p = rel ? `${rel}/${name}` : name;
+      if (p === '.git' || skip.includes(p)) continue;
+      const st = await lstat(join(root, p));
+      if (st.isSymbolicLink()) out[p] = `link ${await readlink(join(root, p))}`;
+      else if (st.isDirectory()) {
+        out[p] = 'dir';
+        await walk(p);
+      } else out[p] = `file ${st.mode & 0o100 ? 'x' : '-'} ${(await readFile(join(root, p))).toString('base64')}`;
+    }
+  };
+  await walk('');
+  return out;
+}
+
+async function hostRepo(): Promise<string> {
+  const dir = await gitdir('banger-host-', tmp);
+  await mkdir(join(dir, 'dir'));
+  await mkdir(join(dir, 'becomes-file'));
+  await writeFile(join(dir, 'keep.txt'), 'keep\n');
+  await writeFile(join(dir, 'edit.txt'), 'before\n');
+  await writeFile(join(dir, 'gone.txt'), 'gone\n');
+  await writeFile(join(dir, 'old-name.txt'), 'renamed content\n');
+  await writeFile(join(dir, 'run.sh'), '#!/bin/sh\n');
+  await writeFile(join(dir, 'becomes-dir'), 'a file now\n');
+  await writeFile(join(dir, 'becomes-file', 'inner.txt'), 'inner\n');
+  await writeFile(join(dir, 'dir', 'only.txt'), 'only\n');
+  await writeFile(join(dir, 'untracked-later.txt'), 'was tracked\n');
+  await writeFile(join(dir, '.gitignore'), 'ignored.log\n');
+  await symlink('keep.txt', join(dir, 'link'));
+  await commitAll(dir, 'base');
+  return dir;
+}
+
+/** Every kind of working-tree change the delta must carry. */
+async function changeEverything(dir: string): Promise<void> {
+  await writeFile(join(dir, 'edit.txt'), 'after\n');
+  await unlink(join(dir, 'gone.txt'));
+  await rename(join(dir, 'old-name.txt'), join(dir, 'new-name.txt'));
+  await chmod(join(dir, 'run.sh'), 0o755);
+  await unlink(join(dir, 'becomes-dir'));
+  await mkdir(join(dir, 'becomes-dir'));
+  await writeFile(join(dir, 'becomes-dir', 'child.txt'), 'child\n');
+  await rm(join(dir, 'becomes-file'), { recursive: true });
+  await writeFile(join(dir, 'becomes-file'), 'a directory once\n');
+  await unlink(join(dir, 'dir', 'only.txt')); // leaves an empty directory: git never has one, neither may the guest
+  await unlink(join(dir, 'link'));
+  await writeFile(join(dir, 'link'), 'a file, was a symlink\n');
+  await writeFile(join(dir, 'staged.txt'), 'staged, never committed\n');
+  await git(dir, 'add', 'staged.txt');
+  await git(dir, 'rm', '-q', '--cached', 'untracked-later.txt');
+  await writeFile(join(dir, 'ignored.log'), 'stays behind\n');
+}
+
+describe('prepare sends the tree once', { timeout: 60_000 }, () => {
+  it.each(['shallow', 'full_history'] as const)('%s: the guest tree equals the host working tree through every kind of change', async (mode) => {
+    const host = await hostRepo();
+    await changeEverything(host);
+    const dest = join(tmp, `guest-${mode}`);
+    const r = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: dest, mode, readOnly: false });
+    await rm(join(host, 'dir'), { recursive: true }); // the host's empty directory is not part of git's view
+    expect(await treeOf(dest)).toEqual(await treeOf(host, ['ignored.log']));
+    expect(r.cache).toBe('off');
+    // the index is HEAD's (staged changes arrive unstaged) and its stat data is fresh: status hashes nothing
+    expect((await git(dest, 'diff', '--cached', '--name-only')).trim()).toBe('');
+    await git(dest, 'fsck', '--no-progress');
+  });
+
+  it('bytesSent: the file contents cross once (a 4 MiB file does not count twice)', async () => {
+    const host = await gitdir('banger-host-', tmp);
+    const big = Buffer.alloc(4 * 2 ** 20);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i); // incompressible enough
+    await writeFile(join(host, 'big.bin'), big);
+    await commitAll(host, 'big');
+    const r = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: join(tmp, 'guest-bytes'), mode: 'shallow', readOnly: false });
+    expect(r.bytesSent).toBeLessThan(1.5 * big.length);
+    expect(r.bytesSent).toBeGreaterThan(0);
+  });
+});
+
+describe('export to a file, bounded', { timeout: 120_000 }, () => {
+  async function guestRepoWithWork(): Promise<string> {
+    const dir = await hostRepo();
+    await changeEverything(dir);
+    await writeFile(join(dir, 'binary.bin'), Buffer.from([0, 1, 2, 255, 254, 0, 10]));
+    return dir;
+  }
+
+  it('writes exactly exportWorkspace\'s patch, replacing an existing file', async () => {
+    const repo = await guestRepoWithWork();
+    const guest = streamingLocalGuest();
+    const output = join(tmp, 'same.patch');
+    await writeFile(output, 'old content');
+    const streamed = await exportWorkspaceToFile(guest, { guestPath: repo, outputPath: output, maxBytes: 2 ** 30, timeoutMs: 60_000 });
+    const whole = await exportWorkspace(guest, { guestPath: repo });
+    expect(await readFile(output)).toEqual(whole.patch);
+    expect(streamed.patchBytes).toBe(whole.patch.length);
+    expect(streamed.changedFiles).toEqual(whole.changedFiles);
+    expect(streamed.baseCommit).toBe(whole.baseCommit);
+    expect(streamed.hasChanges).toBe(true);
+  });
+
+  it('over the cap: the named error, the output path untouched, no temp file left', async () => {
+    const repo = await guestRepoWithWork();
+    const dir = await tempDir('banger-out-', tmp);
+    const output = join(dir, 'capped.patch');
+    await writeFile(output, 'previous patch');
+    const err = await exportWorkspaceToFile(streamingLocalGuest(), { guestPath: repo, outputPath: output, maxBytes: 64, timeoutMs: 60_000 }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(/^PatchTooLarge: .*maxPatchBytes \(64 bytes\)/);
+    expect(await readFile(output, 'utf8')).toBe('previous patch');
+    expect(await readdir(dir)).toEqual(['capped.patch']);
+  });
+
+  it('a guest that never finishes: a timeout error, nothing written', async () => {
+    const dir = await tempDir('banger-out-', tmp);
+    const hung: GuestExec = (_command, opts = {}) => streamingLocalGuest()('printf "BANGER-EXPORT 1 "; sleep 60', opts);
+    const err = await exportWorkspaceToFile(hung, { guestPath: '/nowhere', outputPath: join(dir, 'p.patch'), maxBytes: 2 ** 30, timeoutMs: 1500 }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect((err as BangerError).kind).toBe('timeout');
+    expect(await readdir(dir)).toEqual([]);
+  });
+
+  it('a 256 MiB change grows the exporting process\'s peak RSS by less than 64 MiB', async () => {
+    const repo = await gitdir('banger-big-', tmp);
+    await writeFile(join(repo, 'seed.txt'), 'seed\n');
+    await commitAll(repo, 'seed');
+    const warm = await gitdir('banger-warm-', tmp);
+    await writeFile(join(warm, 'a.txt'), 'a\n');
+    await commitAll(warm, 'a');
+    await writeFile(join(warm, 'a.txt'), 'b\n');
+    // 256 MiB of text lines, written in pieces (the test itself never holds it)
+    const line = `${'x'.repeat(1023)}\n`;
+    const chunk = line.repeat(1024); // 1 MiB
+    const ws = createWriteStream(join(repo, 'huge.txt'));
+    for (let i = 0; i < 256; i++) if (!ws.write(chunk)) await new Promise<void>((r) => ws.once('drain', () => r()));
+    await new Promise<void>((res, rej) => ws.end((e?: Error | null) => (e ? rej(e) : res())));
+    const output = join(tmp, 'huge.patch');
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '..', 'support', 'export-rss-child.ts'), repo, output, warm], {
+      maxBuffer: 1 << 20,
+      env: process.env,
+    });
+    const r = JSON.parse(stdout) as { before: number; after: number; patchBytes: number };
+    expect(r.patchBytes).toBeGreaterThan(256 * 2 ** 20);
+    expect((await lstat(output)).size).toBe(r.patchBytes);
+    expect(r.after - r.before).toBeLessThan(64 * 2 ** 20);
+    await rm(output);
+  });
+});
