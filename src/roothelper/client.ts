@@ -1,22 +1,13 @@
 import { createConnection, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
 import type { JailLauncher } from '../host/vmm/firecracker/firecracker.js';
-import { LineDecoder } from '../rpc/ndjson.js';
+import { NdjsonConnection, type NdjsonAdapter } from '../rpc/connection.js';
 import type { Response, Verb, VerbArgs, VerbResults } from './protocol.js';
 
 /**
- * A client of the root helper: one connection, request ids, a timeout per request, and every pending request
- * rejected when the connection closes (vscode-jsonrpc's rule). Reconnecting with backoff is the rootHelper
- * actor's job: it watches `closed`.
+ * A client of the root helper: one NdjsonConnection (request ids, a timeout per request, every pending request
+ * rejected when the connection closes). Reconnecting with backoff is the rootHelper actor's job: it watches `closed`.
  */
-
-interface Pending {
-  resolve: (v: unknown) => void;
-  reject: (e: unknown) => void;
-  timer: NodeJS.Timeout;
-  verb: string;
-  cleanup: () => void;
-}
 
 export interface RequestOptions {
   timeoutMs?: number;
@@ -30,28 +21,39 @@ const KINDS: ReadonlySet<string> = new Set<ErrorKind>([
   'host', 'timeout', 'unsupported', 'aborted', 'usage',
 ]);
 
+/** The helper's protocol on an NdjsonConnection: numeric ids, {ok: true, result} or {ok: false, error: {kind, message, hint}}. */
+const helperAdapter: NdjsonAdapter<{ verb: string; args: unknown }> = {
+  id: (n) => n,
+  encode: (id, req) => ({ id, verb: req.verb, args: req.args }),
+  decode: (msg) => {
+    const m = msg as unknown as Response;
+    if (typeof m.id !== 'number') return undefined;
+    if (m.ok) return { answers: m.id, result: m.result };
+    const e = m.error ?? { kind: 'internal', message: 'malformed error' };
+    const kind = (KINDS.has(e.kind) ? e.kind : 'internal') as ErrorKind;
+    return { answers: m.id, error: () => new BangerError(kind, e.message, e.hint) };
+  },
+  errors: {
+    closed: (verb) => new BangerError('host', `root helper ${verb}: the connection is closed`),
+    lost: (verb) => new BangerError('host', `root helper ${verb}: the connection closed before an answer`),
+    timeout: (verb, ms) => new BangerError('timeout', `root helper ${verb}: no answer within ${ms} ms`),
+    aborted: (verb) => new BangerError('aborted', `root helper ${verb}: aborted`),
+  },
+};
+
 export class RootHelperClient {
-  private nextId = 1;
-  /** Answers are small; a line longer than this means the other end is not the helper: the connection ends. */
-  private readonly lines = new LineDecoder({ maxLine: MAX_ANSWER_LINE, onOverflow: () => this.sock.destroy() });
-  private readonly pending = new Map<number, Pending>();
-  private isClosed = false;
+  /** Answers are small; a line longer than MAX_ANSWER_LINE means the other end is not the helper: the connection ends. */
+  private readonly conn: NdjsonConnection<{ verb: string; args: unknown }>;
   /** Resolves when the connection is gone (either side closed it). */
   readonly closed: Promise<void>;
-  private markClosed!: () => void;
 
   private constructor(
-    private readonly sock: Socket,
+    sock: Socket,
     readonly socketPath: string,
     private readonly defaultTimeoutMs: number,
   ) {
-    this.closed = new Promise((r) => (this.markClosed = r));
-    sock.setEncoding('utf8');
-    sock.on('data', (c: string) => this.onData(c));
-    sock.on('error', () => {
-      /* reported through close */
-    });
-    sock.on('close', () => this.onClose());
+    this.conn = new NdjsonConnection(sock, { adapter: helperAdapter, maxLine: MAX_ANSWER_LINE });
+    this.closed = this.conn.closed;
   }
 
   /** Connect to the helper's socket. `timeoutMs` bounds the connect; `requestTimeoutMs` is the default per request (30 s). */
@@ -101,7 +103,7 @@ export class RootHelperClient {
   }
 
   get isOpen(): boolean {
-    return !this.isClosed;
+    return this.conn.isOpen;
   }
 
   /** Send one request; resolves with its result, rejects with the helper's error as a BangerError. */
@@ -109,73 +111,16 @@ export class RootHelperClient {
   /** Any verb, unchecked (tests send hostile requests this way). */
   request(verb: string, args: unknown, opts?: RequestOptions): Promise<unknown>;
   request(verb: string, args: unknown, opts: RequestOptions = {}): Promise<unknown> {
-    if (this.isClosed) return Promise.reject(new BangerError('host', `root helper ${verb}: the connection is closed`));
-    if (opts.signal?.aborted) return Promise.reject(new BangerError('aborted', `root helper ${verb}: aborted`));
-    const id = this.nextId++;
-    const timeoutMs = opts.timeoutMs ?? this.defaultTimeoutMs;
-    return new Promise((resolve, reject) => {
-      const onAbort = () => this.settle(id, (p) => p.reject(new BangerError('aborted', `root helper ${verb}: aborted`)));
-      const timer = setTimeout(
-        () => this.settle(id, (p) => p.reject(new BangerError('timeout', `root helper ${verb}: no answer within ${timeoutMs} ms`))),
-        timeoutMs,
-      );
-      opts.signal?.addEventListener('abort', onAbort, { once: true });
-      this.pending.set(id, { resolve, reject, timer, verb, cleanup: () => opts.signal?.removeEventListener('abort', onAbort) });
-      this.sock.write(`${JSON.stringify({ id, verb, args })}\n`);
-    });
+    return this.conn.request({ verb, args }, { label: verb, timeoutMs: opts.timeoutMs ?? this.defaultTimeoutMs, signal: opts.signal });
   }
 
   /** Send a raw line (tests: malformed input). */
   writeRaw(line: string): void {
-    this.sock.write(line);
+    this.conn.writeRaw(line);
   }
 
   close(): void {
-    this.sock.destroy();
-  }
-
-  private settle(id: number, fn: (p: Pending) => void): void {
-    const p = this.pending.get(id);
-    if (!p) return;
-    this.pending.delete(id);
-    clearTimeout(p.timer);
-    p.cleanup();
-    fn(p);
-  }
-
-  private onData(chunk: string): void {
-    try {
-      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
-    } catch (e) {
-      this.sock.destroy(new Error(`an answer could not be handled: ${(e as Error)?.message ?? e}`));
-    }
-  }
-
-  private onLine(line: string): void {
-    let msg: Response;
-    try {
-      msg = JSON.parse(line) as Response;
-    } catch {
-      return;
-    }
-    if (msg === null || typeof msg !== 'object' || typeof msg.id !== 'number') return;
-    this.settle(msg.id, (p) => {
-      if (msg.ok) p.resolve(msg.result);
-      else {
-        const e = msg.error ?? { kind: 'internal', message: 'malformed error' };
-        const kind = (KINDS.has(e.kind) ? e.kind : 'internal') as ErrorKind;
-        p.reject(new BangerError(kind, e.message, e.hint));
-      }
-    });
-  }
-
-  private onClose(): void {
-    if (this.isClosed) return;
-    this.isClosed = true;
-    for (const id of [...this.pending.keys()]) {
-      this.settle(id, (p) => p.reject(new BangerError('host', `root helper ${p.verb}: the connection closed before an answer`)));
-    }
-    this.markClosed();
+    this.conn.close();
   }
 }
 

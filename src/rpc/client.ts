@@ -1,15 +1,14 @@
 /**
- * JSON-RPC client over the daemon socket, reading answers in time linear in their size (LineDecoder). A connection
- * that closes rejects every pending request.
+ * JSON-RPC client over the daemon socket (an NdjsonConnection: answers read in time linear in their size, a
+ * connection that closes rejects every pending request).
  */
 import { connect, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
-import { LineDecoder } from './ndjson.js';
+import { NdjsonConnection, type NdjsonAdapter } from './connection.js';
 import { PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type ResultOf, type RpcErrorObject, type StreamOf } from './protocol.js';
 
-interface Pending {
-  resolve: (v: unknown) => void;
-  reject: (e: unknown) => void;
+/** What a pending call keeps for the notifications that name it. */
+interface CallContext {
   onProgress?: (p: ProgressParams) => void;
   onStream?: (data: unknown) => void;
 }
@@ -33,31 +32,33 @@ export interface CallOptions<M extends MethodName = MethodName> {
   timeoutMs?: number;
 }
 
+type Request = { method: string; params: unknown };
+
+/** JSON-RPC 2.0 on an NdjsonConnection: numeric ids, {result} or {error: {message, data: {kind, hint}}}. */
+const rpcAdapter: NdjsonAdapter<Request> = {
+  id: (n) => n,
+  encode: (id, req) => ({ jsonrpc: '2.0', id, method: req.method, params: req.params }),
+  decode: (msg) => {
+    const m = msg as Incoming;
+    if (m.method === PROGRESS_METHOD || m.method === STREAM_METHOD) return { notification: msg };
+    if (typeof m.id !== 'number' && typeof m.id !== 'string') return undefined;
+    const error = m.error;
+    if (error) return { answers: Number(m.id), error: () => new BangerError((error.data?.kind as ErrorKind) ?? 'internal', error.message, error.data?.hint) };
+    return { answers: Number(m.id), result: m.result };
+  },
+  errors: {
+    closed: () => new BangerError('host', 'the daemon connection is closed'),
+    lost: (_method, why) => new BangerError('host', `lost the connection to the banger daemon (${why})`, 'see `banger daemon status` and the daemon log in $BANGER_HOME/daemon.log'),
+    timeout: (method, ms) => new BangerError('timeout', `${method} did not answer within ${ms} ms`),
+    aborted: (method) => new BangerError('aborted', `${method}: aborted`),
+  },
+};
+
 export class RpcClient {
-  private nextId = 1;
-  private pending = new Map<number, Pending>();
-  private closed = false;
-  private readonly lines = new LineDecoder({
-    maxLine: MAX_ANSWER_LINE,
-    onOverflow: () => {
-      this.fail(`the daemon sent a line longer than ${MAX_ANSWER_LINE} characters`);
-      this.sock.destroy();
-    },
-  });
+  private readonly conn: NdjsonConnection<Request>;
 
-  private constructor(private sock: Socket) {
-    sock.setEncoding('utf8');
-    sock.on('data', (c: string) => this.onData(c));
-    sock.on('close', () => this.fail('connection closed'));
-    sock.on('error', (e) => this.fail(e.message));
-  }
-
-  private fail(why: string): void {
-    if (this.closed) return;
-    this.closed = true;
-    const pending = [...this.pending.values()];
-    this.pending.clear();
-    for (const p of pending) p.reject(new BangerError('host', `lost the connection to the banger daemon (${why})`, 'see `banger daemon status` and the daemon log in $BANGER_HOME/daemon.log'));
+  private constructor(sock: Socket) {
+    this.conn = new NdjsonConnection(sock, { adapter: rpcAdapter, maxLine: MAX_ANSWER_LINE, onNotification: (msg) => this.onNotification(msg as Incoming) });
   }
 
   static connect(path: string, timeoutMs = 5000): Promise<RpcClient> {
@@ -80,58 +81,18 @@ export class RpcClient {
 
   /** Call one method; resolves with its result (the daemon's answer, typed by the protocol, not re-validated here). */
   call<M extends MethodName>(method: M, params: ParamsOf<M>, opts: CallOptions<M> = {}): Promise<ResultOf<M>> {
-    if (this.closed) return Promise.reject(new BangerError('host', 'the daemon connection is closed'));
-    const id = this.nextId++;
-    return new Promise<ResultOf<M>>((resolve, reject) => {
-      let timer: NodeJS.Timeout | undefined;
-      const done = <T>(f: (v: T) => void) => (v: T) => {
-        if (timer) clearTimeout(timer);
-        this.pending.delete(id);
-        f(v);
-      };
-      const onStream = opts.onStream as ((data: unknown) => void) | undefined;
-      this.pending.set(id, { resolve: done((v: unknown) => resolve(v as ResultOf<M>)), reject: done(reject), onProgress: opts.onProgress, onStream });
-      if (opts.timeoutMs) {
-        timer = setTimeout(() => this.pending.get(id)?.reject(new BangerError('timeout', `${method} did not answer within ${opts.timeoutMs} ms`)), opts.timeoutMs);
-      }
-      this.sock.write(JSON.stringify({ jsonrpc: '2.0', id, method, params }) + '\n');
-    });
+    const context: CallContext = { onProgress: opts.onProgress, onStream: opts.onStream as ((data: unknown) => void) | undefined };
+    return this.conn.request<ResultOf<M>>({ method, params }, { label: method, timeoutMs: opts.timeoutMs || undefined, context });
   }
 
   close(): void {
-    this.closed = true;
-    this.sock.end();
-    this.sock.destroy();
+    this.conn.close();
   }
 
-  private onData(chunk: string): void {
-    try {
-      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
-    } catch (e) {
-      // A progress or stream callback threw: the caller's bug, reported to every pending call rather than lost.
-      this.fail(`an answer could not be handled: ${(e as Error)?.message ?? e}`);
-      this.sock.destroy();
-    }
-  }
-
-  private onLine(line: string): void {
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(line);
-    } catch {
-      return;
-    }
-    if (parsed === null || typeof parsed !== 'object') return;
-    const msg = parsed as Incoming;
-    if (msg.method === PROGRESS_METHOD) {
-      this.pending.get(Number(msg.params?.requestId))?.onProgress?.(msg.params as ProgressParams);
-    } else if (msg.method === STREAM_METHOD) {
-      this.pending.get(Number(msg.params?.requestId))?.onStream?.(msg.params?.data);
-    } else if (msg.id !== undefined) {
-      const p = this.pending.get(Number(msg.id));
-      if (!p) return;
-      if (msg.error) p.reject(new BangerError((msg.error.data?.kind as ErrorKind) ?? 'internal', msg.error.message, msg.error.data?.hint));
-      else p.resolve(msg.result);
-    }
+  /** Progress and stream notifications go to the call they name (params.requestId). */
+  private onNotification(msg: Incoming): void {
+    const ctx = this.conn.contextOf<CallContext>(Number(msg.params?.requestId));
+    if (msg.method === PROGRESS_METHOD) ctx?.onProgress?.(msg.params as ProgressParams);
+    else ctx?.onStream?.(msg.params?.data);
   }
 }

@@ -1,6 +1,6 @@
 import { createConnection, type Socket } from 'node:net';
-import { BangerError, errorMessage } from '../../../errors.js';
-import { LineDecoder } from '../../../rpc/ndjson.js';
+import { BangerError } from '../../../errors.js';
+import { NdjsonConnection, type NdjsonAdapter } from '../../../rpc/connection.js';
 import { aborted } from '../../exec/wait.js';
 
 export interface QmpEvent {
@@ -9,41 +9,46 @@ export interface QmpEvent {
   timestamp?: { seconds: number; microseconds: number };
 }
 
-interface Pending {
-  resolve: (v: unknown) => void;
-  reject: (e: unknown) => void;
-  timer: NodeJS.Timeout;
-  command: string;
-}
+/** QMP on an NdjsonConnection: its ids are the "id" member, answers are {"return"} or {"error": {class, desc}}. */
+const qmpAdapter: NdjsonAdapter<{ execute: string; arguments?: Record<string, unknown> }> = {
+  id: (n) => `b${n}`,
+  encode: (id, req) => (req.arguments ? { execute: req.execute, arguments: req.arguments, id } : { execute: req.execute, id }),
+  decode: (msg) => {
+    if ('QMP' in msg || typeof msg.event === 'string') return { notification: msg };
+    if (msg.id === undefined || (typeof msg.id !== 'string' && typeof msg.id !== 'number')) return undefined;
+    if (!('error' in msg)) return { answers: msg.id, result: msg.return };
+    const err = msg.error as { class?: string; desc?: string } | undefined;
+    return { answers: msg.id, error: (command) => new BangerError('host', `QMP ${command}: ${err?.class ?? 'Error'}: ${err?.desc ?? 'unknown error'}`) };
+  },
+  errors: {
+    closed: (command) => new BangerError('host', `QMP ${command}: connection is closed`),
+    lost: (command) => new BangerError('host', `QMP ${command}: connection closed (QEMU exited?)`),
+    timeout: (command, ms) => new BangerError('timeout', `QMP ${command}: no reply within ${ms} ms`),
+    aborted: (command) => new BangerError('aborted', `QMP ${command}: aborted`),
+  },
+};
 
 /**
  * A QMP client: JSON objects, one per line, over a Unix socket. connect() waits for the greeting and
  * negotiates capabilities; execute() matches replies by id. Every wait has a timeout.
  */
 export class QmpClient {
-  /** Newline framing linear in what it reads; a line over 64 MiB is not QEMU talking: the connection ends. */
-  private readonly lines = new LineDecoder({ maxLine: 64 * 1024 * 1024, onOverflow: () => this.sock.destroy() });
-  private nextId = 1;
-  private readonly pending = new Map<string, Pending>();
+  private readonly conn: NdjsonConnection<{ execute: string; arguments?: Record<string, unknown> }>;
   private readonly listeners = new Set<(e: QmpEvent) => void>();
-  private readonly closeListeners = new Set<() => void>();
   private greetingWaiter?: (g: unknown) => void;
-  private isClosed = false;
   /** Every event received, in order. */
   readonly events: QmpEvent[] = [];
   greeting: unknown;
   /** Resolves when the connection is closed (by either side, e.g. because QEMU exited). */
   readonly closed: Promise<void>;
-  private markClosed!: () => void;
 
-  private constructor(private readonly sock: Socket, readonly path: string) {
-    this.closed = new Promise((r) => (this.markClosed = r));
-    sock.setEncoding('utf8');
-    sock.on('data', (chunk: string) => this.onData(chunk));
-    sock.on('error', () => {
-      /* reported through close */
-    });
-    sock.on('close', () => this.handleClose());
+  private constructor(
+    sock: Socket,
+    readonly path: string,
+  ) {
+    // Newline framing linear in what it reads; a line over 64 MiB is not QEMU talking: the connection ends.
+    this.conn = new NdjsonConnection(sock, { adapter: qmpAdapter, maxLine: 64 * 1024 * 1024, onNotification: (msg) => this.onNotification(msg) });
+    this.closed = this.conn.closed;
   }
 
   static async connect(path: string, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<QmpClient> {
@@ -78,82 +83,30 @@ export class QmpClient {
     }
   }
 
-  private onData(chunk: string): void {
-    try {
-      for (const line of this.lines.push(chunk)) if (line.trim()) this.onLine(line);
-    } catch (e) {
-      this.sock.destroy(new Error(`QMP ${this.path}: a message could not be handled: ${errorMessage(e)}`));
-    }
-  }
-
-  private onLine(line: string): void {
-    let msg: Record<string, unknown>;
-    try {
-      msg = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
-    if (msg === null || typeof msg !== 'object') return;
+  private onNotification(msg: Record<string, unknown>): void {
     if ('QMP' in msg) {
       this.greeting = msg.QMP;
       const w = this.greetingWaiter;
       this.greetingWaiter = undefined;
       w?.(msg.QMP);
-    } else if (typeof msg.event === 'string') {
-      const ev = msg as unknown as QmpEvent;
-      this.events.push(ev);
-      for (const l of [...this.listeners]) l(ev);
-    } else if (msg.id !== undefined) {
-      const p = this.pending.get(String(msg.id));
-      if (!p) return;
-      this.pending.delete(String(msg.id));
-      clearTimeout(p.timer);
-      if ('error' in msg) {
-        const err = msg.error as { class?: string; desc?: string };
-        p.reject(new BangerError('host', `QMP ${p.command}: ${err?.class ?? 'Error'}: ${err?.desc ?? 'unknown error'}`));
-      } else p.resolve(msg.return);
+      return;
     }
-  }
-
-  private handleClose(): void {
-    if (this.isClosed) return;
-    this.isClosed = true;
-    for (const [, p] of this.pending) {
-      clearTimeout(p.timer);
-      p.reject(new BangerError('host', `QMP ${p.command}: connection closed (QEMU exited?)`));
-    }
-    this.pending.clear();
-    this.markClosed();
-    for (const l of [...this.closeListeners]) l();
-    this.closeListeners.clear();
+    const ev = msg as unknown as QmpEvent;
+    this.events.push(ev);
+    for (const l of [...this.listeners]) l(ev);
   }
 
   /** Calls fn once when the connection closes (at once if it already has); returns the unsubscribe function. */
   onClose(fn: () => void): () => void {
-    if (this.isClosed) {
-      queueMicrotask(fn);
-      return () => {};
-    }
-    this.closeListeners.add(fn);
-    return () => this.closeListeners.delete(fn);
+    return this.conn.onClose(fn);
   }
 
   get isOpen(): boolean {
-    return !this.isClosed;
+    return this.conn.isOpen;
   }
 
   execute<T = unknown>(command: string, args?: Record<string, unknown>, opts: { timeoutMs?: number } = {}): Promise<T> {
-    if (this.isClosed) return Promise.reject(new BangerError('host', `QMP ${command}: connection is closed`));
-    const id = `b${this.nextId++}`;
-    const timeoutMs = opts.timeoutMs ?? 5000;
-    return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new BangerError('timeout', `QMP ${command}: no reply within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, command });
-      this.sock.write(`${JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id })}\n`);
-    });
+    return this.conn.request<T>({ execute: command, arguments: args }, { label: command, timeoutMs: opts.timeoutMs ?? 5000 });
   }
 
   /** Subscribes to events; returns the unsubscribe function. */
@@ -187,6 +140,6 @@ export class QmpClient {
   }
 
   close(): void {
-    this.sock.destroy();
+    this.conn.close();
   }
 }
