@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { run } from '../../src/host/exec/runner.js';
-import { shellQuote, shellQuoteArg } from '../../src/host/guest/ssh.js';
+import { quoteArg, shellQuote } from '../../src/host/exec/shell.js';
 
 const hostile = [
   '',
@@ -27,17 +27,29 @@ const hostile = [
 ];
 
 describe('shellQuote', () => {
-  it('single-quotes every argument', () => {
-    expect(shellQuoteArg('abc')).toBe("'abc'");
-    expect(shellQuoteArg('')).toBe("''");
-    expect(shellQuoteArg("it's")).toBe("'it'\\''s'");
-    expect(shellQuote(['echo', 'a b', ''])).toBe("'echo' 'a b' ''");
+  it('leaves plain words bare and single-quotes everything else', () => {
+    expect(quoteArg('abc')).toBe('abc');
+    expect(quoteArg('/a/b-c_d.e:f,g@h%i+j')).toBe('/a/b-c_d.e:f,g@h%i+j');
+    expect(quoteArg('')).toBe("''");
+    expect(quoteArg("it's")).toBe("'it'\\''s'");
+    expect(quoteArg('a=b')).toBe("'a=b'");
+    expect(quoteArg('~')).toBe("'~'");
+    expect(shellQuote(['echo', 'a b', ''])).toBe("echo 'a b' ''");
     expect(shellQuote([])).toBe('');
+  });
+
+  it('refuses a NUL byte, which no shell word can carry', () => {
+    expect(() => quoteArg('a\0b')).toThrow(/NUL/);
+    expect(() => shellQuote(['ok', 'a\0b'])).toThrow(/NUL/);
   });
 
   it('keeps metacharacters inert', () => {
     for (const s of hostile) {
-      const q = shellQuoteArg(s);
+      const q = quoteArg(s);
+      if (/^[A-Za-z0-9_@%+:,./-]+$/.test(s)) {
+        expect(q).toBe(s);
+        continue;
+      }
       expect(q.startsWith("'") && q.endsWith("'")).toBe(true);
       // Outside of the '\'' escapes there is no unquoted character at all.
       expect(q.replace(/'\\''/g, '').slice(1, -1)).not.toContain("'");

@@ -402,16 +402,6 @@ function sleep(ms: number, signal: AbortSignal | undefined, what: string): Promi
   });
 }
 
-/** POSIX-shell quoting of one word: wrapped in single quotes, each ' written as '\''. */
-export function shellQuoteArg(arg: string): string {
-  return `'${String(arg).replace(/'/g, `'\\''`)}'`;
-}
-
-/** Joins argv into one command line that a POSIX shell splits back into exactly these words. */
-export function shellQuote(argv: readonly string[]): string {
-  return argv.map(shellQuoteArg).join(' ');
-}
-
 /**
  * Keeps one SSH connection per key (e.g. VM id), reconnecting when it closed. Callers must drop() a VM's
  * entry when the VM stops.
