@@ -150,6 +150,24 @@ async function manualRollback(a: UpdateArgs): Promise<void> {
   out(a, { from: before.version, to: r.to.version, commit: r.to.commit, store: r.store }, () => `rolled back banger ${before.version} -> ${r.to.version} (${r.to.commit}); store ${r.store}`);
 }
 
+/** `banger update` alone: what is installed, and whether the CLI and the daemon run the same release. */
+async function status(a: UpdateArgs): Promise<void> {
+  const { buildInfo } = await import('../../version.js');
+  const cli = buildInfo();
+  const L = prefixLayout(a.prefix);
+  const current = currentRelease(L);
+  const previous = existsSync(L.previous) ? readRelease(resolve(L.lib, readlinkSync(L.previous))) : undefined;
+  const client = await tryConnect(layout());
+  const daemon = client ? await client.call('daemon.status', {}).finally(() => client.close()) : undefined;
+  const mismatch = [
+    cli.version !== current.version || cli.commit !== current.commit ? `this CLI is ${cli.version} (${cli.commit}) but current is ${current.version} (${current.commit}): run ${L.bin}` : undefined,
+    daemon && (daemon.version !== current.version || daemon.commit !== current.commit) ? `the daemon runs ${daemon.version} (${daemon.commit}) but current is ${current.version} (${current.commit}): restart it (banger daemon stop; banger daemon start; VMs keep running)` : undefined,
+  ].filter((m): m is string => !!m);
+  const r = { prefix: L.prefix, current: `${current.version} (${current.commit})`, previous: previous ? `${previous.version} (${previous.commit})` : null, cli: `${cli.version} (${cli.commit})`, daemon: daemon ? `${daemon.version} (${daemon.commit})` : null, mismatch };
+  out(a, r, () => [`installed ${r.current} under ${L.prefix}; previous ${r.previous ?? 'none'}`, `cli ${r.cli}; daemon ${r.daemon ?? 'not running'}`, ...mismatch.map((m) => `mismatch: ${m}`)].join('\n'));
+  if (mismatch.length) process.exitCode = 1;
+}
+
 /** Run by a staged release on itself: the offline checks (no daemon, no network). */
 async function checkRelease(a: UpdateArgs): Promise<void> {
   const { offlineChecks } = await import('../../host/install/selfcheck.js');
@@ -174,7 +192,7 @@ function builder(c: Argv<GlobalArgs>): Argv<UpdateArgs> {
 function handler(c: UpdateArgs): Promise<void> {
   if (c.checkRelease) return checkRelease(c);
   if (c.rollback) return manualRollback(c);
-  if (!c.from) usage('name the release to install', 'banger update --from banger-0.2.0.tgz, or banger update --rollback');
+  if (!c.from) return status(c);
   return updateFrom(c, c.from);
 }
 
