@@ -20,6 +20,7 @@ import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk } from '../host/
 import { readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
+import { macForVm } from '../host/net/net.js';
 import { testStageDelay } from './fault-injection.js';
 
 export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
@@ -324,7 +325,7 @@ export function makeSteps(env: StepEnv) {
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,
               accel: ctx.spec.accel,
-              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort! } : { mode: 'tap', tap: ctx.net!.tap!, mac: macFor(ctx.id) },
+              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort! } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
               serialLog: f.serialLog,
             },
             { signal, runner: env.runner },
@@ -422,14 +423,6 @@ export function makeSteps(env: StepEnv) {
   });
 
   return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy };
-}
-
-/** A stable, locally administered MAC address for a VM. */
-export function macFor(id: string): string {
-  let h = 2166136261;
-  for (const c of id) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
-  const b = [0x52, 0x54, (h >>> 24) & 0xff, (h >>> 16) & 0xff, (h >>> 8) & 0xff, h & 0xff];
-  return b.map((x) => x.toString(16).padStart(2, '0')).join(':');
 }
 
 export async function fileSize(path: string): Promise<number | undefined> {
