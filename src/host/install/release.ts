@@ -6,7 +6,7 @@
  * killed at any step leaves at most a staging directory, which the next run removes.
  */
 import { existsSync } from 'node:fs';
-import { cp, mkdir, mkdtemp, readlink, rename, rm } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readlink, rename, rm } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { BangerError } from '../../errors.js';
 import { run } from '../exec/runner.js';
@@ -76,10 +76,17 @@ async function verify(root: string, info: ReleaseInfo, env: NodeJS.ProcessEnv): 
   if (failed.length) throw new BangerError('host', `the staged release ${info.version} fails its offline checks: ${failed.map((f) => `${f.name} (${f.detail})`).join('; ')}`, 'nothing was changed');
 }
 
+/** Remove what killed runs left in staging; an entry still being written (an orphaned npm) is left for the next run. */
+async function clearStaging(staging: string, log: (line: string) => void): Promise<void> {
+  for (const e of await readdir(staging)) {
+    await rm(join(staging, e), { recursive: true, force: true }).catch((err) => log(`left ${e} in staging for now: ${(err as Error).message}`));
+  }
+}
+
 /** Stage, verify and move `from` into releases/<version>. Refuses the version `current` points at. */
 export async function stageRelease(from: string, L: InstallLayout, o: StageOptions): Promise<StagedRelease> {
-  await rm(L.staging, { recursive: true, force: true }); // only ever what killed runs left
   await mkdir(L.staging, { recursive: true, mode: 0o755 });
+  await clearStaging(L.staging, o.log);
   await mkdir(L.releases, { recursive: true, mode: 0o755 });
   const stagingDir = await mkdtemp(join(L.staging, 'stage-'));
   try {
