@@ -138,10 +138,19 @@ export async function guestFields(d: DaemonServices, id: string): Promise<{ sess
   const show = (list: GuestSession[]) => list.map((s) => access.viewOf(id, s));
   if (v.state !== 'running') return { sessions: show(access.records.ended(id, `the VM is ${v.state}`)), health: null };
   try {
-    const g = await access.guest(id);
-    const sessions = show(access.records.merge(id, await listSessions(g.run)));
-    return { sessions, health: await healthOf(g).catch(() => null) };
+    // `vm show` must answer even when the guest does not: bounded, then what was last recorded.
+    return await withinMs(10_000, async () => {
+      const g = await access.guest(id);
+      const sessions = show(access.records.merge(id, await listSessions(g.run)));
+      return { sessions, health: await healthOf(g).catch(() => null) };
+    });
   } catch {
     return { sessions: show(Object.values(access.records.load(id))), health: null };
   }
+}
+
+function withinMs<T>(ms: number, fn: () => Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new BangerError('timeout', `the guest did not answer within ${ms} ms`)), ms)));
+  return Promise.race([fn(), late]).finally(() => clearTimeout(timer));
 }

@@ -133,7 +133,7 @@ export async function killSession(run: GuestRun, name: string, signal: string): 
 // Writes each line of the payload (uploaded first to a temp file, so a broken upload writes nothing) with one
 // write(2): a line of at most PIPE_BUF bytes then lands whole in the FIFO whatever other writers do. The FIFO is
 // opened non-blocking so an ended session (no reader) fails at once instead of hanging; writes then block.
-const WRITE_LINES = `use Fcntl; my $p = shift;
+export const WRITE_LINES = `use Fcntl; my $p = shift;
 sysopen(my $f, $p, O_WRONLY | O_NONBLOCK) or die "the session is not reading its stdin ($!)\\n";
 fcntl($f, F_SETFL, fcntl($f, F_GETFL, 0) & ~O_NONBLOCK) or die "fcntl: $!\\n";
 while (my $l = <STDIN>) { my $o = 0; while ($o < length $l) { my $n = syswrite($f, $l, length($l) - $o, $o); die "write: $!\\n" unless defined $n; $o += $n } }`;
