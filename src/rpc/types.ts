@@ -185,6 +185,8 @@ export interface PrepareResult {
   bytesSent: number;
   /** The workspace cache is not built: always "off". */
   cache: 'hit' | 'miss' | 'off';
+  /** The guest path held this repository's workspace: only new objects and the host's delta were sent. */
+  incremental: boolean;
 }
 
 export interface ExportResult {

@@ -108,6 +108,40 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
   });
 });
 
+describe('incremental re-prepare', { timeout: 90_000 }, () => {
+  it.each(['shallow', 'full_history'] as const)('%s: a new commit with renames, deletions, mode changes and a file turned directory, plus new uncommitted work: only the difference crosses', async (mode) => {
+    const host = await hostRepo();
+    const big = Buffer.alloc(2 ** 20);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
+    await writeFile(join(host, 'big.bin'), big);
+    await commitAll(host, 'big');
+    await writeFile(join(host, 'edit.txt'), 'uncommitted at the first prepare\n');
+    const dest = join(tmp, `inc-${mode}`);
+    const guest = streamingLocalGuest();
+    const first = await prepareWorkspace(guest, { source: host, guestPath: dest, mode, readOnly: false });
+    expect(first.incremental).toBe(false);
+    // the guest's own leftovers go (a fresh prepare would not have them), its ignored files stay
+    await writeFile(join(dest, 'guest-junk.txt'), 'junk\n');
+    await writeFile(join(dest, 'keep.txt'), 'edited in the guest\n');
+    await changeEverything(host);
+    await commitAll(host, 'second');
+    await rm(join(host, 'dir'), { recursive: true, force: true });
+    await writeFile(join(host, 'keep.txt'), 'uncommitted on the host\n');
+    await writeFile(join(host, 'fresh-untracked.txt'), 'new\n');
+    const second = await prepareWorkspace(guest, { source: host, guestPath: dest, mode, readOnly: false });
+    expect(second.incremental).toBe(true);
+    expect(await treeOf(dest, ['ignored.log'])).toEqual(await treeOf(host, ['ignored.log']));
+    expect((await git(dest, 'rev-parse', 'HEAD')).trim()).toBe((await git(host, 'rev-parse', 'HEAD')).trim());
+    expect((await git(dest, 'symbolic-ref', '--short', 'HEAD')).trim()).toBe('main');
+    expect((await git(dest, 'diff', '--cached', '--name-only')).trim()).toBe('');
+    await git(dest, 'fsck', '--no-progress');
+    expect(second.bytesSent).toBeLessThan(first.bytesSent / 4); // big.bin did not cross again
+    // and export still works against the new HEAD
+    const x = await exportWorkspace(guest, { guestPath: dest, baseCommit: second.headCommit });
+    expect(x.changedFiles.sort()).toEqual(['fresh-untracked.txt', 'keep.txt']);
+  });
+});
+
 describe('export to a file, bounded', { timeout: 120_000 }, () => {
   async function guestRepoWithWork(): Promise<string> {
     const dir = await hostRepo();

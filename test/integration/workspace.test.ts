@@ -505,8 +505,10 @@ describe('prepare', { timeout: 30_000 }, () => {
     const r = await prep(localGuest(), { guestPath: dest, replace: true });
     expect((await git(dest, 'rev-parse', 'HEAD')).trim()).toBe(r.headCommit);
     expect(await exists(join(dest, 'x'))).toBe(false);
-    // the same path again: a conflict without replace, fine with it
-    await expectBanger(prep(localGuest(), { guestPath: dest }), 'conflict', /already holds/);
+    // the same path again: the same source and mode update it in place (incremental); another mode is a
+    // conflict without replace, fine with it
+    expect((await prep(localGuest(), { guestPath: dest })).incremental).toBe(true);
+    await expectBanger(prep(localGuest(), { guestPath: dest, mode: 'full_history' }), 'conflict', /already holds/);
     await prep(localGuest(), { guestPath: dest, replace: true, mode: 'full_history' });
     expect((await git(dest, 'rev-parse', '--is-shallow-repository')).trim()).toBe('false');
     // files that are not a repository

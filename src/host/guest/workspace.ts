@@ -116,6 +116,8 @@ export interface WorkspacePrepareResult {
   bytesSent: number;
   /** The workspace cache is not built: every prepare streams. */
   cache: 'off';
+  /** The guest path held this repository's workspace already: only new objects and the host's delta were sent. */
+  incremental: boolean;
 }
 
 export interface ExportOptions {
@@ -372,7 +374,9 @@ if [ -e "$dest" ] || [ -h "$dest" ]; then
   if [ -d "$dest" ] && [ ! -h "$dest" ] && [ -z "$(ls -A -- "$dest")" ]; then :
   elif [ "$replace" = 1 ]; then :
   elif [ -e "$dest/.git" ]; then
-    printf 'repo %s\\n' "$(git -C "$dest" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"; exit 10
+    printf 'repo %s\\n' "$(git -C "$dest" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"
+    [ ! -f "$dest/.git/banger-workspace" ] || { printf 'marker '; head -c 4096 -- "$dest/.git/banger-workspace"; }
+    exit 10
   else
     echo nonempty; exit 10
   fi
@@ -400,15 +404,31 @@ tar -x -f - --no-same-owner
 `;
 
 /**
+ * Incremental re-prepare, step 1, in the workspace itself: $1 dest, $2 HEAD's branch ('' = detached), $3 HEAD,
+ * then shallow commits to add, then `--`, then ref/sha pairs to set. stdin: a pack of the objects the guest lacks.
+ */
+const INCREMENTAL_HISTORY_SCRIPT = `${PREAMBLE}dest=$1 headbranch=$2 head=$3
+shift 3
+cd -- "$dest"
+git index-pack --stdin >/dev/null
+while [ "$#" -gt 0 ] && [ "$1" != -- ]; do printf '%s\\n' "$1" >> .git/shallow; shift; done
+[ ! -f .git/shallow ] || { sort -u .git/shallow > .git/shallow.new && mv .git/shallow.new .git/shallow; }
+[ "$#" -eq 0 ] || shift
+while [ "$#" -ge 2 ]; do git update-ref "$1" "$2"; shift 2; done
+if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; else git update-ref --no-deref HEAD "$head"; fi
+`;
+
+/**
  * $1 stage, $2 the commit to check out. The tree comes out of the pack already in the staging repository (each
  * byte crosses the link once); then the host's working-tree delta. stdin: `<n>\n`, n bytes of NUL-terminated
  * paths the host deleted (or replaced by a directory), then a tar of the host's changed and untracked files.
  * `read` takes the first line byte by byte and `head -c` reads no more than n bytes, so the tar starts where it
  * should. Directories the deletions leave empty go too (git's checkout never has empty directories).
  */
-const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2
+const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
 cd -- "$stage"
 git -c checkout.workers=0 read-tree --reset -u "$head"
+[ "$incremental" = 0 ] || git clean -fdq
 IFS= read -r n
 head -c "$n" > .git/banger-deleted
 if [ -s .git/banger-deleted ]; then
@@ -417,6 +437,10 @@ if [ -s .git/banger-deleted ]; then
 fi
 rm -f .git/banger-deleted
 tar -x -f - --no-same-owner
+if [ "$incremental" = 1 ]; then
+  git update-index -q --refresh >/dev/null 2>&1 || :
+  printf '%s\\n' "$marker" > .git/banger-workspace
+fi
 `;
 
 /**
@@ -824,6 +848,16 @@ export async function prepareWorkspace(
         const h = await streamToGuest(
           exec, `${what} (history)`, 'history', guestCommand(HISTORY_SCRIPT, [dest, stagePath, replace, repo.objectFormat]), [revList, pack], pack.stdout, ctx,
         );
+        const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, resolve(opts.source), opts.mode, from ?? newBranch ?? (opts.readOnly ? 'ro' : undefined)) : undefined;
+        if (reuse) {
+          const preparedAt = new Date().toISOString();
+          const marker = JSON.stringify({ sourcePath: resolve(opts.source), headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt, readOnly: false, branch: null });
+          const sent = await prepareIncremental(exec, { dest, repo, oldHead: reuse, tips: [...new Set(tips)], refUpdates, shallow, marker }, ctx, runner);
+          return {
+            sourcePath: resolve(opts.source), repoRoot: root, repoName: repo.repoName, guestPath: dest, mode: opts.mode, readOnly: false, readOnlyMount: false,
+            headCommit: repo.headCommit, currentBranch: repo.currentBranch, branchName, baseCommit, preparedAt, bytesStreamed: sent, bytesSent: sent, cache: 'off', incremental: true,
+          };
+        }
         step('history', h.result);
         bytesStreamed += h.bytes;
 
@@ -837,7 +871,7 @@ export async function prepareWorkspace(
         );
         onProgress?.({ stage: 'tree' });
         const input = prefixed(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]), tar.stdout);
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [stagePath, repo.headCommit]), [tar], input, ctx);
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [stagePath, repo.headCommit, '0', '']), [tar], input, ctx);
         step('tree', t.result);
         bytesStreamed += t.bytes;
       }
@@ -846,7 +880,7 @@ export async function prepareWorkspace(
       onProgress?.({ stage: 'finish' });
       const preparedAt = new Date().toISOString();
       const sourcePath = resolve(opts.source);
-      const marker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt });
+      const marker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt, readOnly: opts.readOnly, branch: newBranch ?? null });
       const finInput = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
       const fin = await execGuest(
         exec,
@@ -884,6 +918,7 @@ export async function prepareWorkspace(
         bytesStreamed,
         bytesSent: bytesStreamed + finInput.length,
         cache: 'off',
+        incremental: false,
       };
     } catch (e) {
       // Best effort: the staging dir goes away, unless we were aborted (the connection may be gone; the next
@@ -898,6 +933,69 @@ export async function prepareWorkspace(
     if (signal?.aborted) throw abortError(signal, what);
     throw e;
   }
+}
+
+/**
+ * The HEAD of a workspace at the guest path that an incremental re-prepare may update in place: one banger
+ * prepared from the same source in the same mode, plain (no --from, --branch or read-only, then or now), whose
+ * HEAD has not moved since. `stdout` is DEST_CHECK's ("repo <sha>", "marker <json>"). Otherwise undefined.
+ */
+function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): string | undefined {
+  if (notPlainNow !== undefined || mode === 'full_copy') return undefined;
+  const text = stdout.toString('utf8');
+  const head = /^repo ([0-9a-f]{40,64})$/m.exec(text)?.[1];
+  const json = /^marker (\{.*\})$/m.exec(text)?.[1];
+  if (!head || !json) return undefined;
+  let m: Record<string, unknown>;
+  try {
+    m = JSON.parse(json) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+  const plain = m.readOnly === false && m.branch === null && m.baseCommit === m.headCommit;
+  return plain && m.sourcePath === sourcePath && m.mode === mode && m.headCommit === head ? head : undefined;
+}
+
+/**
+ * Update a workspace in place: a pack of only the objects the guest lacks (the new tips' objects, not those
+ * reachable from its HEAD), then the tree reset to the new HEAD (git writes only the files that differ),
+ * untracked non-ignored files removed, and the host's delta on top. Ignored files in the guest (build output)
+ * stay. Not atomic: an interrupted update leaves a valid repository part-way; --replace is the full reset.
+ * Returns the bytes sent.
+ */
+async function prepareIncremental(
+  exec: GuestExec,
+  w: { dest: string; repo: RepoDetails; oldHead: string; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
+  ctx: PrepareContext,
+  runner: Runner,
+): Promise<number> {
+  const { signal, onProgress } = ctx;
+  const what = 'workspace prepare (incremental)';
+  const root = w.repo.repoRoot;
+  const noWalk = w.shallow.length > 0 && w.refUpdates.length <= 1 ? ['--no-walk'] : []; // shallow mode: no history walk
+  const revList = startHostStream('git rev-list', 'git', ['-C', root, 'rev-list', '--objects', ...noWalk, '--stdin'], {
+    signal,
+    input: Buffer.from([...w.tips, `^${w.oldHead}`].join('\n') + '\n'),
+  });
+  const pack = startHostStream('git pack-objects', 'git', ['-C', root, 'pack-objects', '--stdout', '-q'], { signal, pipeStdin: true });
+  revList.stdout.pipe(pack.stdin!);
+  onProgress?.({ stage: 'history' });
+  const refs = w.refUpdates.flatMap((u) => u.split(' ').slice(1, 3));
+  const args = [w.dest, w.repo.currentBranch ?? '', w.repo.headCommit, ...w.shallow, '--', ...refs];
+  const h = await streamToGuest(exec, `${what} (history)`, 'history', guestCommand(INCREMENTAL_HISTORY_SCRIPT, args), [revList, pack], pack.stdout, ctx);
+  if (h.result.exitCode !== 0) throw guestStepError(`${what} (history)`, h.result);
+  const delta = await worktreeDelta(runner, root, signal);
+  const tar = startHostStream(
+    'tar -c',
+    'tar',
+    ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'],
+    { signal, input: delta.send },
+  );
+  onProgress?.({ stage: 'tree' });
+  const input = prefixed(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]), tar.stdout);
+  const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]), [tar], input, ctx);
+  if (t.result.exitCode !== 0) throw guestStepError(`${what} (tree)`, t.result);
+  return h.bytes + t.bytes;
 }
 
 function destTakenError(dest: string, stdout: string): BangerError {
