@@ -6,8 +6,7 @@
 import { statfs } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { BangerError, errorMessage } from '../../errors.js';
-
-const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
+import { errnoCode as errno } from '../exec/errno.js';
 
 /**
  * Bytes an unprivileged process may still write on the filesystem holding `path` (f_bavail: the blocks

@@ -6,13 +6,13 @@
  */
 import { readdir, readFile } from 'node:fs/promises';
 import { errorMessage } from '../../errors.js';
+import { errnoCode as errno } from './errno.js';
 
 export type PidIdentity = 'gone' | 'ours' | 'other' | 'unknown';
 
 /** `PF_EXITING` in the flags field of /proc/<pid>/stat (include/linux/sched.h): the task is exiting. */
 const PF_EXITING = 0x4;
 
-const errno = (e: unknown) => (e as NodeJS.ErrnoException)?.code;
 /** The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses). */
 const statRest = (statText: string) => statText.slice(statText.lastIndexOf(')') + 2).split(' ');
 const isZombie = (statText: string) => ['Z', 'X', 'x'].includes(statRest(statText)[0]);

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import ssh2 from 'ssh2';
 import { BangerError } from '../../errors.js';
 import { Files } from '../../paths.js';
+import { errnoCode as errno } from '../exec/errno.js';
 import { run, type Runner } from '../exec/runner.js';
 
 const { utils } = ssh2;
@@ -21,8 +22,6 @@ export interface KeyOptions {
   runner?: Runner;
   signal?: AbortSignal;
 }
-
-const errno = (e: unknown): string | undefined => (e as NodeJS.ErrnoException)?.code;
 
 /** Reads a private key and derives its public line (the OpenSSH private key format carries the public blob). */
 function publicLineFromPrivate(privateKey: Buffer, comment: string): string {
