@@ -1,10 +1,10 @@
 /**
- * npm run bench [-- --only disk,tap,create,workspace,local,vmm,fc,cli] [--runs N]
+ * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
 import { execa } from 'execa';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync, readdirSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
@@ -153,6 +153,52 @@ async function benchCreate() {
   }
 }
 
+/** A copy of the test image whose rootfs is grown to `bytes` (sparse, resize2fs): same contents, bigger disk. */
+async function grownImage(h: string, name: string, bytes: number) {
+  const src = join(h, 'images', 'debian-bookworm');
+  const dst = join(h, 'images', name);
+  await execa('cp', ['-al', src, dst]);
+  const rootfs = join(dst, 'rootfs.ext4');
+  await execa('cp', ['--sparse=always', join(src, 'rootfs.ext4'), `${rootfs}.new`]);
+  await execa('mv', [`${rootfs}.new`, rootfs]);
+  await execa('truncate', ['-s', String(bytes), rootfs]);
+  await execa('e2fsck', ['-fp', rootfs], { reject: false });
+  await execa('resize2fs', [rootfs]);
+  const manifestPath = join(dst, 'manifest.json');
+  const m = JSON.parse(readFileSync(manifestPath, 'utf8'));
+  rmSync(manifestPath);
+  writeFileSync(manifestPath, JSON.stringify({ ...m, name, files: { ...m.files, 'rootfs.ext4': bytes } }, null, 2));
+}
+
+/** The host's stages of a create (vm create --no-start: no boot), 1 GiB vs 8 GiB image, from the lifecycle log. */
+async function benchCreateSizes() {
+  console.log(`the host's stages of a create (--no-start), image rootfs 1 GiB vs 8 GiB, ${runs} run(s) each`);
+  const b = await home();
+  try {
+    await grownImage(b.h, 'bookworm-8g', 8 * 2 ** 30);
+    const sums: Record<string, number[]> = {};
+    const per: Record<string, Record<string, number[]>> = {};
+    for (const [label, image] of [['1 GiB', 'debian-bookworm'], ['8 GiB', 'bookworm-8g']] as const) {
+      for (let i = 0; i < runs + 1; i++) {
+        const vm = await b.cli(['vm', 'create', '--no-start', '--image', image, '--name', `s${i}`]);
+        const logs = (await b.cli(['vm', 'logs', vm.id])) as Array<{ stage: string; status: string; durationMs: number | null }>;
+        await b.cli(['vm', 'delete', vm.id]);
+        if (i === 0) continue; // the first create of an image also makes its overlay template
+        const done = logs.filter((r) => r.status === 'done' && r.durationMs !== null);
+        for (const r of done) ((per[label] ??= {})[r.stage] ??= []).push(r.durationMs!);
+        (sums[label] ??= []).push(done.reduce((a, r) => a + r.durationMs!, 0));
+      }
+    }
+    for (const stageName of Object.keys(per['1 GiB'] ?? {})) {
+      line(`${stageName} (median) 1 GiB | 8 GiB`, `${ms(median(per['1 GiB'][stageName]))} | ${ms(median(per['8 GiB']?.[stageName] ?? []))}`);
+    }
+    line('sum of the host stages (median) 1 GiB | 8 GiB', `${ms(median(sums['1 GiB']))} | ${ms(median(sums['8 GiB']))}`);
+    line('ratio 8 GiB / 1 GiB (goal: about 1)', (median(sums['8 GiB']) / median(sums['1 GiB'])).toFixed(2));
+  } finally {
+    await b.cleanup();
+  }
+}
+
 async function benchWorkspace() {
   console.log('workspace: prepare vs git archive | ssh tar -x; export of 10,000 files with 100 changed; STOP latency');
   const b = await home();
@@ -294,6 +340,7 @@ void readdirSync;
 if (want('disk')) await benchDisk();
 if (want('tap')) await benchTap();
 if (want('create')) await benchCreate();
+if (want('sizes')) await benchCreateSizes();
 if (want('workspace')) await benchWorkspace();
 if (want('prepare')) await benchPrepareRates();
 if (want('local')) await benchLocalWorkspace(line);

@@ -11,12 +11,12 @@ import { Files, type Layout } from '../paths.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
 import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext, WatchOutput } from '../machines/vm.machine.js';
-import { run, type Runner } from '../host/exec/runner.js';
+import { run, which, type Runner } from '../host/exec/runner.js';
 import { generateHostKey, type UserKey } from '../host/guest/keys.js';
 import { waitForSsh, type SshTarget } from '../host/guest/ssh.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
-import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk } from '../host/disk/disks.js';
+import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir } from '../host/disk/disks.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
@@ -59,7 +59,12 @@ export async function stage<T>(env: StepEnv, vmId: string, name: string, fn: () 
 
 export interface VmFiles {
   dir: string;
+  /** A raw root disk: a reflink or sparse copy of the image's rootfs, customised with debugfs. */
   rootDisk: string;
+  /** A qcow2 root disk: an overlay on the image's rootfs (QEMU, images that read their identity from the work disk). */
+  rootOverlay: string;
+  /** The VM's identity (hostname, host key, network) as files, copied onto the work disk for the image to apply. */
+  identityDir: string;
   workDisk: string;
   serialLog: string;
   hostKey: string;
@@ -73,6 +78,8 @@ export function vmFiles(layout: Layout, id: string): VmFiles {
   return {
     dir,
     rootDisk: join(dir, Files.rootfs),
+    rootOverlay: join(dir, 'root.qcow2'),
+    identityDir: join(dir, 'identity'),
     workDisk: join(dir, Files.workDisk),
     serialLog: join(dir, Files.serialLog),
     hostKey: join(dir, Files.hostKey),
@@ -210,26 +217,42 @@ async function createNeedsBytes(rootfs: string | undefined, seed: string | undef
   return (await allocated(rootfs)) + (seed ? (await allocated(seed)) + Math.ceil(diskBytes / 256) : 0) + 64 * 2 ** 20;
 }
 
+/**
+ * How this VM's root disk is made. A qcow2 overlay (constant time) for QEMU when the image applies its identity
+ * from the work disk (debugfs cannot edit qcow2) and qemu-img is there; else a raw clone customised with debugfs
+ * (Firecracker takes raw disks only). A VM keeps the kind it was created with.
+ */
+async function rootDiskKind(env: StepEnv, ctx: VmContext, image: ImageManifest, f: VmFiles): Promise<'overlay' | 'clone'> {
+  if (existsSync(f.rootOverlay)) return 'overlay';
+  if (existsSync(f.rootDisk)) return 'clone';
+  if (ctx.spec.vmm !== 'qemu' || image.identity !== 'work-disk') return 'clone';
+  return (await which('qemu-img', env.runner)) ? 'overlay' : 'clone';
+}
+
+/** The root disk: an overlay (from a template kept in the image's directory) or a clone; says which in the log. */
+async function makeRootDisk(env: StepEnv, ctx: VmContext, image: ImageManifest & { dir: string }, f: VmFiles, signal: AbortSignal) {
+  const kind = await rootDiskKind(env, ctx, image, f);
+  const rootfs = join(image.dir, image.rootfs);
+  const needed = await createNeedsBytes(
+    kind === 'overlay' || existsSync(f.rootDisk) ? undefined : rootfs,
+    existsSync(f.workDisk) ? undefined : join(image.dir, image.workSeed),
+    ctx.spec.diskBytes,
+  );
+  await ensureFreeSpace(f.dir, needed, `creating vm ${ctx.name}`);
+  const opts = { runner: env.runner, signal };
+  const make = () =>
+    kind === 'overlay' ? overlayDisk(rootfs, f.rootOverlay, { ...opts, templateDir: image.dir }) : cloneDisk(rootfs, f.rootDisk, opts);
+  await stage(env, ctx.id, 'rootDisk', make, (s) => `strategy=${s}`);
+  return kind;
+}
+
 export function makeSteps(env: StepEnv) {
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     await testStageDelay('creating', signal); // test hook, see fault-injection.ts
     const f = vmFiles(env.layout, ctx.id);
     await mkdir(f.dir, { recursive: true, mode: 0o700 });
     const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
-    const needed = await createNeedsBytes(
-      existsSync(f.rootDisk) ? undefined : join(image.dir, image.rootfs),
-      existsSync(f.workDisk) ? undefined : join(image.dir, image.workSeed),
-      ctx.spec.diskBytes,
-    );
-    await ensureFreeSpace(f.dir, needed, `creating vm ${ctx.name}`);
-    const strategy = await stage(
-      env,
-      ctx.id,
-      'rootDisk.clone',
-      async () => (existsSync(f.rootDisk) ? 'existing' : cloneDisk(join(image.dir, image.rootfs), f.rootDisk, { runner: env.runner, signal })),
-      (s) => `strategy=${s}`,
-    );
-    void strategy;
+    const kind = await makeRootDisk(env, ctx, image, f, signal);
     // The VM's own SSH host key: generated here, pinned before first contact.
     if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
       const hk = await stage(env, ctx.id, 'hostKey', () => generateHostKey({ runner: env.runner, signal, comment: `banger-${ctx.id}` }));
@@ -246,9 +269,9 @@ export function makeSteps(env: StepEnv) {
       net = { guestIp: lease.guestIp, tap: lease.tap };
       network = { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [] };
     }
-    await stage(env, ctx.id, 'rootDisk.customize', () =>
-      customizeRootDisk(f.rootDisk, { hostname: ctx.name, hostKey, network, runner: env.runner, signal }),
-    );
+    const identity = { hostname: ctx.name, hostKey, network };
+    if (kind === 'overlay') await stage(env, ctx.id, 'identity', () => writeIdentityDir(f.identityDir, identity), () => 'for the work disk');
+    else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
     return { net };
   });
 
@@ -272,7 +295,8 @@ export function makeSteps(env: StepEnv) {
           seedImage: join(image.dir, image.workSeed),
           authorizedKeys: key.publicKey + '\n',
           gitIdentity: identity,
-          fileSync: env.config.fileSync,
+          // The identity (overlay root disks) goes in with the file_sync entries, as /root/.banger/identity.
+          fileSync: [...(env.config.fileSync ?? []), ...(existsSync(f.identityDir) ? [{ host: f.identityDir, guest: IDENTITY_GUEST_DIR }] : [])],
           runner: env.runner,
           signal,
         }),
@@ -320,7 +344,7 @@ export function makeSteps(env: StepEnv) {
               kernel: join(image.dir, ctx.spec.vmm === 'firecracker' && image.vmlinux ? image.vmlinux : image.kernel),
               initrd: image.initrd ? join(image.dir, image.initrd) : undefined,
               cmdline: KERNEL_CMDLINE,
-              rootDisk: f.rootDisk,
+              ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }),
               workDisk: f.workDisk,
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,

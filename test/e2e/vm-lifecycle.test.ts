@@ -52,6 +52,9 @@ describeE2E('vm lifecycle against real guests', () => {
     // ssh -- CMD exits with CMD's status; the host's pinned key is the guest's own
     expect((await b.run(['vm', 'ssh', 'life', '--', 'sh', '-c', 'exit 7'])).exitCode).toBe(7);
     await b.ok(['vm', 'ssh', 'life', '--', 'sh', '-c', 'echo kept > /root/marker && sync']);
+    // the root disk is a qcow2 overlay on the image; the guest applied its identity from the work disk at boot
+    expect((await b.ok(['vm', 'ssh', 'life', '--', 'hostname'])).stdout.trim()).toBe('life');
+    expect(existsSync(join(b.home, 'vms', created.id, 'root.qcow2'))).toBe(true);
 
     // refused while running: START and SET name the state and change nothing
     const start = await b.run(['vm', 'start', 'life']);
@@ -91,7 +94,7 @@ describeE2E('vm lifecycle against real guests', () => {
     // the lifecycle log has every stage with its duration; the event log replays
     const logs = await b.ok(['--json', 'vm', 'logs', 'life']);
     const stages = JSON.parse(logs.stdout).filter((r: any) => r.status === 'done').map((r: any) => r.stage);
-    expect(stages).toEqual(expect.arrayContaining(['rootDisk.clone', 'rootDisk.customize', 'workDisk', 'vmm.launch', 'ssh.wait', 'vmm.stop', 'workDisk.grow']));
+    expect(stages).toEqual(expect.arrayContaining(['rootDisk', 'identity', 'workDisk', 'vmm.launch', 'ssh.wait', 'vmm.stop', 'workDisk.grow']));
     const events = (await b.ok(['vm', 'events', 'life'])).stdout.trim().split('\n').map((l) => JSON.parse(l));
     expect(events[0].type).toBe('xstate.init');
     expect(events.map((e: any) => e.type)).toEqual(expect.arrayContaining(['STOP', 'START', 'SET']));

@@ -162,8 +162,8 @@ export type RootDiskStrategy = 'qcow2-overlay' | CowStrategy;
 /**
  * A qcow2 overlay whose backing file is `backing` (raw, opened read-only by QEMU and never written): its cost does
  * not depend on the image's size. `qemu-img` (given an argv, never a shell string) makes one template per backing
- * file in `templateDir` (named by the backing file's path, inode, size and mtime, so a re-pulled image gets a new
- * one); each VM's overlay is a copy of it (about 200 KB), which saves the ~40-100 ms qemu-img takes to start.
+ * file in `templateDir` (the image's directory, so it goes with the image; named by the backing file's path, inode,
+ * size and mtime, so a rebuilt image never gets a stale one); each VM's overlay is a copy of it (about 200 KB), which saves the ~40-100 ms qemu-img takes to start.
  * Built at `dst.partial` and renamed, so `dst` is never half-made. Idempotent: an existing `dst` is kept.
  */
 export async function overlayDisk(backing: string, dst: string, opts: Ctx & { templateDir: string }): Promise<'qcow2-overlay'> {
@@ -185,7 +185,7 @@ async function overlayTemplate(backing: string, dir: string, opts: Ctx): Promise
   const st = await stat(backing).catch(() => undefined);
   if (!st?.isFile()) throw new BangerError('not_found', `disk image ${backing} does not exist`, 'pull or import the image again');
   const key = createHash('sha256').update(`${backing}\0${st.ino}\0${st.size}\0${st.mtimeMs}`).digest('hex').slice(0, 24);
-  const template = join(dir, `${key}.qcow2`);
+  const template = join(dir, `.root-overlay-${key}.qcow2`);
   if (await exists(template)) return template;
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const partial = `${template}.${process.pid}.${randomBytes(4).toString('hex')}.partial`;

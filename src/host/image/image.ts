@@ -25,11 +25,15 @@ import { BangerError, errorMessage, validateName } from '../../errors.js';
 import { Files } from '../../paths.js';
 import { rdumpDir } from '../disk/debugfs.js';
 import { readDiskFile } from '../disk/disks.js';
+import { Cleanups } from '../exec/cleanups.js';
 import { CommandError, run, which, type Runner } from '../exec/runner.js';
 import { ensureFreeSpace } from '../disk/space.js';
 
-/** Bump when the image recipe changes, so cached images are rebuilt. */
-export const BUILDER_VERSION = 1;
+/**
+ * Bump when the image recipe changes, so cached images are rebuilt (reasons: /work/notes/builder-version.txt).
+ * 2: banger-identity.service applies the per-VM identity from the work disk at boot (root disks are qcow2 overlays).
+ */
+export const BUILDER_VERSION = 2;
 
 export const KNOWN_IMAGES = {
   'debian-bookworm': { suite: 'bookworm' },
@@ -69,6 +73,8 @@ export interface ImageManifest {
   sizeBytes: number;
   /** file name → size in bytes */
   files: Record<string, number>;
+  /** 'work-disk': the image applies the VM's identity from /root/.banger/identity at boot (IDENTITY_UNIT). */
+  identity?: 'work-disk';
 }
 
 const ManifestSchema = z.object({
@@ -85,6 +91,8 @@ const ManifestSchema = z.object({
   packages: z.number(),
   sizeBytes: z.number(),
   files: z.record(z.string(), z.number()),
+  /** 'work-disk': the image applies the VM's identity from /root/.banger/identity at boot (IDENTITY_UNIT). */
+  identity: z.literal('work-disk').optional(),
 });
 
 export type StageEvent = { stage: string; status: 'start' | 'done'; ms?: number; detail?: string };
@@ -341,30 +349,6 @@ export async function extractVmlinux(
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers: cleanups, stages, paths inside a bootstrap tree
 
-class Cleanups {
-  private readonly fns: Array<{ what: string; fn: () => Promise<void> }> = [];
-  add(what: string, fn: () => Promise<void>): () => void {
-    const item = { what, fn };
-    this.fns.push(item);
-    return () => {
-      const i = this.fns.indexOf(item);
-      if (i >= 0) this.fns.splice(i, 1);
-    };
-  }
-  async runAll(): Promise<string[]> {
-    const failures: string[] = [];
-    while (this.fns.length) {
-      const { what, fn } = this.fns.pop()!;
-      try {
-        await fn();
-      } catch (e) {
-        failures.push(`${what}: ${errorMessage(e)}`);
-      }
-    }
-    return failures;
-  }
-}
-
 function checkAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw new BangerError('aborted', 'image build aborted');
 }
@@ -526,6 +510,46 @@ export const FSTAB = [
   '# written by banger: vda is the root disk, the work disk (label banger-work) is /root',
   '/dev/vda / ext4 defaults,noatime 0 1',
   'LABEL=banger-work /root ext4 defaults,nofail 0 2',
+  '',
+].join('\n');
+
+/**
+ * Applies the per-VM identity banger writes on the work disk (disks.ts writeIdentityDir), so the root disk can be a
+ * shared, unmodified backing file: hostname, SSH host key, networkd file, resolv.conf for static networks.
+ */
+export const IDENTITY_SCRIPT = [
+  '#!/bin/sh',
+  '# written by banger: copy this VM\'s identity from the work disk (/root/.banger/identity) into /etc',
+  'set -eu',
+  'src=/root/.banger/identity',
+  'install -m 0644 "$src/hostname" /etc/hostname',
+  'cat /etc/hostname > /proc/sys/kernel/hostname',
+  'install -m 0600 "$src/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key',
+  'install -m 0644 "$src/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub',
+  'install -D -m 0644 "$src/10-banger.network" /etc/systemd/network/10-banger.network',
+  'if [ -f "$src/resolv.conf" ]; then install -m 0644 "$src/resolv.conf" /etc/resolv.conf; fi',
+  '',
+].join('\n');
+
+/** After the work disk is at /root (its fstab line is in the image), before networkd and sshd read what it writes. */
+export const IDENTITY_UNIT = [
+  '# written by banger',
+  '[Unit]',
+  "Description=banger: apply this VM's identity from the work disk",
+  'DefaultDependencies=no',
+  'RequiresMountsFor=/root',
+  'ConditionPathIsDirectory=/root/.banger/identity',
+  'Before=systemd-networkd.service ssh.service network-pre.target sysinit.target shutdown.target',
+  'Wants=network-pre.target',
+  'Conflicts=shutdown.target',
+  '',
+  '[Service]',
+  'Type=oneshot',
+  'RemainAfterExit=yes',
+  'ExecStart=/usr/local/sbin/banger-identity',
+  '',
+  '[Install]',
+  'WantedBy=sysinit.target',
   '',
 ].join('\n');
 
@@ -767,6 +791,8 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
       // The build host's resolver means nothing in a guest; static networks get theirs per VM.
       await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
       await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
+      await writeTreeFile(tree, '/usr/local/sbin/banger-identity', IDENTITY_SCRIPT, 0o755);
+      await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
       const sshDir = await resolveInTree(tree, '/etc/ssh');
       for (const f of await readdir(sshDir)) if (f.startsWith('ssh_host_')) await unlink(join(sshDir, f));
       const machineId = await resolveInTree(tree, '/etc/machine-id');
@@ -774,6 +800,7 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
       const enabled = [
         ...(await enableUnitInTree(tree, 'systemd-networkd.service')),
         ...(await enableUnitInTree(tree, 'ssh.service')),
+        ...(await enableUnitInTree(tree, 'banger-identity.service')),
       ];
       const masked: string[] = [];
       for (const u of MASKED_UNITS) if (await maskUnitInTree(tree, u)) masked.push(u);
@@ -846,6 +873,7 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
         createdAt: new Date().toISOString(),
         suite: opts.suite,
         builderVersion: BUILDER_VERSION,
+        identity: 'work-disk',
         kernel: Files.vmlinuz,
         vmlinux: kernel.vmlinux ? Files.vmlinux : undefined,
         initrd: Files.initrd,
