@@ -18,7 +18,7 @@ interface UpdateArgs extends GlobalArgs {
   from?: string;
   prefix?: string;
   yes: boolean;
-  rollback: boolean;
+  rollback?: boolean;
   checkRelease: boolean;
 }
 
@@ -184,7 +184,7 @@ function builder(c: Argv<GlobalArgs>): Argv<UpdateArgs> {
     .option('from', { type: 'string', describe: 'the release: a tarball from npm pack, or a directory with a built dist/' })
     .option('prefix', { type: 'string', describe: 'the install prefix (default: the one this banger runs from)' })
     .option('yes', { type: 'boolean', default: false, describe: 'do not ask for confirmation' })
-    .option('rollback', { type: 'boolean', default: false, describe: 'go back to the release before the current one' })
+    .option('rollback', { type: 'boolean', describe: 'go back to the release before the current one' })
     .option('check-release', { type: 'boolean', default: false, hidden: true, describe: "run this release's offline checks (used on a staged release)" })
     .conflicts('rollback', 'from') as unknown as Argv<UpdateArgs>;
 }
