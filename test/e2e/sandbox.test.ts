@@ -1,5 +1,5 @@
 /**
- * The sandbox toward the host, with one user-net guest in a network namespace this test makes (a dummy interface
+ * The sandbox toward the host, with one user-net guest in a network namespace this test makes (a veth pair
  * with a default route gives passt an uplink; nothing leaves the namespace): a TCP service on the host's
  * loopback is unreachable from the guest through its gateway (slirp's 10.0.2.2 mapped it to the host's
  * 127.0.0.1), SSH still works, and `vm ssh` hands the guest no SSH agent even when the user's ssh config says
@@ -29,14 +29,17 @@ describeE2E('sandbox: user networking and ssh hygiene', () => {
     await execa('ip', ['netns', 'add', NS]);
     for (const args of [
       ['link', 'set', 'lo', 'up'],
-      ['link', 'add', 'up0', 'type', 'dummy'],
+      // an uplink whose far end answers nothing: a veth pair with both ends in this namespace
+      ['link', 'add', 'up0', 'type', 'veth', 'peer', 'name', 'up1'],
       ['addr', 'add', '10.77.0.2/24', 'dev', 'up0'],
       ['link', 'set', 'up0', 'up'],
+      ['link', 'set', 'up1', 'up'],
       ['route', 'add', 'default', 'via', '10.77.0.1'],
     ]) await execa('ip', ['-n', NS, ...args]);
     server = execa('ip', ['netns', 'exec', NS, process.execPath, '-e', SERVER], { reject: false });
     server.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-    b = await Banger.create();
+    // a loaded 2-core CI machine can take minutes to boot under TCG: the boot wait is bounded, but generously
+    b = await Banger.create({ BANGER_BOOT_TIMEOUT_MS: '600000' });
     b.wrap = ['ip', 'netns', 'exec', NS];
   });
   afterAll(async () => {
@@ -49,7 +52,7 @@ describeE2E('sandbox: user networking and ssh hygiene', () => {
   it("a user-net guest cannot reach the host's loopback through its gateway, and SSH works", async () => {
     await waitUntil('the loopback service listens', () => /PORT \d+/.test(out), 10_000);
     const port = /PORT (\d+)/.exec(out)![1];
-    await b.ok(['vm', 'create', '--name', 'sbx', '--net', 'user'], { timeoutMs: 420_000 });
+    await b.ok(['vm', 'create', '--name', 'sbx', '--net', 'user'], { timeoutMs: 660_000 });
     const probe = [
       'gw=$(ip -4 route show default | awk "{print \\$3; exit}")',
       'echo "GW=$gw"',
@@ -61,7 +64,7 @@ describeE2E('sandbox: user networking and ssh hygiene', () => {
     expect(r.stdout).toMatch(/BLOCKED \S+\nBLOCKED 10\.0\.2\.2/);
     expect(r.stdout).not.toContain('REACHED');
     expect(out).not.toContain('CONN');
-  });
+  }, 900_000);
 
   it('vm ssh forwards no agent even with ForwardAgent yes in the ssh config and an agent running', async () => {
     // ssh reads the config from the passwd home, not $HOME: give it a private one in a mount namespace.
