@@ -8,7 +8,6 @@ import { Files } from '../../../paths.js';
 import { run, type Runner } from '../../exec/runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
-import { passtNetdev, passtSocketPath, startPasst, stopPasst, type TcpForward } from '../../net/passt.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
@@ -94,8 +93,9 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
-    // passt, not slirp: slirp's gateway is the host's loopback (see src/host/net/passt.ts).
-    args.push('-netdev', passtNetdev(assertPath('passt socket', passtSocketPath(spec.runDir, spec.id))), '-device', 'virtio-net-device,netdev=n0');
+    // QEMU's slirp. Its gateway (10.0.2.2) is the host's loopback: a user-net guest is not isolated from the
+    // host's 127.0.0.1 services (README, Security model).
+    args.push('-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`, '-device', 'virtio-net-device,netdev=n0');
   } else {
     if (!TAP_RE.test(spec.net.tap)) throw new BangerError('invalid_params', `invalid TAP device name ${JSON.stringify(spec.net.tap)}`);
     if (!MAC_RE.test(spec.net.mac)) throw new BangerError('invalid_params', `invalid MAC address ${JSON.stringify(spec.net.mac)}`);
@@ -135,12 +135,6 @@ export async function hostTscKhz(): Promise<number | undefined> {
   } catch {
     return undefined;
   }
-}
-
-/** passt for a user-net VM: SSH forwarded from 127.0.0.1:sshPort. */
-function startUserNet(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>, signal?: AbortSignal) {
-  const forwards: TcpForward[] = [{ hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 }];
-  return startPasst(passtSocketPath(spec.runDir, spec.id), forwards, { logFile: join(spec.vmDir, 'passt.log'), signal });
 }
 
 const qmpArg = (sock: string) => `unix:${qemuOptEscape(sock)},server=on,wait=off`;
@@ -365,14 +359,10 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       await mkdir(s.vmDir, { recursive: true });
       await mkdir(dirname(s.serialLog), { recursive: true });
       const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
-      const passt = s.net.mode === 'user' ? await startUserNet(s, s.net, opts.signal) : undefined;
       return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, {
         signal: opts.signal,
         runner: opts.runner ?? options.runner,
         timeoutMs: options.launchTimeoutMs,
-      }).catch(async (e: unknown) => {
-        if (passt) await stopPasst(passt);
-        throw e;
       });
     },
 
