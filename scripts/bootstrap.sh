@@ -27,7 +27,6 @@ want make make
 want g++ g++
 want python3 python3
 want nft nftables
-want passt passt
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 
