@@ -1,24 +1,21 @@
 /**
  * Usage checks for VM size flags, done in the CLI before any daemon is reached, so a typo exits 2 at once.
- * The bounds are the daemon's own (its zod schema), which stays the second line of defence.
+ * The bounds are the daemon's own (src/rpc/wire.ts, which its schemas use), and the schemas stay the second line.
  */
-import { createParams as createSchema } from '../rpc/protocol.js';
+import { MEMORY_MIB, VCPUS } from '../rpc/wire.js';
 import { usage } from './context.js';
 
 /** The smallest work disk the daemon accepts (vm.create refuses smaller). */
 export const MIN_DISK_BYTES = 64 * 1024 * 1024;
 
-const VCPUS = createSchema.shape.vcpus.unwrap();
-const MEMORY_MIB = createSchema.shape.memoryMiB.unwrap();
-
 /** A whole number within the schema's bounds, from a flag yargs left as a string (so the message shows what was typed). */
-function boundedInt(flag: string, raw: unknown, bounds: { minValue: number | null; maxValue: number | null }, unit = ''): number | undefined {
+function boundedInt(flag: string, raw: unknown, bounds: { min: number; max: number }, unit = ''): number | undefined {
   if (raw === undefined) return undefined;
-  const range = `${bounds.minValue} to ${bounds.maxValue}${unit}`;
+  const range = `${bounds.min} to ${bounds.max}${unit}`;
   if (typeof raw !== 'string') usage(`${flag} was given more than once`, `give it once: ${range}`);
   if (!/^\s*\d+\s*$/.test(raw)) usage(`${flag} ${JSON.stringify(raw)} is not a whole number`, `give ${range}`);
   const n = Number(raw);
-  if ((bounds.minValue !== null && n < bounds.minValue) || (bounds.maxValue !== null && n > bounds.maxValue)) {
+  if (n < bounds.min || n > bounds.max) {
     usage(`${flag} ${n} is out of range`, `give ${range}`);
   }
   return n;

@@ -5,7 +5,8 @@
 import { connect, type Socket } from 'node:net';
 import { BangerError, type ErrorKind } from '../errors.js';
 import { NdjsonConnection, type NdjsonAdapter } from './connection.js';
-import { PROGRESS_METHOD, STREAM_METHOD, type MethodName, type ParamsOf, type ProgressParams, type ResultOf, type RpcErrorObject, type StreamOf } from './protocol.js';
+import { PROGRESS_METHOD, STREAM_METHOD } from './wire.js';
+import type { MethodName, ParamsOf, ProgressParams, ResultOf, RpcErrorObject, StreamOf } from './protocol.js';
 
 /** What a pending call keeps for the notifications that name it. */
 interface CallContext {

@@ -3,6 +3,7 @@
  * against these (unknown fields are rejected); the client uses the same names and types.
  */
 import { z } from 'zod';
+import { MEMORY_MIB, VCPUS } from './wire.js';
 import type { Results, Streams } from './types.js';
 
 export type * from './types.js';
@@ -13,8 +14,8 @@ const size = z.union([z.number().int().positive(), z.string().min(1).max(32)]);
 export const createParams = z.strictObject({
   name: z.string().optional(),
   image: z.string().optional(),
-  vcpus: z.number().int().min(1).max(64).optional(),
-  memoryMiB: z.number().int().min(128).max(262144).optional(),
+  vcpus: z.number().int().min(VCPUS.min).max(VCPUS.max).optional(),
+  memoryMiB: z.number().int().min(MEMORY_MIB.min).max(MEMORY_MIB.max).optional(),
   disk: size.optional(),
   vmm: z.enum(['auto', 'firecracker', 'qemu']).optional(),
   net: z.enum(['auto', 'tap', 'user']).optional(),
@@ -78,7 +79,7 @@ export const methods = {
   'vm.stop': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
   'vm.restart': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
   'vm.delete': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
-  'vm.set': z.strictObject({ vm: vmRef, vcpus: z.number().int().min(1).max(64).optional(), memoryMiB: z.number().int().min(128).max(262144).optional(), disk: size.optional() }),
+  'vm.set': z.strictObject({ vm: vmRef, vcpus: z.number().int().min(VCPUS.min).max(VCPUS.max).optional(), memoryMiB: z.number().int().min(MEMORY_MIB.min).max(MEMORY_MIB.max).optional(), disk: size.optional() }),
   'vm.wait': z.strictObject({ vm: vmRef, state: z.enum(['running', 'stopped', 'deleted']), timeoutMs: z.number().int().positive().optional() }),
   'vm.list': z.strictObject({}),
   'vm.show': z.strictObject({ vm: vmRef }),
@@ -125,5 +126,4 @@ export interface RpcResponse {
   error?: RpcErrorObject;
 }
 
-export const PROGRESS_METHOD = 'progress';
-export const STREAM_METHOD = 'stream';
+export { PROGRESS_METHOD, STREAM_METHOD } from './wire.js';
