@@ -190,7 +190,7 @@ function helperPid(b: Banger): number | undefined {
     if (!/^\d+$/.test(p)) continue;
     try {
       const argv = readFileArgv(Number(p));
-      if (argv.some((a) => a.endsWith('roothelper/main.ts')) && argv.includes(sock) && pidAlive(Number(p))) return Number(p);
+      if (argv.some((a) => /roothelper\/main\.[jt]s$/.test(a)) && argv.includes(sock) && pidAlive(Number(p))) return Number(p);
     } catch {
       /* raced */
     }
