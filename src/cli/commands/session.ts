@@ -157,6 +157,16 @@ async function execIn(a: ExecArgs): Promise<void> {
   process.exitCode = r.exitCode;
 }
 
+/**
+ * `vm exec` and `session attach` are wired through but not finished: against a real guest their end-to-end tests
+ * hang (exec did not return in 5 minutes; attach saw no echo). Until they pass, the CLI says so instead of hanging;
+ * BANGER_UNFINISHED=1 runs them anyway (for whoever finishes them).
+ */
+function notFinished(what: string, instead: string, run: () => Promise<void>): Promise<void> {
+  if (process.env.BANGER_UNFINISHED === '1') return run();
+  throw new BangerError('unsupported', `${what} is not finished yet: it can hang against a real guest`, `use ${instead}`);
+}
+
 const sessionRef = <T>(y: Argv<T>) => y.positional('vm', { type: 'string', demandOption: true }).positional('session', { type: 'string', demandOption: true });
 
 export function sessionCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
@@ -190,7 +200,7 @@ export function sessionCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       out(a, s, () => sessionLine(s));
     })
     .command('send <vm> <session> [data]', "write DATA (and a newline), or all of stdin, to a pipe session's stdin; each line up to 4096 bytes lands whole", (a) => sessionRef(a).positional('data', { type: 'string' }), (a) => send(a as unknown as SessionArg & { data?: string }))
-    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => attach(a as unknown as SessionArg))
+    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => notFinished('banger vm session attach', 'banger vm session logs --follow, and send', () => attach(a as unknown as SessionArg)))
     .command('logs <vm> <session>', "print a session's stdout (or --stderr); --follow until it ends", (a) => sessionRef(a).option('follow', { alias: 'f', type: 'boolean' }).option('stderr', { type: 'boolean' }), (a) => logs(a as unknown as SessionArg & { follow?: boolean; stderr?: boolean }))
     .command('kill <vm> <session>', 'signal a session (default TERM)', (a) => sessionRef(a).option('signal', { type: 'string', describe: 'TERM, INT, KILL, HUP...' }), async (args) => {
       const a = args as unknown as SessionArg & { signal?: string };
@@ -214,7 +224,7 @@ export function guestCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
           .option('env', { type: 'string', array: true, describe: 'NAME=VALUE (repeatable)' })
           .option('timeout', { type: 'number', describe: 'seconds' })
           .usage('banger vm exec <vm> [--cwd P] [--env K=V]... [--timeout S] -- CMD...'),
-      (a) => execIn(a as ExecArgs),
+      (a) => notFinished('banger vm exec', `banger vm ssh ${(a as ExecArgs).vm} -- CMD...`, () => execIn(a as ExecArgs)),
     )
     .command('health <vm>', "the guest's uptime, load, memory, free disk and running sessions (read over SSH: the guest agent is not built)", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
       const a = args as unknown as VmArg;
