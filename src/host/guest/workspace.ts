@@ -1,4 +1,5 @@
 import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import type { PrepareResult } from '../../rpc/types.js';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, isAbsolute, join, posix, resolve } from 'node:path';
 import { PassThrough, Transform, Writable, type Readable } from 'node:stream';
@@ -90,35 +91,12 @@ export interface PrepareContext {
   runner?: Runner;
 }
 
-export interface WorkspacePrepareResult {
-  /** Filled in by the caller that knows the VM. */
+/** The wire's prepare result (src/rpc/types.ts); the VM id is filled in by the caller that knows the VM. */
+export type WorkspacePrepareResult = Omit<PrepareResult, 'vmId' | 'cache'> & {
   vmId?: string;
-  sourcePath: string;
-  repoRoot: string;
-  repoName: string;
-  guestPath: string;
-  mode: WorkspaceMode;
-  readOnly: boolean;
-  /** Whether a read-only bind mount backs readOnly (else only mode bits do; see prepareWorkspace). */
-  readOnlyMount: boolean;
-  /** The host's HEAD. */
-  headCommit: string;
-  /** The host's current branch (null when detached). */
-  currentBranch: string | null;
-  /** The branch checked out in the guest (null when the guest is detached). */
-  branchName: string | null;
-  /** The commit the guest's tree is based on: `from` resolved, else headCommit. Export against this. */
-  baseCommit: string;
-  preparedAt: string;
-  /** Total bytes streamed into the guest. */
-  bytesStreamed: number;
-  /** Every byte that went into the guest's stdin (the streams plus the finishing step's ref list). */
-  bytesSent: number;
   /** The workspace cache is not built: every prepare streams. */
   cache: 'off';
-  /** The guest path held this repository's workspace already: only new objects and the host's delta were sent. */
-  incremental: boolean;
-}
+};
 
 export interface ExportOptions {
   guestPath: string;
