@@ -13,7 +13,8 @@ import { runInspect } from './commands/inspect.js';
 import { c, stripControl } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
 import type { DoctorCheck } from '../rpc/types.js';
-import { versionLine } from '../version.js';
+import { buildInfo, versionLine } from '../version.js';
+import { versionCheck } from '../version-skew.js';
 
 function fail(e: unknown): never {
   if (e instanceof BangerError) {
@@ -36,6 +37,8 @@ function checkLine(ch: DoctorCheck): string {
 
 async function doctor(a: GlobalArgs): Promise<void> {
   const r = await call('doctor.run', {});
+  const daemon = await call('daemon.status', {});
+  r.checks.push(versionCheck({ cli: buildInfo(), daemon }));
   out(a, r, () => r.checks.map(checkLine).join('\n'));
   if (!r.ok) process.exitCode = 1;
 }

@@ -12,6 +12,7 @@ import type { DoctorCheck, DoctorReport } from '../rpc/types.js';
 import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } from './capabilities.js';
 import { planVm, type HostCapabilities } from './plan.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
+import { versionCheck } from '../version-skew.js';
 
 export type Check = DoctorCheck;
 
@@ -39,6 +40,7 @@ export async function runDoctor(d: DaemonServices, deps: HandlerDeps): Promise<D
   add(mm || db ? { name: 'bootstrap', status: 'ok', detail: mm ? `mmdebstrap (${mm})` : `debootstrap (${db})` } : { name: 'bootstrap', status: 'fail', detail: 'neither mmdebstrap nor debootstrap found: images cannot be built', fix: 'apt-get install mmdebstrap' });
   add(await tunCheck());
   for (const c of await rootHelperChecks(d, rootHelper.reachable)) add(c);
+  add(versionCheck({ daemon: deps, helper: rootHelper.reachable ? await helperRelease(d) : undefined }));
   add(diskCheck(d));
   for (const c of await cowChecks(d)) add(c);
   add(socketCheck(d));
@@ -96,6 +98,16 @@ async function tunCheck(): Promise<Check> {
     return { name: 'tun', status: 'ok', detail: '/dev/net/tun is usable' };
   } catch {
     return { name: 'tun', status: 'warn', detail: '/dev/net/tun is missing or not accessible: tap networking cannot work', fix: 'modprobe tun' };
+  }
+}
+
+/** The release the helper runs; null when it is too old to say (it predates the ping's release field). */
+async function helperRelease(d: DaemonServices): Promise<{ version: string } | null | undefined> {
+  try {
+    const p = await d.rootHelper?.request('ping', {}, { timeoutMs: 3000 });
+    return p ? (p.release ? { version: p.release } : null) : undefined;
+  } catch {
+    return undefined;
   }
 }
 

@@ -114,7 +114,7 @@ export interface TapListEntry {
 
 /** What each verb answers. */
 export interface VerbResults {
-  ping: { version: number; pid: number; uid: number };
+  ping: { version: number; release: string; pid: number; uid: number };
   'tap.create': { name: string; created: boolean };
   'tap.delete': { name: string; deleted: boolean };
   'tap.list': { taps: TapListEntry[] };

@@ -7,6 +7,7 @@ import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type 
 import * as net from '../host/net/net.js';
 import type { Runner } from '../host/exec/runner.js';
 import { Files } from '../paths.js';
+import { buildInfo } from '../version.js';
 import { LineDecoder } from '../rpc/ndjson.js';
 import {
   MAX_LINE_BYTES,
@@ -307,7 +308,7 @@ export class RootHelperServer {
   private async execute(v: ValidatedRequest, signal: AbortSignal): Promise<unknown> {
     switch (v.verb) {
       case 'ping':
-        return { version: PROTOCOL_VERSION, pid: process.pid, uid: process.getuid?.() ?? -1 } satisfies VerbResults['ping'];
+        return { version: PROTOCOL_VERSION, release: buildInfo().version, pid: process.pid, uid: process.getuid?.() ?? -1 } satisfies VerbResults['ping'];
       case 'tap.create':
         return this.ops.createTap(v.args.name, v.args.uid, { gid: v.args.gid, bridge: v.args.bridge }, signal);
       case 'tap.delete':

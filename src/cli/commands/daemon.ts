@@ -3,6 +3,8 @@ import { layout, readDaemonPid } from '../../paths.js';
 import { spawnDaemon, tryConnect } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
 import { c } from '../output.js';
+import { buildInfo } from '../../version.js';
+import { versionCheck } from '../../version-skew.js';
 
 interface StartArgs extends GlobalArgs {
   foreground: boolean;
@@ -72,7 +74,8 @@ export function daemonCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
     .command('stop', 'stop the owner daemon (VMs keep running)', (a) => a, (a) => stop(a))
     .command('status', 'show the daemon status', (a) => a, async (a) => {
       const s = await call('daemon.status', {});
-      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}`);
+      const skew = versionCheck({ cli: buildInfo(), daemon: s });
+      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}` + (skew.status === 'ok' ? '' : `\n${c.yellow('warn')} ${skew.detail}\n     fix: ${skew.fix}`));
     })
     .demandCommand(1, 'name a daemon command: start, stop or status');
 }
