@@ -60,11 +60,15 @@ async function stopDaemon(l: Layout): Promise<void> {
 /** Restart the daemon from whatever `current` names now; a helper installed as a service is restarted too. */
 async function restart(L: InstallLayout): Promise<void> {
   const { run } = await import('../../host/exec/runner.js');
-  const { HELPER_UNIT } = await import('../../roothelper/units.js');
-  await stopDaemon(layout());
-  if (existsSync('/run/systemd/system') && existsSync(`/etc/systemd/system/${HELPER_UNIT}`)) {
+  const { DAEMON_UNIT, HELPER_UNIT } = await import('../../roothelper/units.js');
+  const systemd = existsSync('/run/systemd/system');
+  // A daemon run by its user unit is restarted by systemd: stopping it by hand would race the unit's restart.
+  const asUnit = systemd && (await run('systemctl', ['--user', 'is-active', '--quiet', DAEMON_UNIT], { reject: false })).exitCode === 0;
+  if (!asUnit) await stopDaemon(layout());
+  if (systemd && existsSync(`/etc/systemd/system/${HELPER_UNIT}`)) {
     await run('systemctl', ['try-restart', HELPER_UNIT]);
   }
+  if (asUnit) await run('systemctl', ['--user', 'restart', DAEMON_UNIT], { timeoutMs: 60_000 });
   await run(process.execPath, [L.bin, 'daemon', 'start'], { timeoutMs: 60_000 });
 }
 
