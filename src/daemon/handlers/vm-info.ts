@@ -1,5 +1,5 @@
 /** What there is to know about VMs: vm.list, vm.show, vm.events, vm.logs, vm.ssh. */
-import { statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { BangerError } from '../../errors.js';
 import { vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
@@ -21,7 +21,7 @@ export function vmInfoHandlers(d: DaemonServices): InfoHandlers {
     'vm.show': async (p) => {
       const id = resolveVm(p.vm);
       const f = vmFiles(layout, id);
-      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(f.workDisk), rootDiskAllocatedBytes: allocated(f.rootDisk), ...(await guestFields(d, id)) };
+      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(f.workDisk), rootDiskAllocatedBytes: allocated(existsSync(f.rootOverlay) ? f.rootOverlay : f.rootDisk), ...(await guestFields(d, id)) };
     },
 
     'vm.events': async (p) => store.events(resolveVm(p.vm)),
