@@ -21,7 +21,7 @@ export interface DaemonServices {
   store: Store;
   supervisor: VmSupervisor;
   /** The root helper (TAP devices, bridge), when this daemon has one. */
-  rootHelper?: Pick<RootHelper, 'reachable' | 'state'>;
+  rootHelper?: Pick<RootHelper, 'reachable' | 'state' | 'request'>;
   tapPool?: Pick<TapPool, 'leases'>;
   /** Present when tap networking is wired in (a root helper and a TAP pool). */
   network?: object;
