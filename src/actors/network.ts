@@ -8,6 +8,7 @@ import { BangerError } from '../errors.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
 import { gatewayAddress, hostAddresses, intToIp, ipToInt, parseCidr } from '../host/net/net.js';
+import { DEFAULT_POLICY } from '../host/net/firewall-rules.js';
 import type { NetworkProvider } from './vm-steps.js';
 import type { RootHelper } from './root-helper.js';
 import type { TapPool } from './tap-pool.js';
@@ -49,10 +50,14 @@ export function makeNetwork(helper: RootHelper, pool: TapPool, store: Store, con
       const { tap } = await pool.lease(ctx.id);
       const guestIp = store.leaseAddress(ctx.id, candidates);
       if (!guestIp) throw new BangerError('conflict', `no free address left in ${config.subnet}`, 'delete a VM, or set a larger "subnet" in config.json');
+      // Isolation before the guest can send anything (see firewall-sync.ts).
+      await helper.request('firewall.set', { tap, ip: guestIp, ...(ctx.spec.isolation ?? DEFAULT_POLICY) });
       return { tap, guestIp, gateway, prefix: c.prefix, dns: config.nat ? hostNameservers() : [] };
     },
     async release(vmId) {
+      const tap = pool.leases().find((l) => l.vmId === vmId)?.tap;
       await pool.release(vmId);
+      if (tap) await helper.request('firewall.clear', { tap });
       store.releaseAddress(vmId);
     },
   };

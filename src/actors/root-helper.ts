@@ -35,7 +35,7 @@ export class RootHelper {
   constructor(private opts: RootHelperOptions) {
     this.logic = rootHelperMachine.provide({
       actors: {
-        connect: fromPromise(async () => this.connect()) as never,
+        connect: fromPromise(async () => this.connected(await this.connect())) as never,
         watch: fromPromise(async ({ input }) => {
           await (input.client as RootHelperClient).closed;
           this.opts.log('root helper connection closed; reconnecting with backoff');
@@ -53,6 +53,15 @@ export class RootHelper {
   private actor(): RootHelperRef {
     if (!this.ref) throw new BangerError('unsupported', 'the root helper is not enabled in this daemon', 'use --net user');
     return this.ref;
+  }
+
+  /** Runs after every new connection: a restarted helper knows none of this daemon's VMs (their firewall is sent again). */
+  onConnect?: () => void;
+
+  private connected(client: RootHelperClient): RootHelperClient {
+    const hook = this.onConnect;
+    if (hook) setImmediate(hook);
+    return client;
   }
 
   private async connect(): Promise<RootHelperClient> {

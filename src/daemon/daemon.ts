@@ -19,6 +19,7 @@ import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js'
 import { RootHelper } from '../actors/root-helper.js';
 import { TapPool, ownerTag } from '../actors/tap-pool.js';
 import { makeNetwork } from '../actors/network.js';
+import { firewallEntryOf, syncFirewall } from '../actors/firewall-sync.js';
 import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -144,6 +145,11 @@ function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: 
  * or wanted.
  */
 function startTapNetworking(t: TapNetworking, sup: Supervisor, config: Config, inspectable: boolean, log: (l: string) => void): void {
+  const firewallEntries = () => sup.ids().flatMap((id) => firewallEntryOf(sup.snapshot(id).context) ?? []);
+  let reconciled = false;
+  t.rootHelper.onConnect = () => {
+    if (reconciled) void syncFirewall(t.rootHelper, firewallEntries(), [], log);
+  };
   sup.enableRootHelper();
   t.rootHelper.attach(sup.system.get('rootHelper'));
   t.tapPool.attach(sup.system.get('tapPool'));
@@ -161,6 +167,8 @@ function startTapNetworking(t: TapNetworking, sup: Supervisor, config: Config, i
       await t.network.ensureBridge();
       const r = await t.tapPool.reconcile(vmTaps, inspectable, () => sup.ids());
       log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
+      await syncFirewall(t.rootHelper, firewallEntries(), r.deleted, log);
+      reconciled = true;
       await t.tapPool.refill();
     } catch (e) {
       log(`tapPool: ${(e as Error).message}`);

@@ -11,6 +11,9 @@ import { readManifest } from '../host/image/image.js';
 import type { DoctorCheck, DoctorReport } from '../rpc/types.js';
 import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } from './capabilities.js';
 import { planVm, type HostCapabilities } from './plan.js';
+import { errorMessage } from '../errors.js';
+import { firewallEntryOf } from '../actors/firewall-sync.js';
+import type { VerbResults } from '../roothelper/protocol.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 import { versionCheck } from '../version-skew.js';
 
@@ -132,7 +135,27 @@ async function rootHelperChecks(d: DaemonServices, reachable: boolean): Promise<
     { name: 'root-helper', status: 'ok', detail: `reachable on ${d.helperSocket}${d.helperIsService ? ' (a service); --net auto uses tap' : ' (run by this root daemon); --net tap works, --net auto stays on user networking unless config "defaultNet": "tap"'}` },
     r.exitCode === 0 ? { name: 'bridge', status: 'ok', detail: `${config.bridge} exists (subnet ${config.subnet}${config.nat ? ', NAT on' : ''})` } : { name: 'bridge', status: 'warn', detail: `${config.bridge} does not exist yet (made on the first tap VM)`, fix: 'banger vm create --net tap' },
     { name: 'tap-pool', status: 'ok', detail: `${idle} idle TAP device(s) warm of ${config.tapPoolSize}` },
+    await firewallCheck(d),
   ];
+}
+
+/** The tap guests' isolation in force: the helper's tables and the VMs they cover, against this daemon's tap VMs. */
+async function firewallCheck(d: DaemonServices): Promise<Check> {
+  let st: VerbResults['firewall.status'];
+  try {
+    st = await d.rootHelper!.request('firewall.status', {}, { timeoutMs: 10_000 });
+  } catch (e) {
+    return { name: 'firewall', status: 'fail', detail: `the root helper did not say which isolation is in force: ${errorMessage(e)}`, fix: 'update and restart the root helper (banger system install)' };
+  }
+  const mine = d.supervisor.ids().flatMap((id) => firewallEntryOf(d.supervisor.snapshot(id).context) ?? []);
+  const covered = new Set(st.vms.map((v) => v.tap));
+  const missing = mine.filter((v) => !covered.has(v.tap) || !st.installed);
+  if (missing.length) {
+    return { name: 'firewall', status: 'fail', detail: `tap VM(s) without isolation: ${missing.map((v) => `${v.tap} ${v.ip}`).join(', ')}`, fix: 'restart the daemon (it registers every tap VM with the helper)' };
+  }
+  if (!st.installed) return { name: 'firewall', status: 'ok', detail: 'no tap VM: no rules installed (they come with the first tap VM)' };
+  const policies = st.vms.map((v) => `${v.ip} egress ${v.egress}${v.allowPeers ? ', peers' : ''}${v.allow.length ? `, allow ${v.allow.join(' ')}` : ''}`);
+  return { name: 'firewall', status: 'ok', detail: `nftables tables inet/bridge banger in force for ${st.vms.length} tap VM(s): no host, private ranges or other VMs unless allowed (${policies.join('; ')})` };
 }
 
 function diskCheck(d: DaemonServices): Check {

@@ -31,6 +31,8 @@ export interface VmSpec {
   stopTimeoutMs: number;
   /** The guest's git identity, decided at create (absent in VMs created before it was recorded). */
   gitIdentity?: GitIdentity;
+  /** A tap VM's isolation policy, decided at create (absent: the default, internet only). */
+  isolation?: { egress: 'internet' | 'none'; allowPeers: boolean; allow: string[] };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */

@@ -8,6 +8,7 @@
 import { parseArgs } from 'node:util';
 import { BangerError, errorMessage } from '../errors.js';
 import { BRIDGE_NAME_RE } from '../host/net/net.js';
+import { Firewall } from '../host/net/firewall.js';
 import { startRootHelper } from './server.js';
 
 const usage =
@@ -47,6 +48,11 @@ async function main(): Promise<void> {
   }
   if (process.getuid?.() !== 0) {
     process.stderr.write('roothelper: warning: not running as root; TAP, bridge, NAT and jailer requests will fail\n');
+  }
+  // Before serving: firewall tables a crashed run left with no banger TAP behind them go (see host/net/firewall.ts).
+  if (process.getuid?.() === 0) {
+    const fw = await new Firewall().reconcileAtStart().catch((e) => `not checked (${errorMessage(e)})`);
+    process.stderr.write(`roothelper: firewall tables at start: ${fw}\n`);
   }
   const server = await startRootHelper({
     socketPath: values.socket,

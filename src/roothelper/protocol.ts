@@ -3,7 +3,8 @@ import { isAbsolute, resolve, sep, basename } from 'node:path';
 import { z } from 'zod';
 import { BangerError } from '../errors.js';
 import type { JailResult } from '../host/vmm/firecracker/firecracker.js';
-import { BRIDGE_NAME_RE, TAP_NAME_RE, bridgeCidrProblem } from '../host/net/net.js';
+import { BRIDGE_NAME_RE, TAP_NAME_RE, bridgeCidrProblem, parseCidr } from '../host/net/net.js';
+import type { FirewallStatus } from '../host/net/firewall.js';
 
 /**
  * The root helper's wire protocol and the rules every argument must pass before anything runs as root.
@@ -34,6 +35,10 @@ export const VERBS = [
   'firecracker.jail',
   'firecracker.unjail',
   'vmdir.chown',
+  // tap guests' firewall (issue 9)
+  'firewall.set',
+  'firewall.clear',
+  'firewall.status',
 ] as const;
 export type Verb = (typeof VERBS)[number];
 
@@ -58,6 +63,24 @@ const cidrSchema = z.string({ error: typeError('a string') }).superRefine((v, ct
   const problem = bridgeCidrProblem(v);
   if (problem) ctx.addIssue({ code: 'custom', message: `${JSON.stringify(v)} is not a private IPv4 /16-/30 host address: ${problem}` });
 });
+
+const ipv4Schema = z.string({ error: typeError('a string') }).refine((v) => /^(\d{1,3})(\.\d{1,3}){3}$/.test(v) && !cidrError(`${v}/32`), {
+  error: (i) => `${describe(i.input)} is not an IPv4 address`,
+});
+
+/** A CIDR a guest may reach although it is private (`--allow`): network address and prefix, nothing else. */
+const allowCidrSchema = z.string({ error: typeError('a string') }).refine((v) => !cidrError(v) && /^[0-9.]+\/\d{1,2}$/.test(v), {
+  error: (i) => `${describe(i.input)} is not an IPv4 CIDR like 192.168.1.0/24`,
+});
+
+function cidrError(v: string): string | undefined {
+  try {
+    parseCidr(v);
+    return undefined;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
 
 /** A path argument: absolute, no `..` segment, no NUL, bounded. It is resolved against the state directory later. */
 const pathSchema = z
@@ -100,6 +123,16 @@ export const verbSchemas = {
   /** Remove an exited instance's chroot (it holds hard links to the VM's disks). */
   'firecracker.unjail': z.strictObject({ id: firecrackerIdSchema }),
   'vmdir.chown': z.strictObject({ path: pathSchema, uid: uidSchema, gid: uidSchema }),
+  // The firewall: a VM is its TAP, its address and its policy; nothing else is taken from the request.
+  'firewall.set': z.strictObject({
+    tap: tapName,
+    ip: ipv4Schema,
+    egress: z.enum(['internet', 'none'], { error: (i) => `must be "internet" or "none", got ${describe(i.input)}` }),
+    allowPeers: z.boolean({ error: typeError('a boolean') }),
+    allow: z.array(allowCidrSchema, { error: typeError('an array of IPv4 CIDRs') }).max(64, { error: 'has more than 64 CIDRs' }),
+  }),
+  'firewall.clear': z.strictObject({ tap: tapName }),
+  'firewall.status': z.strictObject({}),
 } satisfies Record<Verb, z.ZodType>;
 
 export type VerbArgs<V extends Verb> = z.infer<(typeof verbSchemas)[V]>;
@@ -124,6 +157,9 @@ export interface VerbResults {
   'firecracker.unjail': { removed: string[] };
   /** `skipped`: files left alone because they have other hard links and belong to someone else. */
   'vmdir.chown': { path: string; changed: number; skipped?: string[] };
+  'firewall.set': FirewallStatus;
+  'firewall.clear': FirewallStatus;
+  'firewall.status': FirewallStatus;
 }
 
 export interface Request {

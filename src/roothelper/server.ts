@@ -5,6 +5,7 @@ import { join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
 import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type JailRequest, type JailResult } from '../host/vmm/firecracker/firecracker.js';
 import * as net from '../host/net/net.js';
+import { Firewall } from '../host/net/firewall.js';
 import type { Runner } from '../host/exec/runner.js';
 import { Files } from '../paths.js';
 import { buildInfo } from '../version.js';
@@ -37,6 +38,7 @@ export interface HelperOps {
   jail(req: JailRequest, signal?: AbortSignal): Promise<JailResult>;
   unjail(id: string, signal?: AbortSignal): Promise<VerbResults['firecracker.unjail']>;
   chownTree(path: string, uid: number, gid: number, signal?: AbortSignal): Promise<VerbResults['vmdir.chown']>;
+  firewall: Pick<Firewall, 'set' | 'clear' | 'status'>;
 }
 
 export interface RootHelperOptions {
@@ -78,6 +80,7 @@ export function defaultOps(o: RootHelperOptions): HelperOps {
     jail: (req) => launchJailed(req, jailer),
     unjail: (id) => removeJail(id, jailer),
     chownTree,
+    firewall: new Firewall(netOpts()),
   };
 }
 
@@ -263,7 +266,7 @@ export class RootHelperServer {
     const started = Date.now();
     try {
       // Reads (ping, tap.list) run at once; changes queue behind each other.
-      const result = v.verb === 'ping' || v.verb === 'tap.list' ? await this.bounded(v) : await this.serialized(() => this.bounded(v));
+      const result = v.verb === 'ping' || v.verb === 'tap.list' || v.verb === 'firewall.status' ? await this.bounded(v) : await this.serialized(() => this.bounded(v));
       this.log(`roothelper: ok id=${JSON.stringify(id)} verb=${verb} ${Date.now() - started} ms`);
       this.send(sock, { id, ok: true, result });
     } catch (e) {
@@ -323,6 +326,12 @@ export class RootHelperServer {
         return this.ops.unjail(v.args.id, signal);
       case 'vmdir.chown':
         return this.ops.chownTree(v.args.path, v.args.uid, v.args.gid, signal);
+      case 'firewall.set':
+        return this.ops.firewall.set(v.args, signal);
+      case 'firewall.clear':
+        return this.ops.firewall.clear(v.args.tap, signal);
+      case 'firewall.status':
+        return this.ops.firewall.status(signal);
       default: {
         const never: never = v;
         throw new BangerError('method_not_found', `unhandled verb ${(never as { verb: Verb }).verb}`);

@@ -19,6 +19,10 @@ export const createParams = z.strictObject({
   disk: size.optional(),
   vmm: z.enum(['auto', 'firecracker', 'qemu']).optional(),
   net: z.enum(['auto', 'tap', 'user']).optional(),
+  // tap guests' isolation (issue 9): egress, reaching other VMs, private CIDRs let through
+  egress: z.enum(['internet', 'none']).optional(),
+  allowPeers: z.boolean().optional(),
+  allow: z.array(z.string().min(1).max(32)).max(64).optional(),
   start: z.boolean().optional(),
   wait: z.boolean().optional(),
 });

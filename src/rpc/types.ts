@@ -17,6 +17,12 @@ export interface GitIdentity {
   source: 'host' | 'default';
 }
 
+export interface Isolation {
+  egress: 'internet' | 'none';
+  allowPeers: boolean;
+  allow: string[];
+}
+
 export interface VmView {
   id: string;
   name: string;
@@ -36,6 +42,8 @@ export interface VmView {
   stopReason: string | null;
   /** The guest's git identity and whether it is the host's or banger's default (null: created before it was recorded). */
   gitIdentity: GitIdentity | null;
+  /** A tap VM's isolation: what its guest may reach (user-net VMs: null). */
+  isolation: Isolation | null;
   workspace?: { queued: number; running: string | null };
 }
 

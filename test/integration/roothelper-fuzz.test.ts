@@ -42,6 +42,11 @@ function recordingOps(): HelperOps {
     },
     unjail: async () => (record('unjail'), { removed: [] }),
     chownTree: async (path) => (record('chownTree'), { path, changed: 0 }),
+    firewall: {
+      set: async (vm) => (record('firewall.set'), { installed: true, vms: [vm] }),
+      clear: async () => (record('firewall.clear'), { installed: false, vms: [] }),
+      status: async () => (record('firewall.status'), { installed: false, vms: [] }),
+    },
   };
 }
 

@@ -9,6 +9,7 @@ import { call, out, type GlobalArgs } from '../context.js';
 import { diskFlag, memoryFlag, MIN_DISK_BYTES, vcpusFlag } from '../flags.js';
 import { c, fmtMs, progressPrinter } from '../output.js';
 import { vmSummary } from './vm-view.js';
+import { normalizeAllowCidr } from '../../host/net/firewall-rules.js';
 
 export interface CreateArgs extends GlobalArgs {
   name?: string;
@@ -18,6 +19,9 @@ export interface CreateArgs extends GlobalArgs {
   disk?: string;
   vmm?: 'auto' | 'firecracker' | 'qemu';
   net?: 'auto' | 'tap' | 'user';
+  egress?: 'internet' | 'none';
+  'allow-peers'?: boolean;
+  allow?: string[];
   start?: boolean;
 }
 
@@ -35,7 +39,10 @@ export const createOptions = <T>(a: Argv<T>) =>
     .option('memory', { type: 'string', describe: 'MiB' })
     .option('disk', { type: 'string', describe: 'work disk size, e.g. 8G' })
     .option('vmm', { choices: ['auto', 'firecracker', 'qemu'] as const })
-    .option('net', { choices: ['auto', 'tap', 'user'] as const });
+    .option('net', { choices: ['auto', 'tap', 'user'] as const })
+    .option('egress', { choices: ['internet', 'none'] as const, describe: 'tap: what the guest reaches beyond the host (default internet, through NAT)' })
+    .option('allow-peers', { type: 'boolean', describe: 'tap: reach other VMs that were created with --allow-peers too' })
+    .option('allow', { type: 'string', array: true, describe: 'tap: a private CIDR the guest may reach (repeatable)' });
 
 /** Checks every create flag before the daemon is reached: a usage error exits 2 and starts nothing. */
 async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
@@ -44,7 +51,8 @@ async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
   const vcpus = vcpusFlag(a.vcpus);
   const memoryMiB = memoryFlag(a.memory);
   const disk = await diskFlag(a.disk, MIN_DISK_BYTES);
-  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net };
+  const allow = a.allow?.map((x) => normalizeAllowCidr(String(x)));
+  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net, egress: a.egress, allowPeers: a['allow-peers'], allow };
 }
 
 export async function createVm(a: CreateArgs): Promise<void> {

@@ -4,6 +4,7 @@ import { BangerError, validateName } from '../../errors.js';
 import { gitIdentity } from '../../actors/vm-steps.js';
 import { parseSize } from '../../host/disk/disks.js';
 import { readManifest, type ImageManifest } from '../../host/image/image.js';
+import { DEFAULT_POLICY, normalizeAllowCidr, type IsolationPolicy } from '../../host/net/firewall-rules.js';
 import { run } from '../../host/exec/runner.js';
 import type { ParamsOf } from '../../rpc/protocol.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
@@ -87,6 +88,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   if (diskBytes < 64 * 1024 * 1024) throw new BangerError('usage', `--disk ${p.disk} is too small`, 'the work disk needs at least 64M');
   const host = await hostFor(d, deps, manifest, imageName, p.net === 'tap' ? 15_000 : 2000);
   const plan = planVm({ vmm: p.vmm, net: p.net }, host);
+  refuseIsolationWithoutTap(p, plan.net);
   for (const w of plan.warnings) ctx.progress({ stage: 'plan', status: 'info', detail: `warning: ${w}` });
   const accelWhy = host.forceTcg ? 'BANGER_ACCEL=tcg' : host.kvm.reason;
   ctx.progress({ stage: 'plan', status: 'info', detail: `${plan.vmm} ${plan.accel} (${accelWhy}), net ${plan.net}` });
@@ -106,10 +108,21 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
       bootTimeoutMs: config.bootTimeoutMs,
       stopTimeoutMs: config.stopTimeoutMs,
       gitIdentity: await gitIdentity(run, name),
+      ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
     },
   });
   if (p.wait === false) return vms.view(id);
   return vms.waitState(id, p.start === false ? ['stopped'] : ['running'], ctx, vms.bootWait());
+}
+
+/** --egress, --allow-peers and --allow are enforced by the tap firewall: with user networking they would be ignored. */
+function refuseIsolationWithoutTap(p: ParamsOf<'vm.create'>, net: string): void {
+  if (net === 'tap' || (p.egress === undefined && p.allowPeers === undefined && p.allow === undefined)) return;
+  throw new BangerError('usage', `--egress, --allow-peers and --allow apply to --net tap only (this VM would get net ${net})`, 'add --net tap, or drop those flags');
+}
+
+function isolationOf(p: ParamsOf<'vm.create'>): IsolationPolicy {
+  return { egress: p.egress ?? DEFAULT_POLICY.egress, allowPeers: p.allowPeers ?? false, allow: [...new Set((p.allow ?? []).map(normalizeAllowCidr))] };
 }
 
 /** What planVm needs to know, for a VM of this image (whose kernel the KVM probe boots). */
