@@ -8,6 +8,8 @@
  *   settled --DELETE--> deleting → deleted (final);  any failing step → failed (keeps stage + error)
  *   running --(VMM exits on its own)--> stopped (with the reason)
  *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
+ *   a restore or fork: creating (overlays on the snapshot's layers) → restoring (state loaded, not booted) → running
+ *   running --SNAPSHOT--> snapshotting → running (or stopped, with stop set)
  */
 import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
@@ -31,6 +33,8 @@ export interface VmSpec {
   stopTimeoutMs: number;
   /** The guest's git identity, decided at create (absent in VMs created before it was recorded). */
   gitIdentity?: GitIdentity;
+  /** A restore or fork: the snapshot it starts from, and every snapshot its disks depend on (that one first). */
+  restore?: { snapshotId: string; chain: string[] };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */
@@ -69,6 +73,15 @@ export interface VmContext {
   /** Deadline (epoch ms) of the boot in progress: timers are not persisted, deadlines in context are. */
   bootDeadline: number | null;
   pendingSet: SetParams | null;
+  /** The snapshot being taken (absent in snapshots persisted before snapshots existed). */
+  pendingSnapshot?: SnapshotParams | null;
+}
+
+export interface SnapshotParams {
+  snapshotId: string;
+  name: string;
+  /** Stop the VM once saved, instead of resuming it. */
+  stop: boolean;
 }
 
 export interface SetParams {
@@ -90,6 +103,7 @@ export type VmEvent =
   | { type: 'RESTART' }
   | { type: 'DELETE' }
   | ({ type: 'SET' } & SetParams)
+  | ({ type: 'SNAPSHOT' } & SnapshotParams)
   /** A workspace job (prepare/export): accepted only while running, forwarded to the workspace queue. */
   | { type: 'ENQUEUE'; job: Job }
   | JobSettled;
@@ -130,6 +144,8 @@ export const vmMachine = setup({
     prepareDisks: unprovided('prepareDisks') as unknown as ReturnType<typeof fromPromise<PrepareDisksOutput, StepInput>>,
     applyWorkSeed: unprovided('applyWorkSeed') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     boot: unprovided('boot') as unknown as ReturnType<typeof fromPromise<BootOutput, StepInput>>,
+    restore: unprovided('restore') as unknown as ReturnType<typeof fromPromise<BootOutput, StepInput>>,
+    takeSnapshot: unprovided('takeSnapshot') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     watchVmm: unprovided('watchVmm') as unknown as ReturnType<typeof fromPromise<WatchOutput, StepInput>>,
     stopVmm: unprovided('stopVmm') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     applySettings: unprovided('applySettings') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
@@ -138,6 +154,8 @@ export const vmMachine = setup({
   },
   guards: {
     startAfterCreate: ({ context }) => context.spec.start,
+    isRestore: ({ context }) => !!context.spec.restore,
+    snapshotStops: ({ context }) => !!context.pendingSnapshot?.stop,
     restartPending: ({ context }) => context.restartPending,
     /** The VMM watch ended with an error (the VMM is there but cannot go on), not with an exit. */
     vmmFailed: ({ event }) => !!(event as unknown as { output?: WatchOutput }).output?.error,
@@ -174,6 +192,7 @@ export const vmMachine = setup({
     restartPending: false,
     bootDeadline: null,
     pendingSet: null,
+    pendingSnapshot: null,
   }),
   initial: 'creating',
   states: {
@@ -182,10 +201,10 @@ export const vmMachine = setup({
         id: 'prepareDisks',
         src: 'prepareDisks',
         input: ({ context }) => ({ ctx: context }),
-        onDone: {
-          target: 'applyingWorkSeed',
-          actions: assign({ net: ({ event }) => event.output.net }),
-        },
+        onDone: [
+          { guard: 'isRestore', target: 'restoring', actions: assign({ net: ({ event }) => event.output.net }) },
+          { target: 'applyingWorkSeed', actions: assign({ net: ({ event }) => event.output.net }) },
+        ],
         onError: {
           target: 'failed',
           actions: assign({ error: ({ event }) => ({ stage: 'creating', message: messageOf(event.error) }) }),
@@ -236,6 +255,43 @@ export const vmMachine = setup({
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
       },
     },
+    /** A restore or fork: a VMM started from the snapshot's saved state (no boot), then the guest's new identity. */
+    restoring: {
+      entry: [
+        'clearError',
+        assign({ stopReason: null, bootDeadline: ({ context }) => context.bootDeadline ?? Date.now() + context.spec.bootTimeoutMs }),
+      ],
+      invoke: {
+        id: 'restore',
+        src: 'restore',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: { target: 'running', actions: assign({ runtime: ({ event }) => event.output.runtime, bootDeadline: null }) },
+        onError: {
+          target: 'failed',
+          actions: [assign({ error: ({ event }) => ({ stage: 'restoring', message: messageOf(event.error) }) }), 'clearRuntime'],
+        },
+      },
+      on: {
+        STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
+      },
+    },
+    /** Paused, disks frozen as layers and memory saved; then running again, or stopped. */
+    snapshotting: {
+      invoke: {
+        id: 'takeSnapshot',
+        src: 'takeSnapshot',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: [
+          { guard: 'snapshotStops', target: 'stopped', actions: [assign({ pendingSnapshot: null, stopReason: 'stopped after a snapshot' }), 'clearRuntime'] },
+          { target: 'running', actions: assign({ pendingSnapshot: null }) },
+        ],
+        onError: {
+          // The step resumes the guest whatever happened; a VMM that died meanwhile is seen by running's watch.
+          target: 'running',
+          actions: assign({ error: ({ event }) => ({ stage: 'snapshotting', message: messageOf(event.error) }), pendingSnapshot: null }),
+        },
+      },
+    },
     running: {
       invoke: [
         {
@@ -271,6 +327,7 @@ export const vmMachine = setup({
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
         RESTART: { target: 'stopping', actions: assign({ restartPending: true, stopReason: 'restart' }) },
         DELETE: { target: 'deleting' },
+        SNAPSHOT: { target: 'snapshotting', actions: ['clearError', assign({ pendingSnapshot: ({ event }) => ({ snapshotId: event.snapshotId, name: event.name, stop: event.stop }) })] },
       },
     },
     stopping: {
@@ -342,7 +399,19 @@ export const vmMachine = setup({
 export type VmMachine = typeof vmMachine;
 export type VmSnapshot = SnapshotFrom<VmMachine>;
 export type VmActorRef = ActorRefFrom<VmMachine>;
-export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'running' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
+export type VmState =
+  | 'creating'
+  | 'applyingWorkSeed'
+  | 'booting'
+  | 'restoring'
+  | 'running'
+  | 'snapshotting'
+  | 'stopping'
+  | 'stopped'
+  | 'reconfiguring'
+  | 'failed'
+  | 'deleting'
+  | 'deleted';
 
 export function messageOf(e: unknown): string {
   if (e instanceof Error) return e.message;
