@@ -10,6 +10,7 @@
  *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
  *   a restore or fork: creating (overlays on the snapshot's layers) → restoring (state loaded, not booted) → running
  *   running --SNAPSHOT--> snapshotting → running (or stopped, with stop set)
+ *   running --CLAIM--> running, renamed (a warm-pool VM handed out; once only)
  */
 import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
@@ -35,6 +36,8 @@ export interface VmSpec {
   gitIdentity?: GitIdentity;
   /** A restore or fork: the snapshot it starts from, and every snapshot its disks depend on (that one first). */
   restore?: { snapshotId: string; chain: string[] };
+  /** A warm-pool VM: booted ahead of time, waiting for a `vm create` / `vm run` whose request matches `key`. */
+  pool?: { key: string };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */
@@ -75,6 +78,8 @@ export interface VmContext {
   pendingSet: SetParams | null;
   /** The snapshot being taken (absent in snapshots persisted before snapshots existed). */
   pendingSnapshot?: SnapshotParams | null;
+  /** A warm-pool VM handed out: the name it was given. Persisted with the transition, so never handed out twice. */
+  claimedBy?: string | null;
 }
 
 export interface SnapshotParams {
@@ -104,6 +109,8 @@ export type VmEvent =
   | { type: 'DELETE' }
   | ({ type: 'SET' } & SetParams)
   | ({ type: 'SNAPSHOT' } & SnapshotParams)
+  /** Hand a running warm-pool VM out under `name`. */
+  | { type: 'CLAIM'; name: string }
   /** A workspace job (prepare/export): accepted only while running, forwarded to the workspace queue. */
   | { type: 'ENQUEUE'; job: Job }
   | JobSettled;
@@ -156,6 +163,7 @@ export const vmMachine = setup({
     startAfterCreate: ({ context }) => context.spec.start,
     isRestore: ({ context }) => !!context.spec.restore,
     snapshotStops: ({ context }) => !!context.pendingSnapshot?.stop,
+    claimable: ({ context }) => !!context.spec.pool && !context.claimedBy,
     restartPending: ({ context }) => context.restartPending,
     /** The VMM watch ended with an error (the VMM is there but cannot go on), not with an exit. */
     vmmFailed: ({ event }) => !!(event as unknown as { output?: WatchOutput }).output?.error,
@@ -327,6 +335,7 @@ export const vmMachine = setup({
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
         RESTART: { target: 'stopping', actions: assign({ restartPending: true, stopReason: 'restart' }) },
         DELETE: { target: 'deleting' },
+        CLAIM: { guard: 'claimable', actions: assign({ name: ({ event }) => event.name, claimedBy: ({ event }) => event.name }) },
         SNAPSHOT: { target: 'snapshotting', actions: ['clearError', assign({ pendingSnapshot: ({ event }) => ({ snapshotId: event.snapshotId, name: event.name, stop: event.stop }) })] },
       },
     },

@@ -83,6 +83,8 @@ export interface DaemonStatus {
   tapPool: Array<{ tap: string; vmId: string | null }> | null;
   /** The live inspector's WebSocket address (`daemon start --inspect`), or null. */
   inspector: string | null;
+  /** The warm pool per kind (config warmPool): its size, VMs ready to hand out, VMs starting. */
+  warmPool?: Array<{ image: string; vcpus: number; memoryMiB: number; size: number; ready: number; starting: number }>;
 }
 
 export interface DaemonStopping {

@@ -78,3 +78,29 @@ describe('vm machine: snapshots', () => {
     expect(snapshotting.can({ type: 'DELETE' })).toBe(false);
   });
 });
+
+describe('vm machine: warm-pool claims', () => {
+  const pooled = () => vmInput({ pool: { key: 'debian-bookworm/2/1024' } });
+
+  it('CLAIM renames a running pooled VM once; a second CLAIM is refused', () => {
+    const s = walk([...up, { type: 'CLAIM', name: 'mine' }], pooled());
+    expect(s.value).toBe('running');
+    expect(s.context.name).toBe('mine');
+    expect(s.context.claimedBy).toBe('mine');
+    expect(s.can({ type: 'CLAIM', name: 'yours' })).toBe(false);
+    const again = transition(vmMachine, s, { type: 'CLAIM', name: 'yours' })[0];
+    expect(again.context.name).toBe('mine');
+  });
+
+  it('a VM that is not pooled, or not running yet, cannot be claimed', () => {
+    expect(walk(up).can({ type: 'CLAIM', name: 'x' })).toBe(false);
+    const booting = walk([done('prepareDisks', { net: {} }), done('applyWorkSeed')], pooled());
+    expect(booting.value).toBe('booting');
+    expect(booting.can({ type: 'CLAIM', name: 'x' })).toBe(false);
+  });
+
+  it('the claim is in the persisted snapshot', () => {
+    const s = walk([...up, { type: 'CLAIM', name: 'mine' }], pooled());
+    expect(JSON.parse(JSON.stringify(s.context)).claimedBy).toBe('mine');
+  });
+});

@@ -72,7 +72,8 @@ export function daemonCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
     .command('stop', 'stop the owner daemon (VMs keep running)', (a) => a, (a) => stop(a))
     .command('status', 'show the daemon status', (a) => a, async (a) => {
       const s = await call('daemon.status', {});
-      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}`);
+      const pool = (s.warmPool ?? []).map((p) => `\n  warm pool ${p.image} ${p.vcpus} vCPU ${p.memoryMiB} MiB: ${p.ready} ready, ${p.starting} starting (size ${p.size})`).join('');
+      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}${pool}`);
     })
     .demandCommand(1, 'name a daemon command: start, stop or status');
 }
