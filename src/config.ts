@@ -24,6 +24,10 @@ export const configSchema = z.strictObject({
   maxPatchBytes: z.number().int().min(1).default(2 ** 30),
   /** Workspace export: the whole export, guest command included. */
   exportTimeoutMs: z.number().int().min(1000).default(600_000),
+  /** VMs booted ahead of time per kind; `vm create` / `vm run` of that kind takes one (src/daemon/warm-pool.ts). */
+  warmPool: z
+    .array(z.strictObject({ image: z.string().min(1), size: z.number().int().min(0).max(16), vcpus: z.number().int().min(1).optional(), memoryMiB: z.number().int().min(128).optional() }))
+    .default([]),
 });
 
 export type Config = z.infer<typeof configSchema>;

@@ -73,7 +73,7 @@ export class VmPersistence {
     const event = ev.event as { type: string } & Record<string, unknown>;
     const vmSnap = (owner.label.startsWith('vm:') ? ev.snapshot : vm.getSnapshot()) as VmSnapshot;
     try {
-      this.store.recordTransition(owner.vmId, { actor: owner.label, type: event.type, payload: logged(event), from: from ?? undefined, to }, stateOf(vmSnap), vm.getPersistedSnapshot());
+      this.store.recordTransition(owner.vmId, { actor: owner.label, type: event.type, payload: logged(event), from: from ?? undefined, to }, stateOf(vmSnap), vm.getPersistedSnapshot(), vmSnap.context.name);
     } catch (e) {
       process.stderr.write(`banger: could not persist ${owner.label}: ${(e as Error).message}\n`);
     }

@@ -210,6 +210,7 @@ function hintFor(type: string, state: string, name: string): string {
   if (type === 'SET') return `stop it first: banger vm stop ${name}`;
   if (type === 'DELETE') return `wait until it is running, stopped or failed (banger vm show ${name}), then delete it`;
   if (type === 'STOP') return `it is not running`;
+  if (type === 'SNAPSHOT') return `a snapshot needs a running VM: banger vm start ${name}`;
   return `see banger vm show ${name}`;
 }
 

@@ -22,6 +22,7 @@ import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
 import { macForVm } from '../host/net/net.js';
 import { testStageDelay } from './fault-injection.js';
+import { makeSnapshotSteps, readLayers } from './snapshot-steps.js';
 
 export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
 
@@ -172,7 +173,7 @@ async function vmmByPidFile(env: StepEnv, ctx: Pick<VmContext, 'id' | 'spec'>, d
 }
 
 /** The VMM this VM has, from its runtime, else vmm.json, else the pid file; undefined when none is alive. */
-async function findVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver): Promise<VmmProcess | undefined> {
+export async function findVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver): Promise<VmmProcess | undefined> {
   const st = ctx.runtime ? { pid: ctx.runtime.pid, control: ctx.runtime.control } : await readVmmState(vmFiles(env.layout, ctx.id).vmmState);
   if (st) {
     const proc = { pid: st.pid, qmpSocket: st.control };
@@ -247,8 +248,10 @@ async function makeRootDisk(env: StepEnv, ctx: VmContext, image: ImageManifest &
 }
 
 export function makeSteps(env: StepEnv) {
+  const snapshots = makeSnapshotSteps(env);
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     await testStageDelay('creating', signal); // test hook, see fault-injection.ts
+    if (ctx.spec.restore) return snapshots.prepareRestoreDisks(ctx, signal);
     const f = vmFiles(env.layout, ctx.id);
     await mkdir(f.dir, { recursive: true, mode: 0o700 });
     const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
@@ -335,6 +338,7 @@ export function makeSteps(env: StepEnv) {
           if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
         }
         await rm(f.serialLog, { force: true });
+        const layers = await readLayers(f); // set once a snapshot layered the disks, or for a fork
         const launched = await stage(env, ctx.id, 'vmm.launch', () =>
           driver.launch(
             {
@@ -344,8 +348,9 @@ export function makeSteps(env: StepEnv) {
               kernel: join(image.dir, ctx.spec.vmm === 'firecracker' && image.vmlinux ? image.vmlinux : image.kernel),
               initrd: image.initrd ? join(image.dir, image.initrd) : undefined,
               cmdline: KERNEL_CMDLINE,
-              ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }),
-              workDisk: f.workDisk,
+              ...(layers
+                ? { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format }
+                : { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk }),
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,
               accel: ctx.spec.accel,
@@ -428,6 +433,7 @@ export function makeSteps(env: StepEnv) {
     const want = ctx.pendingSet;
     if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
       const f = vmFiles(env.layout, ctx.id);
+      if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
       await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
     }
   });
@@ -446,7 +452,7 @@ export function makeSteps(env: StepEnv) {
     await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
   });
 
-  return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy };
+  return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy, restore: snapshots.restore, takeSnapshot: snapshots.takeSnapshot };
 }
 
 export async function fileSize(path: string): Promise<number | undefined> {

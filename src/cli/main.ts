@@ -8,6 +8,7 @@ import { BangerError } from '../errors.js';
 import { daemonCommands } from './commands/daemon.js';
 import { imageCommands } from './commands/image.js';
 import { vmCommands } from './commands/vm.js';
+import { snapshotCommands } from './commands/snapshot.js';
 import { systemCommands } from './commands/system.js';
 import { runInspect } from './commands/inspect.js';
 import { c, stripControl } from './output.js';
@@ -50,6 +51,7 @@ const cli: Argv<GlobalArgs> = yargs(hideBin(process.argv))
   .command('daemon', 'manage the owner daemon', (y) => daemonCommands(y))
   .command('image', 'manage images', (y) => imageCommands(y))
   .command('vm', 'manage VMs', (y) => vmCommands(y))
+  .command('snapshot', 'list, show and delete VM snapshots', (y) => snapshotCommands(y))
   .command('system', 'install the root helper and daemon as systemd units', (y) => systemCommands(y))
   .command((await import('./commands/update.js')).updateCommand)
   .command('doctor', 'check what this host can do, with a fix for each problem', (a) => a, (a) => doctor(a))

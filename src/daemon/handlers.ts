@@ -11,6 +11,7 @@ import { inspectHandlers } from './handlers/inspect.js';
 import { vmInfoHandlers } from './handlers/vm-info.js';
 import { vmHandlers } from './handlers/vms.js';
 import { workspaceHandlers } from './handlers/workspace.js';
+import { snapshotHandlers } from './handlers/snapshots.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 
 export type { DaemonServices, HandlerDeps } from './services.js';
@@ -24,5 +25,6 @@ export function makeHandlers(d: DaemonServices, deps: HandlerDeps): Handlers {
     ...workspaceHandlers(d),
     ...inspectHandlers(d),
     ...guestHandlers(d),
+    ...snapshotHandlers(d),
   };
 }

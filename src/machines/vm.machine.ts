@@ -8,6 +8,9 @@
  *   settled --DELETE--> deleting → deleted (final);  any failing step → failed (keeps stage + error)
  *   running --(VMM exits on its own)--> stopped (with the reason)
  *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
+ *   a restore or fork: creating (overlays on the snapshot's layers) → restoring (state loaded, not booted) → running
+ *   running --SNAPSHOT--> snapshotting → running (or stopped, with stop set)
+ *   running --CLAIM--> running, renamed (a warm-pool VM handed out; once only)
  */
 import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
@@ -33,6 +36,10 @@ export interface VmSpec {
   gitIdentity?: GitIdentity;
   /** A tap VM's isolation policy, decided at create (absent: the default, internet only). */
   isolation?: { egress: 'internet' | 'none'; allowPeers: boolean; allow: string[] };
+  /** A restore or fork: the snapshot it starts from, and every snapshot its disks depend on (that one first). */
+  restore?: { snapshotId: string; chain: string[] };
+  /** A warm-pool VM: booted ahead of time, waiting for a `vm create` / `vm run` whose request matches `key`. */
+  pool?: { key: string };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */
@@ -71,6 +78,17 @@ export interface VmContext {
   /** Deadline (epoch ms) of the boot in progress: timers are not persisted, deadlines in context are. */
   bootDeadline: number | null;
   pendingSet: SetParams | null;
+  /** The snapshot being taken (absent in snapshots persisted before snapshots existed). */
+  pendingSnapshot?: SnapshotParams | null;
+  /** A warm-pool VM handed out: the name it was given. Persisted with the transition, so never handed out twice. */
+  claimedBy?: string | null;
+}
+
+export interface SnapshotParams {
+  snapshotId: string;
+  name: string;
+  /** Stop the VM once saved, instead of resuming it. */
+  stop: boolean;
 }
 
 export interface SetParams {
@@ -92,6 +110,9 @@ export type VmEvent =
   | { type: 'RESTART' }
   | { type: 'DELETE' }
   | ({ type: 'SET' } & SetParams)
+  | ({ type: 'SNAPSHOT' } & SnapshotParams)
+  /** Hand a running warm-pool VM out under `name`. */
+  | { type: 'CLAIM'; name: string }
   /** A workspace job (prepare/export): accepted only while running, forwarded to the workspace queue. */
   | { type: 'ENQUEUE'; job: Job }
   | JobSettled;
@@ -132,6 +153,8 @@ export const vmMachine = setup({
     prepareDisks: unprovided('prepareDisks') as unknown as ReturnType<typeof fromPromise<PrepareDisksOutput, StepInput>>,
     applyWorkSeed: unprovided('applyWorkSeed') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     boot: unprovided('boot') as unknown as ReturnType<typeof fromPromise<BootOutput, StepInput>>,
+    restore: unprovided('restore') as unknown as ReturnType<typeof fromPromise<BootOutput, StepInput>>,
+    takeSnapshot: unprovided('takeSnapshot') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     watchVmm: unprovided('watchVmm') as unknown as ReturnType<typeof fromPromise<WatchOutput, StepInput>>,
     stopVmm: unprovided('stopVmm') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
     applySettings: unprovided('applySettings') as unknown as ReturnType<typeof fromPromise<void, StepInput>>,
@@ -140,6 +163,9 @@ export const vmMachine = setup({
   },
   guards: {
     startAfterCreate: ({ context }) => context.spec.start,
+    isRestore: ({ context }) => !!context.spec.restore,
+    snapshotStops: ({ context }) => !!context.pendingSnapshot?.stop,
+    claimable: ({ context }) => !!context.spec.pool && !context.claimedBy,
     restartPending: ({ context }) => context.restartPending,
     /** The VMM watch ended with an error (the VMM is there but cannot go on), not with an exit. */
     vmmFailed: ({ event }) => !!(event as unknown as { output?: WatchOutput }).output?.error,
@@ -176,6 +202,7 @@ export const vmMachine = setup({
     restartPending: false,
     bootDeadline: null,
     pendingSet: null,
+    pendingSnapshot: null,
   }),
   initial: 'creating',
   states: {
@@ -184,10 +211,10 @@ export const vmMachine = setup({
         id: 'prepareDisks',
         src: 'prepareDisks',
         input: ({ context }) => ({ ctx: context }),
-        onDone: {
-          target: 'applyingWorkSeed',
-          actions: assign({ net: ({ event }) => event.output.net }),
-        },
+        onDone: [
+          { guard: 'isRestore', target: 'restoring', actions: assign({ net: ({ event }) => event.output.net }) },
+          { target: 'applyingWorkSeed', actions: assign({ net: ({ event }) => event.output.net }) },
+        ],
         onError: {
           target: 'failed',
           actions: assign({ error: ({ event }) => ({ stage: 'creating', message: messageOf(event.error) }) }),
@@ -238,6 +265,43 @@ export const vmMachine = setup({
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
       },
     },
+    /** A restore or fork: a VMM started from the snapshot's saved state (no boot), then the guest's new identity. */
+    restoring: {
+      entry: [
+        'clearError',
+        assign({ stopReason: null, bootDeadline: ({ context }) => context.bootDeadline ?? Date.now() + context.spec.bootTimeoutMs }),
+      ],
+      invoke: {
+        id: 'restore',
+        src: 'restore',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: { target: 'running', actions: assign({ runtime: ({ event }) => event.output.runtime, bootDeadline: null }) },
+        onError: {
+          target: 'failed',
+          actions: [assign({ error: ({ event }) => ({ stage: 'restoring', message: messageOf(event.error) }) }), 'clearRuntime'],
+        },
+      },
+      on: {
+        STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
+      },
+    },
+    /** Paused, disks frozen as layers and memory saved; then running again, or stopped. */
+    snapshotting: {
+      invoke: {
+        id: 'takeSnapshot',
+        src: 'takeSnapshot',
+        input: ({ context }) => ({ ctx: context }),
+        onDone: [
+          { guard: 'snapshotStops', target: 'stopped', actions: [assign({ pendingSnapshot: null, stopReason: 'stopped after a snapshot' }), 'clearRuntime'] },
+          { target: 'running', actions: assign({ pendingSnapshot: null }) },
+        ],
+        onError: {
+          // The step resumes the guest whatever happened; a VMM that died meanwhile is seen by running's watch.
+          target: 'running',
+          actions: assign({ error: ({ event }) => ({ stage: 'snapshotting', message: messageOf(event.error) }), pendingSnapshot: null }),
+        },
+      },
+    },
     running: {
       invoke: [
         {
@@ -273,6 +337,8 @@ export const vmMachine = setup({
         STOP: { target: 'stopping', actions: assign({ stopReason: ({ event }) => event.reason ?? 'stopped by user' }) },
         RESTART: { target: 'stopping', actions: assign({ restartPending: true, stopReason: 'restart' }) },
         DELETE: { target: 'deleting' },
+        CLAIM: { guard: 'claimable', actions: assign({ name: ({ event }) => event.name, claimedBy: ({ event }) => event.name }) },
+        SNAPSHOT: { target: 'snapshotting', actions: ['clearError', assign({ pendingSnapshot: ({ event }) => ({ snapshotId: event.snapshotId, name: event.name, stop: event.stop }) })] },
       },
     },
     stopping: {
@@ -344,7 +410,19 @@ export const vmMachine = setup({
 export type VmMachine = typeof vmMachine;
 export type VmSnapshot = SnapshotFrom<VmMachine>;
 export type VmActorRef = ActorRefFrom<VmMachine>;
-export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'running' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
+export type VmState =
+  | 'creating'
+  | 'applyingWorkSeed'
+  | 'booting'
+  | 'restoring'
+  | 'running'
+  | 'snapshotting'
+  | 'stopping'
+  | 'stopped'
+  | 'reconfiguring'
+  | 'failed'
+  | 'deleting'
+  | 'deleted';
 
 export function messageOf(e: unknown): string {
   if (e instanceof Error) return e.message;

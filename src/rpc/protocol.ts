@@ -94,6 +94,13 @@ export const methods = {
   'vm.workspace.export': exportParams,
   'inspect.subscribe': z.strictObject({ vm: vmRef.optional() }),
   ...sessionMethods,
+  // ---- snapshots, restore and fork (issue 12)
+  'vm.snapshot': z.strictObject({ vm: vmRef, name: z.string().optional(), stop: z.boolean().optional() }),
+  'vm.restore': z.strictObject({ snapshot: vmRef, name: z.string().optional() }),
+  'vm.fork': z.strictObject({ source: vmRef, count: z.number().int().min(1).max(32).optional(), namePrefix: z.string().optional() }),
+  'snapshot.list': z.strictObject({}),
+  'snapshot.show': z.strictObject({ snapshot: vmRef }),
+  'snapshot.delete': z.strictObject({ snapshot: vmRef }),
 } as const;
 
 export type MethodName = keyof typeof methods;

@@ -5,7 +5,7 @@
  * types (src/daemon/views.ts); the compiler checks that they agree.
  */
 
-export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'running' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
+export type VmState = 'creating' | 'applyingWorkSeed' | 'booting' | 'restoring' | 'running' | 'snapshotting' | 'stopping' | 'stopped' | 'reconfiguring' | 'failed' | 'deleting' | 'deleted';
 export type Vmm = 'firecracker' | 'qemu';
 export type Accel = 'kvm' | 'tcg';
 export type Net = 'tap' | 'user';
@@ -91,6 +91,8 @@ export interface DaemonStatus {
   tapPool: Array<{ tap: string; vmId: string | null }> | null;
   /** The live inspector's WebSocket address (`daemon start --inspect`), or null. */
   inspector: string | null;
+  /** The warm pool per kind (config warmPool): its size, VMs ready to hand out, VMs starting. */
+  warmPool?: Array<{ image: string; vcpus: number; memoryMiB: number; size: number; ready: number; starting: number }>;
 }
 
 export interface DaemonStopping {
@@ -328,6 +330,42 @@ export interface Results extends SessionResults {
   'vm.workspace.export': ExportResult;
   /** Answers only when the client goes away; everything it has to say is streamed. */
   'inspect.subscribe': null;
+  // ---- snapshots, restore and fork (issue 12)
+  'vm.snapshot': SnapshotView;
+  'vm.restore': VmView;
+  'vm.fork': ForkResult;
+  'snapshot.list': SnapshotView[];
+  'snapshot.show': SnapshotView;
+  'snapshot.delete': { deleted: string };
+}
+
+/** A snapshot: where it came from, what it takes on disk, and who still needs it. */
+export interface SnapshotView {
+  id: string;
+  name: string;
+  vmId: string;
+  vmName: string;
+  createdAt: string;
+  image: string;
+  vcpus: number;
+  memoryMiB: number;
+  dir: string;
+  /** The saved memory and device state. */
+  stateBytes: number;
+  /** Blocks the snapshot's own files take (its disk layers are shared with its VM by hard link). */
+  allocatedBytes: number;
+  /** Milliseconds per phase of the save. */
+  timings: Record<string, number>;
+  /** Snapshots this one's disk layers are backed by. */
+  chain: string[];
+  /** Live VMs and snapshots whose disks are backed by it: while there are any it cannot be deleted. */
+  users: { vms: string[]; snapshots: string[] };
+}
+
+export interface ForkResult {
+  /** The snapshot the forks start from (taken just now when a VM was forked). */
+  snapshot: SnapshotView;
+  forks: VmView[];
 }
 
 /** What the methods that stream send as `stream` notifications. */

@@ -77,6 +77,17 @@ const MIGRATIONS: string[] = [
   ALTER TABLE vms_v3 RENAME TO vms;
   CREATE UNIQUE INDEX vms_live_name ON vms (name) WHERE deleted = 0;
   `,
+  // 4: snapshots of VMs (QEMU: frozen disk layers + saved memory and devices), see src/store/snapshots.ts
+  `
+  CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    vm_id TEXT NOT NULL,
+    vm_name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    meta TEXT NOT NULL
+  );
+  `,
 ];
 
 export type DB = Database.Database;

@@ -72,13 +72,15 @@ export class Store {
   }
 
   /** Snapshot + event-log row in one transaction: the persisted state never runs ahead of or behind its log. */
-  recordTransition(vmId: string, ev: { actor: string; type: string; payload: unknown; from?: string; to: string }, state: string, snapshot: unknown): number {
+  recordTransition(vmId: string, ev: { actor: string; type: string; payload: unknown; from?: string; to: string }, state: string, snapshot: unknown, name?: string): number {
     return this.db.transaction(() => {
       const seq = ((this.db.prepare('SELECT MAX(seq) m FROM vm_events WHERE vm_id = ?').get(vmId) as { m: number | null }).m ?? 0) + 1;
       this.db
         .prepare('INSERT INTO vm_events (vm_id, seq, time, actor, type, payload, from_state, to_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
         .run(vmId, seq, new Date().toISOString(), ev.actor, ev.type, safeJson(ev.payload), ev.from ?? null, ev.to);
       this.db.prepare('UPDATE vms SET state = ?, snapshot = ?, deleted = ? WHERE id = ?').run(state, safeJson(snapshot), state === 'deleted' ? 1 : 0, vmId);
+      // A warm-pool VM's claim renames it: the name goes in with the snapshot that holds the claim.
+      if (name !== undefined) this.db.prepare('UPDATE vms SET name = ? WHERE id = ? AND name <> ?').run(name, vmId, name);
       return seq;
     })();
   }

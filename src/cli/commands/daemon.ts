@@ -75,7 +75,12 @@ export function daemonCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
     .command('status', 'show the daemon status', (a) => a, async (a) => {
       const s = await call('daemon.status', {});
       const skew = versionCheck({ cli: buildInfo(), daemon: s });
-      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}` + (skew.status === 'ok' ? '' : `\n${c.yellow('warn')} ${skew.detail}\n     fix: ${skew.fix}`));
+      const pool = (s.warmPool ?? []).map((p) => `
+  warm pool ${p.image} ${p.vcpus} vCPU ${p.memoryMiB} MiB: ${p.ready} ready, ${p.starting} starting (size ${p.size})`).join('');
+      const warn = skew.status === 'ok' ? '' : `
+${c.yellow('warn')} ${skew.detail}
+     fix: ${skew.fix}`;
+      out(a, s, () => `${c.green('running')} pid ${s.pid}, version ${s.version} (${s.commit}), up ${s.uptimeSeconds}s, ${s.vms} vm(s), socket ${s.socket}${s.inspector ? `, inspector ${s.inspector}` : ''}${pool}${warn}`);
     })
     .demandCommand(1, 'name a daemon command: start, stop or status');
 }

@@ -8,6 +8,7 @@ import { createOptions, createVm, runVm, sshInto } from './vm-run.js';
 import { logLine, vmSummary, vmTable } from './vm-view.js';
 import { workspaceCommands } from './workspace.js';
 import { guestCommands } from './session.js';
+import { vmSnapshotCommands } from './snapshot.js';
 
 type Verb = 'start' | 'stop' | 'restart' | 'delete';
 
@@ -84,6 +85,7 @@ export function vmCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   each('restart', 'restart VMs');
   each('delete', 'delete VMs and their disks');
   guestCommands(y);
+  vmSnapshotCommands(y);
   return y
     .command('create', 'create a VM and boot it', (a) => createOptions(a).option('start', { type: 'boolean', default: true, describe: 'boot it (--no-start leaves it stopped)' }), (a) => createVm(a))
     .command(

@@ -13,6 +13,7 @@ import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } 
 import { planVm, type HostCapabilities } from '../plan.js';
 import type { DaemonServices, HandlerDeps } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
+import { registerWarmPool, WarmPool, type PoolKind } from '../warm-pool.js';
 
 type LifecycleHandlers = Pick<Handlers, 'vm.create' | 'vm.start' | 'vm.stop' | 'vm.restart' | 'vm.delete' | 'vm.set' | 'vm.wait'>;
 
@@ -20,8 +21,11 @@ export function vmHandlers(d: DaemonServices, deps: HandlerDeps): LifecycleHandl
   const { supervisor: sup, config } = d;
   const vms = vmAccess(d);
   const { resolveVm, waitState, bootWait } = vms;
+  const pool = new WarmPool(config, sup, (kind, key) => createPoolVm(d, deps, vms, kind, key), deps.log);
+  registerWarmPool(d, pool);
+  pool.start();
   return {
-    'vm.create': (p, ctx) => createVm(d, deps, vms, p, ctx),
+    'vm.create': (p, ctx) => createVm(d, deps, vms, p, ctx, pool),
 
     'vm.start': async (p, ctx) => {
       const id = resolveVm(p.vm);
@@ -72,11 +76,30 @@ export function vmHandlers(d: DaemonServices, deps: HandlerDeps): LifecycleHandl
   };
 }
 
-async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: ParamsOf<'vm.create'>, ctx: CallContext): Promise<VmView> {
+/** A VM of the pool's kind, marked as pooled; booted in the background. */
+async function createPoolVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, kind: PoolKind, key: string): Promise<void> {
+  const quiet: CallContext = { progress: () => {}, signal: new AbortController().signal } as unknown as CallContext;
+  const name = `pool-${newId().slice(0, 6)}`;
+  await createVm(d, deps, vms, { name, image: kind.image, vcpus: kind.vcpus, memoryMiB: kind.memoryMiB, vmm: 'qemu', net: 'user', wait: false }, quiet, undefined, { key });
+}
+
+/** A request the warm pool can serve: defaults for disk, VMM and network, booted and not waited for in pieces. */
+function poolKindOf(d: DaemonServices, p: ParamsOf<'vm.create'>): PoolKind | undefined {
+  if (p.start === false || p.disk !== undefined || (p.vmm && p.vmm !== 'auto' && p.vmm !== 'qemu') || (p.net && p.net !== 'auto' && p.net !== 'user')) return undefined;
+  return { image: p.image ?? d.config.defaultImage, vcpus: p.vcpus ?? d.config.defaultVcpus, memoryMiB: p.memoryMiB ?? d.config.defaultMemoryMiB };
+}
+
+async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: ParamsOf<'vm.create'>, ctx: CallContext, pool?: WarmPool, pooled?: { key: string }): Promise<VmView> {
   const { store, layout, config } = d;
   const id = newId();
   const name = p.name !== undefined ? validateName('vm', p.name) : `vm-${id.slice(0, 6)}`;
   store.assertNameFree(name);
+  const kind = pool && poolKindOf(d, p);
+  const claimed = kind && pool.claim(kind, name);
+  if (claimed) {
+    ctx.progress({ stage: 'warmPool', status: 'info', detail: `a booted ${kind.image} VM from the warm pool` });
+    return vms.view(claimed);
+  }
   const imageName = validateName('image', p.image ?? config.defaultImage);
   let manifest: ImageManifest;
   try {
@@ -109,6 +132,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
       stopTimeoutMs: config.stopTimeoutMs,
       gitIdentity: await gitIdentity(run, name),
       ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
+      ...(pooled ? { pool: pooled } : {}),
     },
   });
   if (p.wait === false) return vms.view(id);

@@ -16,6 +16,10 @@ export interface LaunchSpec {
   /** The root disk's format: 'qcow2' for an overlay on the image (QEMU only; Firecracker takes raw), default raw. */
   rootFormat?: 'raw' | 'qcow2';
   workDisk: string;
+  /** The work disk's format: 'qcow2' once a snapshot froze it as a layer (QEMU only), default raw. */
+  workFormat?: 'raw' | 'qcow2';
+  /** QEMU: start with `-incoming defer`, waiting for a saved state (a snapshot's) instead of booting. */
+  incoming?: boolean;
   vcpus: number;
   memoryMiB: number;
   accel: 'kvm' | 'tcg';

@@ -89,7 +89,7 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   if (spec.initrd) args.push('-initrd', assertPath('initrd', spec.initrd));
   args.push('-append', tcgCmdline(spec, opts.tscKhz));
   args.push('-serial', `file:${assertPath('serial log', spec.serialLog)}`);
-  args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk));
+  args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk, spec.workFormat));
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
@@ -109,6 +109,7 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP socket', files.qmpSocket))));
   const ev = files.eventsSocket === undefined ? eventsSocketPath(files.qmpSocket) : files.eventsSocket;
   if (ev) args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP events socket', ev))));
+  if (spec.incoming) args.push('-incoming', 'defer');
   args.push('-pidfile', assertPath('pid file', files.pidFile), '-daemonize');
   return args;
 }

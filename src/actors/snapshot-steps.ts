@@ -1,0 +1,231 @@
+/**
+ * The VM machine's snapshot steps (QEMU): takeSnapshot (state `snapshotting`), the disks of a restore or fork
+ * (part of `creating`) and restore (state `restoring`). See src/host/vmm/qemu/snapshot.ts for the QEMU side.
+ *
+ * A snapshot's directory holds its frozen disk layers as hard links of the files the VM wrote until the snapshot
+ * (no copy: the VM keeps them as read-only backing files and goes on in new overlays), the saved state, and the
+ * VM's SSH host key. Every fork runs on qcow2 overlays of those layers and keeps that host key (pinned, as the
+ * source's was): a fork is the same machine, so it has the same key. Deleting the source VM leaves the snapshot,
+ * and so its forks, whole.
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { copyFile, link, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fromPromise } from 'xstate';
+import { BangerError, errorMessage } from '../errors.js';
+import type { BootOutput, PrepareDisksOutput, StepInput, VmContext } from '../machines/vm.machine.js';
+import { exec } from '../host/guest/ssh.js';
+import { waitForSsh } from '../host/guest/ssh.js';
+import { findFreePort } from '../host/vmm/qemu/qemu.js';
+import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
+import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
+import { Cleanups } from '../host/exec/cleanups.js';
+import { findVmm, KERNEL_CMDLINE, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
+import { readManifest } from '../host/image/image.js';
+
+/** The files a VM writes into now, when a snapshot layered its disks (or it is a fork); absent: the defaults. */
+export async function readLayers(f: VmFiles): Promise<DiskLayers | undefined> {
+  try {
+    return JSON.parse(await readFile(join(f.dir, 'layers.json'), 'utf8')) as DiskLayers;
+  } catch {
+    return undefined;
+  }
+}
+
+async function writeLayers(f: VmFiles, layers: DiskLayers): Promise<void> {
+  const tmp = join(f.dir, `layers.json.${randomBytes(3).toString('hex')}`);
+  await writeFile(tmp, JSON.stringify(layers));
+  await import('node:fs/promises').then((fs) => fs.rename(tmp, join(f.dir, 'layers.json')));
+}
+
+/** A hard link (same filesystem: instant, no space); a copy where the filesystem refuses one. */
+async function linkOrCopy(from: string, to: string): Promise<void> {
+  await rm(to, { force: true });
+  try {
+    await link(from, to);
+  } catch {
+    await copyFile(from, to);
+  }
+}
+
+function snapshotOf(env: StepEnv, id: string): SnapshotRecord {
+  const s = new SnapshotRepo(env.store.db).get(id);
+  if (!s) throw new BangerError('not_found', `snapshot ${id} is gone`, 'banger snapshot list shows the snapshots');
+  return s;
+}
+
+export function makeSnapshotSteps(env: StepEnv) {
+  const takeSnapshot = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
+    const p = ctx.pendingSnapshot;
+    if (!p) throw new BangerError('internal', 'no snapshot was asked for');
+    if (ctx.spec.vmm !== 'qemu') throw new BangerError('unsupported', 'banger vm snapshot is built for QEMU VMs only', 'create the VM with --vmm qemu');
+    const repo = new SnapshotRepo(env.store.db);
+    if (repo.get(p.snapshotId)) return; // taken before a daemon restart: nothing left to do
+    if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} has no VMM running`);
+    const proc = { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control };
+    const f = vmFiles(env.layout, ctx.id);
+    const dir = snapshotDir(env.layout.home, p.snapshotId);
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const newLayers = { root: join(f.dir, `root-${p.snapshotId}.qcow2`), work: join(f.dir, `work-${p.snapshotId}.qcow2`) };
+    let kept: { root: SnapshotLayer; work: SnapshotLayer } | undefined;
+    const saved = await stage(
+      env,
+      ctx.id,
+      'snapshot.save',
+      () =>
+        saveQemuState(proc, {
+          stateFile: join(dir, 'state.bin'),
+          migSocket: join(env.layout.run, `${ctx.id}.mig`),
+          newLayers,
+          after: p.stop ? 'quit' : 'resume',
+          signal,
+          onFrozen: async (frozen) => {
+            // From here on the VM writes into the new overlays: record them before anything else can fail.
+            await writeLayers(f, { root: { file: newLayers.root, format: 'qcow2' }, work: { file: newLayers.work, format: 'qcow2' } });
+            kept = { root: { file: `root.${frozen.root.format}`, format: frozen.root.format }, work: { file: `work.${frozen.work.format}`, format: frozen.work.format } };
+            await linkOrCopy(frozen.root.file, join(dir, kept.root.file));
+            await linkOrCopy(frozen.work.file, join(dir, kept.work.file));
+          },
+        }),
+      (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`,
+    );
+    await copyFile(f.hostKey, join(dir, 'host_key'));
+    await copyFile(f.hostKeyPub, join(dir, 'host_key.pub'));
+    repo.insert({
+      id: p.snapshotId,
+      name: p.name,
+      vmId: ctx.id,
+      vmName: ctx.name,
+      createdAt: new Date().toISOString(),
+      meta: {
+        image: ctx.spec.image,
+        vcpus: ctx.spec.vcpus,
+        memoryMiB: ctx.spec.memoryMiB,
+        diskBytes: ctx.spec.diskBytes,
+        accel: ctx.spec.accel,
+        gitIdentity: ctx.spec.gitIdentity,
+        chain: ctx.spec.restore?.chain ?? [],
+        root: kept!.root,
+        work: kept!.work,
+        stateFile: 'state.bin',
+        stateBytes: saved.stateBytes,
+        timings: saved.timings,
+      },
+    });
+    if (p.stop) {
+      await env.driver('qemu').kill(proc); // it quit; this waits until it is gone
+      await rm(f.vmmState, { force: true });
+    }
+  });
+
+  /** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
+  async function prepareRestoreDisks(ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
+    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+    const dir = snapshotDir(env.layout.home, snap.id);
+    const f = vmFiles(env.layout, ctx.id);
+    await mkdir(f.dir, { recursive: true, mode: 0o700 });
+    const work = join(f.dir, 'work.qcow2');
+    const overlay = async (backing: SnapshotLayer, dst: string) => {
+      if (existsSync(dst)) return;
+      const partial = `${dst}.partial`;
+      await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
+      await import('node:fs/promises').then((fs) => fs.rename(partial, dst));
+    };
+    await stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`);
+    await stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`);
+    await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: work, format: 'qcow2' } });
+    await copyFile(join(dir, 'host_key'), f.hostKey);
+    await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
+    const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
+    await writeFile(f.knownHosts, `banger-${ctx.id} ${pub}\n`, { mode: 0o600 });
+    return { net: {} };
+  }
+
+  const restore = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
+    if (ctx.spec.net !== 'user') throw new BangerError('unsupported', 'restoring a snapshot is built for --net user VMs only');
+    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+    const f = vmFiles(env.layout, ctx.id);
+    const driver = env.driver('qemu');
+    // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
+    const left = await findVmm(env, ctx, driver);
+    if (left) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(left), () => `pid ${left.pid}: left by a restore that did not finish`);
+    const cleanups = new Cleanups();
+    let proc: { pid: number; qmpSocket: string } | undefined;
+    cleanups.add('kill VMM', async () => {
+      if (proc) await driver.kill(proc);
+      await rm(f.vmmState, { force: true });
+    });
+    try {
+      const image = await readManifest(env.layout.imageDir(ctx.spec.image));
+      const imageDir = env.layout.imageDir(ctx.spec.image);
+      const layers = (await readLayers(f))!;
+      const sshPort = await findFreePort();
+      await rm(f.serialLog, { force: true });
+      proc = await stage(env, ctx.id, 'vmm.launch', () =>
+        driver.launch(
+          {
+            id: ctx.id,
+            vmDir: f.dir,
+            runDir: env.layout.run,
+            kernel: join(imageDir, image.kernel),
+            initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
+            cmdline: KERNEL_CMDLINE,
+            rootDisk: layers.root.file,
+            rootFormat: layers.root.format,
+            workDisk: layers.work.file,
+            workFormat: layers.work.format,
+            vcpus: ctx.spec.vcpus,
+            memoryMiB: ctx.spec.memoryMiB,
+            accel: ctx.spec.accel,
+            net: { mode: 'user', sshPort },
+            serialLog: f.serialLog,
+            incoming: true,
+          },
+          { signal, runner: env.runner },
+        ),
+      (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`,
+      );
+      const p = proc;
+      await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
+      const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
+      await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+      const target = await sshTargetFor(env, ctx, { sshPort });
+      const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
+      await stage(env, ctx.id, 'ssh.wait', () => waitForSsh(target, { timeoutMs, signal }));
+      await stage(env, ctx.id, 'identity', () => applyForkIdentity(target, ctx.name, signal), () => `hostname ${ctx.name}, clock, RNG`);
+      cleanups.release();
+      return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort, bootedAt: new Date().toISOString() } };
+    } catch (e) {
+      await cleanups.run().catch((ce) => env.log(ctx.id, 'restore.cleanup', 'error', undefined, errorMessage(ce)));
+      throw e;
+    }
+  });
+
+  return { takeSnapshot, restore, prepareRestoreDisks };
+}
+
+/**
+ * A constant script; its data comes on stdin, one value a line: the hostname, the host's time (epoch seconds with
+ * nanoseconds), and 64 bytes of fresh host randomness in hex. The hostname also goes into the identity the image
+ * applies at boot, so a fork keeps its own name across a stop and start.
+ */
+const IDENTITY_SCRIPT = [
+  'set -e',
+  'read -r name; read -r now; read -r seed',
+  'printf %s "$name" > /proc/sys/kernel/hostname',
+  'printf "%s\\n" "$name" > /etc/hostname',
+  'if [ -d /root/.banger/identity ]; then printf "%s\\n" "$name" > /root/.banger/identity/hostname; fi',
+  'date -s "@$now" > /dev/null',
+  'printf %s "$seed" > /dev/urandom',
+].join('\n');
+
+/** A restored guest's own identity: hostname, the clock (it stood still since the snapshot), fresh entropy. */
+async function applyForkIdentity(target: Parameters<typeof exec>[0], hostname: string, signal: AbortSignal): Promise<void> {
+  const now = Date.now();
+  hostname = hostname.replace(/[^A-Za-z0-9.-]/g, '-');
+  const stdin = `${hostname}\n${Math.floor(now / 1000)}.${String(now % 1000).padStart(3, '0')}\n${randomBytes(64).toString('hex')}\n`;
+  const r = await exec(target, `sh -c '${IDENTITY_SCRIPT.replace(/'/g, `'"'"'`)}'`, { stdin, signal, timeoutMs: 30_000 });
+  if (r.exitCode !== 0) throw new BangerError('host', `setting the restored guest's identity failed (exit ${r.exitCode}): ${r.stderr.toString().trim()}`);
+}

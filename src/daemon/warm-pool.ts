@@ -1,0 +1,122 @@
+/**
+ * The warm pool: VMs booted ahead of time (config `warmPool: [{ image, size, vcpus, memoryMiB }]`), each marked
+ * with its kind (spec.pool.key). A `vm create` / `vm run` whose request is of that kind takes a running one: the
+ * VM's actor gets CLAIM with the new name, which it accepts once only (guard `claimable`), and the claim is
+ * persisted with the rename in the same SQLite transaction as the transition. Node runs one handler at a time, so
+ * two requests never see the same VM unclaimed; a daemon killed at any point restarts with every pooled VM either
+ * still in the pool or handed out under its new name. The pool refills in the background.
+ */
+import type { Config } from '../config.js';
+import type { VmState } from '../machines/vm.machine.js';
+import type { VmSupervisor } from './services.js';
+
+export interface PoolKind {
+  image: string;
+  vcpus: number;
+  memoryMiB: number;
+}
+
+export interface PoolStatus extends PoolKind {
+  size: number;
+  /** Running and unclaimed: a request of this kind gets one at once. */
+  ready: number;
+  /** Being created or booted. */
+  starting: number;
+}
+
+export const poolKey = (k: PoolKind): string => `${k.image}/${k.vcpus}/${k.memoryMiB}`;
+
+const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;
+const STARTING: VmState[] = ['creating', 'applyingWorkSeed', 'booting', 'restoring'];
+
+export class WarmPool {
+  private timer?: NodeJS.Timeout;
+  private refilling = false;
+
+  constructor(
+    private readonly config: Config,
+    private readonly sup: VmSupervisor,
+    /** Creates one pool VM of this kind (not waited for). */
+    private readonly create: (kind: PoolKind, key: string) => Promise<void>,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  kinds(): Array<PoolKind & { size: number; key: string }> {
+    return this.config.warmPool.map((e) => {
+      const kind = { image: e.image, vcpus: e.vcpus ?? this.config.defaultVcpus, memoryMiB: e.memoryMiB ?? this.config.defaultMemoryMiB };
+      return { ...kind, size: e.size, key: poolKey(kind) };
+    });
+  }
+
+  /** Pooled, unclaimed VMs of a kind, by state. */
+  private members(key: string): Array<{ id: string; state: VmState }> {
+    return this.sup.ids().flatMap((id) => {
+      const s = this.sup.snapshot(id);
+      return s.context.spec.pool?.key === key && !s.context.claimedBy ? [{ id, state: stateOf(s) }] : [];
+    });
+  }
+
+  status(): PoolStatus[] {
+    return this.kinds().map(({ key, ...k }) => {
+      const m = this.members(key);
+      return { ...k, ready: m.filter((x) => x.state === 'running').length, starting: m.filter((x) => STARTING.includes(x.state)).length };
+    });
+  }
+
+  /** Hands out a running pool VM of this kind under `name`; its id, or undefined when none is ready. */
+  claim(kind: PoolKind, name: string): string | undefined {
+    const key = poolKey(kind);
+    if (!this.kinds().some((k) => k.key === key)) return undefined;
+    for (const m of this.members(key)) {
+      if (m.state !== 'running') continue;
+      this.sup.send(m.id, { type: 'CLAIM', name });
+      if (this.sup.snapshot(m.id).context.claimedBy !== name) continue;
+      this.log(`warm pool: ${m.id} handed out as ${name}`);
+      setImmediate(() => void this.refill());
+      return m.id;
+    }
+    return undefined;
+  }
+
+  start(everyMs = 2000): void {
+    if (!this.config.warmPool.length || this.timer) return;
+    this.timer = setInterval(() => void this.refill(), everyMs);
+    this.timer.unref();
+    void this.refill();
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Tops every kind up to its size; a pooled VM that failed is deleted (it would never be handed out). */
+  async refill(): Promise<void> {
+    if (this.refilling) return;
+    this.refilling = true;
+    try {
+      for (const k of this.kinds()) {
+        const members = this.members(k.key);
+        for (const m of members.filter((x) => x.state === 'failed')) this.sup.send(m.id, { type: 'DELETE' });
+        const live = members.filter((x) => x.state === 'running' || STARTING.includes(x.state)).length;
+        for (let i = live; i < k.size; i++) {
+          await this.create(k, k.key).catch((e) => this.log(`warm pool: creating a ${k.key} VM failed: ${(e as Error).message}`));
+        }
+      }
+    } finally {
+      this.refilling = false;
+    }
+  }
+}
+
+const pools = new WeakMap<object, WarmPool>();
+
+/** The daemon's warm pool (one per daemon services object), made by the VM handlers. */
+export function warmPoolOf(services: object): WarmPool | undefined {
+  return pools.get(services);
+}
+
+export function registerWarmPool(services: object, pool: WarmPool): void {
+  pools.get(services)?.stop();
+  pools.set(services, pool);
+}

@@ -1,0 +1,78 @@
+/** The warm pool's hand-out and refill over VM snapshots driven by the real statechart (transition()). */
+import { describe, expect, it } from 'vitest';
+import { initialTransition, transition } from 'xstate';
+import { configSchema } from '../../src/config.js';
+import { vmMachine, type VmEvent, type VmInput, type VmSnapshot } from '../../src/machines/vm.machine.js';
+import type { VmSupervisor } from '../../src/daemon/services.js';
+import { poolKey, WarmPool } from '../../src/daemon/warm-pool.js';
+import { runtime, vmInput } from '../support/vm-fixtures.js';
+
+const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;
+
+/** VMs as pure snapshots: create spawns one in creating; boot() walks it to running. */
+function fakeSupervisor() {
+  const vms = new Map<string, VmSnapshot>();
+  const sup = {
+    ids: () => [...vms.keys()],
+    snapshot: (id: string) => vms.get(id)!,
+    send: (id: string, e: VmEvent) => {
+      const s = vms.get(id)!;
+      if (!s.can(e)) throw new Error(`refused ${e.type}`);
+      vms.set(id, transition(vmMachine, s, e)[0] as VmSnapshot);
+    },
+    create: (input: VmInput) => vms.set(input.id, initialTransition(vmMachine, input)[0] as VmSnapshot),
+  };
+  const boot = (id: string) => {
+    for (const e of [done('prepareDisks', { net: {} }), done('applyWorkSeed'), done('boot', { runtime })]) vms.set(id, transition(vmMachine, vms.get(id)!, e)[0] as VmSnapshot);
+  };
+  return { sup: sup as unknown as VmSupervisor, vms, boot };
+}
+
+const config = configSchema.parse({ warmPool: [{ image: 'debian-bookworm', size: 2, vcpus: 1, memoryMiB: 1024 }] });
+const kind = { image: 'debian-bookworm', vcpus: 1, memoryMiB: 1024 };
+
+function pool() {
+  const f = fakeSupervisor();
+  let n = 0;
+  const p = new WarmPool(config, f.sup, async (_k, key) => {
+    const base = vmInput({ pool: { key }, vcpus: 1 });
+    f.sup.create({ ...base, id: `pool${n}`, name: `pool-${n++}` });
+  }, () => {});
+  return { p, ...f };
+}
+
+describe('warm pool', () => {
+  it('refills to its size and reports ready and starting VMs', async () => {
+    const { p, boot } = pool();
+    await p.refill();
+    expect(p.status()).toEqual([{ ...kind, size: 2, ready: 0, starting: 2 }]);
+    boot('pool0');
+    expect(p.status()[0]).toMatchObject({ ready: 1, starting: 1 });
+    await p.refill();
+    expect(p.status()[0]).toMatchObject({ ready: 1, starting: 1 }); // full: nothing more is created
+  });
+
+  it('two requests get two distinct VMs; a third gets none while nothing else is ready', async () => {
+    const { p, boot, vms } = pool();
+    await p.refill();
+    boot('pool0');
+    boot('pool1');
+    const a = p.claim(kind, 'run-a');
+    const b = p.claim(kind, 'run-b');
+    expect(a).toBeDefined();
+    expect(b).toBeDefined();
+    expect(a).not.toBe(b);
+    expect(vms.get(a!)!.context.name).toBe('run-a');
+    expect(vms.get(b!)!.context.name).toBe('run-b');
+    expect(p.claim(kind, 'run-c')).toBeUndefined();
+    p.stop();
+  });
+
+  it('a request of another kind is not served from the pool', async () => {
+    const { p, boot } = pool();
+    await p.refill();
+    boot('pool0');
+    expect(p.claim({ ...kind, memoryMiB: 2048 }, 'x')).toBeUndefined();
+    expect(poolKey(kind)).toBe('debian-bookworm/1/1024');
+  });
+});
