@@ -192,7 +192,7 @@ describe('through the daemon handlers', () => {
   function handlers() {
     supervisor = { has: () => true, create: vi.fn(), send: vi.fn(), view: (id: string) => ({ id }) };
     // Only what vm ref resolution and vm.create's name check touch; the rest would fail loudly if reached.
-    const d = { store, supervisor, layout: {}, config: {} } as unknown as DaemonServices;
+    const d = { store, supervisor, layout: {}, config: { warmPool: [] } } as unknown as DaemonServices;
     const deps: HandlerDeps = { version: 'test', commit: 'test', drivers: {}, log: () => {} };
     return makeHandlers(d, deps);
   }
