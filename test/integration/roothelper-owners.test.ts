@@ -6,12 +6,14 @@
  * refused, with nothing of the first owner's changed.
  */
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { chmod, mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../src/host/exec/runner.js';
+import { launchJailed } from '../../src/host/vmm/firecracker/jailer.js';
 import { ownerTag } from '../../src/host/net/tap-owner.js';
 import { RootHelperClient } from '../../src/roothelper/client.js';
 import { VERBS, type Verb } from '../../src/roothelper/protocol.js';
@@ -224,4 +226,15 @@ describe.skipIf(!isRoot && !inCi)('the root helper, as a second unprivileged use
     expect(await clientA.request('firecracker.unjail', { id: 'vm-a1' })).toEqual({ removed: [jailDir] });
     expect(await clientA.request('tap.delete', { name: tapA })).toEqual({ name: tapA, deleted: true });
   }, 60_000);
+
+  it('a jail aborted part-way leaves nothing behind, and a jail is never for root', async () => {
+    const vmA = join(a.stateDir, 'vms', 'vm1');
+    const req = { id: 'vm-a2', vmDir: vmA, binary: join(root, 'bin', 'firecracker'), uid: a.uid, gid: a.gid, kernel: join(a.stateDir, 'vmlinux'), rootDisk: join(vmA, 'rootfs.ext4'), workDisk: join(vmA, 'work.ext4') };
+    const cfg = { jailerBin: join(root, 'bin', 'jailer'), chrootBase: join(root, 'jail') };
+    const ac = new AbortController();
+    ac.abort(new Error('the deadline passed'));
+    await expect(launchJailed(req, cfg, { signal: ac.signal })).rejects.toThrow(/jailing vm-a2: aborted \(the deadline passed\)/);
+    expect(existsSync(join(root, 'jail', 'firecracker', 'vm-a2'))).toBe(false);
+    await expect(launchJailed({ ...req, uid: 0 }, cfg)).rejects.toThrow(/refused to jail Firecracker as root/);
+  });
 });

@@ -170,6 +170,37 @@ describe('root helper over a Unix socket', () => {
     expect((await pending).message).toMatch(/connection closed before an answer/);
   });
 
+  it('a timeout aborts the work, and the next change waits until it has really stopped', async () => {
+    const events: string[] = [];
+    const tap = myTap('t1');
+    const { client } = await startPair({
+      opTimeoutMs: 200,
+      ops: {
+        // stops 300 ms after its abort, as a command being killed does
+        createTap: (_caller, name, signal) =>
+          new Promise((res) => {
+            events.push(`start ${name}`);
+            signal!.addEventListener('abort', () => {
+              events.push(`aborted ${name}`);
+              setTimeout(() => {
+                events.push(`stopped ${name}`);
+                res({ name, created: false });
+              }, 300);
+            });
+          }),
+        deleteTap: async (_caller, name) => {
+          events.push(`delete ${name}`);
+          return { name, deleted: true };
+        },
+      },
+    });
+    const e = await errorOf(client.request('tap.create', { name: tap }));
+    expect(e.kind).toBe('timeout');
+    expect(e.message).toMatch(/tap\.create did not finish within 200 ms; it was aborted/);
+    expect(await client.request('tap.delete', { name: tap })).toEqual({ name: tap, deleted: true });
+    expect(events).toEqual([`start ${tap}`, `aborted ${tap}`, `stopped ${tap}`, `delete ${tap}`]);
+  });
+
   it('aborts a request by signal', async () => {
     const { client } = await startPair({ ops: { listTaps: () => new Promise(() => {}) } });
     const ac = new AbortController();
