@@ -65,7 +65,6 @@ async function install(a: InstallArgs): Promise<void> {
   const { assertRootOwnedPath } = await import('../../host/install/ownership.js');
   const { DAEMON_UNIT, HELPER_UNIT, DEFAULT_HELPER_SOCKET, daemonUnit, helperUnit } = await import('../../roothelper/units.js');
   const owner = await resolveOwner(a.owner ?? process.env.SUDO_USER ?? userInfo().username);
-  if (owner.uid === 0) throw new BangerError('usage', 'the helper\'s owner must be an unprivileged user, not root', 'sudo banger system install --owner YOUR_USER');
   const L = installLayout(a.prefix);
   await assertRootOwnedPath(L.lib);
   const systemd = existsSync('/run/systemd/system');
