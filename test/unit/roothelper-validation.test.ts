@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { authorize } from '../../src/roothelper/authorize.js';
-import { parseHelperConfig } from '../../src/roothelper/config.js';
+import { helperConfigFor, loadHelperConfig, parseHelperConfig } from '../../src/roothelper/config.js';
 import { ownerTag } from '../../src/host/net/tap-owner.js';
 import { parseArgs, parseRequestLine, validateRequest, type Caller, type Verb } from '../../src/roothelper/protocol.js';
 
@@ -332,6 +332,27 @@ describe('firecracker.jail', () => {
   });
   it('refuses a jailer chosen by the client', async () => {
     await refused(validateRequest('firecracker.jail', { ...base(), jailer: '/bin/sh' }, policy()), 'invalid_params', /unknown field "jailer"/);
+  });
+});
+
+describe('the helper\'s own config', () => {
+  it('takes the bridge, CIDR and NAT from the owner\'s config.json, so daemon and helper agree', async () => {
+    const cfgPath = join(root, 'owner-config.json');
+    await writeFile(cfgPath, JSON.stringify({ bridge: 'banger7', subnet: '10.9.0.0/24', nat: true }));
+    expect(helperConfigFor(owner(), cfgPath)).toEqual({ bridge: 'banger7', cidr: '10.9.0.1/24', nat: true, owners: [owner()] });
+    expect(helperConfigFor(owner(), join(root, 'none.json'))).toMatchObject({ bridge: 'banger0', cidr: '172.30.0.1/24', nat: false });
+  });
+  it('refuses a config file others could write', async () => {
+    const p = join(root, 'helper.json');
+    await writeFile(p, JSON.stringify({ owners: [owner()] }));
+    await chmod(p, 0o666);
+    await refused(loadHelperConfig(p), 'usage', /refused the root helper's config .*helper\.json: .* is not safe/);
+  });
+  it.skipIf(!isRoot)('reads a root-owned config (needs root)', async () => {
+    const p = join(root, 'helper-ok.json');
+    await writeFile(p, JSON.stringify({ owners: [owner()] }));
+    await chmod(p, 0o644);
+    expect((await loadHelperConfig(p)).owners).toEqual([owner()]);
   });
 });
 
