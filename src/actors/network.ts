@@ -30,6 +30,17 @@ function hostNameservers(): string[] {
   }
 }
 
+/** The helper's bridge (its own config) must be the one this daemon's config describes: the guests' addresses come from it. */
+function assertSameBridge(r: { name: string; cidr: string }, bridge: string, cidr: string): void {
+  if (r.name !== bridge || r.cidr !== cidr) {
+    throw new BangerError(
+      'invalid_state',
+      `the root helper's bridge is ${r.name} ${r.cidr}, but this daemon's config says ${bridge} ${cidr}`,
+      'make "bridge" and "subnet" in config.json match the helper\'s config (banger system install writes it), or the other way round',
+    );
+  }
+}
+
 export function makeNetwork(helper: RootHelper, pool: TapPool, store: Store, config: Config): NetworkProvider & { ensureBridge(): Promise<void> } {
   const c = parseCidr(config.subnet);
   const gateway = gatewayAddress(config.subnet);
@@ -37,8 +48,8 @@ export function makeNetwork(helper: RootHelper, pool: TapPool, store: Store, con
   let bridgeReady: Promise<void> | undefined;
   const ensureBridge = () =>
     (bridgeReady ??= helper
-      .request('bridge.ensure', { name: config.bridge, cidr: `${gateway}/${c.prefix}`, nat: config.nat })
-      .then(() => undefined)
+      .request('bridge.ensure', {})
+      .then((r) => assertSameBridge(r, config.bridge, `${gateway}/${c.prefix}`))
       .catch((e) => {
         bridgeReady = undefined;
         throw e;

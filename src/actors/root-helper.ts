@@ -20,7 +20,8 @@ export interface RootHelperOptions {
   /** Run the helper as a child process when nothing answers on the socket (the daemon is root). */
   spawnChild: boolean;
   stateDir: string;
-  bridge: string;
+  /** The child helper's bridge, its CIDR and NAT (its own config: requests never carry them). */
+  network: { bridge: string; cidr: string; nat: boolean };
   log: (line: string) => void;
 }
 
@@ -73,7 +74,11 @@ export class RootHelper {
     // We own the helper: (re)start it as our child process and connect once its socket answers.
     if (!this.child || !this.child.isRunning()) {
       mkdirSync(this.opts.stateDir, { recursive: true });
-      const c = spawnDetached(process.execPath, [...HELPER_ARGV, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, '--bridge', this.opts.bridge], {
+      // Its one owner is this daemon's user (root: TAPs get no owner, the jailer is refused), its socket ours alone.
+      const { bridge, cidr, nat } = this.opts.network;
+      const owner = ['--owner-uid', String(process.getuid?.() ?? 0), '--owner-gid', String(process.getgid?.() ?? 0)];
+      const argv = [...HELPER_ARGV, '--socket', this.opts.socket, '--state-dir', this.opts.stateDir, ...owner, '--bridge', bridge, '--cidr', cidr, ...(nat ? ['--nat'] : [])];
+      const c = spawnDetached(process.execPath, argv, {
         onStderrLine: (line) => this.opts.log(`roothelper: ${line}`),
       });
       this.child = c;

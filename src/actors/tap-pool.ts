@@ -6,11 +6,12 @@
  * the daemon's root, see src/machines/daemon.machine.ts): its mailbox runs them one at a time, in order.
  *
  * Ownership: every TAP this pool makes is named `bgtap<tag><random>`, where the tag is derived from the
- * daemon's uid and BANGER_HOME, and its lease row is written before the device is made. Reconcile deletes
- * only devices it has a lease row for or that carry its tag: another daemon's TAPs (another user or home on
- * the same helper) are never touched.
+ * owner's uid and state directory (the helper reports it), and its lease row is written before the device is
+ * made. Reconcile deletes only devices it has a lease row for or that carry its tag, among those the helper
+ * lists for this owner (tap.list answers only the caller's TAPs, and tap.delete refuses anyone else's):
+ * another daemon's TAPs (another user or home) are never touched.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { nanoid } from 'nanoid';
 import { fromPromise, type ActorRefFrom } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
@@ -22,22 +23,17 @@ import type { RootHelper } from './root-helper.js';
 
 export interface TapPoolOptions {
   size: number;
-  bridge: string;
-  uid: number;
-  gid: number;
   log: (line: string) => void;
-  /** This daemon's mark in its TAP names (see ownerTag); '' claims every bgtap device (tests). */
+  /**
+   * This daemon's mark in its TAP names (see ownerTag). By default the one the root helper reports for this
+   * socket's owner (ping), which is the only prefix the helper accepts; '' claims every bgtap device (tests).
+   */
   tag?: string;
 }
 
-const TAG_LENGTH = 4;
 const RANDOM_LENGTH = 6;
 
-/** A short base36 mark for one daemon (uid + BANGER_HOME), part of the names of the TAPs it makes. */
-export function ownerTag(uid: number, home: string): string {
-  const h = createHash('sha256').update(`${uid}\0${home}`).digest();
-  return h.readUIntBE(0, 6).toString(36).padStart(TAG_LENGTH, '0').slice(-TAG_LENGTH);
-}
+export { ownerTag } from '../host/net/tap-owner.js';
 
 /** bgtap + tag + random base36 chars: within IFNAMSIZ (15) and TAP_NAME_RE (at most 10 after bgtap). */
 export function newTapName(tag = ''): string {
@@ -61,6 +57,7 @@ export class TapPool {
   /** Arguments that do not survive an event (functions, maps) wait here, by job id, until their job runs. */
   private ops = new Map<string, TapOp>();
   private stopped = false;
+  private tag?: string;
 
   constructor(
     private db: DB,
@@ -68,6 +65,13 @@ export class TapPool {
     private opts: TapPoolOptions,
   ) {
     this.logic = tapPoolMachine.provide({ actors: { runJob: fromPromise<unknown, RunJobInput>(({ input }) => this.runOp(input.job)) } });
+    this.tag = opts.tag;
+  }
+
+  /** The owner tag every TAP name carries: given, or asked of the helper once. */
+  private async ownTag(): Promise<string> {
+    this.tag ??= (await this.helper.request('ping', {})).owner.tag;
+    return this.tag;
   }
 
   /** The live actor, once the daemon's root runs it. */
@@ -149,7 +153,7 @@ export class TapPool {
     }
     // A device with our tag and no lease row: made by us, and its row is gone (never written by an older
     // version, or a lease row removed by hand). Devices without our tag belong to someone else.
-    const mine = `bgtap${this.opts.tag ?? ''}`;
+    const mine = `bgtap${await this.ownTag()}`;
     for (const tap of real) {
       if (known.has(tap) || !tap.startsWith(mine)) continue;
       await this.helper.request('tap.delete', { name: tap });
@@ -166,7 +170,7 @@ export class TapPool {
   private async doLease(vmId: string): Promise<{ tap: string; warm: boolean }> {
     const mine = this.db.prepare('SELECT tap FROM tap_leases WHERE vm_id = ?').get(vmId) as { tap: string } | undefined;
     if (mine) {
-      await this.helper.request('tap.create', { name: mine.tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+      await this.helper.request('tap.create', { name: mine.tap });
       return { tap: mine.tap, warm: true };
     }
     const idle = this.db.prepare('SELECT tap FROM tap_leases WHERE vm_id IS NULL ORDER BY tap LIMIT 1').get() as { tap: string } | undefined;
@@ -175,11 +179,11 @@ export class TapPool {
       this.kickRefill();
       return { tap: idle.tap, warm: true };
     }
-    const tap = newTapName(this.opts.tag);
+    const tap = newTapName(await this.ownTag());
     // Record the lease first: a crash between create and record must not leak an unaccounted device.
     this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, ?, ?)').run(tap, vmId, new Date().toISOString());
     try {
-      await this.helper.request('tap.create', { name: tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+      await this.helper.request('tap.create', { name: tap });
     } catch (e) {
       this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);
       await this.helper.request('tap.delete', { name: tap }).catch(() => {});
@@ -212,10 +216,10 @@ export class TapPool {
     let made = 0;
     const idle = () => (this.db.prepare('SELECT COUNT(*) n FROM tap_leases WHERE vm_id IS NULL').get() as { n: number }).n;
     while (!this.stopped && idle() < this.opts.size) {
-      const tap = newTapName(this.opts.tag);
+      const tap = newTapName(await this.ownTag());
       this.db.prepare('INSERT INTO tap_leases (tap, vm_id, leased_at) VALUES (?, NULL, NULL)').run(tap);
       try {
-        await this.helper.request('tap.create', { name: tap, uid: this.opts.uid, gid: this.opts.gid, bridge: this.opts.bridge });
+        await this.helper.request('tap.create', { name: tap });
         made++;
       } catch (e) {
         this.db.prepare('DELETE FROM tap_leases WHERE tap = ?').run(tap);

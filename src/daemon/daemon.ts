@@ -17,7 +17,8 @@ import { qemuDriver, type VmmDriver } from '../host/vmm/qemu/qemu.js';
 import { makeHandlers } from './handlers.js';
 import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js';
 import { RootHelper } from '../actors/root-helper.js';
-import { TapPool, ownerTag } from '../actors/tap-pool.js';
+import { TapPool } from '../actors/tap-pool.js';
+import { gatewayAddress, parseCidr } from '../host/net/net.js';
 import { makeNetwork } from '../actors/network.js';
 import { firewallEntryOf, syncFirewall } from '../actors/firewall-sync.js';
 import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
@@ -107,9 +108,10 @@ function tapNetworking(env: NodeJS.ProcessEnv, layout: Layout, config: Config, s
   const isRoot = process.getuid?.() === 0;
   const helperSocket = env.BANGER_ROOT_HELPER_SOCKET ?? (isRoot ? join(layout.run, 'roothelper.sock') : DEFAULT_HELPER_SOCKET);
   if (env.BANGER_ROOT_HELPER === 'off' || !(isRoot || existsSync(helperSocket))) return undefined;
-  const uid = process.getuid?.() ?? 0;
-  const rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, bridge: config.bridge, log });
-  const tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, bridge: config.bridge, uid, gid: process.getgid?.() ?? 0, log, tag: ownerTag(uid, layout.home) });
+  const c = parseCidr(config.subnet);
+  const cidr = `${gatewayAddress(config.subnet)}/${c.prefix}`;
+  const rootHelper = new RootHelper({ socket: helperSocket, spawnChild: isRoot, stateDir: layout.home, network: { bridge: config.bridge, cidr, nat: config.nat }, log });
+  const tapPool = new TapPool(store.db, rootHelper, { size: config.tapPoolSize, log });
   const helperIsService = existsSync(helperSocket) && !helperSocket.startsWith(layout.run + '/');
   return { rootHelper, tapPool, network: makeNetwork(rootHelper, tapPool, store, config), helperSocket, helperIsService };
 }

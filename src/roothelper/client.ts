@@ -77,7 +77,7 @@ export class RootHelperClient {
               'host',
               `cannot reach the root helper at ${socketPath} (${e.code ?? e.message})`,
               e.code === 'EACCES'
-                ? 'your user is not in the helper\'s group; add it (usermod -aG <group> $USER) and log in again'
+                ? 'this socket belongs to another user: the helper serves each owner on a socket of its own (sudo banger system install --owner $USER)'
                 : 'start it: sudo systemctl start banger-roothelper (installed by banger system install)',
               { cause: e },
             ),
@@ -124,9 +124,12 @@ export class RootHelperClient {
   }
 }
 
-/** A Firecracker jail launcher that goes through the root helper (for FirecrackerDriverOptions.jailer.launch). */
+/**
+ * A Firecracker jail launcher that goes through the root helper (for FirecrackerDriverOptions.jailer.launch).
+ * The uid and gid are not sent: the helper runs Firecracker as its socket's owner.
+ */
 export function helperJailLauncher(client: () => RootHelperClient | Promise<RootHelperClient>): JailLauncher {
-  return async (req, opts) => (await client()).request('firecracker.jail', req, { signal: opts?.signal, timeoutMs: 30_000 });
+  return async ({ uid: _uid, gid: _gid, ...req }, opts) => (await client()).request('firecracker.jail', req, { signal: opts?.signal, timeoutMs: 30_000 });
 }
 
 /** Removes an exited instance's jail through the root helper (for FirecrackerDriverOptions.jailer.unjail). */

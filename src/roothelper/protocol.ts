@@ -1,16 +1,17 @@
-import { realpath, stat } from 'node:fs/promises';
-import { isAbsolute, resolve, sep, basename } from 'node:path';
+import { lstat, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, resolve, sep } from 'node:path';
 import { z } from 'zod';
 import { BangerError } from '../errors.js';
 import type { JailResult } from '../host/vmm/firecracker/firecracker.js';
-import { BRIDGE_NAME_RE, TAP_NAME_RE, bridgeCidrProblem, parseCidr } from '../host/net/net.js';
 import type { FirewallStatus } from '../host/net/firewall.js';
+import { ancestors, unsafeBecause } from '../host/install/ownership.js';
+import { TAP_NAME_RE, parseCidr } from '../host/net/net.js';
 
 /**
  * The root helper's wire protocol and the rules every argument must pass before anything runs as root.
  *
  * One JSON object per line in each direction:
- *   request   {"id": 1, "verb": "tap.create", "args": {"name": "bgtap0", "uid": 1000}}
+ *   request   {"id": 1, "verb": "tap.create", "args": {"name": "bgtapk3f9a1b2c3"}}
  *   response  {"id": 1, "ok": true, "result": {...}}
  *             {"id": 1, "ok": false, "error": {"kind": "invalid_params", "message": "...", "hint": "..."}}
  *
@@ -18,9 +19,13 @@ import type { FirewallStatus } from '../host/net/firewall.js';
  * a bounded integer, or a path that resolves (symlinks followed) under the configured state directory.
  * Device names are drawn from [0-9a-z] after a fixed prefix, so no shell metacharacter can get through by
  * construction (and no shell is ever used: commands run with argument vectors).
+ *
+ * No request names a user, a group, a bridge or an address range. Who asks is the `Caller`, fixed by the
+ * socket the request arrived on (one socket per owner, its uid in the helper's own config); the bridge, its
+ * CIDR and NAT are the helper's configuration too. Every verb's handler gets the Caller.
  */
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** Longest request line the helper reads; a longer one closes the connection. */
 export const MAX_LINE_BYTES = 64 * 1024;
 /** uids and gids: non-negative integers below 2^31. */
@@ -34,7 +39,6 @@ export const VERBS = [
   'bridge.ensure',
   'firecracker.jail',
   'firecracker.unjail',
-  'vmdir.chown',
   // tap guests' firewall (issue 9)
   'firewall.set',
   'firewall.clear',
@@ -42,27 +46,23 @@ export const VERBS = [
 ] as const;
 export type Verb = (typeof VERBS)[number];
 
-const uidSchema = z
-  .number({ error: typeError('an integer') })
-  .int({ error: typeError('an integer') })
-  .min(0, { error: 'must not be negative' })
-  .max(MAX_ID, { error: `must be below 2^31` });
-
-/** uid/gid for a process the helper starts: never root. */
-const unprivilegedIdSchema = uidSchema.min(1, { error: 'must not be 0: the helper never starts Firecracker as root' });
+/**
+ * Who is asking, fixed by the socket the request came in on (one socket per owner, from the helper's own
+ * config), never read from a request. Every verb acts only on this owner's objects.
+ */
+export interface Caller {
+  /** The owner's uid: TAPs are made for it, jailed Firecrackers run as it, files it links must be its own. */
+  uid: number;
+  gid: number;
+  /** The owner's banger state directory: every path argument must resolve inside it. */
+  stateDir: string;
+  /** ownerTag(uid, stateDir): the mark every TAP name of this owner carries. */
+  tag: string;
+}
 
 const tapName = z
   .string({ error: typeError('a string') })
   .regex(TAP_NAME_RE, { error: (i) => `${JSON.stringify(i.input)} is not a banger TAP name ("bgtap" + 1-10 of [0-9a-z], 15 characters at most)` });
-
-const bridgeName = z
-  .string({ error: typeError('a string') })
-  .regex(BRIDGE_NAME_RE, { error: (i) => `${JSON.stringify(i.input)} is not a banger bridge name ("banger" + 0-9 of [0-9a-z], 15 characters at most)` });
-
-const cidrSchema = z.string({ error: typeError('a string') }).superRefine((v, ctx) => {
-  const problem = bridgeCidrProblem(v);
-  if (problem) ctx.addIssue({ code: 'custom', message: `${JSON.stringify(v)} is not a private IPv4 /16-/30 host address: ${problem}` });
-});
 
 const ipv4Schema = z.string({ error: typeError('a string') }).refine((v) => /^(\d{1,3})(\.\d{1,3}){3}$/.test(v) && !cidrError(`${v}/32`), {
   error: (i) => `${describe(i.input)} is not an IPv4 address`,
@@ -100,29 +100,25 @@ const firecrackerIdSchema = z
 
 export const verbSchemas = {
   ping: z.strictObject({}),
-  'tap.create': z.strictObject({ name: tapName, uid: uidSchema, gid: uidSchema.optional(), bridge: bridgeName.optional() }),
+  /** A TAP for the caller (its uid and gid), on the helper's bridge. */
+  'tap.create': z.strictObject({ name: tapName }),
   'tap.delete': z.strictObject({ name: tapName }),
+  /** The caller's TAPs. */
   'tap.list': z.strictObject({}),
-  'bridge.ensure': z.strictObject({
-    name: bridgeName,
-    cidr: cidrSchema,
-    nat: z.boolean({ error: typeError('a boolean') }),
-  }),
+  /** The helper's bridge, with its configured CIDR and NAT. */
+  'bridge.ensure': z.strictObject({}),
   'firecracker.jail': z.strictObject({
     id: firecrackerIdSchema,
     vmDir: pathSchema,
-    /** The Firecracker binary; the jailer copies it into the chroot and runs it as uid:gid. */
+    /** The Firecracker binary; the jailer copies it into the chroot and runs it as the caller's uid:gid. */
     binary: pathSchema,
-    uid: unprivilegedIdSchema,
-    gid: unprivilegedIdSchema,
     kernel: pathSchema,
     initrd: pathSchema.optional(),
     rootDisk: pathSchema,
     workDisk: pathSchema,
   }),
-  /** Remove an exited instance's chroot (it holds hard links to the VM's disks). */
+  /** Remove an exited instance's chroot (it holds hard links to the VM's disks): the caller's jails only. */
   'firecracker.unjail': z.strictObject({ id: firecrackerIdSchema }),
-  'vmdir.chown': z.strictObject({ path: pathSchema, uid: uidSchema, gid: uidSchema }),
   // The firewall: a VM is its TAP, its address and its policy; nothing else is taken from the request.
   'firewall.set': z.strictObject({
     tap: tapName,
@@ -147,16 +143,15 @@ export interface TapListEntry {
 
 /** What each verb answers. */
 export interface VerbResults {
-  ping: { version: number; release: string; pid: number; uid: number };
+  /** `uid`: the helper's own; `owner`: the caller this socket serves; `release`: the banger release it runs. */
+  ping: { version: number; release: string; pid: number; uid: number; owner: { uid: number; tag: string } };
   'tap.create': { name: string; created: boolean };
   'tap.delete': { name: string; deleted: boolean };
   'tap.list': { taps: TapListEntry[] };
-  'bridge.ensure': { name: string; created: boolean; addressAdded: boolean; nat?: 'nft' | 'iptables' };
+  'bridge.ensure': { name: string; cidr: string; created: boolean; addressAdded: boolean; nat?: 'nft' | 'iptables' };
   /** pid, the chroot, the API socket's host path and the paths as Firecracker sees them inside the jail. */
   'firecracker.jail': JailResult;
   'firecracker.unjail': { removed: string[] };
-  /** `skipped`: files left alone because they have other hard links and belong to someone else. */
-  'vmdir.chown': { path: string; changed: number; skipped?: string[] };
   'firewall.set': FirewallStatus;
   'firewall.clear': FirewallStatus;
   'firewall.status': FirewallStatus;
@@ -225,10 +220,8 @@ function formatIssues(err: z.ZodError): string {
 
 export const isVerb = (v: string): v is Verb => (VERBS as readonly string[]).includes(v);
 
-export interface ValidationPolicy {
-  /** banger's state directory: every path argument must resolve under it. */
-  stateDir: string;
-}
+/** What validation needs of the caller: its state directory (every path argument must resolve under it). */
+export type ValidationPolicy = Pick<Caller, 'stateDir'>;
 
 export type ValidatedRequest = { [V in Verb]: { verb: V; args: VerbArgs<V> } }[Verb];
 
@@ -258,23 +251,13 @@ export async function validateRequest(verb: string, args: unknown, policy: Valid
     case 'firecracker.jail': {
       const a = parsed as VerbArgs<'firecracker.jail'>;
       const under = (field: string, p: string, kind: 'file' | 'dir') => resolveUnder(v, field, p, policy.stateDir, kind);
+      const vmDir = await under('vmDir', a.vmDir, 'dir');
+      const kernel = await under('kernel', a.kernel, 'file');
+      const initrd = a.initrd === undefined ? undefined : await under('initrd', a.initrd, 'file');
+      const rootDisk = await under('rootDisk', a.rootDisk, 'file');
+      const workDisk = await under('workDisk', a.workDisk, 'file');
       const binary = await checkFirecrackerBinary(v, a.binary);
-      return {
-        verb: v,
-        args: {
-          ...a,
-          binary,
-          vmDir: await under('vmDir', a.vmDir, 'dir'),
-          kernel: await under('kernel', a.kernel, 'file'),
-          initrd: a.initrd === undefined ? undefined : await under('initrd', a.initrd, 'file'),
-          rootDisk: await under('rootDisk', a.rootDisk, 'file'),
-          workDisk: await under('workDisk', a.workDisk, 'file'),
-        },
-      };
-    }
-    case 'vmdir.chown': {
-      const a = parsed as VerbArgs<'vmdir.chown'>;
-      return { verb: v, args: { ...a, path: await resolveUnder(v, 'path', a.path, policy.stateDir, 'dir') } };
+      return { verb: v, args: { ...a, binary, vmDir, kernel, initrd, rootDisk, workDisk } };
     }
     default:
       return { verb: v, args: parsed } as ValidatedRequest;
@@ -307,7 +290,7 @@ export async function resolveUnder(verb: string, field: string, p: string, state
 
 /**
  * The Firecracker binary the jailer will copy and run as the (non-root) uid: an existing regular executable,
- * named like firecracker (the jailer insists), and writable by nobody but root.
+ * named like firecracker (the jailer insists), writable by nobody but root, in directories only root can change.
  */
 async function checkFirecrackerBinary(verb: string, p: string): Promise<string> {
   let real: string;
@@ -323,5 +306,10 @@ async function checkFirecrackerBinary(verb: string, p: string): Promise<string> 
     throw refusal(verb, `binary ${JSON.stringify(p)} must be owned by root and writable only by root`, `chown root:root ${p} && chmod 755 ${p}`);
   }
   if (!basename(real).includes('firecracker')) throw refusal(verb, `binary ${JSON.stringify(p)} is not named like firecracker`);
+  // Its directories too: whoever can write one of them can swap the binary between this check and the launch.
+  for (const dir of ancestors(dirname(real))) {
+    const why = unsafeBecause(await lstat(dir));
+    if (why) throw refusal(verb, `binary ${JSON.stringify(p)} lies in ${dir}, which is not safe for what root runs (${why})`, `install firecracker in a root-owned directory (e.g. /usr/local/bin), or chown root ${dir} && chmod go-w ${dir}`);
+  }
   return real;
 }

@@ -1,21 +1,20 @@
-import { constants as fsConstants } from 'node:fs';
-import { chmod, chown, lchown, lstat, open, readFile, readdir, readlink, realpath, rm, type FileHandle } from 'node:fs/promises';
+import { chmod, chown, lstat, realpath, rm } from 'node:fs/promises';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
-import { join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../errors.js';
 import { DEFAULT_CHROOT_BASE, launchJailed, removeJail, type JailerConfig, type JailRequest, type JailResult } from '../host/vmm/firecracker/firecracker.js';
 import * as net from '../host/net/net.js';
 import { Firewall } from '../host/net/firewall.js';
+import { kernelOwnerFor, ownerTag } from '../host/net/tap-owner.js';
 import type { Runner } from '../host/exec/runner.js';
-import { Files } from '../paths.js';
 import { buildInfo } from '../version.js';
 import { LineDecoder } from '../rpc/ndjson.js';
+import { authorize, refuseForeignTap } from './authorize.js';
 import {
   MAX_LINE_BYTES,
   PROTOCOL_VERSION,
   parseRequestLine,
-  refusal,
   validateRequest,
+  type Caller,
   type Response,
   type ValidatedRequest,
   type Verb,
@@ -23,32 +22,49 @@ import {
 } from './protocol.js';
 
 /**
- * The root helper: the only banger code that runs as root. It reads newline-delimited JSON requests on a Unix
- * socket (mode 0660, group-owned when a group is configured), validates each one completely before anything
- * runs (protocol.ts), logs every request and every refusal to stderr (one line each), and carries the valid
- * ones out one at a time through src/host. A refused request runs nothing.
+ * The root helper: the only banger code that runs as root. One server serves one owner on its own Unix
+ * socket (mode 0600, owned by that owner's uid): whoever can connect is that owner, so the caller comes from
+ * the connection, never from a request. It validates each request completely before anything runs
+ * (protocol.ts), authorizes it for the caller (authorize.ts: only the owner's own objects), logs every request
+ * and every refusal to stderr (one line each), and carries the valid ones out one at a time through src/host.
+ * A refused request runs nothing.
  */
 
-/** What the helper does for each verb; the defaults act on the host through src/host. Tests may replace them. */
+/** What the helper does for each verb, for `caller` (its owner); the defaults act on the host through src/host. Tests may replace them. */
 export interface HelperOps {
-  createTap(name: string, uid: number, o: { gid?: number; bridge?: string }, signal?: AbortSignal): Promise<VerbResults['tap.create']>;
-  deleteTap(name: string, signal?: AbortSignal): Promise<VerbResults['tap.delete']>;
-  listTaps(signal?: AbortSignal): Promise<VerbResults['tap.list']>;
-  ensureBridge(name: string, cidr: string, nat: boolean, signal?: AbortSignal): Promise<VerbResults['bridge.ensure']>;
-  jail(req: JailRequest, signal?: AbortSignal): Promise<JailResult>;
-  unjail(id: string, signal?: AbortSignal): Promise<VerbResults['firecracker.unjail']>;
-  chownTree(path: string, uid: number, gid: number, signal?: AbortSignal): Promise<VerbResults['vmdir.chown']>;
+  createTap(caller: Caller, name: string, signal?: AbortSignal): Promise<VerbResults['tap.create']>;
+  deleteTap(caller: Caller, name: string, signal?: AbortSignal): Promise<VerbResults['tap.delete']>;
+  listTaps(caller: Caller, signal?: AbortSignal): Promise<VerbResults['tap.list']>;
+  ensureBridge(caller: Caller, signal?: AbortSignal): Promise<VerbResults['bridge.ensure']>;
+  jail(caller: Caller, req: JailRequest, signal?: AbortSignal): Promise<JailResult>;
+  unjail(caller: Caller, id: string, signal?: AbortSignal): Promise<VerbResults['firecracker.unjail']>;
+  /** The tap guests' firewall: one per helper process, shared by every owner's socket (see host/net/firewall.ts). */
   firewall: Pick<Firewall, 'set' | 'clear' | 'status'>;
 }
 
+/** The owner a socket serves: from the helper's own configuration (its config file or its command line). */
+export interface HelperOwner {
+  uid: number;
+  gid: number;
+}
+
+/** The helper's bridge: its name, its address (CIDR) and NAT. Configuration, never taken from a request. */
+export interface HelperNetwork {
+  bridge: string;
+  cidr: string;
+  nat: boolean;
+}
+
+export const DEFAULT_BRIDGE_CIDR = '172.30.0.1/24';
+
 export interface RootHelperOptions {
   socketPath: string;
-  /** banger's state directory: every path argument must resolve inside it. */
+  /** The owner's banger state directory: every path argument must resolve inside it. */
   stateDir: string;
-  /** Group (name or number) that owns the socket; its members may use the helper. */
-  group?: string;
-  /** Bridge TAPs join when a request names none. Default banger0. */
-  bridge?: string;
+  /** Whoever connects to this socket is this owner; the socket is theirs (mode 0600). */
+  owner: HelperOwner;
+  /** Default banger0, 172.30.0.1/24, no NAT. */
+  network?: Partial<HelperNetwork>;
   /** Do all network work inside this namespace (tests). */
   netns?: string;
   /** Runs every host command (tests hand in a recording runner). */
@@ -61,87 +77,36 @@ export interface RootHelperOptions {
   ops?: Partial<HelperOps>;
   /** Bound on one operation; its commands are aborted then. Default 60 s. */
   opTimeoutMs?: number;
+  /** The firewall every socket of this helper process shares (main.ts makes one); default: one of its own. */
+  firewall?: Firewall;
+}
+
+export function helperNetwork(o: RootHelperOptions): HelperNetwork {
+  return { bridge: o.network?.bridge ?? net.DEFAULT_BRIDGE, cidr: o.network?.cidr ?? DEFAULT_BRIDGE_CIDR, nat: o.network?.nat ?? false };
 }
 
 export function defaultOps(o: RootHelperOptions): HelperOps {
   const netOpts = (signal?: AbortSignal) => ({ runner: o.runner, netns: o.netns, signal });
-  const defaultBridge = o.bridge ?? net.DEFAULT_BRIDGE;
+  const { bridge, cidr, nat } = helperNetwork(o);
   const jailer: JailerConfig = { jailerBin: o.jailer?.jailerBin, chrootBase: o.jailer?.chrootBase ?? DEFAULT_CHROOT_BASE };
   return {
-    createTap: (name, uid, x, signal) => net.createTap(name, uid, { ...netOpts(signal), gid: x.gid, bridge: x.bridge ?? defaultBridge }),
-    deleteTap: (name, signal) => net.deleteTap(name, netOpts(signal)),
-    listTaps: async (signal) => ({ taps: await net.listTaps(net.TAP_PREFIX, netOpts(signal)) }),
-    ensureBridge: async (name, cidr, nat, signal) => {
-      const r = await net.ensureBridge(name, cidr, netOpts(signal));
-      if (!nat) return r;
-      const { backend } = await net.ensureNat(name, cidr, netOpts(signal));
-      return { ...r, nat: backend };
+    createTap: (caller, name, signal) => net.createTap(name, caller.uid, { ...netOpts(signal), gid: caller.gid, bridge }),
+    deleteTap: async (caller, name, signal) => {
+      const found = await net.tapOwnership(name, netOpts(signal));
+      if (found.kind === 'tap') refuseForeignTap('tap.delete', name, found.owner, caller);
+      return net.deleteTap(name, netOpts(signal));
     },
-    jail: (req) => launchJailed(req, jailer),
-    unjail: (id) => removeJail(id, jailer),
-    chownTree,
-    firewall: new Firewall(netOpts()),
+    listTaps: async (caller, signal) => ({ taps: await net.listTaps(`${net.TAP_PREFIX}${caller.tag}`, { ...netOpts(signal), owner: kernelOwnerFor(caller.uid) }) }),
+    ensureBridge: async (_caller, signal) => {
+      const r = await net.ensureBridge(bridge, cidr, netOpts(signal));
+      if (!nat) return { ...r, cidr };
+      const { backend } = await net.ensureNat(bridge, cidr, netOpts(signal));
+      return { ...r, cidr, nat: backend };
+    },
+    jail: (caller, req, signal) => launchJailed(req, jailer, { owner: { uid: caller.uid, tag: caller.tag }, signal }),
+    unjail: (caller, id, signal) => removeJail(id, jailer, { owner: { uid: caller.uid, tag: caller.tag }, signal }),
+    firewall: o.firewall ?? new Firewall(netOpts()),
   };
-}
-
-/**
- * chown a directory and everything below it to uid:gid, safe against a user who owns the tree and swaps
- * entries for symlinks while it runs: the directory is opened without following links and checked to be the
- * validated path (readlink of /proc/self/fd/N), and from there every step goes through that pinned descriptor
- * (`/proc/self/fd/N/<name>`), so no path is walked again. Entries are lchown'd (a symlink itself, never its
- * target); subdirectories are opened O_NOFOLLOW. A regular file with other hard links, owned by someone else,
- * is left alone (it could be a link to a file outside the tree).
- */
-export async function chownTree(path: string, uid: number, gid: number): Promise<{ path: string; changed: number; skipped?: string[] }> {
-  const flags = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW;
-  let changed = 0;
-  const skipped: string[] = [];
-  const walk = async (dir: FileHandle, rel: string): Promise<void> => {
-    await dir.chown(uid, gid);
-    changed++;
-    const base = `/proc/self/fd/${dir.fd}`;
-    for (const name of await readdir(base)) {
-      const p = `${base}/${name}`;
-      const st = await lstat(p);
-      if (st.isDirectory()) {
-        const sub = await open(p, flags);
-        try {
-          await walk(sub, join(rel, name));
-        } finally {
-          await sub.close();
-        }
-      } else if (st.isFile() && st.nlink > 1 && st.uid !== uid) {
-        skipped.push(join(rel, name));
-      } else {
-        await lchown(p, uid, gid);
-        changed++;
-      }
-    }
-  };
-  let top: FileHandle;
-  try {
-    top = await open(path, flags);
-  } catch (e) {
-    throw new BangerError('invalid_params', `refused vmdir.chown: ${path} cannot be opened as a directory without following links (${(e as NodeJS.ErrnoException).code ?? errorMessage(e)})`);
-  }
-  try {
-    const real = await readlink(`/proc/self/fd/${top.fd}`);
-    if (real !== path) throw new BangerError('invalid_params', `refused vmdir.chown: ${path} changed while it was being checked (it is now ${real})`);
-    await walk(top, path);
-  } finally {
-    await top.close();
-  }
-  return { path, changed, ...(skipped.length ? { skipped } : {}) };
-}
-
-async function resolveGroup(group: string): Promise<number> {
-  if (/^\d+$/.test(group)) return Number(group);
-  const text = await readFile('/etc/group', 'utf8').catch(() => '');
-  for (const line of text.split('\n')) {
-    const [name, , gid] = line.split(':');
-    if (name === group && gid !== undefined) return Number(gid);
-  }
-  throw new BangerError('not_found', `group ${JSON.stringify(group)} does not exist`, `create it (groupadd ${group}) and add the users who may use banger's root helper`);
 }
 
 export class RootHelperServer {
@@ -151,8 +116,12 @@ export class RootHelperServer {
   private readonly log: (line: string) => void;
   /** Host operations that change something run one at a time. */
   private queue: Promise<unknown> = Promise.resolve();
+  /** Every request on this server's socket is this owner's. */
+  readonly caller: Caller;
 
   constructor(readonly options: RootHelperOptions) {
+    assertOwner(options.owner);
+    this.caller = { uid: options.owner.uid, gid: options.owner.gid, stateDir: options.stateDir, tag: ownerTag(options.owner.uid, options.stateDir) };
     this.ops = { ...defaultOps(options), ...(options.ops ?? {}) };
     const sink = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
     // One line per entry, whatever a command's stderr carried.
@@ -172,11 +141,10 @@ export class RootHelperServer {
       throw new BangerError('not_found', `state directory ${this.options.stateDir} does not exist`, 'pass the owner\'s banger state directory (BANGER_HOME) as --state-dir');
     }
     await removeStaleSocket(path);
-    const gid = this.options.group !== undefined ? await resolveGroup(this.options.group) : undefined;
     const server = createServer((sock) => this.onConnection(sock));
     this.server = server;
-    // Create the socket 0660 from the start: no window in which others could connect.
-    const oldMask = process.umask(0o117);
+    // Create the socket 0600 from the start: no window in which others could connect. Then it is the owner's.
+    const oldMask = process.umask(0o177);
     try {
       await new Promise<void>((res, rej) => {
         server.once('error', rej);
@@ -188,9 +156,13 @@ export class RootHelperServer {
     } finally {
       process.umask(oldMask);
     }
-    await chmod(path, 0o660);
-    if (gid !== undefined) await chown(path, 0, gid);
-    this.log(`roothelper: listening on ${path} (state dir ${this.options.stateDir}${gid !== undefined ? `, group ${this.options.group}` : ''}${this.options.netns ? `, netns ${this.options.netns}` : ''})`);
+    await chmod(path, 0o600);
+    if (process.getuid?.() === 0) await chown(path, this.caller.uid, 0);
+    else if (process.getuid?.() !== this.caller.uid) {
+      await this.close();
+      throw new BangerError('usage', `only root can serve uid ${this.caller.uid} a socket of its own`, 'run the helper as root');
+    }
+    this.log(`roothelper: listening on ${path} for uid ${this.caller.uid} (state dir ${this.options.stateDir}${this.options.netns ? `, netns ${this.options.netns}` : ''})`);
   }
 
   async close(): Promise<void> {
@@ -254,9 +226,9 @@ export class RootHelperServer {
       const req = parseRequestLine(line);
       id = req.id;
       verb = req.verb;
-      this.log(`roothelper: request id=${JSON.stringify(id)} verb=${JSON.stringify(verb)} args=${clip(safeJson(req.args))}`);
-      v = await validateRequest(req.verb, req.args, { stateDir: this.options.stateDir });
-      await this.checkPolicy(v);
+      this.log(`roothelper: request id=${JSON.stringify(id)} uid=${this.caller.uid} verb=${JSON.stringify(verb)} args=${clip(safeJson(req.args))}`);
+      v = await validateRequest(req.verb, req.args, this.caller);
+      await authorize(v, this.caller);
     } catch (e) {
       const err = toErrorBody(e);
       this.log(`roothelper: REFUSED id=${JSON.stringify(id)} verb=${JSON.stringify(verb)}: ${err.message}`);
@@ -266,7 +238,7 @@ export class RootHelperServer {
     const started = Date.now();
     try {
       // Reads (ping, tap.list) run at once; changes queue behind each other.
-      const result = v.verb === 'ping' || v.verb === 'tap.list' || v.verb === 'firewall.status' ? await this.bounded(v) : await this.serialized(() => this.bounded(v));
+      const result = v.verb === 'ping' || v.verb === 'tap.list' || v.verb === 'firewall.status' ? await this.bounded(v).answer : await this.serialized(v);
       this.log(`roothelper: ok id=${JSON.stringify(id)} verb=${verb} ${Date.now() - started} ms`);
       this.send(sock, { id, ok: true, result });
     } catch (e) {
@@ -276,68 +248,83 @@ export class RootHelperServer {
     }
   }
 
-  /** Rules beyond "under the state dir": VM directories are `<stateDir>/vms/<id>`. */
-  private async checkPolicy(v: ValidatedRequest): Promise<void> {
-    const vmsDir = resolve(await realpath(this.options.stateDir), Files.vmsDir);
-    const isVmDir = (p: string) => resolve(p, '..') === vmsDir;
-    if (v.verb === 'vmdir.chown' && !isVmDir(v.args.path)) {
-      throw refusal(v.verb, `path ${JSON.stringify(v.args.path)} is not a VM directory (${vmsDir}/<id>)`);
-    }
-    if (v.verb === 'firecracker.jail' && !isVmDir(v.args.vmDir)) {
-      throw refusal(v.verb, `vmDir ${JSON.stringify(v.args.vmDir)} is not a VM directory (${vmsDir}/<id>)`);
-    }
-  }
-
-  /** Run one operation with a deadline: its commands get an abort signal, and the queue moves on regardless. */
-  private bounded(v: ValidatedRequest): Promise<unknown> {
+  /**
+   * Run one operation with a deadline. At the deadline its signal aborts the work (commands are killed, jail
+   * steps stop) and the client gets a timeout; `settled` resolves once the work has really stopped (or a grace
+   * period after the abort), so the next change never overlaps it.
+   */
+  private bounded(v: ValidatedRequest): { answer: Promise<unknown>; settled: Promise<void> } {
     const ms = this.options.opTimeoutMs ?? 60_000;
     const ac = new AbortController();
     let timer: NodeJS.Timeout | undefined;
+    let graceTimer: NodeJS.Timeout | undefined;
+    const work = this.execute(v, ac.signal);
     const deadline = new Promise<never>((_, rej) => {
       timer = setTimeout(() => {
         ac.abort(new Error(`timed out after ${ms} ms`));
-        rej(new BangerError('timeout', `${v.verb} did not finish within ${ms} ms`));
+        rej(new BangerError('timeout', `${v.verb} did not finish within ${ms} ms; it was aborted`));
       }, ms);
     });
-    return Promise.race([this.execute(v, ac.signal), deadline]).finally(() => clearTimeout(timer));
+    const answer = Promise.race([work, deadline]).finally(() => clearTimeout(timer));
+    const grace = new Promise<void>((res) => {
+      ac.signal.addEventListener('abort', () => {
+        graceTimer = setTimeout(() => {
+          this.log(`roothelper: ${v.verb} still running ${ABORT_GRACE_MS} ms after its abort; the queue moves on`);
+          res();
+        }, ABORT_GRACE_MS);
+      });
+    });
+    const settled = Promise.race([work.then(noop, noop), grace]).finally(() => clearTimeout(graceTimer));
+    return { answer, settled };
   }
 
-  private serialized<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.queue.then(fn, fn);
-    this.queue = p.catch(() => undefined);
-    return p;
+  private serialized(v: ValidatedRequest): Promise<unknown> {
+    const started = this.queue.then(() => this.bounded(v));
+    this.queue = started.then((r) => r.settled);
+    return started.then((r) => r.answer);
   }
 
+  /** Every handler gets the caller: the owner this socket serves. */
   private async execute(v: ValidatedRequest, signal: AbortSignal): Promise<unknown> {
+    const caller = this.caller;
     switch (v.verb) {
       case 'ping':
-        return { version: PROTOCOL_VERSION, release: buildInfo().version, pid: process.pid, uid: process.getuid?.() ?? -1 } satisfies VerbResults['ping'];
+        return { version: PROTOCOL_VERSION, release: buildInfo().version, pid: process.pid, uid: process.getuid?.() ?? -1, owner: { uid: caller.uid, tag: caller.tag } } satisfies VerbResults['ping'];
       case 'tap.create':
-        return this.ops.createTap(v.args.name, v.args.uid, { gid: v.args.gid, bridge: v.args.bridge }, signal);
+        return this.ops.createTap(caller, v.args.name, signal);
       case 'tap.delete':
-        return this.ops.deleteTap(v.args.name, signal);
+        return this.ops.deleteTap(caller, v.args.name, signal);
       case 'tap.list':
-        return this.ops.listTaps(signal);
+        return this.ops.listTaps(caller, signal);
       case 'bridge.ensure':
-        return this.ops.ensureBridge(v.args.name, v.args.cidr, v.args.nat, signal);
+        return this.ops.ensureBridge(caller, signal);
       case 'firecracker.jail':
-        return this.ops.jail(v.args, signal);
+        return this.ops.jail(caller, { ...v.args, uid: caller.uid, gid: caller.gid }, signal);
       case 'firecracker.unjail':
-        return this.ops.unjail(v.args.id, signal);
-      case 'vmdir.chown':
-        return this.ops.chownTree(v.args.path, v.args.uid, v.args.gid, signal);
+        return this.ops.unjail(caller, v.args.id, signal);
       case 'firewall.set':
         return this.ops.firewall.set(v.args, signal);
       case 'firewall.clear':
         return this.ops.firewall.clear(v.args.tap, signal);
-      case 'firewall.status':
-        return this.ops.firewall.status(signal);
+      case 'firewall.status': {
+        const st = await this.ops.firewall.status(signal);
+        return { ...st, vms: st.vms.filter((vm) => vm.tap.startsWith(`${net.TAP_PREFIX}${caller.tag}`)) };
+      }
       default: {
         const never: never = v;
         throw new BangerError('method_not_found', `unhandled verb ${(never as { verb: Verb }).verb}`);
       }
     }
   }
+}
+
+const ABORT_GRACE_MS = 10_000;
+const noop = () => undefined;
+
+/** The owner from the configuration: a uid and gid in [0, 2^31). */
+function assertOwner(o: HelperOwner | undefined): void {
+  const ok = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0 && n < 2 ** 31;
+  if (!o || !ok(o.uid) || !ok(o.gid)) throw new BangerError('usage', `the root helper needs its owner's uid and gid (integers in [0, 2^31)), got ${JSON.stringify(o)}`);
 }
 
 function toErrorBody(e: unknown): { kind: string; message: string; hint?: string } {

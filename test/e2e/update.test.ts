@@ -124,11 +124,10 @@ describeE2E('install, update and roll back a release', () => {
     expect(readlinkSync(bin())).toBe('../lib/banger/current/bin/banger.js');
     expect(await expectConsistent()).toBe(V1);
     const helperUnit = readFileSync(join(work, 'units', 'banger-roothelper.service'), 'utf8');
-    expect(helperUnit).toContain(`ExecStart=${process.execPath} ${join(lib(), 'current', 'dist', 'roothelper', 'main.js')} --socket`);
-    expect(helperUnit).toContain('--group root');
+    expect(helperUnit).toContain(`ExecStart=${process.execPath} ${join(lib(), 'current', 'dist', 'roothelper', 'main.js')} --config ${join(lib(), 'roothelper.json')}`);
     expect(helperUnit).not.toContain('tsx');
     expect(readFileSync(join(work, 'user-units', 'banger.service'), 'utf8')).toContain(`${join(lib(), 'current', 'bin', 'banger.js')} daemon start --foreground`);
-    expect(JSON.parse(readFileSync(join(lib(), 'roothelper.json'), 'utf8'))).toMatchObject({ owner: 'root', group: 'root' });
+    expect(JSON.parse(readFileSync(join(lib(), 'roothelper.json'), 'utf8'))).toMatchObject({ bridge: 'banger0', owners: [{ name: 'root', uid: 0, gid: 0 }] });
     for (const f of [lib(), join(lib(), 'releases', V1), join(lib(), 'releases', V1, 'dist', 'cli', 'main.js')]) {
       expect(execaSync('stat', ['-c', '%u %A', f]).stdout).toMatch(/^0 .....-..-.$/); // root's, nobody else writes
     }

@@ -138,7 +138,7 @@ describe.skipIf(!isRoot && !inCi)(`host network in a private namespace${reason ?
   });
 
   it('refuses a TAP owned by someone else, a device of another kind, and a missing bridge', async () => {
-    expect(await kindOf(createTap('bgtapt1', 4242, opts))).toMatch(/^conflict: TAP bgtapt1 exists but belongs to uid 1000, not 4242/);
+    expect(await kindOf(createTap('bgtapt1', 4242, opts))).toMatch(/^conflict: TAP bgtapt1 exists but belongs to uid 1000, not uid 4242/);
     // (this kernel may lack the dummy driver: a bridge and a TAP serve as "the wrong kind")
     await run('ip', ['-n', ns, 'link', 'add', 'bgtapd1', 'type', 'bridge']);
     expect(await kindOf(createTap('bgtapd1', 1000, opts))).toMatch(/^conflict: bgtapd1 exists but is a bridge, not a TAP device/);

@@ -9,12 +9,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RootHelper } from '../../src/actors/root-helper.js';
-import { TapPool } from '../../src/actors/tap-pool.js';
+import { TapPool, ownerTag } from '../../src/actors/tap-pool.js';
 import { openDb } from '../../src/store/db.js';
 import { startRootHelper, type HelperOps, type RootHelperServer } from '../../src/roothelper/server.js';
 import { waitUntil } from '../support/wait.js';
 import { runInSystem } from '../support/infra.js';
 
+/** The socket's owner: whoever runs the test (only root may serve another uid a socket). */
+const me = { uid: process.getuid!(), gid: process.getgid!() };
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
@@ -24,24 +26,24 @@ function fakeHost() {
   const taps = new Set<string>();
   const calls: string[] = [];
   const ops: Partial<HelperOps> = {
-    createTap: async (name) => {
+    createTap: async (_caller, name) => {
       calls.push(`create ${name}`);
       const created = !taps.has(name);
       taps.add(name);
       return { name, created };
     },
-    deleteTap: async (name) => {
+    deleteTap: async (_caller, name) => {
       calls.push(`delete ${name}`);
       return { name, deleted: taps.delete(name) };
     },
     listTaps: async () => ({ taps: [...taps].map((name) => ({ name, up: true })) as never }),
-    ensureBridge: async (name) => ({ name, created: false, addressAdded: false }),
+    ensureBridge: async () => ({ name: 'banger0', cidr: '172.30.0.1/24', created: false, addressAdded: false }),
   };
   return { taps, calls, ops };
 }
 
 async function serve(dir: string, ops: Partial<HelperOps>): Promise<RootHelperServer> {
-  const s = await startRootHelper({ socketPath: join(dir, 'h.sock'), stateDir: dir, ops, log: () => {} });
+  const s = await startRootHelper({ socketPath: join(dir, 'h.sock'), stateDir: dir, owner: me, ops, log: () => {} });
   return s;
 }
 
@@ -51,23 +53,24 @@ describe('rootHelper actor and tapPool', () => {
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     const host = fakeHost();
     let server = await serve(dir, host.ops);
-    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, network: { bridge: 'banger0', cidr: '172.30.0.1/24', nat: false }, log: () => {} });
     cleanups.push(() => helper.stop());
     cleanups.push(runInSystem(helper));
     expect(await helper.reachable(5000)).toBe(true);
-    await helper.request('tap.create', { name: 'bgtapa1', uid: 0 });
+    const tag = ownerTag(me.uid, dir);
+    await helper.request('tap.create', { name: `bgtap${tag}a1` });
     await server.close();
     await waitUntil('the actor to notice the helper went away', () => helper.state().state !== 'connected');
     let settled = false;
-    const pending = helper.request('tap.create', { name: 'bgtapa2', uid: 0 }, { timeoutMs: 20_000 });
+    const pending = helper.request('tap.create', { name: `bgtap${tag}a2` }, { timeoutMs: 20_000 });
     void pending.finally(() => (settled = true)).catch(() => undefined);
     // the request waits through a failed reconnect rather than failing with it
     await waitUntil('a failed reconnect attempt while the helper is down', () => helper.state().attempts >= 1);
     expect(settled).toBe(false);
     server = await serve(dir, host.ops);
     cleanups.push(() => server.close());
-    await expect(pending).resolves.toMatchObject({ name: 'bgtapa2', created: true });
-    expect([...host.taps].sort()).toEqual(['bgtapa1', 'bgtapa2']);
+    await expect(pending).resolves.toMatchObject({ name: `bgtap${tag}a2`, created: true });
+    expect([...host.taps].sort()).toEqual([`bgtap${tag}a1`, `bgtap${tag}a2`]);
   });
 
   it('a helper that dies mid-create: the request is sent again after the reconnect, nothing leaks', async () => {
@@ -78,21 +81,21 @@ describe('rootHelper actor and tapPool', () => {
     let died = false;
     const dying: Partial<HelperOps> = {
       ...host.ops,
-      createTap: async (name, uid, o) => {
+      createTap: async (caller, name) => {
         if (!died) {
           died = true;
-          await host.ops.createTap!(name, uid, o); // the device is made, then the helper dies before answering
+          await host.ops.createTap!(caller, name); // the device is made, then the helper dies before answering
           void server.close();
           return new Promise(() => {});
         }
-        return host.ops.createTap!(name, uid, o);
+        return host.ops.createTap!(caller, name);
       },
     };
     server = await serve(dir, dying);
-    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, network: { bridge: 'banger0', cidr: '172.30.0.1/24', nat: false }, log: () => {} });
     cleanups.push(() => helper.stop());
     const db = openDb(':memory:');
-    const pool = new TapPool(db, helper, { size: 0, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
+    const pool = new TapPool(db, helper, { size: 0, log: () => {} });
     cleanups.push(() => pool.stop());
     cleanups.push(runInSystem(helper, pool));
     expect(await helper.reachable(5000)).toBe(true);
@@ -114,10 +117,10 @@ describe('rootHelper actor and tapPool', () => {
     const host = fakeHost();
     const server = await serve(dir, host.ops);
     cleanups.push(() => server.close());
-    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, bridge: 'banger0', log: () => {} });
+    const helper = new RootHelper({ socket: join(dir, 'h.sock'), spawnChild: false, stateDir: dir, network: { bridge: 'banger0', cidr: '172.30.0.1/24', nat: false }, log: () => {} });
     cleanups.push(() => helper.stop());
     const db = openDb(':memory:');
-    const pool = new TapPool(db, helper, { size: 2, bridge: 'banger0', uid: 0, gid: 0, log: () => {} });
+    const pool = new TapPool(db, helper, { size: 2, log: () => {} });
     cleanups.push(() => pool.stop());
     cleanups.push(runInSystem(helper, pool));
     await pool.refill();
@@ -126,14 +129,15 @@ describe('rootHelper actor and tapPool', () => {
     expect(a.warm).toBe(true);
     await pool.refill();
     expect(pool.leases().filter((l) => l.vmId === null)).toHaveLength(2);
-    host.taps.add('bgtapstray1');
-    // a stray device, and a VM that still claims its TAP
+    const stray = `bgtap${ownerTag(me.uid, dir)}s1`;
+    host.taps.add(stray);
+    // a stray device of this owner's, and a VM that still claims its TAP
     let r = await pool.reconcile(new Map([[a.tap, 'vmA']]), false);
     expect(r.deleted).toEqual([]); // some VM could not be inspected: nothing is deleted
-    expect(host.taps.has('bgtapstray1')).toBe(true);
+    expect(host.taps.has(stray)).toBe(true);
     r = await pool.reconcile(new Map([[a.tap, 'vmA']]), true);
     expect(r.adopted).toEqual([a.tap]);
-    expect(r.deleted).toEqual(['bgtapstray1']);
+    expect(r.deleted).toEqual([stray]);
     expect(host.taps.has(a.tap)).toBe(true);
   });
 });

@@ -32,16 +32,15 @@ function recordingOps(): HelperOps {
     opCalls.push(name);
   };
   return {
-    createTap: async (name) => (record('createTap'), { name, created: true }),
-    deleteTap: async (name) => (record('deleteTap'), { name, deleted: true }),
+    createTap: async (_caller, name) => (record('createTap'), { name, created: true }),
+    deleteTap: async (_caller, name) => (record('deleteTap'), { name, deleted: true }),
     listTaps: async () => (record('listTaps'), { taps: [] }),
-    ensureBridge: async (name) => (record('ensureBridge'), { name, created: true, addressAdded: true }),
+    ensureBridge: async () => (record('ensureBridge'), { name: 'banger0', cidr: '172.30.0.1/24', created: true, addressAdded: true }),
     jail: async () => {
       record('jail');
       throw new Error('jail must not run in this test');
     },
     unjail: async () => (record('unjail'), { removed: [] }),
-    chownTree: async (path) => (record('chownTree'), { path, changed: 0 }),
     firewall: {
       set: async (vm) => (record('firewall.set'), { installed: true, vms: [vm] }),
       clear: async () => (record('firewall.clear'), { installed: false, vms: [] }),
@@ -90,16 +89,18 @@ function badArgs(): Array<[string, unknown]> {
     ['tap.create', { name: 'bgtap0', uid: 2 ** 40 }],
     ['tap.create', { name: ['bgtap0'], uid: 1 }],
     ['tap.create', {}],
+    ['tap.create', { name: 'bgtap0' }], // not this owner's tag
+    ['tap.delete', { name: 'bgtapzzzz0' }],
     ['tap.delete', { name: 'lo' }],
     ['bridge.ensure', { name: 'banger0', cidr: '8.8.8.1/24', nat: true }],
-    ['bridge.ensure', { name: 'docker0', cidr: '172.30.0.1/24', nat: false }],
-    ['bridge.ensure', { name: 'banger0', cidr: '172.30.0.1/24', nat: 'yes' }],
+    ['bridge.ensure', { name: 'docker0' }],
+    ['bridge.ensure', { nat: 'yes' }],
     ['firecracker.unjail', { id: '../../etc' }],
     ['firecracker.jail', { id: 'x', uid: 0, gid: 0 }],
-    ['vmdir.chown', { path: '/etc', uid: 1000, gid: 1000 }],
-    ['vmdir.chown', { path: `${stateDir}/vms/../../`, uid: 1000, gid: 1000 }],
-    ['vmdir.chown', { path: 'relative/path', uid: 1000, gid: 1000 }],
-    ['vmdir.chown', { path: `${stateDir}/vms/nope\u0000`, uid: 1000, gid: 1000 }],
+    ['firecracker.jail', { id: 'x', vmDir: '/etc', binary: '/bin/sh', kernel: '/k', rootDisk: '/r', workDisk: '/w' }],
+    ['firecracker.jail', { id: 'x', vmDir: `${stateDir}/vms/../../`, binary: '/bin/sh', kernel: '/k', rootDisk: '/r', workDisk: '/w' }],
+    ['firecracker.jail', { id: 'x', vmDir: 'relative/path', binary: '/bin/sh', kernel: '/k', rootDisk: '/r', workDisk: '/w' }],
+    ['firecracker.jail', { id: 'x', vmDir: `${stateDir}/vms/nope\u0000`, binary: '/bin/sh', kernel: '/k', rootDisk: '/r', workDisk: '/w' }],
   ];
 }
 
@@ -206,7 +207,7 @@ beforeAll(async () => {
   stateDir = join(dir, 'state');
   await mkdir(join(stateDir, 'vms', 'vm1'), { recursive: true });
   socketPath = join(dir, 'helper.sock');
-  helper = await startRootHelper({ socketPath, stateDir, runner: recordingRunner, ops: recordingOps(), log: (l) => logs.push(l) });
+  helper = await startRootHelper({ socketPath, stateDir, owner: { uid: process.getuid!(), gid: process.getgid!() }, runner: recordingRunner, ops: recordingOps(), log: (l) => logs.push(l) });
 });
 
 afterAll(async () => {
@@ -226,7 +227,7 @@ describe('root helper under hostile frames', () => {
         expect(e?.kind, verb).toBe('method_not_found');
         expect(e.message).toBe(`refused verb ${JSON.stringify(verb)}: not one the root helper accepts`);
       }
-      expect(await client.request('ping', {})).toMatchObject({ version: 1 });
+      expect(await client.request('ping', {})).toMatchObject({ version: 2 });
     } finally {
       client.close();
     }
@@ -259,7 +260,7 @@ describe('root helper under hostile frames', () => {
     // the same connection still answers
     c.sock.write(`${line('after', 'ping', {})}\n`);
     await until(() => c.answers.length === frames.length + 1, 'the ping after the fuzz');
-    expect(c.answers.at(-1)).toMatchObject({ id: 'after', ok: true, result: { version: 1 } });
+    expect(c.answers.at(-1)).toMatchObject({ id: 'after', ok: true, result: { version: 2 } });
     c.sock.destroy();
   });
 

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { link, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -7,11 +7,16 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { run, type Runner } from '../../src/host/exec/runner.js';
 import { RootHelperClient } from '../../src/roothelper/client.js';
-import { chownTree, startRootHelper, type RootHelperOptions, type RootHelperServer } from '../../src/roothelper/server.js';
+import { ownerTag } from '../../src/host/net/tap-owner.js';
+import { startRootHelper, type RootHelperOptions, type RootHelperServer } from '../../src/roothelper/server.js';
 import { DAEMON_UNIT, HELPER_UNIT, daemonUnit, helperUnit, systemdQuote, writeUnits } from '../../src/roothelper/units.js';
 
 const isRoot = process.getuid?.() === 0;
 const inCi = process.env.CI === 'true';
+/** The sockets' owner: whoever runs the test (only root may serve another uid a socket). */
+const me = { uid: process.getuid!(), gid: process.getgid!() };
+/** The TAP name prefix the helper accepts from `me` with the test's state dir. */
+const myTap = (rest: string) => `bgtap${ownerTag(me.uid, stateDir)}${rest}`;
 
 let root: string;
 let stateDir: string;
@@ -33,7 +38,7 @@ function recordingRunner(passThrough = false): { runner: Runner; calls: string[]
 async function startPair(opts: Partial<RootHelperOptions> = {}) {
   const socketPath = join(root, `h${++n}.sock`);
   const logs: string[] = [];
-  const server = await startRootHelper({ socketPath, stateDir, log: (l) => logs.push(l), ...opts });
+  const server = await startRootHelper({ socketPath, stateDir, owner: me, log: (l) => logs.push(l), ...opts });
   servers.push(server);
   const client = await RootHelperClient.connect(socketPath, { requestTimeoutMs: 10_000 });
   clients.push(client);
@@ -73,11 +78,13 @@ afterAll(async () => {
 });
 
 describe('root helper over a Unix socket', () => {
-  it('answers ping, with the socket at mode 0660', async () => {
+  it('answers ping with the owner it serves, the socket at mode 0600 and owned by that owner', async () => {
     const { client, socketPath } = await startPair();
     const r = await client.request('ping', {});
-    expect(r).toMatchObject({ version: 1, pid: process.pid });
-    expect((await stat(socketPath)).mode & 0o777).toBe(0o660);
+    expect(r).toMatchObject({ version: 2, pid: process.pid, owner: { uid: me.uid, tag: ownerTag(me.uid, stateDir) } });
+    const st = await stat(socketPath);
+    expect(st.mode & 0o777).toBe(0o600);
+    expect(st.uid).toBe(me.uid);
   });
 
   it('refuses hostile requests with a clear error, logs each one, and runs nothing', async () => {
@@ -85,27 +92,29 @@ describe('root helper over a Unix socket', () => {
     const mustNotRun = async (): Promise<never> => {
       throw new Error('must not run');
     };
-    const ops = { jail: mustNotRun, unjail: mustNotRun, chownTree: mustNotRun };
+    const ops = { jail: mustNotRun, unjail: mustNotRun };
     const { client, logs } = await startPair({ runner, ops });
     const hostile: Array<[string, unknown, string, RegExp]> = [
       ['exec', { cmd: 'id' }, 'method_not_found', /refused verb "exec": not one the root helper accepts/],
-      ['tap.create', { name: 'eth0', uid: 1000 }, 'invalid_params', /refused tap\.create: name "eth0" is not a banger TAP name/],
-      ['tap.create', { name: 'bgtap0;rm -rf /', uid: 1000 }, 'invalid_params', /is not a banger TAP name/],
-      ['tap.create', { name: 'bgtap$(id)', uid: 1000 }, 'invalid_params', /is not a banger TAP name/],
-      ['tap.create', { name: 'bgtap0123456789ab', uid: 1000 }, 'invalid_params', /is not a banger TAP name/],
-      ['tap.create', { name: 'bgtap0', uid: -1 }, 'invalid_params', /uid must not be negative/],
-      ['tap.create', { name: 'bgtap0', uid: 1.5 }, 'invalid_params', /uid must be an integer/],
-      ['tap.create', { name: 'bgtap0', uid: '0' }, 'invalid_params', /uid must be an integer, got the string "0"/],
-      ['tap.create', { name: 'bgtap0', uid: 1000, netns: '/proc/1/ns/net' }, 'invalid_params', /unknown field "netns"/],
+      ['tap.create', { name: 'eth0' }, 'invalid_params', /refused tap\.create: name "eth0" is not a banger TAP name/],
+      ['tap.create', { name: 'bgtap0;rm -rf /' }, 'invalid_params', /is not a banger TAP name/],
+      ['tap.create', { name: 'bgtap$(id)' }, 'invalid_params', /is not a banger TAP name/],
+      ['tap.create', { name: 'bgtap0123456789ab' }, 'invalid_params', /is not a banger TAP name/],
+      // no request names a user: the caller is the socket's owner
+      ['tap.create', { name: myTap('a'), uid: 0 }, 'invalid_params', /unknown field "uid"/],
+      ['tap.create', { name: myTap('a'), gid: 0, bridge: 'banger0' }, 'invalid_params', /unknown fields "gid", "bridge"/],
+      ['tap.create', { name: myTap('a'), netns: '/proc/1/ns/net' }, 'invalid_params', /unknown field "netns"/],
+      // a TAP name without this owner's tag is someone else's
+      ['tap.create', { name: 'bgtap0' }, 'invalid_params', /refused tap\.create: TAP "bgtap0" is not this owner's/],
+      ['tap.delete', { name: 'bgtap0' }, 'invalid_params', /refused tap\.delete: TAP "bgtap0" is not this owner's/],
       ['tap.delete', { name: 'eth0' }, 'invalid_params', /refused tap\.delete/],
-      ['bridge.ensure', { name: 'banger0', cidr: '8.8.8.1/24', nat: true }, 'invalid_params', /not in a private range/],
-      ['bridge.ensure', { name: 'docker0', cidr: '172.30.0.1/24', nat: false }, 'invalid_params', /not a banger bridge name/],
+      // the bridge, its CIDR and NAT are the helper's config
+      ['bridge.ensure', { name: 'banger0', cidr: '8.8.8.1/24', nat: true }, 'invalid_params', /unknown fields "name", "cidr", "nat"/],
       ['firecracker.unjail', { id: '../../etc' }, 'invalid_params', /is not a Firecracker id/],
-      ['vmdir.chown', { path: '/etc', uid: 1000, gid: 1000 }, 'invalid_params', /path "\/etc" is not inside the state directory/],
-      ['vmdir.chown', { path: `${stateDir}/vms/../../`, uid: 1000, gid: 1000 }, 'invalid_params', /contains a "\.\." segment/],
-      ['vmdir.chown', { path: join(stateDir, 'vms', 'escape'), uid: 1000, gid: 1000 }, 'invalid_params', /is not inside the state directory .*resolves to/],
-      ['vmdir.chown', { path: join(stateDir, 'images'), uid: 1000, gid: 1000 }, 'invalid_params', /is not a VM directory/],
-      ['firecracker.jail', { id: 'x', vmDir: join(stateDir, 'vms', 'vm1'), binary: '/bin/sh', uid: 0, gid: 0, kernel: '/boot/vmlinuz', rootDisk: '/etc/shadow', workDisk: '/etc/passwd' }, 'invalid_params', /uid must not be 0/],
+      ['firecracker.jail', { id: 'x', vmDir: join(stateDir, 'vms', 'vm1'), binary: '/bin/sh', uid: 0, gid: 0, kernel: '/boot/vmlinuz', rootDisk: '/etc/shadow', workDisk: '/etc/passwd' }, 'invalid_params', /unknown fields "uid", "gid"/],
+      ['firecracker.jail', { id: 'x', vmDir: '/etc', binary: '/bin/sh', kernel: '/boot/vmlinuz', rootDisk: '/etc/shadow', workDisk: '/etc/passwd' }, 'invalid_params', /is not inside the state directory/],
+      // a verb without callers is gone
+      ['vmdir.chown', { path: join(stateDir, 'vms', 'vm1'), uid: 1000, gid: 1000 }, 'method_not_found', /refused verb "vmdir\.chown"/],
     ];
     for (const [verb, args, kind, msg] of hostile) {
       const e = await errorOf(client.request(verb, args));
@@ -117,7 +126,7 @@ describe('root helper over a Unix socket', () => {
     expect(logs.filter((l) => / request id=/.test(l))).toHaveLength(hostile.length);
     for (const l of logs) expect(l.includes('\n')).toBe(false);
     // still serving after all that
-    expect(await client.request('ping', {})).toMatchObject({ version: 1 });
+    expect(await client.request('ping', {})).toMatchObject({ version: 2 });
   });
 
   it('answers a malformed line with a parse error (id null) and keeps serving', async () => {
@@ -131,7 +140,7 @@ describe('root helper over a Unix socket', () => {
     raw.destroy();
     expect(JSON.parse(answer)).toEqual({ id: null, ok: false, error: { kind: 'parse', message: expect.stringMatching(/^refused request: not JSON/) } });
     expect(logs.some((l) => l.includes('REFUSED id=null'))).toBe(true);
-    expect(await client.request('ping', {})).toMatchObject({ version: 1 });
+    expect(await client.request('ping', {})).toMatchObject({ version: 2 });
   });
 
   it('closes a connection that sends an endless line, rejecting what is pending', async () => {
@@ -154,11 +163,42 @@ describe('root helper over a Unix socket', () => {
     expect(e.kind).toBe('timeout');
     expect(e.message).toMatch(/root helper tap\.list: no answer within 200 ms/);
     // host operations are serialized: ping does not queue behind them
-    expect(await client.request('ping', {}, { timeoutMs: 2000 })).toMatchObject({ version: 1 });
+    expect(await client.request('ping', {}, { timeoutMs: 2000 })).toMatchObject({ version: 2 });
     const pending = errorOf(client.request('tap.list', {}, { timeoutMs: 60_000 }));
     await server.close();
     servers.splice(servers.indexOf(server), 1);
     expect((await pending).message).toMatch(/connection closed before an answer/);
+  });
+
+  it('a timeout aborts the work, and the next change waits until it has really stopped', async () => {
+    const events: string[] = [];
+    const tap = myTap('t1');
+    const { client } = await startPair({
+      opTimeoutMs: 200,
+      ops: {
+        // stops 300 ms after its abort, as a command being killed does
+        createTap: (_caller, name, signal) =>
+          new Promise((res) => {
+            events.push(`start ${name}`);
+            signal!.addEventListener('abort', () => {
+              events.push(`aborted ${name}`);
+              setTimeout(() => {
+                events.push(`stopped ${name}`);
+                res({ name, created: false });
+              }, 300);
+            });
+          }),
+        deleteTap: async (_caller, name) => {
+          events.push(`delete ${name}`);
+          return { name, deleted: true };
+        },
+      },
+    });
+    const e = await errorOf(client.request('tap.create', { name: tap }));
+    expect(e.kind).toBe('timeout');
+    expect(e.message).toMatch(/tap\.create did not finish within 200 ms; it was aborted/);
+    expect(await client.request('tap.delete', { name: tap })).toEqual({ name: tap, deleted: true });
+    expect(events).toEqual([`start ${tap}`, `aborted ${tap}`, `stopped ${tap}`, `delete ${tap}`]);
   });
 
   it('aborts a request by signal', async () => {
@@ -177,52 +217,27 @@ describe('root helper over a Unix socket', () => {
 
   it('refuses to start on a socket another helper serves, and replaces a stale one', async () => {
     const { socketPath } = await startPair();
-    await expect(startRootHelper({ socketPath, stateDir, log: () => {} })).rejects.toThrow(/another root helper is already listening/);
+    await expect(startRootHelper({ socketPath, stateDir, owner: me, log: () => {} })).rejects.toThrow(/another root helper is already listening/);
     const notSocket = join(root, 'plain-file.sock');
     await writeFile(notSocket, '');
-    await expect(startRootHelper({ socketPath: notSocket, stateDir, log: () => {} })).rejects.toThrow(/exists and is not a socket/);
+    await expect(startRootHelper({ socketPath: notSocket, stateDir, owner: me, log: () => {} })).rejects.toThrow(/exists and is not a socket/);
     // a socket file left by a crash (a process that listened on it and was killed, so never unlinked) is replaced
     const stale = join(root, 'stale.sock');
     const crashed = await execa(process.execPath, ['-e', 'require("net").createServer().listen(process.argv[1], () => process.kill(process.pid, "SIGKILL"))', stale], { reject: false, timeout: 20_000 });
     expect(crashed.signal, 'the listener should die of SIGKILL, leaving its socket file').toBe('SIGKILL');
     expect((await stat(stale)).isSocket()).toBe(true);
-    const s = await startRootHelper({ socketPath: stale, stateDir, log: () => {} });
+    const s = await startRootHelper({ socketPath: stale, stateDir, owner: me, log: () => {} });
     servers.push(s);
     const c = await RootHelperClient.connect(stale);
     clients.push(c);
-    expect(await c.request('ping', {})).toMatchObject({ version: 1 });
+    expect(await c.request('ping', {})).toMatchObject({ version: 2 });
   });
 
-  it.skipIf(!isRoot)('chowns a VM directory tree without following links, and owns its socket by group', async () => {
-    const { client, socketPath } = await startPair({ group: '4321' });
-    expect((await stat(socketPath)).gid).toBe(4321);
-    const vm = join(stateDir, 'vms', 'vm1');
-    const r = await client.request('vmdir.chown', { path: vm, uid: 1234, gid: 1235 });
-    expect(r).toEqual({ path: vm, changed: 5 });
-    for (const p of [vm, join(vm, 'rootfs.ext4'), join(vm, 'sub', 'f')]) {
-      const st = await stat(p);
-      expect([st.uid, st.gid]).toEqual([1234, 1235]);
-    }
-    // the link was lchown'd; its target outside the state dir was not touched
-    expect((await stat(join(root, 'outside-file'))).uid).toBe(0);
-  });
-
-  it.skipIf(!isRoot)('chownTree resists a tree that moves under it', async () => {
-    const vm = join(stateDir, 'vms', 'vm2');
-    await mkdir(vm, { recursive: true });
-    // a hard link to a root-owned file outside (what protected_hardlinks normally forbids a user) is left alone
-    const secret = join(root, 'secret');
-    await writeFile(secret, 's');
-    await link(secret, join(vm, 'hardlinked'));
-    expect(await chownTree(vm, 1234, 1234)).toEqual({ path: vm, changed: 1, skipped: [join(vm, 'hardlinked')] });
-    expect((await stat(secret)).uid).toBe(0);
-    // the path itself swapped for a symlink after validation: refused, nothing changed
-    const swapped = join(stateDir, 'vms', 'vm3');
-    await symlink(root, swapped);
-    await expect(chownTree(swapped, 1234, 1234)).rejects.toThrow(/cannot be opened as a directory without following links \((ELOOP|ENOTDIR)\)/);
-    // an ancestor swapped for a symlink: the opened directory is not the validated path
-    await expect(chownTree(join(stateDir, 'vms', 'escape', 'state'), 1234, 1234)).rejects.toThrow(/changed while it was being checked \(it is now .*\/state\)/);
-    expect((await stat(root)).uid).toBe(0);
+  it.skipIf(!isRoot)('serves another owner on a socket that owner owns, mode 0600 (needs root)', async () => {
+    const { socketPath, client } = await startPair({ owner: { uid: 4321, gid: 4322 } });
+    const st = await stat(socketPath);
+    expect([st.uid, st.mode & 0o777]).toEqual([4321, 0o600]);
+    expect(await client.request('ping', {})).toMatchObject({ owner: { uid: 4321, tag: ownerTag(4321, stateDir) } });
   });
 });
 
@@ -239,37 +254,41 @@ describe.skipIf(!isRoot && !inCi)('root helper doing real network work in a priv
 
   it('creates the bridge and a TAP owned by a uid, lists and deletes it', async () => {
     const { runner, calls } = recordingRunner(true);
-    const { client, logs } = await startPair({ netns: ns, runner });
-    expect(await client.request('bridge.ensure', { name: 'banger0', cidr: '172.31.99.1/24', nat: false })).toEqual({
+    const { client, logs } = await startPair({ netns: ns, runner, network: { cidr: '172.31.99.1/24' } });
+    expect(await client.request('bridge.ensure', {})).toEqual({
       name: 'banger0',
+      cidr: '172.31.99.1/24',
       created: true,
       addressAdded: true,
     });
-    expect(await client.request('tap.create', { name: 'bgtaprh1', uid: 1000 })).toEqual({ name: 'bgtaprh1', created: true });
-    expect(await client.request('tap.create', { name: 'bgtaprh1', uid: 1000 })).toEqual({ name: 'bgtaprh1', created: false });
-    const links = JSON.parse((await run('ip', ['-n', ns, '-j', 'link', 'show', 'dev', 'bgtaprh1'])).stdout) as Array<{ master?: string; flags: string[] }>;
+    const tap = myTap('rh1');
+    expect(await client.request('tap.create', { name: tap })).toEqual({ name: tap, created: true });
+    expect(await client.request('tap.create', { name: tap })).toEqual({ name: tap, created: false });
+    const links = JSON.parse((await run('ip', ['-n', ns, '-j', 'link', 'show', 'dev', tap])).stdout) as Array<{ master?: string; flags: string[] }>;
     expect(links[0].master).toBe('banger0');
     expect(links[0].flags).toContain('UP');
+    // made for a root owner: no user at all (-1), so only CAP_NET_ADMIN may attach; never "owned by uid 0"
+    expect((await run('ip', ['netns', 'exec', ns, 'cat', `/sys/class/net/${tap}/owner`])).stdout.trim()).toBe('-1');
     const list = await client.request('tap.list', {});
-    expect(list.taps.map((t) => t.name)).toEqual(['bgtaprh1']);
-    expect(await client.request('tap.delete', { name: 'bgtaprh1' })).toEqual({ name: 'bgtaprh1', deleted: true });
+    expect(list.taps.map((t) => t.name)).toEqual([tap]);
+    expect(await client.request('tap.delete', { name: tap })).toEqual({ name: tap, deleted: true });
     expect((await client.request('tap.list', {})).taps).toEqual([]);
     // every command ran inside the namespace
     for (const c of calls) expect(c.slice(0, 4).join(' ')).toMatch(new RegExp(`^ip (-n ${ns}|netns exec ${ns})`));
     expect(logs.filter((l) => l.includes(' ok id='))).toHaveLength(6);
     // and the host has no such devices
     const host = (JSON.parse((await run('ip', ['-j', 'link', 'show'])).stdout) as Array<{ ifname: string }>).map((l) => l.ifname);
-    expect(host).not.toContain('bgtaprh1');
+    expect(host).not.toContain(tap);
   });
 });
 
 describe('systemd units', () => {
-  const o = { nodePath: '/usr/bin/node', projectDir: '/opt/banger', stateDir: '/home/ann/.local/share/banger', group: 'banger' };
+  const o = { nodePath: '/usr/bin/node', projectDir: '/opt/banger', stateDir: '/home/ann/.local/share/banger', helperConfig: '/usr/local/lib/banger/roothelper.json' };
 
   it('runs the helper as a root system unit with the validated arguments', () => {
     const u = helperUnit(o);
     expect(u).toContain(
-      'ExecStart=/usr/bin/node /opt/banger/dist/roothelper/main.js --socket /run/banger-roothelper/helper.sock --state-dir /home/ann/.local/share/banger --group banger',
+      'ExecStart=/usr/bin/node /opt/banger/dist/roothelper/main.js --config /usr/local/lib/banger/roothelper.json',
     );
     expect(u).toContain('RuntimeDirectory=banger-roothelper');
     expect(u).toContain('KillMode=process');
@@ -291,7 +310,7 @@ describe('systemd units', () => {
     expect(systemdQuote('$HOME')).toBe('"$$HOME"');
     expect(systemdQuote('a"b\\c')).toBe('"a\\"b\\\\c"');
     expect(() => systemdQuote('a\nExecStartPre=/bin/sh')).toThrow(/control character/);
-    expect(() => helperUnit({ ...o, stateDir: 'relative' })).toThrow(/absolute path/);
+    expect(() => helperUnit({ ...o, helperConfig: 'relative' })).toThrow(/absolute path/);
   });
 
   it('writes both files', async () => {

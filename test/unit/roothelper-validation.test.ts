@@ -3,7 +3,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { parseArgs, parseRequestLine, validateRequest, type Verb } from '../../src/roothelper/protocol.js';
+import { authorize } from '../../src/roothelper/authorize.js';
+import { helperConfigFor, loadHelperConfig, parseHelperConfig } from '../../src/roothelper/config.js';
+import { ownerTag } from '../../src/host/net/tap-owner.js';
+import { parseArgs, parseRequestLine, validateRequest, type Caller, type Verb } from '../../src/roothelper/protocol.js';
 
 /** Expect a refusal (a BangerError of `kind`) whose message matches. */
 async function refused(p: Promise<unknown> | (() => unknown), kind: string, message: RegExp): Promise<BangerError> {
@@ -53,6 +56,9 @@ afterAll(async () => {
 });
 
 const policy = () => ({ stateDir: state });
+/** A jail request whose vmDir is `p` (paths are checked before the binary). */
+const jailAt = (p: string) => ({ id: 'vm-1', vmDir: p, binary: '/nonexistent/firecracker', kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'rootfs.ext4'), workDisk: join(vmDir, 'work.ext4') });
+const owner = (uid = 1000) => ({ uid, gid: uid, stateDir: '/home/ann/.local/share/banger', socket: '/run/banger-roothelper/helper.sock' });
 
 describe('verbs', () => {
   it('refuses unknown verbs and lists the accepted ones', async () => {
@@ -64,15 +70,15 @@ describe('verbs', () => {
   });
 
   it('accepts valid requests', async () => {
-    expect(parseArgs('tap.create', { name: 'bgtap0', uid: 1000 })).toEqual({ name: 'bgtap0', uid: 1000 });
-    expect(parseArgs('tap.create', { name: 'bgtapabcdefghij', uid: 0, gid: 2147483647, bridge: 'banger0' })).toMatchObject({ name: 'bgtapabcdefghij' });
+    expect(parseArgs('tap.create', { name: 'bgtap0' })).toEqual({ name: 'bgtap0' });
+    expect(parseArgs('tap.create', { name: 'bgtapabcdefghij' })).toMatchObject({ name: 'bgtapabcdefghij' });
     expect(parseArgs('tap.delete', { name: 'bgtap9z' })).toEqual({ name: 'bgtap9z' });
     expect(parseArgs('tap.list', {})).toEqual({});
-    expect(parseArgs('bridge.ensure', { name: 'banger', cidr: '172.30.0.1/24', nat: true })).toMatchObject({ nat: true });
-    expect(parseArgs('bridge.ensure', { name: 'banger123456789', cidr: '10.200.0.1/16', nat: false })).toMatchObject({ name: 'banger123456789' });
-    expect(parseArgs('bridge.ensure', { name: 'banger0', cidr: '192.168.77.1/30', nat: false })).toMatchObject({ cidr: '192.168.77.1/30' });
-    const v = await validateRequest('vmdir.chown', { path: vmDir, uid: 1000, gid: 1000 }, policy());
-    expect(v).toEqual({ verb: 'vmdir.chown', args: { path: vmDir, uid: 1000, gid: 1000 } });
+    expect(parseArgs('bridge.ensure', {})).toEqual({});
+  });
+
+  it('has dropped the verb nothing called (vmdir.chown)', async () => {
+    await refused(validateRequest('vmdir.chown', { path: vmDir, uid: 1000, gid: 1000 }, policy()), 'method_not_found', /refused verb "vmdir\.chown"/);
   });
 });
 
@@ -100,7 +106,7 @@ describe('device names', () => {
   ];
   for (const name of bad) {
     it(`refuses TAP name ${JSON.stringify(name)}`, async () => {
-      await refused(() => parseArgs('tap.create', { name, uid: 1000 }), 'invalid_params', /refused tap\.create: name .* is not a banger TAP name/);
+      await refused(() => parseArgs('tap.create', { name }), 'invalid_params', /refused tap\.create: name .* is not a banger TAP name/);
       await refused(() => parseArgs('tap.delete', { name }), 'invalid_params', /refused tap\.delete: name .* is not a banger TAP name/);
     });
   }
@@ -112,35 +118,55 @@ describe('device names', () => {
   });
 
   for (const name of ['br0', 'docker0', 'banger0;x', 'banger$(id)', 'bangerX', 'banger0123456789', 'banger-0']) {
-    it(`refuses bridge name ${JSON.stringify(name)}`, async () => {
-      await refused(() => parseArgs('bridge.ensure', { name, cidr: '172.30.0.1/24', nat: false }), 'invalid_params', /name .* is not a banger bridge name/);
-      await refused(() => parseArgs('tap.create', { name: 'bgtap0', uid: 1, bridge: name }), 'invalid_params', /bridge .* is not a banger bridge name/);
+    it(`refuses bridge name ${JSON.stringify(name)} in the helper's config, and any bridge in a request`, async () => {
+      await refused(() => parseHelperConfig({ bridge: name, owners: [owner()] }, 'cfg'), 'usage', /cfg: bridge is not a banger bridge name/);
+      await refused(() => parseArgs('bridge.ensure', { name }), 'invalid_params', /unknown field "name"/);
+      await refused(() => parseArgs('tap.create', { name: 'bgtap0', bridge: name }), 'invalid_params', /unknown field "bridge"/);
     });
   }
 });
 
-describe('uids and gids', () => {
-  const cases: Array<[unknown, RegExp]> = [
-    [-1, /uid must not be negative/],
-    [1.5, /uid must be an integer, got the non-integer 1.5/],
-    ['1000', /uid must be an integer, got the string "1000"/],
-    ['0', /uid must be an integer/],
-    [2 ** 31, /uid must be below 2\^31/],
-    [2 ** 53, /uid must be below 2\^31/],
-    [null, /uid must be an integer, got null/],
-    [true, /uid must be an integer, got boolean/],
-    [{}, /uid must be an integer, got object/],
-    [undefined, /uid is required/],
+describe('no request names a user: the caller is the socket\'s owner', () => {
+  const cases: Array<[Verb, Record<string, unknown>]> = [
+    ['tap.create', { name: 'bgtap0', uid: 0 }],
+    ['tap.create', { name: 'bgtap0', gid: 0 }],
+    ['tap.create', { name: 'bgtap0', uid: 1000, gid: 1000 }],
+    ['firecracker.jail', { id: 'vm-1', vmDir: '/x', binary: '/x', kernel: '/x', rootDisk: '/x', workDisk: '/x', uid: 1000 }],
+    ['firecracker.jail', { id: 'vm-1', vmDir: '/x', binary: '/x', kernel: '/x', rootDisk: '/x', workDisk: '/x', gid: 0 }],
+    ['firecracker.unjail', { id: 'vm-1', uid: 1000 }],
+    ['tap.delete', { name: 'bgtap0', owner: 1000 }],
   ];
-  for (const [uid, msg] of cases) {
-    it(`refuses uid ${JSON.stringify(uid) ?? 'undefined'}`, async () => {
-      await refused(() => parseArgs('tap.create', { name: 'bgtap0', uid }), 'invalid_params', msg);
-      await refused(() => parseArgs('vmdir.chown', { path: vmDir, uid, gid: 1 }), 'invalid_params', msg);
+  for (const [verb, args] of cases) {
+    it(`refuses ${verb} ${JSON.stringify(args)}`, async () => {
+      await refused(() => parseArgs(verb, args), 'invalid_params', /unknown field/);
     });
   }
-  it('refuses bad gids too', async () => {
-    await refused(() => parseArgs('tap.create', { name: 'bgtap0', uid: 1, gid: -5 }), 'invalid_params', /gid must not be negative/);
-    await refused(() => parseArgs('vmdir.chown', { path: vmDir, uid: 1, gid: 0.1 }), 'invalid_params', /gid must be an integer/);
+});
+
+describe('ownership (authorize)', () => {
+  const caller = (uid = 1000): Caller => ({ uid, gid: uid, stateDir: state, tag: ownerTag(uid, state) });
+  const tapOf = (c: Caller, rest = '1') => `bgtap${c.tag}${rest}`;
+  it('accepts TAP names with the caller\'s tag', async () => {
+    const c = caller();
+    await authorize({ verb: 'tap.create', args: { name: tapOf(c) } }, c);
+    await authorize({ verb: 'tap.delete', args: { name: tapOf(c, 'zz') } }, c);
+  });
+  it('refuses another owner\'s, an untagged and a bare-tag TAP name', async () => {
+    const a = caller(1000);
+    const b = caller(1001);
+    expect(a.tag).not.toBe(b.tag);
+    expect(ownerTag(1000, state)).not.toBe(ownerTag(1000, `${state}2`)); // one user's two homes differ too
+    for (const name of [tapOf(b), 'bgtap0', `bgtap${a.tag}`]) {
+      for (const verb of ['tap.create', 'tap.delete'] as const) {
+        await refused(authorize({ verb, args: { name } }, a), 'invalid_params', new RegExp(`refused ${verb.replace('.', '\\.')}: TAP .* is not this owner's`));
+      }
+    }
+  });
+  it('refuses to jail for a root owner, and a vmDir that is not one of the owner\'s VM directories', async () => {
+    const jail = { id: 'vm-1', vmDir, binary: fcBinary, kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'rootfs.ext4'), workDisk: join(vmDir, 'work.ext4') };
+    await refused(authorize({ verb: 'firecracker.jail', args: jail }, caller(0)), 'invalid_params', /owner is root, and the jailer never runs Firecracker as uid or gid 0/);
+    await refused(authorize({ verb: 'firecracker.jail', args: { ...jail, vmDir: join(state, 'images', 'img') } }, caller()), 'invalid_params', /is not one of this owner's VM directories/);
+    await authorize({ verb: 'firecracker.jail', args: jail }, caller());
   });
 });
 
@@ -166,23 +192,31 @@ describe('CIDRs', () => {
     ['fd00::1/64', /not an IPv4 CIDR/],
   ];
   for (const [cidr, why] of bad) {
-    it(`refuses ${JSON.stringify(cidr)}`, async () => {
-      await refused(() => parseArgs('bridge.ensure', { name: 'banger0', cidr, nat: false }), 'invalid_params', why);
+    it(`refuses ${JSON.stringify(cidr)} in the helper's config, and any CIDR in a request`, async () => {
+      await refused(() => parseHelperConfig({ cidr, owners: [owner()] }, 'cfg'), 'usage', why);
+      await refused(() => parseArgs('bridge.ensure', { cidr }), 'invalid_params', /unknown field "cidr"/);
     });
   }
-  it('refuses a non-boolean nat', async () => {
-    await refused(() => parseArgs('bridge.ensure', { name: 'banger0', cidr: '172.30.0.1/24', nat: 'true' }), 'invalid_params', /nat must be a boolean, got the string "true"/);
-    await refused(() => parseArgs('bridge.ensure', { name: 'banger0', cidr: '172.30.0.1/24' }), 'invalid_params', /nat is required/);
+  it('accepts private /16-/30 host addresses and defaults the rest', () => {
+    for (const cidr of ['172.30.0.1/24', '10.200.0.1/16', '192.168.77.1/30']) expect(parseHelperConfig({ cidr, owners: [owner()] }, 'cfg').cidr).toBe(cidr);
+    expect(parseHelperConfig({ owners: [owner()] }, 'cfg')).toMatchObject({ bridge: 'banger0', cidr: '172.30.0.1/24', nat: false });
+  });
+  it('refuses a non-boolean nat, no owner, two owners on one socket, a relative state dir', async () => {
+    await refused(() => parseHelperConfig({ nat: 'true', owners: [owner()] }, 'cfg'), 'usage', /cfg: nat/);
+    await refused(() => parseHelperConfig({ owners: [] }, 'cfg'), 'usage', /owners must name at least one owner/);
+    await refused(() => parseHelperConfig({ owners: [owner(), owner(1001)] }, 'cfg'), 'usage', /two owners share the socket/);
+    await refused(() => parseHelperConfig({ owners: [{ ...owner(), stateDir: 'rel' }] }, 'cfg'), 'usage', /stateDir must be an absolute path/);
+    await refused(() => parseHelperConfig({ owners: [{ ...owner(), uid: -1 }] }, 'cfg'), 'usage', /owners\.0\.uid/);
   });
 });
 
 describe('extra fields', () => {
   const cases: Array<[Verb, Record<string, unknown>]> = [
-    ['tap.create', { name: 'bgtap0', uid: 1, netns: 'host' }],
+    ['tap.create', { name: 'bgtap0', netns: 'host' }],
     ['tap.delete', { name: 'bgtap0', force: true }],
     ['tap.list', { prefix: 'eth' }],
-    ['bridge.ensure', { name: 'banger0', cidr: '172.30.0.1/24', nat: false, iface: 'eth0' }],
-    ['vmdir.chown', { path: '/x', uid: 1, gid: 1, recursive: true }],
+    ['bridge.ensure', { iface: 'eth0' }],
+    ['firecracker.unjail', { id: 'x', force: true }],
     ['ping', { x: 1 }],
   ];
   for (const [verb, args] of cases) {
@@ -196,7 +230,7 @@ describe('extra fields', () => {
     await refused(() => parseArgs('tap.list', null), 'invalid_params', /refused tap\.list/);
   });
   it('ignores __proto__ tricks (no prototype pollution, still refused)', async () => {
-    const args = JSON.parse('{"name":"bgtap0","uid":1,"__proto__":{"polluted":true}}');
+    const args = JSON.parse('{"name":"bgtap0","__proto__":{"polluted":true}}');
     await refused(() => parseArgs('tap.create', args), 'invalid_params', /unknown field "__proto__"/);
     expect(({} as Record<string, unknown>).polluted).toBeUndefined();
   });
@@ -204,26 +238,26 @@ describe('extra fields', () => {
 
 describe('paths', () => {
   it('refuses relative and dot-dot paths before touching the disk', async () => {
-    await refused(validateRequest('vmdir.chown', { path: 'vms/vm1', uid: 1, gid: 1 }, policy()), 'invalid_params', /path "vms\/vm1" is not an absolute path/);
-    await refused(validateRequest('vmdir.chown', { path: '../etc', uid: 1, gid: 1 }, policy()), 'invalid_params', /contains a "\.\." segment/);
+    await refused(validateRequest('firecracker.jail', jailAt('vms/vm1'), policy()), 'invalid_params', /vmDir "vms\/vm1" is not an absolute path/);
+    await refused(validateRequest('firecracker.jail', jailAt('../etc'), policy()), 'invalid_params', /contains a "\.\." segment/);
     await refused(
-      validateRequest('vmdir.chown', { path: `${state}/vms/../../outside`, uid: 1, gid: 1 }, policy()),
+      validateRequest('firecracker.jail', jailAt(`${state}/vms/../../outside`), policy()),
       'invalid_params',
       /contains a "\.\." segment/,
     );
-    await refused(validateRequest('vmdir.chown', { path: `${vmDir}\0`, uid: 1, gid: 1 }, policy()), 'invalid_params', /NUL byte/);
-    await refused(validateRequest('vmdir.chown', { path: '', uid: 1, gid: 1 }, policy()), 'invalid_params', /must not be empty/);
+    await refused(validateRequest('firecracker.jail', jailAt(`${vmDir}\0`), policy()), 'invalid_params', /NUL byte/);
+    await refused(validateRequest('firecracker.jail', jailAt(''), policy()), 'invalid_params', /must not be empty/);
   });
 
   it('refuses paths outside the state directory', async () => {
-    await refused(validateRequest('vmdir.chown', { path: '/etc', uid: 1, gid: 1 }, policy()), 'invalid_params', /path "\/etc" is not inside the state directory/);
-    await refused(validateRequest('vmdir.chown', { path: outside, uid: 1, gid: 1 }, policy()), 'invalid_params', /is not inside the state directory/);
-    await refused(validateRequest('vmdir.chown', { path: state, uid: 1, gid: 1 }, policy()), 'invalid_params', /is not inside the state directory/);
+    await refused(validateRequest('firecracker.jail', jailAt('/etc'), policy()), 'invalid_params', /vmDir "\/etc" is not inside the state directory/);
+    await refused(validateRequest('firecracker.jail', jailAt(outside), policy()), 'invalid_params', /is not inside the state directory/);
+    await refused(validateRequest('firecracker.jail', jailAt(state), policy()), 'invalid_params', /is not inside the state directory/);
   });
 
   it('follows symlinks: a link inside the state dir that points out is refused, and says where it leads', async () => {
     const e = await refused(
-      validateRequest('vmdir.chown', { path: join(state, 'escape'), uid: 1, gid: 1 }, policy()),
+      validateRequest('firecracker.jail', jailAt(join(state, 'escape')), policy()),
       'invalid_params',
       /is not inside the state directory .* \(it resolves to .*outside\)/,
     );
@@ -231,7 +265,7 @@ describe('paths', () => {
     await refused(
       validateRequest(
         'firecracker.jail',
-        { id: 'vm1', vmDir, binary: fcBinary, uid: 1000, gid: 1000, kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'evil.ext4'), workDisk: join(vmDir, 'work.ext4') },
+        { id: 'vm1', vmDir, binary: fcBinary, kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'evil.ext4'), workDisk: join(vmDir, 'work.ext4') },
         policy(),
       ),
       'invalid_params',
@@ -240,14 +274,14 @@ describe('paths', () => {
   });
 
   it('refuses missing paths and the wrong kind of file', async () => {
-    await refused(validateRequest('vmdir.chown', { path: join(state, 'vms', 'nope'), uid: 1, gid: 1 }, policy()), 'invalid_params', /does not exist/);
-    await refused(validateRequest('vmdir.chown', { path: join(vmDir, 'work.ext4'), uid: 1, gid: 1 }, policy()), 'invalid_params', /is not a directory/);
+    await refused(validateRequest('firecracker.jail', jailAt(join(state, 'vms', 'nope')), policy()), 'invalid_params', /does not exist/);
+    await refused(validateRequest('firecracker.jail', jailAt(join(vmDir, 'work.ext4')), policy()), 'invalid_params', /is not a directory/);
   });
 
   it('resolves a link that stays inside and returns the real path', async () => {
     const v = await validateRequest(
       'firecracker.jail',
-      { id: 'vm1', vmDir, binary: fcBinary, uid: 1000, gid: 1000, kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'rootfs.ext4'), workDisk: join(vmDir, 'alias.ext4') },
+      { id: 'vm1', vmDir, binary: fcBinary, kernel: join(state, 'images/img/vmlinux'), rootDisk: join(vmDir, 'rootfs.ext4'), workDisk: join(vmDir, 'alias.ext4') },
       policy(),
     );
     expect(v.verb).toBe('firecracker.jail');
@@ -260,15 +294,9 @@ describe('firecracker.jail', () => {
     id: 'vm-1',
     vmDir,
     binary: fcBinary,
-    uid: 1000,
-    gid: 1000,
     kernel: join(state, 'images/img/vmlinux'),
     rootDisk: join(vmDir, 'rootfs.ext4'),
     workDisk: join(vmDir, 'work.ext4'),
-  });
-  it('never runs Firecracker as root', async () => {
-    await refused(validateRequest('firecracker.jail', { ...base(), uid: 0 }, policy()), 'invalid_params', /uid must not be 0/);
-    await refused(validateRequest('firecracker.jail', { ...base(), gid: 0 }, policy()), 'invalid_params', /gid must not be 0/);
   });
   it('refuses ids the jailer would not take', async () => {
     for (const id of ['vm_1', 'a/b', '../x', 'x'.repeat(65), '']) {
@@ -289,12 +317,42 @@ describe('firecracker.jail', () => {
     await chmod(other, 0o755);
     await refused(validateRequest('firecracker.jail', { ...base(), binary: other }, policy()), 'invalid_params', /not named like firecracker/);
   });
+  it.skipIf(!isRoot)('refuses a root-owned binary in a directory others can write (needs root)', async () => {
+    const open = join(root, 'open-bin');
+    await mkdir(open);
+    await chmod(open, 0o777);
+    const bin = join(open, 'firecracker');
+    await writeFile(bin, '#!/bin/sh\n');
+    await chmod(bin, 0o755);
+    await refused(validateRequest('firecracker.jail', { ...base(), binary: bin }, policy()), 'invalid_params', /lies in .*open-bin, which is not safe for what root runs \(it is writable by every user/);
+  });
   it.skipIf(!isRoot)('accepts a well-formed request (needs root: the binary must be root-owned)', async () => {
     const v = await validateRequest('firecracker.jail', base(), policy());
     expect(v.verb).toBe('firecracker.jail');
   });
   it('refuses a jailer chosen by the client', async () => {
     await refused(validateRequest('firecracker.jail', { ...base(), jailer: '/bin/sh' }, policy()), 'invalid_params', /unknown field "jailer"/);
+  });
+});
+
+describe('the helper\'s own config', () => {
+  it('takes the bridge, CIDR and NAT from the owner\'s config.json, so daemon and helper agree', async () => {
+    const cfgPath = join(root, 'owner-config.json');
+    await writeFile(cfgPath, JSON.stringify({ bridge: 'banger7', subnet: '10.9.0.0/24', nat: true }));
+    expect(helperConfigFor(owner(), cfgPath)).toEqual({ bridge: 'banger7', cidr: '10.9.0.1/24', nat: true, owners: [owner()] });
+    expect(helperConfigFor(owner(), join(root, 'none.json'))).toMatchObject({ bridge: 'banger0', cidr: '172.30.0.1/24', nat: false });
+  });
+  it('refuses a config file others could write', async () => {
+    const p = join(root, 'helper.json');
+    await writeFile(p, JSON.stringify({ owners: [owner()] }));
+    await chmod(p, 0o666);
+    await refused(loadHelperConfig(p), 'usage', /refused the root helper's config .*helper\.json: .* is not safe/);
+  });
+  it.skipIf(!isRoot)('reads a root-owned config (needs root)', async () => {
+    const p = join(root, 'helper-ok.json');
+    await writeFile(p, JSON.stringify({ owners: [owner()] }));
+    await chmod(p, 0o644);
+    expect((await loadHelperConfig(p)).owners).toEqual([owner()]);
   });
 });
 

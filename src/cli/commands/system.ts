@@ -71,8 +71,11 @@ async function install(a: InstallArgs): Promise<void> {
   if (a.enable && !systemd) throw new BangerError('usage', '--enable needs systemd, and it is not running here', 'leave out --enable: the units are written and the command prints how to start them');
   const rel = await installRelease(a, L);
   const stateDir = process.env.SUDO_USER ? join(owner.home, '.local', 'share', 'banger') : (process.env.BANGER_HOME ?? join(owner.home, '.local', 'share', 'banger'));
-  await writeFile(L.helperConfig, JSON.stringify({ owner: owner.name, uid: owner.uid, gid: owner.gid, group: owner.group, stateDir, socket: DEFAULT_HELPER_SOCKET }, null, 2) + '\n', { mode: 0o644 });
-  const opts = { nodePath: process.execPath, projectDir: L.current, stateDir, group: owner.group };
+  // What the helper trusts: whom its socket serves (the socket is made theirs, mode 0600) and its bridge.
+  const { helperConfigFor } = await import('../../roothelper/config.js');
+  const helperConfig = helperConfigFor({ name: owner.name, uid: owner.uid, gid: owner.gid, stateDir, socket: DEFAULT_HELPER_SOCKET }, join(stateDir, 'config.json'));
+  await writeFile(L.helperConfig, JSON.stringify(helperConfig, null, 2) + '\n', { mode: 0o644 });
+  const opts = { nodePath: process.execPath, projectDir: L.current, stateDir, helperConfig: L.helperConfig };
   const helper = await writeUnit(a.unitDir, HELPER_UNIT, helperUnit(opts));
   const daemon = await writeUnit(a.userUnitDir ?? join(owner.home, '.config', 'systemd', 'user'), DAEMON_UNIT, daemonUnit(opts), owner);
   if (a.enable) {
@@ -86,7 +89,7 @@ async function install(a: InstallArgs): Promise<void> {
       ? `next: systemctl daemon-reload && systemctl enable --now ${HELPER_UNIT}; as ${owner.name}: systemctl --user enable --now ${DAEMON_UNIT}`
       : `systemd is not running here: start the helper with ${helperUnit(opts).split('\n').find((l) => l.startsWith('ExecStart='))?.slice('ExecStart='.length)}, and the daemon as ${owner.name} with ${L.bin} daemon start`;
   out(a, { version: rel.version, commit: rel.commit, release: rel.dir, bin: L.bin, owner: owner.name, group: owner.group, stateDir, helperUnit: helper, daemonUnit: daemon, helperConfig: L.helperConfig, enabled: a.enable, systemd }, () =>
-    [`installed banger ${rel.version} (${rel.commit}) in ${rel.dir}; ${L.bin}`, `owner ${owner.name} (group ${owner.group} may use the helper), state in ${stateDir}`, `wrote ${helper}`, `wrote ${daemon}`, next].join('\n'),
+    [`installed banger ${rel.version} (${rel.commit}) in ${rel.dir}; ${L.bin}`, `owner ${owner.name} (only this user may use the helper's socket ${DEFAULT_HELPER_SOCKET}), state in ${stateDir}`, `wrote ${helper}`, `wrote ${daemon}`, next].join('\n'),
   );
 }
 

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { BangerError } from '../../errors.js';
 import { run as defaultRun, which, type Runner } from '../exec/runner.js';
+import { kernelOwnerFor } from './tap-owner.js';
 
 /**
  * Host network operations: the bridge, the TAP devices and egress NAT, all through real `ip` (and `nft` or
@@ -124,11 +125,11 @@ const isTap = (l: IpLink) => l.linkinfo?.info_kind === 'tun' && l.linkinfo?.info
 const kindOf = (l: IpLink) =>
   l.linkinfo?.info_kind ? `${l.linkinfo.info_kind}${l.linkinfo.info_data?.type ? `/${l.linkinfo.info_data.type}` : ''}` : 'device of unknown kind';
 
-/** The owning uid of a TAP, from sysfs (`-1` when none). `ip -d` prints a user name where it can, so use sysfs. */
+/** The owning uid of a TAP, from sysfs (`-1` when none, NaN when unreadable). `ip -d` prints a user name where it can, so use sysfs. */
 async function tapOwner(c: ReturnType<typeof ctx>, name: string, file: 'owner' | 'group'): Promise<number> {
-  const r = await c.exec('cat', [`/sys/class/net/${name}/${file}`]);
-  const n = Number.parseInt(r.stdout.trim(), 10);
-  return Number.isNaN(n) ? -1 : n;
+  const r = await c.exec('cat', [`/sys/class/net/${assertTapName(name)}/${file}`], { reject: false });
+  // NaN when unreadable (the device went away): equal to no owner, so it never passes as anyone's.
+  return r.exitCode === 0 ? Number.parseInt(r.stdout.trim(), 10) : Number.NaN;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -178,16 +179,18 @@ export async function createTap(name: string, uid: number, opts: CreateTapOption
       throw new BangerError('conflict', `${name} exists but is a ${kindOf(existing)}, not a TAP device`, `remove it: ip link del ${name}`);
     }
     const owner = await tapOwner(c, name, 'owner');
-    if (owner !== uid) {
+    if (owner !== kernelOwnerFor(uid)) {
       throw new BangerError(
         'conflict',
-        `TAP ${name} exists but belongs to uid ${owner}, not ${uid}`,
+        `TAP ${name} exists but belongs to ${owner === -1 ? 'no user' : `uid ${owner}`}, not uid ${uid}`,
         `delete it (ip link del ${name}) or use another name`,
       );
     }
   } else {
-    const args = ['tuntap', 'add', 'dev', name, 'mode', 'tap', 'user', String(uid)];
-    if (opts.gid !== undefined) args.push('group', String(opts.gid));
+    // For root: no user and no group (-1): only CAP_NET_ADMIN may attach, and no TAP is "owned by uid 0".
+    const args = ['tuntap', 'add', 'dev', name, 'mode', 'tap'];
+    if (uid !== 0) args.push('user', String(uid));
+    if (uid !== 0 && opts.gid !== undefined) args.push('group', String(opts.gid));
     const r = await c.ip(args, false);
     if (r.exitCode !== 0) {
       // Lost a race with another creator: fine if what is there now is what we wanted.
@@ -223,11 +226,14 @@ export async function deleteTap(name: string, opts: NetOptions = {}): Promise<{ 
   return { name, deleted: true };
 }
 
-/** The TAP devices whose names start with `prefix` (banger's by default). */
-export async function listTaps(prefix: string = TAP_PREFIX, opts: NetOptions = {}): Promise<TapInfo[]> {
+/**
+ * The TAP devices whose names start with `prefix` (banger's by default). With `owner`, only those the kernel
+ * records as that owner's (sysfs `owner`; -1 for none), read per device: `ip -d` prints a user name where it can.
+ */
+export async function listTaps(prefix: string = TAP_PREFIX, opts: NetOptions & { owner?: number } = {}): Promise<TapInfo[]> {
   const c = ctx(opts);
   const r = await c.ip(['-j', '-d', 'link', 'show']);
-  return parseIpLinks(r.stdout)
+  const taps = parseIpLinks(r.stdout)
     .filter((l) => l.ifname.startsWith(prefix) && isTap(l))
     .map((l) => ({
       name: l.ifname,
@@ -237,6 +243,20 @@ export async function listTaps(prefix: string = TAP_PREFIX, opts: NetOptions = {
       mac: l.address,
     }))
     .sort((a, b) => a.name.localeCompare(b.name));
+  if (opts.owner === undefined) return taps;
+  const owned: TapInfo[] = [];
+  for (const t of taps) if ((await tapOwner(c, t.name, 'owner')) === opts.owner) owned.push(t);
+  return owned;
+}
+
+/** What the kernel says about device `name`: missing, not a TAP, or a TAP with its owner uid (-1 for none). */
+export async function tapOwnership(name: string, opts: NetOptions = {}): Promise<{ kind: 'missing' } | { kind: 'other'; what: string } | { kind: 'tap'; owner: number }> {
+  assertTapName(name);
+  const c = ctx(opts);
+  const link = await getLink(c, name);
+  if (!link) return { kind: 'missing' };
+  if (!isTap(link)) return { kind: 'other', what: kindOf(link) };
+  return { kind: 'tap', owner: await tapOwner(c, name, 'owner') };
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
     kill: (proc) => kill(core, proc),
     stop: (proc, opts) => stop(core, proc, opts),
     status: (proc) => status(core, proc),
-    waitExit: (proc, signal) => waitExit(proc, signal),
+    waitExit: (proc, signal) => waitExitAndUnjail(core, proc, signal),
     resume: (proc) => core.apiFor(proc).patch('/vm', { state: 'Resumed' } satisfies Vm),
     createSnapshot: (proc, files, opts) => createSnapshot(core, proc, files, opts?.signal),
     loadSnapshot: (spec, files, opts = {}) => launch(core, spec, opts.signal, { ...files, resume: opts.resume ?? true }),
@@ -157,8 +157,14 @@ async function removeSockets(core: Core, proc: VmmProcess): Promise<void> {
   const f = procFields(proc);
   await Promise.all([rm(f.apiSocket, { force: true }), f.vsockSocket ? rm(f.vsockSocket, { force: true }) : undefined]);
   if (f.vmDir) await rm(join(f.vmDir, Files.vmmPid), { force: true });
+  await releaseJail(core, proc);
+}
+
+/** Remove an exited instance's jail (idempotent), keeping copies of the logs that live in it. */
+async function releaseJail(core: Core, proc: VmmProcess): Promise<void> {
   const j = core.options.jailer;
   if (!j) return;
+  const f = procFields(proc);
   // The logs live in the chroot, linked from the VM directory: keep a copy before the chroot goes.
   for (const l of [f.serialLog, f.vmDir ? join(f.vmDir, FirecrackerFiles.vmmLog) : undefined]) if (l) await keepLinkedLog(l);
   try {
@@ -244,6 +250,16 @@ async function status(core: Core, proc: VmmProcess): Promise<{ state: VmmState; 
   const state = STATE_MAP[info.state];
   if (state) return { state, reasons: state === 'running' ? [] : [`Firecracker reports state '${info.state}'`] };
   return { state: 'broken', reasons: [`Firecracker process ${proc.pid} is up but reports state '${info.state}' (the instance was never started)`] };
+}
+
+/**
+ * A jailed Firecracker that exits on its own is unjailed at once: its chroot holds hard links to the VM's disks,
+ * which would keep a deleted VM's space in use. (stop, kill and delete unjail through removeSockets.)
+ */
+async function waitExitAndUnjail(core: Core, proc: VmmProcess, signal: AbortSignal): Promise<VmmExit> {
+  const exit = await waitExit(proc, signal);
+  if (core.options.jailer) await releaseJail(core, proc);
+  return exit;
 }
 
 async function waitExit(proc: VmmProcess, signal: AbortSignal): Promise<VmmExit> {

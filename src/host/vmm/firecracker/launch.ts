@@ -175,7 +175,7 @@ export const Jail: LaunchHandler = {
     c.cleanups.add('remove jail', () => unjail(j, c.fcId));
     let res: JailResult;
     if (j.launch) res = await j.launch(req, { signal: c.signal });
-    else if (j.config) res = await launchJailed(req, j.config);
+    else if (j.config) res = await launchJailed(req, j.config, { signal: c.signal });
     else throw new BangerError('internal', 'jailer configured without a launcher or a jailer config');
     c.pid = res.pid;
     c.chrootDir = res.chrootDir;
