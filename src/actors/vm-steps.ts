@@ -14,6 +14,7 @@ import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext,
 import { run, which, type Runner } from '../host/exec/runner.js';
 import { generateHostKey, type UserKey } from '../host/guest/keys.js';
 import { waitForSsh, type SshTarget } from '../host/guest/ssh.js';
+import { capWhile, readTail, rotatedPath } from '../host/guest/serial.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir } from '../host/disk/disks.js';
@@ -126,7 +127,8 @@ export async function gitIdentity(runner: Runner, vmName: string): Promise<GitId
 
 async function serialTail(path: string, lines = 25): Promise<string> {
   try {
-    const text = await readFile(path, 'utf8');
+    const { text } = await readTail(path, 64 * 1024);
+    if (!text) return '(no serial output)';
     return text.replace(/\r/g, '').split('\n').filter(Boolean).slice(-lines).join('\n');
   } catch {
     return '(no serial output)';
@@ -318,6 +320,9 @@ export function makeSteps(env: StepEnv) {
       if (p) await driver.kill(p);
       await rm(f.vmmState, { force: true });
     });
+    // The serial log stays capped while the guest boots (watchVmm takes over once it runs).
+    const serialCap = new AbortController();
+    void capWhile(f.serialLog, serialCap.signal);
     try {
       let sshPort: number | undefined;
       // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
@@ -334,7 +339,7 @@ export function makeSteps(env: StepEnv) {
           const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
           if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
         }
-        await rm(f.serialLog, { force: true });
+        await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
         const launched = await stage(env, ctx.id, 'vmm.launch', () =>
           driver.launch(
             {
@@ -382,6 +387,8 @@ export function makeSteps(env: StepEnv) {
     } catch (e) {
       await cleanups.run().catch((ce) => env.log(ctx.id, 'boot.cleanup', 'error', undefined, errorMessage(ce)));
       throw e;
+    } finally {
+      serialCap.abort();
     }
   });
 
@@ -394,7 +401,14 @@ export function makeSteps(env: StepEnv) {
       await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
       return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
     }
-    const exit = await driver.waitExit(proc, signal);
+    const serialCap = new AbortController();
+    const onAbort = () => serialCap.abort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
+    const exit = await driver.waitExit(proc, signal).finally(() => {
+      signal.removeEventListener('abort', onAbort);
+      serialCap.abort();
+    });
     if (exit.ioError) {
       // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
       const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;

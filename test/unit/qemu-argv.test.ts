@@ -34,7 +34,8 @@ describe('qemuArgv', () => {
     expect(values(argv, '-kernel')).toEqual([base.kernel]);
     expect(values(argv, '-initrd')).toEqual([base.initrd]);
     expect(values(argv, '-append')).toEqual([base.cmdline]);
-    expect(values(argv, '-serial')).toEqual([`file:${base.serialLog}`]);
+    expect(values(argv, '-serial')).toEqual(['chardev:serial0']);
+    expect(values(argv, '-chardev')).toEqual([`file,id=serial0,path=${base.serialLog},append=on`]);
     expect(values(argv, '-display')).toEqual(['none']);
     for (const f of ['-nodefaults', '-no-user-config', '-daemonize', '-no-reboot']) expect(argv).toContain(f);
     expect(values(argv, '-pidfile')).toEqual([files.pidFile]);

@@ -88,7 +88,8 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   ];
   if (spec.initrd) args.push('-initrd', assertPath('initrd', spec.initrd));
   args.push('-append', tcgCmdline(spec, opts.tscKhz));
-  args.push('-serial', `file:${assertPath('serial log', spec.serialLog)}`);
+  // append=on: the daemon caps the log by truncating it in place (src/host/guest/serial.ts).
+  args.push('-chardev', `file,id=serial0,path=${qemuOptEscape(assertPath('serial log', spec.serialLog))},append=on`, '-serial', 'chardev:serial0');
   args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk));
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
