@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { VmContext, VmSnapshot } from '../machines/vm.machine.js';
 import type { ImageManifest } from '../host/image/image.js';
 import type { ImageView, VmState, VmView } from '../rpc/types.js';
+import { formatPublish } from '../rpc/publish.js';
 
 const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;
 
@@ -30,6 +31,7 @@ export function viewOf(s: VmSnapshot): VmView {
     error: c.error,
     stopReason: c.stopReason,
     gitIdentity: c.spec.gitIdentity ?? null,
+    publish: (c.spec.publish ?? []).map(formatPublish),
     ...(wsCtx ? { workspace: { queued: wsCtx.queue.length, running: wsCtx.current?.kind ?? null } } : {}),
   };
 }

@@ -9,6 +9,7 @@
  *   running --(VMM exits on its own)--> stopped (with the reason)
  *   running --(VMM paused on a disk error)--> failed (stage 'running', the reason and the fix)
  */
+import type { PublishedPort } from '../rpc/publish.js';
 import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
 import { workspaceMachine } from './workspace.machine.js';
@@ -31,6 +32,8 @@ export interface VmSpec {
   stopTimeoutMs: number;
   /** The guest's git identity, decided at create (absent in VMs created before it was recorded). */
   gitIdentity?: GitIdentity;
+  /** Host ports published to the guest (`--publish`), open while the VM runs. */
+  publish?: PublishedPort[];
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */

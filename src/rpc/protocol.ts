@@ -19,6 +19,8 @@ export const createParams = z.strictObject({
   disk: size.optional(),
   vmm: z.enum(['auto', 'firecracker', 'qemu']).optional(),
   net: z.enum(['auto', 'tap', 'user']).optional(),
+  /** `[HOSTADDR:]HOSTPORT:GUESTPORT` each (src/rpc/publish.ts); the daemon parses them. */
+  publish: z.array(z.string().min(1).max(64)).max(64).optional(),
   start: z.boolean().optional(),
   wait: z.boolean().optional(),
 });

@@ -36,6 +36,8 @@ export interface VmView {
   stopReason: string | null;
   /** The guest's git identity and whether it is the host's or banger's default (null: created before it was recorded). */
   gitIdentity: GitIdentity | null;
+  /** Published ports as `HOSTADDR:HOSTPORT:GUESTPORT`, open while the VM runs. */
+  publish: string[];
   workspace?: { queued: number; running: string | null };
 }
 

@@ -1,4 +1,5 @@
 /** The VM lifecycle: vm.create (planned by planVm), start, stop, restart, delete, set, wait. */
+import { parsePublishList, PublishError, type PublishedPort } from '../../rpc/publish.js';
 import { join } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
 import { gitIdentity } from '../../actors/vm-steps.js';
@@ -85,6 +86,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   }
   const diskBytes = typeof p.disk === 'number' ? p.disk : parseSize(p.disk ?? config.defaultDisk);
   if (diskBytes < 64 * 1024 * 1024) throw new BangerError('usage', `--disk ${p.disk} is too small`, 'the work disk needs at least 64M');
+  const publish = publishParam(p.publish);
   const host = await hostFor(d, deps, manifest, imageName, p.net === 'tap' ? 15_000 : 2000);
   const plan = planVm({ vmm: p.vmm, net: p.net }, host);
   for (const w of plan.warnings) ctx.progress({ stage: 'plan', status: 'info', detail: `warning: ${w}` });
@@ -106,10 +108,21 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
       bootTimeoutMs: config.bootTimeoutMs,
       stopTimeoutMs: config.stopTimeoutMs,
       gitIdentity: await gitIdentity(run, name),
+      ...(publish.length ? { publish } : {}),
     },
   });
   if (p.wait === false) return vms.view(id);
   return vms.waitState(id, p.start === false ? ['stopped'] : ['running'], ctx, vms.bootWait());
+}
+
+/** The --publish values, checked: a bad one is a usage error naming it; a host port taken now is a conflict. */
+function publishParam(specs: string[] | undefined): PublishedPort[] {
+  try {
+    return parsePublishList(specs ?? []);
+  } catch (e) {
+    if (e instanceof PublishError) throw new BangerError('usage', e.message, e.hint);
+    throw e;
+  }
 }
 
 /** What planVm needs to know, for a VM of this image (whose kernel the KVM probe boots). */
