@@ -1,7 +1,7 @@
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { formatPublish, parsePublish, parsePublishList, PublishError } from '../../src/rpc/publish.js';
-import { checkHostPortsFree } from '../../src/host/net/publish.js';
+import { checkHostPortsFree, startPortProxies } from '../../src/host/net/publish.js';
 import { passtArgv } from '../../src/host/net/passt.js';
 
 const err = (f: () => unknown) => {
@@ -60,6 +60,33 @@ describe('published ports on the host', () => {
       srv.close();
     }
     await expect(checkHostPortsFree([{ hostAddress: '127.0.0.1', hostPort: port, guestPort: 80 }])).resolves.toBeUndefined();
+  });
+
+  it("a tap VM's proxy carries a connection to the guest's port both ways, and closing it frees the host port", async () => {
+    // the "guest": an echo server on another loopback port
+    const guest = createServer((c) => c.pipe(c));
+    await new Promise<void>((r) => guest.listen(0, '127.0.0.1', () => r()));
+    const guestPort = (guest.address() as { port: number }).port;
+    const free = createServer();
+    await new Promise<void>((r) => free.listen(0, '127.0.0.1', () => r()));
+    const hostPort = (free.address() as { port: number }).port;
+    await new Promise<void>((r) => free.close(() => r()));
+    const proxies = await startPortProxies([{ hostAddress: '127.0.0.1', hostPort, guestPort }], '127.0.0.1');
+    try {
+      const echoed = await new Promise<string>((resolve, reject) => {
+        const c = connect(hostPort, '127.0.0.1', () => c.end('ping through the proxy'));
+        let d = '';
+        c.on('data', (x) => (d += x));
+        c.on('end', () => resolve(d));
+        c.on('error', reject);
+      });
+      expect(echoed).toBe('ping through the proxy');
+      await expect(startPortProxies([{ hostAddress: '127.0.0.1', hostPort, guestPort }], '127.0.0.1')).rejects.toThrow(/is already in use/);
+    } finally {
+      await proxies.close();
+      guest.close();
+    }
+    await expect(checkHostPortsFree([{ hostAddress: '127.0.0.1', hostPort, guestPort }])).resolves.toBeUndefined();
   });
 
   it("passt gets the host's gateway unmapped, IPv4 only, and one --tcp-ports per forward", () => {
