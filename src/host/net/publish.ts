@@ -9,7 +9,8 @@ import { formatPublish, type PublishedPort } from '../../rpc/publish.js';
 
 function listen(p: PublishedPort, onConnection: (s: Socket) => void): Promise<Server> {
   return new Promise((resolve, reject) => {
-    const srv = createServer(onConnection);
+    // Half-open both ways: a client that shuts down its side after the request still gets the whole answer.
+    const srv = createServer({ allowHalfOpen: true }, onConnection);
     srv.once('error', (e: NodeJS.ErrnoException) => {
       const taken = e.code === 'EADDRINUSE';
       reject(
@@ -47,7 +48,7 @@ export async function startPortProxies(ports: readonly PublishedPort[], guestIp:
     for (const p of ports) {
       servers.push(
         await listen(p, (client) => {
-          const guest = createConnection({ host: guestIp, port: p.guestPort });
+          const guest = createConnection({ host: guestIp, port: p.guestPort, allowHalfOpen: true });
           for (const s of [client, guest]) {
             open.add(s);
             s.once('close', () => open.delete(s));
