@@ -88,11 +88,11 @@ describeE2E('isolation: a user-net guest', () => {
     outside = listener(OUTSIDE_NS, '0.0.0.0');
     servers.push(loop.p, outside.p);
     // a loaded 2-core CI machine can take minutes to boot under TCG: the boot wait is bounded, but generously
-    b = await Banger.create({ BANGER_BOOT_TIMEOUT_MS: '900000' });
+    b = await Banger.create({ BANGER_BOOT_TIMEOUT_MS: '1100000' });
     b.wrap = ['ip', 'netns', 'exec', NS];
     await waitUntil('the listeners print their ports', () => /PORT \d+/.test(loop.out) && /PORT \d+/.test(outside.out), 15_000);
-    await b.ok(['vm', 'create', '--name', 'iso', '--net', 'user', '--publish', `127.0.0.1:${PUBLISHED}:8080`], { timeoutMs: 960_000 });
-  }, 1_000_000);
+    await b.ok(['vm', 'create', '--name', 'iso', '--net', 'user', '--publish', `127.0.0.1:${PUBLISHED}:8080`], { timeoutMs: 1_150_000 });
+  }, 1_200_000);
 
   afterAll(async () => {
     await b?.cleanup();
