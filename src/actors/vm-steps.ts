@@ -14,6 +14,11 @@ import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext,
 import { run, which, type Runner } from '../host/exec/runner.js';
 import { generateHostKey, type UserKey } from '../host/guest/keys.js';
 import { waitForSsh, type SshTarget } from '../host/guest/ssh.js';
+import { capWhile, readTail, rotatedPath } from '../host/guest/serial.js';
+import { passtFiles, stopPasst } from '../host/net/passt.js';
+import { checkHostPortsFree, startPortProxies } from '../host/net/publish.js';
+import { sleep } from '../host/exec/wait.js';
+import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir } from '../host/disk/disks.js';
@@ -125,9 +130,32 @@ export async function gitIdentity(runner: Runner, vmName: string): Promise<GitId
   return { name: name ?? fallback.name, email: email ?? fallback.email, source: 'default' };
 }
 
+/**
+ * Waits until the guest's serial console shows a login prompt (systemd starts a getty on the kernel's console once
+ * the guest reached multi-user, its network configured), reading only the log's tail. A guest that prints one
+ * early only hurts its own boot. Throws when the deadline passes or the VMM is gone.
+ */
+export async function waitForLoginPrompt(
+  serialLog: string,
+  deadline: number,
+  opts: { signal?: AbortSignal; isAlive?: () => Promise<boolean>; everyMs?: number } = {},
+): Promise<void> {
+  for (;;) {
+    const { text } = await readTail(serialLog, 8 * 1024);
+    if (LOGIN_PROMPT_RE.test(text)) return;
+    if (opts.isAlive && !(await opts.isAlive())) throw new BangerError('host', 'the VMM exited before the guest reached its login prompt');
+    if (Date.now() >= deadline) throw new BangerError('timeout', 'the guest did not reach its login prompt on the serial console in time');
+    await sleep(Math.min(opts.everyMs ?? 500, Math.max(0, deadline - Date.now())), opts.signal);
+  }
+}
+
+/** A getty's prompt at the end of a line: `<hostname> login: `. */
+const LOGIN_PROMPT_RE = /(^|\n)\S+ login: *$/m;
+
 async function serialTail(path: string, lines = 25): Promise<string> {
   try {
-    const text = await readFile(path, 'utf8');
+    const { text } = await readTail(path, 64 * 1024);
+    if (!text) return '(no serial output)';
     return text.replace(/\r/g, '').split('\n').filter(Boolean).slice(-lines).join('\n');
   } catch {
     return '(no serial output)';
@@ -148,6 +176,16 @@ async function readVmmState(path: string): Promise<VmmState | undefined> {
   } catch {
     return undefined;
   }
+}
+
+/** The TCP proxies of a tap VM's published ports (none for user net: passt forwards those). */
+async function openTapProxies(env: StepEnv, ctx: VmContext) {
+  const ports = ctx.spec.publish ?? [];
+  const guestIp = ctx.runtime?.guestIp ?? ctx.net?.guestIp;
+  if (ctx.spec.net !== 'tap' || !ports.length || !guestIp) return undefined;
+  const proxies = await startPortProxies(ports, guestIp);
+  env.log(ctx.id, 'publish', 'info', undefined, `${ports.map(formatPublish).join(' ')} → ${guestIp}`);
+  return proxies;
 }
 
 /** Is this VMM process still ours and alive? QEMU: by its command line; others: by the driver's status. */
@@ -321,6 +359,9 @@ export function makeSteps(env: StepEnv) {
       if (p) await driver.kill(p);
       await rm(f.vmmState, { force: true });
     });
+    // The serial log stays capped while the guest boots (watchVmm takes over once it runs).
+    const serialCap = new AbortController();
+    void capWhile(f.serialLog, serialCap.signal);
     try {
       let sshPort: number | undefined;
       // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
@@ -337,8 +378,9 @@ export function makeSteps(env: StepEnv) {
           const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
           if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
         }
-        await rm(f.serialLog, { force: true });
+        await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
         const layers = await readLayers(f); // set once a snapshot layered the disks, or for a fork
+        if (ctx.spec.publish?.length) await stage(env, ctx.id, 'publish.check', () => checkHostPortsFree(ctx.spec.publish!), () => ctx.spec.publish!.map(formatPublish).join(' '));
         const launched = await stage(env, ctx.id, 'vmm.launch', () =>
           driver.launch(
             {
@@ -354,7 +396,7 @@ export function makeSteps(env: StepEnv) {
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,
               accel: ctx.spec.accel,
-              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort! } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
+              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
               serialLog: f.serialLog,
             },
             { signal, runner: env.runner },
@@ -368,6 +410,10 @@ export function makeSteps(env: StepEnv) {
       const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
       const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
       const timeoutMs = Math.max(1000, deadline - Date.now());
+      if (ctx.spec.net === 'user') {
+        // passt must see no forwarded connection before the guest's network is up (src/host/net/passt.ts).
+        await stage(env, ctx.id, 'guest.console', () => waitForLoginPrompt(f.serialLog, deadline, { signal, isAlive: () => alive(driver, p) }));
+      }
       await stage(env, ctx.id, 'ssh.wait', () =>
         waitForSsh(target, {
           timeoutMs,
@@ -387,6 +433,8 @@ export function makeSteps(env: StepEnv) {
     } catch (e) {
       await cleanups.run().catch((ce) => env.log(ctx.id, 'boot.cleanup', 'error', undefined, errorMessage(ce)));
       throw e;
+    } finally {
+      serialCap.abort();
     }
   });
 
@@ -399,7 +447,20 @@ export function makeSteps(env: StepEnv) {
       await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
       return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
     }
-    const exit = await driver.waitExit(proc, signal);
+    const serialCap = new AbortController();
+    const onAbort = () => serialCap.abort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
+    // A tap VM's published ports are the daemon's own proxies: open while it watches the VM (again after adoption).
+    const proxies = await openTapProxies(env, ctx).catch((e: unknown) => {
+      env.log(ctx.id, 'publish', 'error', undefined, errorMessage(e));
+      return undefined;
+    });
+    const exit = await driver.waitExit(proc, signal).finally(async () => {
+      signal.removeEventListener('abort', onAbort);
+      serialCap.abort();
+      await proxies?.close();
+    });
     if (exit.ioError) {
       // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
       const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
@@ -444,6 +505,7 @@ export function makeSteps(env: StepEnv) {
     const driver = env.driver(ctx.spec.vmm);
     const proc = await findVmm(env, ctx, driver);
     if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
+    if (ctx.spec.net === 'user') await stopPasst(passtFiles(env.layout.run, f.dir, ctx.id));
     if (ctx.spec.net === 'tap') {
       if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
       await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));

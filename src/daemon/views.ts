@@ -4,6 +4,7 @@ import type { VmContext, VmSnapshot } from '../machines/vm.machine.js';
 import type { ImageManifest } from '../host/image/image.js';
 import { DEFAULT_POLICY } from '../host/net/firewall-rules.js';
 import type { ImageView, VmState, VmView } from '../rpc/types.js';
+import { formatPublish } from '../rpc/publish.js';
 
 const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;
 
@@ -32,6 +33,7 @@ export function viewOf(s: VmSnapshot): VmView {
     stopReason: c.stopReason,
     gitIdentity: c.spec.gitIdentity ?? null,
     isolation: c.spec.net === 'tap' ? (c.spec.isolation ?? { ...DEFAULT_POLICY }) : null,
+    publish: (c.spec.publish ?? []).map(formatPublish),
     ...(wsCtx ? { workspace: { queued: wsCtx.queue.length, running: wsCtx.current?.kind ?? null } } : {}),
   };
 }

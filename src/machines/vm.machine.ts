@@ -12,6 +12,7 @@
  *   running --SNAPSHOT--> snapshotting → running (or stopped, with stop set)
  *   running --CLAIM--> running, renamed (a warm-pool VM handed out; once only)
  */
+import type { PublishedPort } from '../rpc/publish.js';
 import { assign, emit, enqueueActions, fromPromise, sendTo, setup, type ActorRefFrom, type SnapshotFrom } from 'xstate';
 import { pendingJobs, type Job, type JobQueueContext, type JobQueueEmitted, type JobSettled } from './job-queue.machine.js';
 import { workspaceMachine } from './workspace.machine.js';
@@ -40,6 +41,8 @@ export interface VmSpec {
   restore?: { snapshotId: string; chain: string[] };
   /** A warm-pool VM: booted ahead of time, waiting for a `vm create` / `vm run` whose request matches `key`. */
   pool?: { key: string };
+  /** Host ports published to the guest (`--publish`), open while the VM runs. */
+  publish?: PublishedPort[];
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */

@@ -23,6 +23,8 @@ export const createParams = z.strictObject({
   egress: z.enum(['internet', 'none']).optional(),
   allowPeers: z.boolean().optional(),
   allow: z.array(z.string().min(1).max(32)).max(64).optional(),
+  /** `[HOSTADDR:]HOSTPORT:GUESTPORT` each (src/rpc/publish.ts); the daemon parses them. */
+  publish: z.array(z.string().min(1).max(64)).max(64).optional(),
   start: z.boolean().optional(),
   wait: z.boolean().optional(),
 });

@@ -44,6 +44,8 @@ export interface VmView {
   gitIdentity: GitIdentity | null;
   /** A tap VM's isolation: what its guest may reach (user-net VMs: null). */
   isolation: Isolation | null;
+  /** Published ports as `HOSTADDR:HOSTPORT:GUESTPORT`, open while the VM runs. */
+  publish: string[];
   workspace?: { queued: number; running: string | null };
 }
 

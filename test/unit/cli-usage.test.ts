@@ -58,6 +58,8 @@ const cases: Array<[string, string[], RegExp]> = [
   ['a vm name only the ^ anchor refuses', ['vm', 'create', '--name', '!abc'], /invalid vm name "!abc"/],
   ['an invalid image name', ['vm', 'create', '--image', '../etc'], /invalid image name "..\/etc"/],
   ['vm run with a zero disk', ['vm', 'run', '--disk', '0', '--', 'true'], /--disk 0 is too small/],
+  ['a published port out of range', ['vm', 'create', '--publish', '8080:70000'], /--publish "8080:70000": guest port 70000 is out of range/],
+  ['vm run publishing one host port twice', ['vm', 'run', '--publish', '8080:80', '--publish', '127.0.0.1:8080:81', '--', 'true'], /both claim host port 8080/],
   ['vm set with memory that is not a number', ['vm', 'set', 'x', '--memory', '1.5'], /--memory "1.5" is not a whole number/],
 ];
 

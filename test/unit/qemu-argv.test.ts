@@ -34,13 +34,16 @@ describe('qemuArgv', () => {
     expect(values(argv, '-kernel')).toEqual([base.kernel]);
     expect(values(argv, '-initrd')).toEqual([base.initrd]);
     expect(values(argv, '-append')).toEqual([base.cmdline]);
-    expect(values(argv, '-serial')).toEqual([`file:${base.serialLog}`]);
+    expect(values(argv, '-serial')).toEqual(['chardev:serial0']);
+    expect(values(argv, '-chardev')).toEqual([`file,id=serial0,path=${base.serialLog},append=on`]);
     expect(values(argv, '-display')).toEqual(['none']);
     for (const f of ['-nodefaults', '-no-user-config', '-daemonize', '-no-reboot']) expect(argv).toContain(f);
     expect(values(argv, '-pidfile')).toEqual([files.pidFile]);
     expect(values(argv, '-qmp')).toEqual(['unix:/run/b/abc123.qmp,server=on,wait=off', 'unix:/run/b/abc123.qev,server=on,wait=off']);
-    expect(values(argv, '-netdev')).toEqual(['user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22']);
+    // passt, not slirp (whose gateway is the host's loopback): SSH is passt's forward, not a hostfwd
+    expect(values(argv, '-netdev')).toEqual([`stream,id=n0,server=off,addr.type=unix,addr.path=${base.runDir}/abc123.passt`]);
     expect(values(argv, '-device')).toContain('virtio-net-device,netdev=n0');
+    expect(argv.join(' ')).not.toMatch(/hostfwd|-netdev user/);
   });
 
   it('puts the root disk before the work disk, both as virtio-blk-device', () => {

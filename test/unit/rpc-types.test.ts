@@ -13,7 +13,7 @@ import { fakeStatus, stubHandlers } from '../support/rpc-stubs.js';
 
 const vm = (name: string): VmView => ({
   id: `id-${name}`, name, state: 'running', image: 'debian-bookworm', vmm: 'qemu', accel: 'tcg', net: 'user', vcpus: 1, memoryMiB: 512,
-  diskBytes: 2 ** 30, guestIp: null, sshPort: 2222, pid: 42, createdAt: '2025-01-01T00:00:00.000Z', error: null, stopReason: null, gitIdentity: null, isolation: null,
+  diskBytes: 2 ** 30, guestIp: null, sshPort: 2222, pid: 42, createdAt: '2025-01-01T00:00:00.000Z', error: null, stopReason: null, gitIdentity: null, isolation: null, publish: [],
 });
 const row: LogRow = { vmId: 'id-a', seq: 1, time: '2025-01-01T00:00:00.000Z', stage: 'boot', status: 'done', durationMs: 12, message: null };
 

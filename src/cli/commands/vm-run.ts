@@ -5,7 +5,8 @@ import { validateName } from '../../errors.js';
 import type { ParamsOf } from '../../rpc/protocol.js';
 import type { VmView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
-import { call, out, type GlobalArgs } from '../context.js';
+import { call, out, usage, type GlobalArgs } from '../context.js';
+import { parsePublishList, PublishError } from '../../rpc/publish.js';
 import { diskFlag, memoryFlag, MIN_DISK_BYTES, vcpusFlag } from '../flags.js';
 import { c, fmtMs, progressPrinter } from '../output.js';
 import { vmSummary } from './vm-view.js';
@@ -22,6 +23,7 @@ export interface CreateArgs extends GlobalArgs {
   egress?: 'internet' | 'none';
   'allow-peers'?: boolean;
   allow?: string[];
+  publish?: string | Array<string | number>;
   start?: boolean;
 }
 
@@ -42,7 +44,8 @@ export const createOptions = <T>(a: Argv<T>) =>
     .option('net', { choices: ['auto', 'tap', 'user'] as const })
     .option('egress', { choices: ['internet', 'none'] as const, describe: 'tap: what the guest reaches beyond the host (default internet, through NAT)' })
     .option('allow-peers', { type: 'boolean', describe: 'tap: reach other VMs that were created with --allow-peers too' })
-    .option('allow', { type: 'string', array: true, describe: 'tap: a private CIDR the guest may reach (repeatable)' });
+    .option('allow', { type: 'string', array: true, describe: 'tap: a private CIDR the guest may reach (repeatable)' })
+    .option('publish', { type: 'string', describe: 'publish a guest TCP port on the host: [HOSTADDR:]HOSTPORT:GUESTPORT (address 127.0.0.1 unless given); repeatable' });
 
 /** Checks every create flag before the daemon is reached: a usage error exits 2 and starts nothing. */
 async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
@@ -52,7 +55,20 @@ async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
   const memoryMiB = memoryFlag(a.memory);
   const disk = await diskFlag(a.disk, MIN_DISK_BYTES);
   const allow = a.allow?.map((x) => normalizeAllowCidr(String(x)));
-  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net, egress: a.egress, allowPeers: a['allow-peers'], allow };
+  const publish = publishFlag(a.publish);
+  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net, egress: a.egress, allowPeers: a['allow-peers'], allow, ...(publish.length ? { publish } : {}) };
+}
+
+/** --publish values checked here (a mistake exits 2 before the daemon is reached) and sent as written. */
+function publishFlag(raw: string | Array<string | number> | undefined): string[] {
+  const specs = (raw === undefined ? [] : Array.isArray(raw) ? raw : [raw]).map(String);
+  try {
+    parsePublishList(specs);
+  } catch (e) {
+    if (e instanceof PublishError) usage(e.message, e.hint);
+    throw e;
+  }
+  return specs;
 }
 
 export async function createVm(a: CreateArgs): Promise<void> {

@@ -10,6 +10,7 @@ export function vmSummary(v: VmView): string {
     `  image ${v.image}, ${v.vmm}/${v.accel}, net ${v.net} ${address(v)}, ${v.vcpus} vcpu, ${v.memoryMiB} MiB, disk ${fmtBytes(v.diskBytes)}${v.pid ? `, pid ${v.pid}` : ''}`,
   ];
   if (v.isolation) lines.push(`  isolation: egress ${v.isolation.egress}, peers ${v.isolation.allowPeers ? 'allowed' : 'refused'}, allow ${v.isolation.allow.length ? v.isolation.allow.join(' ') : 'none'}`);
+  if (v.publish?.length) lines.push(`  published ${v.publish.map((p) => `${p.replace(/:(\d+)$/, ' → guest $1')}`).join(', ')}${v.state === 'running' ? '' : c.dim(' (open while running)')}`);
   if (v.error) lines.push(`  ${c.red('error')} while ${v.error.stage}: ${v.error.message}`);
   if (v.stopReason && v.state === 'stopped') lines.push(`  ${c.dim(`stopped: ${v.stopReason}`)}`);
   return lines.join('\n');

@@ -1,4 +1,5 @@
 /** The VM lifecycle: vm.create (planned by planVm), start, stop, restart, delete, set, wait. */
+import { parsePublishList, PublishError, type PublishedPort } from '../../rpc/publish.js';
 import { join } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
 import { gitIdentity } from '../../actors/vm-steps.js';
@@ -109,6 +110,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   }
   const diskBytes = typeof p.disk === 'number' ? p.disk : parseSize(p.disk ?? config.defaultDisk);
   if (diskBytes < 64 * 1024 * 1024) throw new BangerError('usage', `--disk ${p.disk} is too small`, 'the work disk needs at least 64M');
+  const publish = publishParam(p.publish);
   const host = await hostFor(d, deps, manifest, imageName, p.net === 'tap' ? 15_000 : 2000);
   const plan = planVm({ vmm: p.vmm, net: p.net }, host);
   refuseIsolationWithoutTap(p, plan.net);
@@ -133,6 +135,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
       gitIdentity: await gitIdentity(run, name),
       ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
       ...(pooled ? { pool: pooled } : {}),
+      ...(publish.length ? { publish } : {}),
     },
   });
   if (p.wait === false) return vms.view(id);
@@ -147,6 +150,16 @@ function refuseIsolationWithoutTap(p: ParamsOf<'vm.create'>, net: string): void 
 
 function isolationOf(p: ParamsOf<'vm.create'>): IsolationPolicy {
   return { egress: p.egress ?? DEFAULT_POLICY.egress, allowPeers: p.allowPeers ?? false, allow: [...new Set((p.allow ?? []).map(normalizeAllowCidr))] };
+}
+
+/** The --publish values, checked: a bad one is a usage error naming it; a host port taken now is a conflict. */
+function publishParam(specs: string[] | undefined): PublishedPort[] {
+  try {
+    return parsePublishList(specs ?? []);
+  } catch (e) {
+    if (e instanceof PublishError) throw new BangerError('usage', e.message, e.hint);
+    throw e;
+  }
 }
 
 /** What planVm needs to know, for a VM of this image (whose kernel the KVM probe boots). */

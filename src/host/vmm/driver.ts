@@ -4,6 +4,7 @@
  * paused on an I/O error, snapshots) are interfaces of their own, found with the `is…` guards below.
  */
 import type { Runner } from '../exec/runner.js';
+import type { PublishedPort } from '../../rpc/publish.js';
 
 export interface LaunchSpec {
   id: string;
@@ -23,7 +24,8 @@ export interface LaunchSpec {
   vcpus: number;
   memoryMiB: number;
   accel: 'kvm' | 'tcg';
-  net: { mode: 'user'; sshPort: number } | { mode: 'tap'; tap: string; mac: string };
+  /** `publish`: host ports forwarded to the guest (user net: passt's forwards; tap: the daemon proxies them). */
+  net: { mode: 'user'; sshPort: number; publish?: PublishedPort[] } | { mode: 'tap'; tap: string; mac: string };
   serialLog: string;
   /** QEMU block cache mode for both disks. Default 'writeback' (flushes from the guest are honoured). */
   diskCache?: 'writeback' | 'none' | 'unsafe';

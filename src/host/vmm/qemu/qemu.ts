@@ -2,12 +2,13 @@ import { randomBytes } from 'node:crypto';
 import { access, constants as fsConstants, mkdir, mkdtemp, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { release, tmpdir } from 'node:os';
-import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../../../errors.js';
 import { Files } from '../../../paths.js';
 import { run, type Runner } from '../../exec/runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
+import { passtFiles, passtNetdev, startPasst, stopPasst } from '../../net/passt.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
@@ -88,14 +89,15 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   ];
   if (spec.initrd) args.push('-initrd', assertPath('initrd', spec.initrd));
   args.push('-append', tcgCmdline(spec, opts.tscKhz));
-  args.push('-serial', `file:${assertPath('serial log', spec.serialLog)}`);
+  // append=on: the daemon caps the log by truncating it in place (src/host/guest/serial.ts).
+  args.push('-chardev', `file,id=serial0,path=${qemuOptEscape(assertPath('serial log', spec.serialLog))},append=on`, '-serial', 'chardev:serial0');
   args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk, spec.workFormat));
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
-    // QEMU's slirp. Its gateway (10.0.2.2) is the host's loopback: a user-net guest is not isolated from the
-    // host's 127.0.0.1 services (README, Security model).
-    args.push('-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${port}-:22`, '-device', 'virtio-net-device,netdev=n0');
+    // passt, not slirp: slirp's gateway is the host's loopback (see src/host/net/passt.ts).
+    const socket = passtFiles(spec.runDir, spec.vmDir, spec.id).socket;
+    args.push('-netdev', passtNetdev(assertPath('passt socket', socket)), '-device', 'virtio-net-device,netdev=n0');
   } else {
     if (!TAP_RE.test(spec.net.tap)) throw new BangerError('invalid_params', `invalid TAP device name ${JSON.stringify(spec.net.tap)}`);
     if (!MAC_RE.test(spec.net.mac)) throw new BangerError('invalid_params', `invalid MAC address ${JSON.stringify(spec.net.mac)}`);
@@ -136,6 +138,18 @@ export async function hostTscKhz(): Promise<number | undefined> {
   } catch {
     return undefined;
   }
+}
+
+/** passt for a user-net VM: SSH forwarded from 127.0.0.1:sshPort, then the VM's published ports. */
+function startUserNet(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>, signal?: AbortSignal) {
+  const ssh = { hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 };
+  return startPasst(passtFiles(spec.runDir, spec.vmDir, spec.id), [ssh, ...(net.publish ?? [])], { signal });
+}
+
+/** The passt of the VM whose QMP socket is `<runDir>/<id>.qmp` (a tap VM has none: stopping it is a no-op). */
+function passtOf(qmpSocket: string) {
+  const id = basename(qmpSocket).replace(/\.qmp$/, '');
+  return passtFiles(dirname(qmpSocket), dirname(qmpSocket), id);
 }
 
 const qmpArg = (sock: string) => `unix:${qemuOptEscape(sock)},server=on,wait=off`;
@@ -324,7 +338,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       }
     }
     const ev = eventsSocketPath(proc.qmpSocket);
-    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined]);
+    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, stopPasst(passtOf(proc.qmpSocket))]);
   }
 
   return {
@@ -360,10 +374,14 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       await mkdir(s.vmDir, { recursive: true });
       await mkdir(dirname(s.serialLog), { recursive: true });
       const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
+      if (s.net.mode === 'user') await startUserNet(s, s.net, opts.signal);
       return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, {
         signal: opts.signal,
         runner: opts.runner ?? options.runner,
         timeoutMs: options.launchTimeoutMs,
+      }).catch(async (e: unknown) => {
+        await stopPasst(passtOf(qmpSocket));
+        throw e;
       });
     },
 
@@ -382,7 +400,10 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         qmp?.close();
       }
       if (!sent && !(await isOurs(proc))) return 'already-gone';
-      if (sent && (await waitGone(proc, timeoutMs, signal))) return 'graceful';
+      if (sent && (await waitGone(proc, timeoutMs, signal))) {
+        await stopPasst(passtOf(proc.qmpSocket)); // --one-off: it exits with QEMU; this only tidies its files
+        return 'graceful';
+      }
       if (signal?.aborted) throw aborted('stopping the VM', signal);
       await kill(proc);
       return 'killed';
