@@ -10,13 +10,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { copyFile, link, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, link, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fromPromise } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import type { BootOutput, PrepareDisksOutput, StepInput, VmContext } from '../machines/vm.machine.js';
-import { exec } from '../host/guest/ssh.js';
-import { waitForSsh } from '../host/guest/ssh.js';
+import { exec, waitForSsh } from '../host/guest/ssh.js';
 import { findFreePort } from '../host/vmm/qemu/qemu.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
@@ -41,7 +40,7 @@ export async function readLayers(f: VmFiles): Promise<VmLayers | undefined> {
 async function writeLayers(f: VmFiles, layers: VmLayers): Promise<void> {
   const tmp = join(f.dir, `layers.json.${randomBytes(3).toString('hex')}`);
   await writeFile(tmp, JSON.stringify(layers));
-  await import('node:fs/promises').then((fs) => fs.rename(tmp, join(f.dir, 'layers.json')));
+  await rename(tmp, join(f.dir, 'layers.json'));
 }
 
 /** A hard link (same filesystem: instant, no space); a copy where the filesystem refuses one. */
@@ -147,7 +146,7 @@ export function makeSnapshotSteps(env: StepEnv) {
       if (existsSync(dst)) return;
       const partial = `${dst}.partial`;
       await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
-      await import('node:fs/promises').then((fs) => fs.rename(partial, dst));
+      await rename(partial, dst);
     };
     await stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`);
     await stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`);
