@@ -33,14 +33,16 @@ export async function benchSnapshots(line: Line, home: (extra?: Record<string, s
   let cold = NaN;
   let restore = NaN;
   try {
+    // Each figure is printed as soon as it is measured: a later step that fails does not lose the earlier ones.
     [, cold] = await timed(() => a.cli(['vm', 'create', '--name', 'cold', ...KIND]));
-    const [snap, save] = await timed(() => a.cli(['vm', 'snapshot', 'cold', '--name', 'snap']));
-    [, restore] = await timed(() => a.cli(['vm', 'restore', 'snap', '--name', 'restored']));
-    const [, fork4] = await timed(() => a.cli(['vm', 'fork', 'snap', '--count', '4', '--name-prefix', 'k']));
     line('cold boot → SSH (vm create)', ms(cold));
+    const [snap, save] = await timed(() => a.cli(['vm', 'snapshot', 'cold', '--name', 'snap']));
     line(`snapshot (vm snapshot; ${Math.round(snap.stateBytes / 2 ** 20)} MiB of state)`, ms(save));
+    [, restore] = await timed(() => a.cli(['vm', 'restore', 'snap', '--name', 'restored']));
     line('restore → SSH (vm restore)', ms(restore));
     line('ratio cold boot / restore (goal ≥ 10)', (cold / restore).toFixed(1));
+    await a.cli(['vm', 'delete', 'cold', 'restored']);
+    const [, fork4] = await timed(() => a.cli(['vm', 'fork', 'snap', '--count', '4', '--name-prefix', 'k']));
     line('fork × 4 of a snapshot, wall time', ms(fork4));
   } finally {
     await a.cleanup();
