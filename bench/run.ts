@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli] [--runs N]
+ * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli,snapshot] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
@@ -12,6 +12,7 @@ import { createWorkDisk } from '../src/host/disk/disks.js';
 import { imageHome as testImageHome, TEST_IMAGE } from '../test/e2e/image-cache.js';
 import { benchFirecrackerFake, benchLocalWorkspace, benchVmmTimings } from './timings.js';
 import { benchCli } from './cli.js';
+import { benchSnapshots } from './snapshots.js';
 import { RpcClient } from '../src/rpc/client.js';
 import { shellQuote } from '../src/host/exec/shell.js';
 
@@ -348,3 +349,4 @@ if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
 if (want('fc')) await benchFirecrackerFake(line);
 if (want('cli')) await benchCli(line, BIN);
+if (want('snapshot')) await benchSnapshots(line, home, BIN);

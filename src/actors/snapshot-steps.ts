@@ -10,13 +10,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { copyFile, link, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, link, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fromPromise } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import type { BootOutput, PrepareDisksOutput, StepInput, VmContext } from '../machines/vm.machine.js';
-import { exec } from '../host/guest/ssh.js';
-import { waitForSsh } from '../host/guest/ssh.js';
+import { exec, waitForSsh } from '../host/guest/ssh.js';
 import { findFreePort } from '../host/vmm/qemu/qemu.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
@@ -24,19 +23,24 @@ import { Cleanups } from '../host/exec/cleanups.js';
 import { findVmm, KERNEL_CMDLINE, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
 import { readManifest } from '../host/image/image.js';
 
-/** The files a VM writes into now, when a snapshot layered its disks (or it is a fork); absent: the defaults. */
-export async function readLayers(f: VmFiles): Promise<DiskLayers | undefined> {
+/**
+ * The files a VM writes into now, when a snapshot layered its disks (or it is a fork); absent: the defaults.
+ * `base`: the VM's last snapshot, whose directory holds the layers its current files sit on.
+ */
+export type VmLayers = DiskLayers & { base?: string };
+
+export async function readLayers(f: VmFiles): Promise<VmLayers | undefined> {
   try {
-    return JSON.parse(await readFile(join(f.dir, 'layers.json'), 'utf8')) as DiskLayers;
+    return JSON.parse(await readFile(join(f.dir, 'layers.json'), 'utf8')) as VmLayers;
   } catch {
     return undefined;
   }
 }
 
-async function writeLayers(f: VmFiles, layers: DiskLayers): Promise<void> {
+async function writeLayers(f: VmFiles, layers: VmLayers): Promise<void> {
   const tmp = join(f.dir, `layers.json.${randomBytes(3).toString('hex')}`);
   await writeFile(tmp, JSON.stringify(layers));
-  await import('node:fs/promises').then((fs) => fs.rename(tmp, join(f.dir, 'layers.json')));
+  await rename(tmp, join(f.dir, 'layers.json'));
 }
 
 /** A hard link (same filesystem: instant, no space); a copy where the filesystem refuses one. */
@@ -70,6 +74,17 @@ export function makeSnapshotSteps(env: StepEnv) {
     await mkdir(dir, { recursive: true, mode: 0o700 });
     const newLayers = { root: join(f.dir, `root-${p.snapshotId}.qcow2`), work: join(f.dir, `work-${p.snapshotId}.qcow2`) };
     let kept: { root: SnapshotLayer; work: SnapshotLayer } | undefined;
+    // A VM snapshotted before sits on layers in its own directory: this snapshot's layers are then copies (of what
+    // changed since, only) rebased onto the earlier snapshot's, so that no snapshot depends on a VM's directory.
+    const base = (await readLayers(f))?.base;
+    const chain = base ? [base, ...snapshotOf(env, base).meta.chain] : (ctx.spec.restore?.chain ?? []);
+    const keep = async (frozen: DiskLayers['root'], name: string, below: SnapshotLayer | undefined) => {
+      const dst = join(dir, name);
+      if (!below) return linkOrCopy(frozen.file, dst);
+      await env.runner('cp', ['--sparse=always', '--reflink=auto', frozen.file, dst], { signal });
+      await env.runner('qemu-img', ['rebase', '-u', '-F', below.format, '-b', join(snapshotDir(env.layout.home, base!), below.file), dst], { signal });
+    };
+    const baseMeta = base ? snapshotOf(env, base).meta : undefined;
     const saved = await stage(
       env,
       ctx.id,
@@ -83,10 +98,10 @@ export function makeSnapshotSteps(env: StepEnv) {
           signal,
           onFrozen: async (frozen) => {
             // From here on the VM writes into the new overlays: record them before anything else can fail.
-            await writeLayers(f, { root: { file: newLayers.root, format: 'qcow2' }, work: { file: newLayers.work, format: 'qcow2' } });
+            await writeLayers(f, { root: { file: newLayers.root, format: 'qcow2' }, work: { file: newLayers.work, format: 'qcow2' }, base: p.snapshotId });
             kept = { root: { file: `root.${frozen.root.format}`, format: frozen.root.format }, work: { file: `work.${frozen.work.format}`, format: frozen.work.format } };
-            await linkOrCopy(frozen.root.file, join(dir, kept.root.file));
-            await linkOrCopy(frozen.work.file, join(dir, kept.work.file));
+            await keep(frozen.root, kept.root.file, baseMeta?.root);
+            await keep(frozen.work, kept.work.file, baseMeta?.work);
           },
         }),
       (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`,
@@ -106,7 +121,7 @@ export function makeSnapshotSteps(env: StepEnv) {
         diskBytes: ctx.spec.diskBytes,
         accel: ctx.spec.accel,
         gitIdentity: ctx.spec.gitIdentity,
-        chain: ctx.spec.restore?.chain ?? [],
+        chain,
         root: kept!.root,
         work: kept!.work,
         stateFile: 'state.bin',
@@ -131,7 +146,7 @@ export function makeSnapshotSteps(env: StepEnv) {
       if (existsSync(dst)) return;
       const partial = `${dst}.partial`;
       await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
-      await import('node:fs/promises').then((fs) => fs.rename(partial, dst));
+      await rename(partial, dst);
     };
     await stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`);
     await stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`);

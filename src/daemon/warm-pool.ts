@@ -42,7 +42,7 @@ export class WarmPool {
   ) {}
 
   kinds(): Array<PoolKind & { size: number; key: string }> {
-    return this.config.warmPool.map((e) => {
+    return (this.config.warmPool ?? []).map((e) => {
       const kind = { image: e.image, vcpus: e.vcpus ?? this.config.defaultVcpus, memoryMiB: e.memoryMiB ?? this.config.defaultMemoryMiB };
       return { ...kind, size: e.size, key: poolKey(kind) };
     });
@@ -79,7 +79,7 @@ export class WarmPool {
   }
 
   start(everyMs = 2000): void {
-    if (!this.config.warmPool.length || this.timer) return;
+    if (!this.config.warmPool?.length || this.timer) return;
     this.timer = setInterval(() => void this.refill(), everyMs);
     this.timer.unref();
     void this.refill();

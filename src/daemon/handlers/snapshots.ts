@@ -7,6 +7,8 @@ import type { SnapshotView, VmView } from '../../rpc/types.js';
 import { SnapshotRepo, snapshotDir, type SnapshotRecord } from '../../store/snapshots.js';
 import type { DaemonServices } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
+import { readLayers } from '../../actors/snapshot-steps.js';
+import { vmFiles } from '../../actors/vm-steps.js';
 
 type SnapshotHandlers = Pick<Handlers, 'vm.snapshot' | 'vm.restore' | 'vm.fork' | 'snapshot.list' | 'snapshot.show' | 'snapshot.delete'>;
 
@@ -43,7 +45,7 @@ export function snapshotHandlers(d: DaemonServices): SnapshotHandlers {
     'snapshot.delete': async (p) => {
       const snap = repo.find(p.snapshot);
       const users = repo.users(snap.id);
-      const all = [...users.vms.map((n) => `vm ${n}`), ...users.snapshots.map((n) => `snapshot ${n}`)];
+      const all = [...users.vms.map((n) => `vm ${n}`), ...users.snapshots.map((n) => `snapshot ${n}`), ...(await buildingOn(d, snap.id)).map((n) => `vm ${n} (its next snapshot builds on it)`)];
       if (all.length) {
         throw new BangerError('invalid_state', `snapshot ${snap.name} backs the disks of ${all.join(', ')}`, 'delete those first (banger vm delete / banger snapshot delete), then this snapshot');
       }
@@ -52,6 +54,16 @@ export function snapshotHandlers(d: DaemonServices): SnapshotHandlers {
       return { deleted: snap.name };
     },
   };
+}
+
+/** Live VMs whose last snapshot this is: their next snapshot's layers are rebased onto this one's. */
+async function buildingOn(d: DaemonServices, snapshotId: string): Promise<string[]> {
+  const names: string[] = [];
+  for (const row of d.store.listVms()) {
+    const layers = await readLayers(vmFiles(d.layout, row.id));
+    if (layers?.base === snapshotId) names.push(row.name);
+  }
+  return names;
 }
 
 /** Asks the VM's actor for a snapshot and waits for it; the snapshot's row exists once it is complete. */

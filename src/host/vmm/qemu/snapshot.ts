@@ -177,7 +177,7 @@ async function connectUnix(path: string, timeoutMs: number, signal?: AbortSignal
   }
 }
 
-/** Waits until the incoming guest runs (its state loaded); a failed migration throws with QEMU's reason. */
+/** Waits until the incoming state is loaded and runs the guest; a failed migration throws with QEMU's reason. */
 async function waitRunning(qmp: QmpClient, timeoutMs: number, signal?: AbortSignal): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -185,7 +185,12 @@ async function waitRunning(qmp: QmpClient, timeoutMs: number, signal?: AbortSign
     if (st.status === 'running') return;
     const mig = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate', undefined, { timeoutMs: 5000 }).catch(() => ({}) as { status?: string; 'error-desc'?: string });
     if (mig.status === 'failed') throw new BangerError('host', `loading the snapshot failed${mig['error-desc'] ? `: ${mig['error-desc']}` : ''}`);
-    if (Date.now() > deadline) throw new BangerError('timeout', `the restored guest did not run within ${Math.round(timeoutMs / 1000)} s (QEMU status ${st.status})`);
+    // The guest was paused when it was saved, and QEMU restores that run state: once loaded, it is run here.
+    if (mig.status === 'completed' && st.status === 'paused') {
+      await qmp.execute('cont', undefined, { timeoutMs: 10_000 });
+      continue;
+    }
+    if (Date.now() > deadline) throw new BangerError('timeout', `the restored guest did not run within ${Math.round(timeoutMs / 1000)} s (QEMU status ${st.status}, migration ${mig.status ?? 'none'})`);
     await sleep(25, signal);
   }
 }
