@@ -259,6 +259,8 @@ export interface SessionSent {
 export interface ExecResultView {
   exitCode: number;
   signal: string | null;
+  /** The command ran past its timeout and was stopped (exitCode is then timeout(1)'s 124). */
+  timedOut: boolean;
 }
 
 export interface HealthView {
@@ -283,6 +285,8 @@ export interface SessionResults {
   'guest.session.logs': SessionLogs;
   'guest.session.kill': SessionView;
   'vm.exec': ExecResultView;
+  /** accepted false: that exec has finished (or never was), the chunk went nowhere. */
+  'vm.exec.input': { accepted: boolean };
   'vm.health': HealthView;
 }
 

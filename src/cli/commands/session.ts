@@ -5,6 +5,7 @@ import { BangerError } from '../../errors.js';
 import type { OutputChunk, SessionView, HealthView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
+import { forwardStdin, newInputId } from '../stdin-forward.js';
 
 interface VmArg extends GlobalArgs {
   vm: string;
@@ -148,23 +149,28 @@ function forwardInput(a: SessionArg, pipe: boolean, tty: boolean, detach: () => 
   };
 }
 
+/**
+ * Runs CMD over the VM's pooled connection: stdout and stderr stream to ours, stdin is forwarded as it comes, and
+ * the command's exit status becomes ours. It ends when the command does, whether or not our stdin has ended.
+ */
 async function execIn(a: ExecArgs): Promise<void> {
   const argv = argvOf(a, 'exec');
-  const stdin = process.stdin.isTTY ? undefined : (await readStdin(8 * 1024 * 1024)).toString('base64');
   const timeoutMs = a.timeout === undefined ? undefined : Math.round(a.timeout * 1000);
   if (timeoutMs !== undefined && !(timeoutMs > 0)) usage(`--timeout ${a.timeout}: give a positive number of seconds`);
-  const r = await call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, stdin }, { quiet: true, onStream: write });
-  process.exitCode = r.exitCode;
-}
-
-/**
- * `vm exec` and `session attach` are wired through but not finished: against a real guest their end-to-end tests
- * hang (exec did not return in 5 minutes; attach saw no echo). Until they pass, the CLI says so instead of hanging;
- * BANGER_UNFINISHED=1 runs them anyway (for whoever finishes them).
- */
-function notFinished(what: string, instead: string, run: () => Promise<void>): Promise<void> {
-  if (process.env.BANGER_UNFINISHED === '1') return run();
-  throw new BangerError('unsupported', `${what} is not finished yet: it can hang against a real guest`, `use ${instead}`);
+  const client = await connectDaemon();
+  const inputId = newInputId();
+  const result = client.call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, inputId }, { onStream: write });
+  const input = forwardStdin(client, inputId);
+  // A forwarding failure is a lost daemon connection, which the exec's own answer reports.
+  input.done.catch(() => {});
+  try {
+    const r = await result;
+    if (r.timedOut) process.stderr.write(`banger: ${argv[0]} did not finish within ${a.timeout} s and was stopped (exit status ${r.exitCode})\n`);
+    process.exitCode = r.exitCode;
+  } finally {
+    input.stop();
+    client.close();
+  }
 }
 
 const sessionRef = <T>(y: Argv<T>) => y.positional('vm', { type: 'string', demandOption: true }).positional('session', { type: 'string', demandOption: true });
@@ -200,7 +206,7 @@ export function sessionCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       out(a, s, () => sessionLine(s));
     })
     .command('send <vm> <session> [data]', "write DATA (and a newline), or all of stdin, to a pipe session's stdin; each line up to 4096 bytes lands whole", (a) => sessionRef(a).positional('data', { type: 'string' }), (a) => send(a as unknown as SessionArg & { data?: string }))
-    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => notFinished('banger vm session attach', 'banger vm session logs --follow, and send', () => attach(a as unknown as SessionArg)))
+    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => attach(a as unknown as SessionArg))
     .command('logs <vm> <session>', "print a session's stdout (or --stderr); --follow until it ends", (a) => sessionRef(a).option('follow', { alias: 'f', type: 'boolean' }).option('stderr', { type: 'boolean' }), (a) => logs(a as unknown as SessionArg & { follow?: boolean; stderr?: boolean }))
     .command('kill <vm> <session>', 'signal a session (default TERM)', (a) => sessionRef(a).option('signal', { type: 'string', describe: 'TERM, INT, KILL, HUP...' }), async (args) => {
       const a = args as unknown as SessionArg & { signal?: string };
@@ -224,7 +230,7 @@ export function guestCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
           .option('env', { type: 'string', array: true, describe: 'NAME=VALUE (repeatable)' })
           .option('timeout', { type: 'number', describe: 'seconds' })
           .usage('banger vm exec <vm> [--cwd P] [--env K=V]... [--timeout S] -- CMD...'),
-      (a) => notFinished('banger vm exec', `banger vm ssh ${(a as ExecArgs).vm} -- CMD...`, () => execIn(a as ExecArgs)),
+      (a) => execIn(a as ExecArgs),
     )
     .command('health <vm>', "the guest's uptime, load, memory, free disk and running sessions (read over SSH: the guest agent is not built)", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
       const a = args as unknown as VmArg;
