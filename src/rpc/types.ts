@@ -280,7 +280,7 @@ export interface SessionResults {
   'guest.session.list': SessionView[];
   'guest.session.show': SessionView;
   'guest.session.send': SessionSent;
-  /** Answers when the attach ends: detached by the client, or the session ended. */
+  /** Answers when the attach ends: detached by the client, or the session ended. Its first stream chunk, empty, says it was granted. */
   'guest.session.attach': { ended: boolean };
   'guest.session.logs': SessionLogs;
   'guest.session.kill': SessionView;

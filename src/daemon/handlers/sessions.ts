@@ -82,6 +82,8 @@ export function sessionHandlers(access: GuestAccess): SessionHandlers {
       const held = attached.get(key);
       if (held) throw new BangerError('conflict', `session ${p.session} is already attached by ${held.holder} (since ${held.since}); attach is exclusive`, 'detach there first (Ctrl-] then d), or use `banger vm session send` and `logs --follow`, which need no attach');
       attached.set(key, { holder: p.holder, since: new Date().toISOString() });
+      // An empty first chunk tells the client the attach is its own (before any output, which may never come).
+      ctx.stream({ stream: 'stdout', data: '', offset: f.s.stdoutBytes ?? 0 });
       try {
         const { ended } = await follow(f.guest, p.session, f.s.stdoutBytes ?? 0, f.s.stderrBytes ?? 0, ctx);
         return { ended };
