@@ -75,7 +75,11 @@ try {
   await c.call('daemon.stop', {}).catch(() => {});
   c.close();
 } finally {
-
+  // Whatever happened above: no guest or daemon of this bench outlives it.
+  const c = await connectDaemon(false).catch(() => undefined);
+  await c?.call('vm.delete', { vm: 'bench', wait: true }).catch(() => {});
+  await c?.call('daemon.stop', {}).catch(() => {});
+  c?.close();
   rmSync(home, { recursive: true, force: true });
   rmSync(runDir, { recursive: true, force: true });
 }
