@@ -39,7 +39,10 @@ export function sessionHandlers(access: GuestAccess): SessionHandlers {
   /** A session that must be running in a running guest. */
   async function running(ref: string, name: string) {
     const f = await find(ref, name);
-    if (f.s.state !== 'running' || !f.guest) throw new BangerError('invalid_state', `session ${name} has ended (${f.s.endReason})`, `its output is still there: banger vm session logs ${f.vmName} ${name}`);
+    if (f.s.state !== 'running' || !f.guest) {
+      const hint = f.guest ? `its output is still there: banger vm session logs ${f.vmName} ${name}` : `its output lived in the stopped guest and is gone; banger vm start ${f.vmName} starts the VM again`;
+      throw new BangerError('invalid_state', `session ${name} has ended (${f.s.endReason})`, hint);
+    }
     return { ...f, guest: f.guest };
   }
 
