@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli,snapshot] [--runs N]
+ * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli,snapshot,sessions] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
@@ -350,3 +350,5 @@ if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAG
 if (want('fc')) await benchFirecrackerFake(line);
 if (want('cli')) await benchCli(line, BIN);
 if (want('snapshot')) await benchSnapshots(line, home, BIN);
+// Its own process: it points BANGER_HOME at a home of its own for everything it loads.
+if (want('sessions')) await execa(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'sessions.ts'), '--runs', String(runs)], { stdio: 'inherit' });

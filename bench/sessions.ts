@@ -14,11 +14,11 @@ const args = process.argv.slice(2);
 const runs = Number(args.includes('--runs') ? args[args.indexOf('--runs') + 1] : 3);
 
 
+const src = join(imageHome(), 'images', TEST_IMAGE);
+if (!existsSync(src)) throw new Error(`no cached test image at ${src}: run an e2e test once to build it (or set BANGER_TEST_CACHE)`);
 const home = mkdtempSync(join(tmpdir(), 'bgb-sess-'));
 const runDir = mkdtempSync('/tmp/bgbr-');
 mkdirSync(join(home, 'images'), { recursive: true });
-const src = join(imageHome(), 'images', TEST_IMAGE);
-if (!existsSync(src)) throw new Error(`no cached test image at ${src}: run an e2e test once to build it`);
 await execa('cp', ['-al', src, join(home, 'images', TEST_IMAGE)]);
 Object.assign(process.env, { BANGER_HOME: home, BANGER_RUNTIME_DIR: runDir, BANGER_CACHE_DIR: join(home, 'cache'), BANGER_ROOT_HELPER: 'off', NO_COLOR: '1' });
 delete process.env.XDG_RUNTIME_DIR;
@@ -75,7 +75,11 @@ try {
   await c.call('daemon.stop', {}).catch(() => {});
   c.close();
 } finally {
-
+  // Whatever happened above: no guest or daemon of this bench outlives it.
+  const c = await connectDaemon(false).catch(() => undefined);
+  await c?.call('vm.delete', { vm: 'bench', wait: true }).catch(() => {});
+  await c?.call('daemon.stop', {}).catch(() => {});
+  c?.close();
   rmSync(home, { recursive: true, force: true });
   rmSync(runDir, { recursive: true, force: true });
 }

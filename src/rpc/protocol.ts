@@ -55,6 +55,7 @@ const sessionName = z.string().regex(SESSION_NAME, 'a session name is 1-32 chara
 const envMap = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,127}$/, 'environment names are letters, digits and _'), z.string().max(65536));
 const guestArgv = z.array(z.string().max(65536)).min(1).max(4096);
 const sessionRef = { vm: vmRef, session: sessionName };
+const execInputId = z.string().regex(/^[A-Za-z0-9_-]{16,64}$/, 'an input id is 16-64 characters of A-Z a-z 0-9 _ -');
 /** The most bytes one guest.session.send carries. */
 export const SEND_LIMIT_BYTES = 512 * 1024;
 
@@ -66,7 +67,10 @@ export const sessionMethods = {
   'guest.session.attach': z.strictObject({ ...sessionRef, holder: z.string().min(1).max(200) }),
   'guest.session.logs': z.strictObject({ ...sessionRef, stderr: z.boolean().optional(), follow: z.boolean().optional(), offset: z.number().int().min(0).optional() }),
   'guest.session.kill': z.strictObject({ ...sessionRef, signal: z.string().regex(/^(SIG)?[A-Z0-9+]{2,10}$/, 'a signal name such as TERM, KILL, INT').optional() }),
-  'vm.exec': z.strictObject({ vm: vmRef, argv: guestArgv, cwd: z.string().min(1).max(4096).optional(), env: envMap.optional(), timeoutMs: z.number().int().positive().optional(), stdin: z.string().optional() }),
+  /** stdin: all of it, base64. Or inputId: it follows as vm.exec.input calls on the same connection. Neither: none. */
+  'vm.exec': z.strictObject({ vm: vmRef, argv: guestArgv, cwd: z.string().min(1).max(4096).optional(), env: envMap.optional(), timeoutMs: z.number().int().positive().optional(), stdin: z.string().optional(), inputId: execInputId.optional() }),
+  /** A chunk (base64) of a running vm.exec's stdin, and/or its end; answered once the chunk is taken (flow control). */
+  'vm.exec.input': z.strictObject({ inputId: execInputId, data: z.string().max(1024 * 1024).optional(), end: z.boolean().optional() }),
   'vm.health': z.strictObject({ vm: vmRef }),
 } as const;
 // ---- end guest sessions

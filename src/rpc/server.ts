@@ -37,7 +37,10 @@ const MAX_ID_LENGTH = 128;
 const REQUEST_SHAPE = 'send one JSON-RPC 2.0 request per line: {"jsonrpc":"2.0","id":1,"method":"daemon.status","params":{}}';
 
 type Id = number | string | null;
-type Message = RpcResponse | { jsonrpc: '2.0'; method: string; params: unknown };
+type Message = RpcResponse | { jsonrpc: '2.0'; method: string; params: unknown } | typeof PROBE;
+/** An empty line, which every reader of this protocol skips: written to a half-closed peer to learn whether it is gone. */
+const PROBE = Symbol('probe');
+const PROBE_INTERVAL_MS = 1000;
 
 export function toRpcError(e: unknown): RpcResponse['error'] {
   if (e instanceof BangerError) return { code: e.code, message: e.message, data: { kind: e.kind, hint: e.hint } };
@@ -161,11 +164,16 @@ export class RpcServer {
         sock.destroy();
       }
     });
+    let probe: NodeJS.Timeout | undefined;
     sock.on('end', () => {
       peerEnded = true;
       endWhenAnswered();
+      // A half-closed peer may still read its answers, or may be gone: a peer that is gone makes a write fail.
+      // Long calls (a follow, an attach, an exec) learn that through their signal instead of running on forever.
+      if (!sock.destroyed && inFlight > 0) probe = setInterval(() => (inFlight > 0 ? this.send(sock, PROBE) : clearInterval(probe)), PROBE_INTERVAL_MS);
     });
     sock.on('close', () => {
+      clearInterval(probe);
       this.sockets.delete(sock);
       abort.abort(new BangerError('aborted', 'client disconnected'));
     });
@@ -178,6 +186,10 @@ export class RpcServer {
     if (sock.writableLength > MAX_UNREAD_BYTES) {
       this.log(`rpc: a client left ${sock.writableLength} bytes of answers unread (limit ${MAX_UNREAD_BYTES}); closing its connection`);
       sock.destroy();
+      return;
+    }
+    if (m === PROBE) {
+      sock.write('\n');
       return;
     }
     let text: string;

@@ -271,6 +271,8 @@ export interface SessionSent {
 export interface ExecResultView {
   exitCode: number;
   signal: string | null;
+  /** The command ran past its timeout and was stopped (exitCode is then timeout(1)'s 124). */
+  timedOut: boolean;
 }
 
 export interface HealthView {
@@ -290,11 +292,13 @@ export interface SessionResults {
   'guest.session.list': SessionView[];
   'guest.session.show': SessionView;
   'guest.session.send': SessionSent;
-  /** Answers when the attach ends: detached by the client, or the session ended. */
+  /** Answers when the attach ends: detached by the client, or the session ended. Its first stream chunk, empty, says it was granted. */
   'guest.session.attach': { ended: boolean };
   'guest.session.logs': SessionLogs;
   'guest.session.kill': SessionView;
   'vm.exec': ExecResultView;
+  /** accepted false: that exec has finished (or never was), the chunk went nowhere. */
+  'vm.exec.input': { accepted: boolean };
   'vm.health': HealthView;
 }
 

@@ -1,13 +1,13 @@
 /**
- * Sessions and health against one real guest (issue 11): concurrent send lands exactly 1,000 whole lines, bad
- * input is refused, a SIGKILLed daemon finds its sessions still running. One boot for all of it.
- * Not here, because they failed against a real guest in CI and are switched off in the CLI until fixed: `vm exec`
- * (did not return within 5 minutes), `session attach` (no echo seen), and the "vm stop reports sessions ended"
- * check (it used exec on the stopped VM and timed out).
+ * Sessions, exec and health against one real guest (issue 11): exec with stdin an open pipe that carries nothing
+ * (as under CI) or data, concurrent send lands exactly 1,000 whole lines, attach is exclusive and detaching leaves
+ * the session running, a SIGKILLed daemon finds its sessions still running, a stopped VM reports them ended with
+ * the reason. One boot for all of it.
  */
+import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { waitUntil } from '../support/wait.js';
-import { Banger, describeE2E } from './harness.js';
+import { Banger, BIN, describeE2E } from './harness.js';
 
 /** Deterministic line lengths in [200, 4000]. */
 function lineOf(sender: number, i: number): string {
@@ -26,6 +26,22 @@ describeE2E('guest sessions, exec and health', () => {
   afterAll(async () => {
     await b?.cleanup();
   });
+
+  it('vm exec: separate stdout and stderr, stdin, --cwd/--env, --timeout, the exit status', async () => {
+    // No input: the CLI's stdin is a pipe that stays open and carries nothing (execa's default, as under CI).
+    const r = await b.run(['vm', 'exec', 'agents', '--', 'sh', '-c', 'echo out; echo err >&2; exit 5'], { timeoutMs: 120_000 });
+    expect(r).toMatchObject({ exitCode: 5, stdout: 'out\n' });
+    expect(r.stderr).toContain('err\n');
+    const big = 'line of stdin\n'.repeat(20_000);
+    expect((await b.run(['vm', 'exec', 'agents', '--', 'wc', '-c'], { input: big, timeoutMs: 120_000 })).stdout).toBe(`${big.length}\n`);
+    expect((await b.run(['vm', 'exec', 'agents', '--', 'cat'], { input: 'from stdin', timeoutMs: 120_000 })).stdout).toBe('from stdin');
+    const env = await b.ok(['vm', 'exec', 'agents', '--cwd', '/tmp', '--env', 'GREETING=a b;c', '--', 'sh', '-c', 'pwd; echo "$GREETING"'], { timeoutMs: 120_000 });
+    expect(env.stdout).toBe('/tmp\na b;c\n');
+    const late = await b.run(['vm', 'exec', 'agents', '--timeout', '1', '--', 'sleep', '600'], { timeoutMs: 120_000 });
+    expect(late.exitCode).toBe(124);
+    expect(late.stderr).toContain('did not finish within 1 s and was stopped');
+    expect((await b.ok(['vm', 'exec', 'agents', '--', 'sh', '-c', 'pgrep -x sleep || echo none'], { timeoutMs: 120_000 })).stdout).toBe('none\n');
+  }, 600_000);
 
   it('vm health answers over SSH', async () => {
     const h = await b.json(['vm', 'health', 'agents']);
@@ -80,6 +96,27 @@ describeE2E('guest sessions, exec and health', () => {
     expect(seen.size).toBe(1000);
   }, 300_000);
 
+  it('attach is exclusive, forwards input from a pipe, and detaching leaves the session running', async () => {
+    // stdin is a pipe (not a terminal), as under CI, carrying the lines written below.
+    const first = execa(process.execPath, [BIN, 'vm', 'session', 'attach', 'agents', 'echo'], { env: b.env, reject: false, timeout: 300_000 });
+    let firstOut = '';
+    first.stdout!.on('data', (c: Buffer) => (firstOut += c.toString()));
+    await waitUntil('the first attach holds the session', async () => (await b.json(['vm', 'session', 'show', 'agents', 'echo'])).attachedBy !== null, 120_000, 300);
+    const second = await b.run(['vm', 'session', 'attach', 'agents', 'echo'], { input: '' });
+    expect(second.exitCode).not.toBe(0);
+    expect(second.stderr).toContain(`already attached by`);
+    expect(second.stderr).toContain(`pid ${first.pid}`);
+    first.stdin!.write('through at');
+    first.stdin!.write('tach\nand a second line\n');
+    await waitUntil('the attached client sees its own lines echoed', () => firstOut.includes('through attach\nand a second line\n'), 120_000);
+    first.stdin!.write('\x1dd');
+    const r = await first;
+    expect(r.exitCode).toBe(0);
+    expect(r.stderr).toContain('detached');
+    await waitUntil('the attach is released', async () => (await b.json(['vm', 'session', 'show', 'agents', 'echo'])).attachedBy === null, 60_000, 300);
+    expect(await b.json(['vm', 'session', 'show', 'agents', 'echo'])).toMatchObject({ state: 'running', attachedBy: null });
+  }, 420_000);
+
   it('a SIGKILLed daemon: the session still runs, is listed, and send works', async () => {
     process.kill(b.daemonPid()!, 'SIGKILL');
     const list = await b.json(['vm', 'session', 'list', 'agents'], { timeoutMs: 120_000 });
@@ -90,5 +127,16 @@ describeE2E('guest sessions, exec and health', () => {
     expect(shown.health).toMatchObject({ ok: true, sessionsRunning: 1 });
     expect(shown.sessions.map((s: { name: string; state: string }) => `${s.name}:${s.state}`)).toEqual(['plain:ended', 'echo:running']);
   }, 180_000);
+
+  it('vm stop: sessions are reported ended, with the reason; exec and send name the state', async () => {
+    await b.ok(['vm', 'stop', 'agents'], { timeoutMs: 240_000 });
+    const list = await b.json(['vm', 'session', 'list', 'agents']);
+    expect(list.find((s: { name: string }) => s.name === 'echo')).toMatchObject({ state: 'ended', endReason: 'the VM is stopped' });
+    const exec = await b.run(['vm', 'exec', 'agents', '--', 'true'], { timeoutMs: 60_000 });
+    expect(exec.exitCode).not.toBe(0);
+    expect(exec.stderr).toContain('vm agents is stopped, not running');
+    const send = await b.run(['vm', 'session', 'send', 'agents', 'echo', 'x']);
+    expect(send.stderr).toContain('session echo has ended (the VM is stopped)');
+  }, 300_000);
 
 });

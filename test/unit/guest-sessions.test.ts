@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { endOf, parseHealth, parseListLine, runScript, SESSIONS_DIR, splitLines, validateSessionName } from '../../src/host/guest/sessions.js';
 import { execCommand } from '../../src/daemon/handlers/guest.js';
 import { SendLock } from '../../src/daemon/handlers/sessions.js';
+import { ExecInputs } from '../../src/daemon/handlers/exec-input.js';
 
 describe('session names', () => {
   it.each(['a;b', 'a b', '$(x)', 'A', '-x', '', 'a'.repeat(33), 'a/b', "a'b", 'a\nb'])('refuses %j', (n) => {
@@ -102,5 +103,43 @@ describe('vm exec command line', () => {
     const root = mkdtempSync(join(tmpdir(), "banger-exec- '"));
     const out = execFileSync('sh', ['-c', execCommand(['sh', '-c', 'pwd; echo "$K"; echo "$1"', 'x', '; rm -rf /'], root, { K: '$(id) `x`' })]).toString();
     expect(out).toBe(`${root}\n$(id) \`x\`\n; rm -rf /\n`);
+  });
+
+  it('a timeout runs argv under timeout(1): the command is stopped with status 124, a quick one is untouched', () => {
+    const run = (argv: string[], ms: number) => spawnSync('sh', ['-c', execCommand(argv, undefined, undefined, ms)]);
+    const slow = run(['sleep', '30'], 300);
+    expect(slow.status).toBe(124);
+    const quick = run(['sh', '-c', 'echo "$1"; exit 3', 'x', '-k'], 10_000);
+    expect(quick.stdout.toString()).toBe('-k\n');
+    expect(quick.status).toBe(3);
+  });
+});
+
+describe('vm exec stdin, fed chunk by chunk', () => {
+  it('passes chunks and the end to the exec that registered the id, and nothing to an id that is gone', async () => {
+    const inputs = new ExecInputs();
+    const stdin = inputs.register('abcdefghijklmnop');
+    const got: Buffer[] = [];
+    stdin.on('data', (c: Buffer) => got.push(c));
+    const ended = new Promise((r) => stdin.on('end', r));
+    expect(await inputs.feed('abcdefghijklmnop', Buffer.from('one '), false)).toBe(true);
+    expect(await inputs.feed('abcdefghijklmnop', Buffer.from('two'), true)).toBe(true);
+    await ended;
+    expect(Buffer.concat(got).toString()).toBe('one two');
+    inputs.release('abcdefghijklmnop');
+    expect(await inputs.feed('abcdefghijklmnop', Buffer.from('late'), false)).toBe(false);
+    expect(inputs.size).toBe(0);
+  });
+
+  it('a chunk is answered only once the stream has room for it (flow control)', async () => {
+    const inputs = new ExecInputs();
+    const stdin = inputs.register('abcdefghijklmnop');
+    let answered = false;
+    const big = inputs.feed('abcdefghijklmnop', Buffer.alloc(1024 * 1024), false).then((ok) => (answered = ok));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(answered).toBe(false);
+    stdin.resume();
+    await big;
+    expect(answered).toBe(true);
   });
 });

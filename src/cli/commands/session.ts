@@ -5,6 +5,9 @@ import { BangerError } from '../../errors.js';
 import type { OutputChunk, SessionView, HealthView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
+import { forwardStdin, newInputId } from '../stdin-forward.js';
+import { AttachInput } from '../attach-input.js';
+import type { BangerClient } from '../../index.js';
 
 interface VmArg extends GlobalArgs {
   vm: string;
@@ -24,9 +27,6 @@ interface ExecArgs extends VmArg {
   env?: string[];
   timeout?: number;
 }
-
-/** The key that starts the detach sequence (Ctrl-]); `d` after it detaches, another Ctrl-] sends one. */
-const DETACH_KEY = 0x1d;
 
 const argvOf = (a: VmArg, what: string) => {
   const argv = (a['--'] ?? []).map(String);
@@ -88,83 +88,109 @@ async function logs(a: SessionArg & { follow?: boolean; stderr?: boolean }): Pro
 }
 
 /**
- * Attach: the session's output from now on, and (pipe mode) input forwarded with send. Ctrl-] then d detaches
- * and leaves it running. Without a terminal, stdin's end detaches.
+ * Attach: the session's output from now on, and (pipe mode) input forwarded line by line with send, in order, on
+ * the attach's own connection. Ctrl-] then d, or Ctrl-C, detaches and leaves the session running. The end of
+ * input only ends forwarding: the attach lasts until a detach or the session's end. A refused attach (another
+ * holder) is reported as such, whatever the input did meanwhile.
  */
 async function attach(a: SessionArg): Promise<void> {
   const s = await call('guest.session.show', { vm: a.vm, session: a.session }, { quiet: true });
   const client = await connectDaemon();
   const holder = `${userInfo().username}@${hostname()} pid ${process.pid}`;
-  const tty = process.stdin.isTTY;
+  const tty = Boolean(process.stdin.isTTY);
+  let granted = false;
   let detached = false;
+  let startInput = () => {};
+  const onStream = (c: OutputChunk) => {
+    if (!granted) {
+      granted = true; // the daemon's first chunk (empty) says the attach is ours
+      process.stderr.write(`attached to ${s.name}; Ctrl-] then d (or Ctrl-C) detaches${s.pipe ? '' : ' (not a pipe session: input is not forwarded)'}\n`);
+      startInput();
+    }
+    write(c);
+  };
   const detach = () => {
     detached = true;
     client.close();
   };
-  if (!s.pipe) process.stderr.write(`(session ${s.name} is not in pipe mode: input is not forwarded)\n`);
-  process.stderr.write(`attached to ${s.name}; ${tty ? 'Ctrl-] then d detaches' : 'end of input detaches'}\n`);
-  const input = forwardInput(a, s.pipe, tty, detach);
+  const result = client.call('guest.session.attach', { vm: a.vm, session: a.session, holder }, { onStream });
+  let input: { stop(): void } | undefined;
+  startInput = () => (input = forwardInput(client, a, s.pipe, tty, detach));
   try {
-    const r = await client.call('guest.session.attach', { vm: a.vm, session: a.session, holder }, { onStream: write });
+    const r = await result;
     process.stderr.write(r.ended ? `session ${s.name} ended\n` : 'detached\n');
   } catch (e) {
     if (!detached) throw e;
     process.stderr.write(`detached; session ${s.name} keeps running\n`);
   } finally {
-    input.stop();
+    input?.stop();
     client.close();
   }
 }
 
-function forwardInput(a: SessionArg, pipe: boolean, tty: boolean, detach: () => void): { stop(): void } {
-  let armed = false;
-  const sendChunk = (b: Buffer) => {
-    if (pipe && b.length) void call('guest.session.send', { vm: a.vm, session: a.session, data: b.toString('base64'), encoding: 'base64' }, { quiet: true }).catch((e) => process.stderr.write(`send failed: ${(e as Error).message}\n`));
+function forwardInput(client: Pick<BangerClient, 'call'>, a: SessionArg, pipe: boolean, tty: boolean, detach: () => void): { stop(): void } {
+  const parser = new AttachInput(tty);
+  let queue = Promise.resolve();
+  const sendLine = (line: Buffer) => {
+    if (!pipe) return;
+    queue = queue
+      .then(() => client.call('guest.session.send', { vm: a.vm, session: a.session, data: line.toString('base64'), encoding: 'base64' }))
+      .then(
+        () => {},
+        (e) => void process.stderr.write(`send failed: ${(e as Error).message}\r\n`),
+      );
   };
   const onData = (chunk: Buffer) => {
-    const keep: number[] = [];
-    for (const byte of chunk) {
-      if (armed) {
-        armed = false;
-        if (byte === 0x64 /* d */) return detach();
-        if (byte !== DETACH_KEY) keep.push(DETACH_KEY);
-        keep.push(byte);
-      } else if (byte === DETACH_KEY) armed = true;
-      else keep.push(byte);
-    }
-    sendChunk(Buffer.from(keep));
+    const fed = parser.feed(chunk);
+    if (fed.echo.length) process.stderr.write(Buffer.from(fed.echo));
+    fed.lines.forEach(sendLine);
+    if (fed.detach) detach();
   };
+  const onEnd = () => {
+    const rest = parser.rest();
+    if (rest) sendLine(rest);
+  };
+  const onSignal = () => detach();
   if (tty) process.stdin.setRawMode(true);
   process.stdin.on('data', onData);
-  process.stdin.on('end', detach);
+  process.stdin.on('end', onEnd);
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
   process.stdin.resume();
   return {
     stop() {
       process.stdin.off('data', onData);
-      process.stdin.off('end', detach);
+      process.stdin.off('end', onEnd);
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
       if (tty) process.stdin.setRawMode(false);
-      process.stdin.pause();
+      process.stdin.destroy();
     },
   };
 }
 
+/**
+ * Runs CMD over the VM's pooled connection: stdout and stderr stream to ours, stdin is forwarded as it comes, and
+ * the command's exit status becomes ours. It ends when the command does, whether or not our stdin has ended.
+ */
 async function execIn(a: ExecArgs): Promise<void> {
   const argv = argvOf(a, 'exec');
-  const stdin = process.stdin.isTTY ? undefined : (await readStdin(8 * 1024 * 1024)).toString('base64');
   const timeoutMs = a.timeout === undefined ? undefined : Math.round(a.timeout * 1000);
   if (timeoutMs !== undefined && !(timeoutMs > 0)) usage(`--timeout ${a.timeout}: give a positive number of seconds`);
-  const r = await call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, stdin }, { quiet: true, onStream: write });
-  process.exitCode = r.exitCode;
-}
-
-/**
- * `vm exec` and `session attach` are wired through but not finished: against a real guest their end-to-end tests
- * hang (exec did not return in 5 minutes; attach saw no echo). Until they pass, the CLI says so instead of hanging;
- * BANGER_UNFINISHED=1 runs them anyway (for whoever finishes them).
- */
-function notFinished(what: string, instead: string, run: () => Promise<void>): Promise<void> {
-  if (process.env.BANGER_UNFINISHED === '1') return run();
-  throw new BangerError('unsupported', `${what} is not finished yet: it can hang against a real guest`, `use ${instead}`);
+  const client = await connectDaemon();
+  const inputId = newInputId();
+  const result = client.call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, inputId }, { onStream: write });
+  const input = forwardStdin(client, inputId);
+  // A forwarding failure is a lost daemon connection, which the exec's own answer reports.
+  input.done.catch(() => {});
+  try {
+    const r = await result;
+    if (r.timedOut) process.stderr.write(`banger: ${argv[0]} did not finish within ${a.timeout} s and was stopped (exit status ${r.exitCode})\n`);
+    process.exitCode = r.exitCode;
+  } finally {
+    input.stop();
+    client.close();
+  }
 }
 
 const sessionRef = <T>(y: Argv<T>) => y.positional('vm', { type: 'string', demandOption: true }).positional('session', { type: 'string', demandOption: true });
@@ -200,7 +226,7 @@ export function sessionCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       out(a, s, () => sessionLine(s));
     })
     .command('send <vm> <session> [data]', "write DATA (and a newline), or all of stdin, to a pipe session's stdin; each line up to 4096 bytes lands whole", (a) => sessionRef(a).positional('data', { type: 'string' }), (a) => send(a as unknown as SessionArg & { data?: string }))
-    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => notFinished('banger vm session attach', 'banger vm session logs --follow, and send', () => attach(a as unknown as SessionArg)))
+    .command('attach <vm> <session>', 'follow output and forward input (exclusive; Ctrl-] then d detaches)', sessionRef, (a) => attach(a as unknown as SessionArg))
     .command('logs <vm> <session>', "print a session's stdout (or --stderr); --follow until it ends", (a) => sessionRef(a).option('follow', { alias: 'f', type: 'boolean' }).option('stderr', { type: 'boolean' }), (a) => logs(a as unknown as SessionArg & { follow?: boolean; stderr?: boolean }))
     .command('kill <vm> <session>', 'signal a session (default TERM)', (a) => sessionRef(a).option('signal', { type: 'string', describe: 'TERM, INT, KILL, HUP...' }), async (args) => {
       const a = args as unknown as SessionArg & { signal?: string };
@@ -224,7 +250,7 @@ export function guestCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
           .option('env', { type: 'string', array: true, describe: 'NAME=VALUE (repeatable)' })
           .option('timeout', { type: 'number', describe: 'seconds' })
           .usage('banger vm exec <vm> [--cwd P] [--env K=V]... [--timeout S] -- CMD...'),
-      (a) => notFinished('banger vm exec', `banger vm ssh ${(a as ExecArgs).vm} -- CMD...`, () => execIn(a as ExecArgs)),
+      (a) => execIn(a as ExecArgs),
     )
     .command('health <vm>', "the guest's uptime, load, memory, free disk and running sessions (read over SSH: the guest agent is not built)", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
       const a = args as unknown as VmArg;

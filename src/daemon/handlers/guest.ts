@@ -5,7 +5,7 @@
  * reason) — and what lives only as long as a client: the exclusive attach and the per-session send lock.
  */
 import { readFile } from 'node:fs/promises';
-import { Writable } from 'node:stream';
+import { Writable, type Readable } from 'node:stream';
 import { BangerError } from '../../errors.js';
 import { vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
@@ -14,12 +14,14 @@ import type { SshTarget } from '../../host/guest/ssh.js';
 import { guestHealth, listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
 import { shellQuote, quoteArg } from '../../host/exec/shell.js';
 import { run } from '../../host/exec/runner.js';
-import type { Handlers } from '../../rpc/server.js';
+import type { CallContext, Handlers } from '../../rpc/server.js';
+import type { ParamsOf, ResultOf } from '../../rpc/protocol.js';
 import type { HealthView, OutputChunk, SessionView } from '../../rpc/types.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';
 import { SessionRecords } from './session-records.js';
 import { sessionHandlers } from './sessions.js';
+import { ExecInputs } from './exec-input.js';
 
 /** A running VM's guest: how to run a command in it, over its pooled connection. */
 export interface Guest {
@@ -89,40 +91,59 @@ async function targetOf(d: DaemonServices, id: string, name: string, rt: { sshPo
   return { host: '127.0.0.1', port: rt.sshPort, privateKey: key.privateKey, hostPublicKey, label: name };
 }
 
-type GuestHandlers = Pick<Handlers, 'vm.exec' | 'vm.health'>;
+type GuestHandlers = Pick<Handlers, 'vm.exec' | 'vm.exec.input' | 'vm.health'>;
 
 export function guestHandlers(d: DaemonServices): GuestHandlers & ReturnType<typeof sessionHandlers> {
   const access = guestAccess(d);
+  const inputs = new ExecInputs();
   return {
     ...sessionHandlers(access),
     'vm.exec': async (p, ctx) => {
-      const g = await access.guest(p.vm);
-      const toStream = (stream: OutputChunk['stream']) =>
-        new Writable({
-          write(chunk: Buffer, _enc, cb) {
-            ctx.stream({ stream, data: chunk.toString('base64') });
-            cb();
-          },
-        });
-      const r = await g.exec(execCommand(p.argv, p.cwd, p.env), {
-        stdin: p.stdin === undefined ? undefined : Buffer.from(p.stdin, 'base64'),
-        stdout: toStream('stdout'),
-        stderr: toStream('stderr'),
-        timeoutMs: p.timeoutMs,
-        signal: ctx.signal,
-      });
-      return { exitCode: r.exitCode, signal: r.signal ?? null };
+      // Registered before the first await: the client's vm.exec.input calls follow this one at once.
+      const input = p.inputId === undefined ? undefined : inputs.register(p.inputId);
+      try {
+        return await execIn(access, p, ctx, input);
+      } finally {
+        if (p.inputId !== undefined) inputs.release(p.inputId);
+      }
     },
+    'vm.exec.input': async (p) => ({ accepted: await inputs.feed(p.inputId, p.data === undefined ? undefined : Buffer.from(p.data, 'base64'), p.end ?? false) }),
     'vm.health': async (p) => healthOf(await access.guest(p.vm)),
   };
 }
 
-/** `cd DIR && export K=V && exec ARGV`, every value one quoted word. */
-export function execCommand(argv: string[], cwd?: string, env?: Record<string, string>): string {
+async function execIn(access: GuestAccess, p: ParamsOf<'vm.exec'>, ctx: CallContext<'vm.exec'>, input: Readable | undefined): Promise<ResultOf<'vm.exec'>> {
+  const g = await access.guest(p.vm);
+  const toStream = (stream: OutputChunk['stream']) =>
+    new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        ctx.stream({ stream, data: chunk.toString('base64') });
+        cb();
+      },
+    });
+  const started = Date.now();
+  const r = await g.exec(execCommand(p.argv, p.cwd, p.env, p.timeoutMs), {
+    stdin: input ?? (p.stdin === undefined ? undefined : Buffer.from(p.stdin, 'base64')),
+    stdout: toStream('stdout'),
+    stderr: toStream('stderr'),
+    // The guest's timeout(1) ends the command; this only bounds a guest that stopped answering.
+    timeoutMs: p.timeoutMs === undefined ? undefined : p.timeoutMs + 15_000,
+    signal: ctx.signal,
+  });
+  const timedOut = p.timeoutMs !== undefined && r.exitCode === 124 && Date.now() - started >= p.timeoutMs;
+  return { exitCode: r.exitCode, signal: r.signal ?? null, timedOut };
+}
+
+/**
+ * `cd DIR && export K=V && exec ARGV`, every value one quoted word. With a timeout, ARGV runs under the guest's
+ * timeout(1): TERM when it expires, KILL 2 s later, exit status 124 (closing the SSH channel would not stop it).
+ */
+export function execCommand(argv: string[], cwd?: string, env?: Record<string, string>, timeoutMs?: number): string {
   const parts: string[] = [];
   if (cwd) parts.push(`cd -- ${quoteArg(cwd)}`);
   for (const [k, v] of Object.entries(env ?? {})) parts.push(`export ${quoteArg(`${k}=${v}`)}`);
-  parts.push(`exec ${shellQuote(argv)}`);
+  const bounded = timeoutMs === undefined ? argv : ['timeout', '-k', '2', '--', `${(timeoutMs / 1000).toFixed(3)}s`, ...argv];
+  parts.push(`exec ${shellQuote(bounded)}`);
   return parts.join(' && ');
 }
 

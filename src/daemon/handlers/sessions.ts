@@ -39,7 +39,10 @@ export function sessionHandlers(access: GuestAccess): SessionHandlers {
   /** A session that must be running in a running guest. */
   async function running(ref: string, name: string) {
     const f = await find(ref, name);
-    if (f.s.state !== 'running' || !f.guest) throw new BangerError('invalid_state', `session ${name} has ended (${f.s.endReason})`, `its output is still there: banger vm session logs ${f.vmName} ${name}`);
+    if (f.s.state !== 'running' || !f.guest) {
+      const hint = f.guest ? `its output is still there: banger vm session logs ${f.vmName} ${name}` : `its output lived in the stopped guest and is gone; banger vm start ${f.vmName} starts the VM again`;
+      throw new BangerError('invalid_state', `session ${name} has ended (${f.s.endReason})`, hint);
+    }
     return { ...f, guest: f.guest };
   }
 
@@ -82,6 +85,8 @@ export function sessionHandlers(access: GuestAccess): SessionHandlers {
       const held = attached.get(key);
       if (held) throw new BangerError('conflict', `session ${p.session} is already attached by ${held.holder} (since ${held.since}); attach is exclusive`, 'detach there first (Ctrl-] then d), or use `banger vm session send` and `logs --follow`, which need no attach');
       attached.set(key, { holder: p.holder, since: new Date().toISOString() });
+      // An empty first chunk tells the client the attach is its own (before any output, which may never come).
+      ctx.stream({ stream: 'stdout', data: '', offset: f.s.stdoutBytes ?? 0 });
       try {
         const { ended } = await follow(f.guest, p.session, f.s.stdoutBytes ?? 0, f.s.stderrBytes ?? 0, ctx);
         return { ended };

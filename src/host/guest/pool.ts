@@ -23,7 +23,7 @@ export class SshPool {
     return p;
   }
 
-  /** Runs one command over the VM's pooled connection. An abort or timeout closes that connection (its state is unknown). */
+  /** Runs one command over the VM's pooled connection. An abort or timeout kills that command, not the connection. */
   async exec(vmId: string, target: SshTarget, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
     const client = await this.client(vmId, target, opts.connectTimeoutMs);
     return exec(client, command, opts);

@@ -168,8 +168,10 @@ const isClient = (x: unknown): x is Client => x instanceof Client;
 
 /**
  * Runs one command line (interpreted by the remote user's shell: quote with shellQuote) on the guest.
- * Given a target, opens a connection for this command and closes it afterwards; given a Client, uses it
- * (and closes it only on abort/timeout, as the brief requires: the connection state is then unknown).
+ * Given a target, opens a connection for this command and closes it afterwards; given a Client, uses it and
+ * leaves it open. On abort or timeout the command's channel is closed and the connection stays (it may be shared:
+ * src/host/guest/pool.ts). Closing a channel does not kill the remote command (OpenSSH ignores the signal request
+ * here): bound a command in the guest with timeout(1) when it must die.
  */
 export async function exec(on: SshTarget | Client, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
   const { signal } = opts;
@@ -203,7 +205,8 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
       client.removeListener('error', onClientError);
       if (stdinStream && channel) stdinStream.unpipe(channel);
     };
-    const fail = (e: unknown, closeConnection: boolean) => {
+    // Given up on (abort, timeout) or broken: the channel closes, the connection stays (it may be shared).
+    const fail = (e: unknown) => {
       if (settled) return;
       settled = true;
       cleanup();
@@ -212,17 +215,16 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
       } catch {
         /* already closed */
       }
-      if (closeConnection) client.end();
       reject(e);
     };
-    const onAbort = () => fail(abortedError(`ssh ${short(command)}`, signal), true);
+    const onAbort = () => fail(abortedError(`ssh ${short(command)}`, signal));
     const onClientClose = () =>
-      fail(new BangerError('host', `SSH connection closed before \`${short(command)}\` finished`), false);
-    const onClientError = (e: Error) => fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+      fail(new BangerError('host', `SSH connection closed before \`${short(command)}\` finished`));
+    const onClientError = (e: Error) => fail(wrapSshError(target, e, `running \`${short(command)}\``));
     const timer =
       opts.timeoutMs !== undefined
         ? setTimeout(
-            () => fail(new BangerError('timeout', `ssh \`${short(command)}\` did not finish within ${opts.timeoutMs} ms`), true),
+            () => fail(new BangerError('timeout', `ssh \`${short(command)}\` did not finish within ${opts.timeoutMs} ms`)),
             opts.timeoutMs,
           )
         : undefined;
@@ -233,7 +235,7 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
 
     try {
       client.exec(command, (e, ch) => {
-        if (e) return fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+        if (e) return fail(wrapSshError(target, e, `running \`${short(command)}\``));
         if (settled) {
           ch.close();
           return;
@@ -245,7 +247,7 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
         });
         ch.on('error', (ce: Error) => {
           // Writing stdin to a command that already exited is not the command's failure.
-          if (exitCode === undefined) fail(wrapSshError(target, ce, `running \`${short(command)}\``), false);
+          if (exitCode === undefined) fail(wrapSshError(target, ce, `running \`${short(command)}\``));
         });
         // Always consume stdout and stderr, or the channel's 'close' never comes.
         if (opts.stdout) ch.pipe(opts.stdout, { end: false });
@@ -271,13 +273,13 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
         else {
           stdinStream = input as Readable;
           stdinStream.once('error', (se: Error) =>
-            fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se }), true),
+            fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se })),
           );
           stdinStream.pipe(ch); // pipe ends the channel (EOF to the remote) when the input ends
         }
       });
     } catch (e) {
-      fail(wrapSshError(target, e, `running \`${short(command)}\``), false);
+      fail(wrapSshError(target, e, `running \`${short(command)}\``));
       return;
     }
   });
