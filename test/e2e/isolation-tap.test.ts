@@ -44,9 +44,13 @@ describeE2E('tap guests are isolated from the host, private networks and each ot
   let a: any;
   let bb: any;
 
-  /** What the guest reads from ip:port within 6 s (bash /dev/tcp), or null when it cannot connect. */
-  async function guestReads(vm: string, ip: string, port: number): Promise<string | null> {
-    const r = await b.run(['vm', 'ssh', vm, '--', 'bash', '-c', `timeout 6 bash -c 'exec 3<>/dev/tcp/${ip}/${port} && head -c 16 <&3'`], { timeoutMs: 120_000 });
+  /**
+   * What the guest reads from ip:port (bash /dev/tcp), or null when it cannot connect within `seconds`. A
+   * refused probe waits the whole bound, so those are short; one that should connect gets a long bound (a
+   * TCG guest on a loaded machine can be slow to start bash), which it only uses up when it fails.
+   */
+  async function guestReads(vm: string, ip: string, port: number, seconds = 8): Promise<string | null> {
+    const r = await b.run(['vm', 'ssh', vm, '--', 'bash', '-c', `timeout ${seconds} bash -c 'exec 3<>/dev/tcp/${ip}/${port} && head -c 16 <&3'`], { timeoutMs: 180_000 });
     if (r.exitCode === 255) throw new Error(`vm ssh ${vm} failed: ${r.stderr}`);
     return r.exitCode === 0 ? r.stdout.trim() : null;
   }
@@ -73,7 +77,7 @@ describeE2E('tap guests are isolated from the host, private networks and each ot
     await execa('ip', ['-n', NS, 'route', 'add', 'default', 'via', OUTSIDE]);
     await serve(OUT, '0.0.0.0', 7001, 'out');
     await serve(NS, '0.0.0.0', 7002, 'host');
-    b = await Banger.create({ BANGER_ROOT_HELPER: '' });
+    b = await Banger.create({ BANGER_ROOT_HELPER: '', BANGER_BOOT_TIMEOUT_MS: '600000' }); // two TCG guests on a loaded machine: still bounded
     b.wrap = ['ip', 'netns', 'exec', NS];
   });
 
@@ -121,8 +125,8 @@ describeE2E('tap guests are isolated from the host, private networks and each ot
 
   it('outside is reached through NAT with egress internet, not with egress none; a private range only with --allow', async () => {
     expect(await hostReads(NS, OUTSIDE, 7001)).toBe('out');
-    expect(await guestReads('a', OUTSIDE, 7001)).toBe('out');
-    expect(await guestReads('a', LAN, 7001)).toBe('out'); // --allow 192.168.77.0/24
+    expect(await guestReads('a', OUTSIDE, 7001, 60)).toBe('out');
+    expect(await guestReads('a', LAN, 7001, 60)).toBe('out'); // --allow 192.168.77.0/24
     expect(await guestReads('b', OUTSIDE, 7001)).toBeNull(); // --egress none
     expect(await guestReads('b', LAN, 7001)).toBeNull();
   });
