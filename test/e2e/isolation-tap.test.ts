@@ -136,6 +136,26 @@ describeE2E('tap guests are isolated from the host, private networks and each ot
     expect(await guestReads('b', a.guestIp, 22)).toBeNull();
   });
 
+  it('SIGKILL of the root helper: its successor keeps the tables, the daemon registers both VMs again', async () => {
+    const helperPids = async () => {
+      const pids = String((await execa('ip', ['netns', 'pids', NS])).stdout).split('\n').filter(Boolean);
+      const mine: number[] = [];
+      for (const p of pids) {
+        const cmd = await execa('cat', [`/proc/${p}/cmdline`], { reject: false });
+        if (cmd.stdout.includes('roothelper/main')) mine.push(Number(p));
+      }
+      return mine;
+    };
+    const [old] = await helperPids();
+    expect(old).toBeGreaterThan(0);
+    process.kill(old, 'SIGKILL');
+    await waitUntil('a new root helper', async () => (await helperPids()).some((p) => p !== old), 60_000, 500);
+    expect(await nsTables()).toEqual(['table bridge banger', 'table inet banger']);
+    await waitUntil('the firewall to cover both VMs again', async () => (await firewallCheck())?.detail.includes('2 tap VM(s)') ?? false, 120_000, 2000);
+    expect(await guestReads('a', BRIDGE_IP, 7002)).toBeNull();
+    expect(await guestReads('a', OUTSIDE, 7001, 60)).toBe('out');
+  });
+
   it('after the last VM is deleted the tables are gone', async () => {
     await b.ok(['vm', 'delete', 'a'], { timeoutMs: 120_000 });
     expect(await nsTables()).toEqual(['table bridge banger', 'table inet banger']); // b is still there
