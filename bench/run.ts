@@ -35,6 +35,8 @@ async function home(extra: Record<string, string> = {}) {
   const h = mkdtempSync(join(tmpdir(), 'bgb-'));
   const run = mkdtempSync('/tmp/bgbr-');
   mkdirSync(join(h, 'images'), { recursive: true });
+  // Under TCG on a loaded host a boot can take minutes: the bench measures, it does not judge boot time.
+  writeFileSync(join(h, 'config.json'), JSON.stringify({ bootTimeoutMs: 900_000 }));
   const src = join(imageHome, 'images', 'debian-bookworm');
   if (existsSync(src)) await execa('cp', ['-al', src, join(h, 'images', 'debian-bookworm')]).catch(() => execa('cp', ['-a', src, join(h, 'images')]));
   const env = { ...process.env, BANGER_HOME: h, BANGER_RUNTIME_DIR: run, NO_COLOR: '1', BANGER_ROOT_HELPER: 'off', ...extra } as Record<string, string>;
@@ -297,8 +299,8 @@ async function benchPrepareRates() {
     for (const [label, repo] of [['generated 10,000 files + 32 MiB', generated], ['this project, cloned', project]] as const) {
       const t: Record<string, number[]> = { archive: [], tar: [], shallow: [], full_history: [], full_copy: [] };
       const sent: Record<string, number> = {};
+      const dest = () => `/root/r${++n}`;
       for (let i = 0; i < runs; i++) {
-        const dest = () => `/root/r${++n}`;
         for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
           const d = dest();
           t[mode].push(await timed(async () => {
@@ -316,8 +318,16 @@ async function benchPrepareRates() {
         }
         await guest('rm -rf /root/r* && sync');
       }
+      const comp = await compressionRates(repo, ssh, guest, dest, timed);
+      const re = await rePrepareAfterTenChanges(client, vm.id, repo, dest(), git, timed);
       console.log(`  ${label}`);
       line('git archive HEAD | ssh tar -x (median)', ms(median(t.archive)));
+      for (const [name, v] of Object.entries(comp)) {
+        line(`git archive | ${name} | ssh ${name} -d | tar -x`, `${ms(v)} (archive raw / this: ${(median(t.archive) / v).toFixed(2)})`);
+      }
+      line('re-prepare after 10 changed files (bytesSent)', `${ms(re.time)} (${re.bytes} bytes)`);
+      line('re-prepare after a new commit of them (bytesSent)', `${ms(re.commitTime)} (${re.commitBytes} bytes)`);
+      line('ratio full shallow prepare / re-prepare', (median(t.shallow) / re.time).toFixed(1));
       line('tar c . | ssh tar x (median)', ms(median(t.tar)));
       for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
         const raw = mode === 'full_copy' ? t.tar : t.archive;
@@ -330,6 +340,56 @@ async function benchPrepareRates() {
     await b.cleanup();
     rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+/**
+ * Compression on the link, end to end: `git archive HEAD | C | ssh 'C -d | tar -x'` for zstd -1, lz4 and gzip -1.
+ * The image has only gzip; the host's zstd and lz4 binaries (same Debian release) are copied into the guest's /tmp
+ * for the measurement.
+ */
+async function compressionRates(
+  repo: string,
+  ssh: string[],
+  guest: (cmd: string) => Promise<unknown>,
+  dest: () => string,
+  timed: (f: () => Promise<unknown>) => Promise<number>,
+): Promise<Record<string, number>> {
+  for (const tool of ['zstd', 'lz4']) {
+    await execa('sh', ['-c', `${shellQuote(['cat', `/usr/bin/${tool}`])} | ${shellQuote([...ssh, `cat > /tmp/${tool} && chmod +x /tmp/${tool}`])}`]);
+  }
+  await guest('/tmp/zstd --version && /tmp/lz4 --version');
+  const out: Record<string, number> = {};
+  const variants: Array<[string, string, string]> = [
+    ['zstd -1', 'zstd -1 -q -c', '/tmp/zstd -d -q -c'],
+    ['lz4', 'lz4 -1 -q -c', '/tmp/lz4 -d -q -c'],
+    ['gzip -1', 'gzip -1 -c', 'gzip -d -c'],
+  ];
+  for (const [name, c, d] of variants) {
+    const to = dest();
+    out[name] = await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c} | ${shellQuote([...ssh, `mkdir -p ${to} && ${d} | tar -x -C ${to}`])}`]));
+  }
+  return out;
+}
+
+/** Prepare, change 10 tracked files, prepare again into the same path (incremental); then commit them and again. */
+async function rePrepareAfterTenChanges(
+  client: RpcClient,
+  vm: string,
+  repo: string,
+  to: string,
+  git: (cwd: string, ...a: string[]) => Promise<unknown>,
+  timed: (f: () => Promise<unknown>) => Promise<number>,
+) {
+  await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to });
+  const files = (await execa('git', ['-C', repo, 'ls-files'])).stdout.split('\n').filter((f) => f.endsWith('.txt') || f.endsWith('.ts')).slice(0, 10);
+  for (const f of files) writeFileSync(join(repo, f), readFileSync(join(repo, f), 'utf8') + '// changed\n');
+  let bytes = 0;
+  const time = await timed(async () => (bytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent));
+  await git(repo, 'commit', '-qam', 'ten changed files');
+  let commitBytes = 0;
+  const commitTime = await timed(async () => (commitBytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent));
+  await git(repo, 'reset', '-q', '--hard', 'HEAD~1');
+  return { time, bytes, commitTime, commitBytes };
 }
 
 if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare'))) {

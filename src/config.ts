@@ -24,6 +24,8 @@ export const configSchema = z.strictObject({
   maxPatchBytes: z.number().int().min(1).default(2 ** 30),
   /** Workspace export: the whole export, guest command included. */
   exportTimeoutMs: z.number().int().min(1000).default(600_000),
+  /** The workspace cache's budget in bytes on the host (least recently used entries go first); 0 turns it off. */
+  workspaceCacheBytes: z.number().int().min(0).default(20 * 2 ** 30),
 });
 
 export type Config = z.infer<typeof configSchema>;

@@ -9,6 +9,7 @@ import { daemonCommands } from './commands/daemon.js';
 import { imageCommands } from './commands/image.js';
 import { vmCommands } from './commands/vm.js';
 import { systemCommands } from './commands/system.js';
+import { cacheCommands } from './commands/cache.js';
 import { runInspect } from './commands/inspect.js';
 import { c, stripControl } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
@@ -48,6 +49,7 @@ const cli: Argv<GlobalArgs> = yargs(hideBin(process.argv))
   .command('image', 'manage images', (y) => imageCommands(y))
   .command('vm', 'manage VMs', (y) => vmCommands(y))
   .command('system', 'install the root helper and daemon as systemd units', (y) => systemCommands(y))
+  .command('cache', 'the workspace cache: list, prune', (y) => cacheCommands(y))
   .command((await import('./commands/update.js')).updateCommand)
   .command('doctor', 'check what this host can do, with a fix for each problem', (a) => a, (a) => doctor(a))
   .command('inspect [vm]', 'print live state transitions (time, actor, event, from → to)', (y) => y.positional('vm', { type: 'string' }), (a) => runInspect(a))

@@ -11,6 +11,7 @@ import { inspectHandlers } from './handlers/inspect.js';
 import { vmInfoHandlers } from './handlers/vm-info.js';
 import { vmHandlers } from './handlers/vms.js';
 import { workspaceHandlers } from './handlers/workspace.js';
+import { cacheHandlers } from './handlers/cache.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 
 export type { DaemonServices, HandlerDeps } from './services.js';
@@ -22,6 +23,7 @@ export function makeHandlers(d: DaemonServices, deps: HandlerDeps): Handlers {
     ...vmHandlers(d, deps),
     ...vmInfoHandlers(d),
     ...workspaceHandlers(d),
+    ...cacheHandlers(d),
     ...inspectHandlers(d),
     ...guestHandlers(d),
   };

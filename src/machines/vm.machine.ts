@@ -31,6 +31,8 @@ export interface VmSpec {
   stopTimeoutMs: number;
   /** The guest's git identity, decided at create (absent in VMs created before it was recorded). */
   gitIdentity?: GitIdentity;
+  /** Created for a workspace (`--workspace`): its cache key, and the cached work disk to clone on a hit. */
+  workspace?: { key: string; cachedDisk?: string };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */

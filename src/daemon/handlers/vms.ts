@@ -12,6 +12,8 @@ import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } 
 import { planVm, type HostCapabilities } from '../plan.js';
 import type { DaemonServices, HandlerDeps } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
+import { workspaceForCreate } from '../workspace-cache.js';
+import { workspaceRequest } from './workspace.js';
 
 type LifecycleHandlers = Pick<Handlers, 'vm.create' | 'vm.start' | 'vm.stop' | 'vm.restart' | 'vm.delete' | 'vm.set' | 'vm.wait'>;
 
@@ -90,11 +92,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   for (const w of plan.warnings) ctx.progress({ stage: 'plan', status: 'info', detail: `warning: ${w}` });
   const accelWhy = host.forceTcg ? 'BANGER_ACCEL=tcg' : host.kvm.reason;
   ctx.progress({ stage: 'plan', status: 'info', detail: `${plan.vmm} ${plan.accel} (${accelWhy}), net ${plan.net}` });
-  d.supervisor.create({
-    id,
-    name,
-    createdAt: new Date().toISOString(),
-    spec: {
+  const spec = {
       image: imageName,
       vcpus: p.vcpus ?? config.defaultVcpus,
       memoryMiB: p.memoryMiB ?? config.defaultMemoryMiB,
@@ -106,8 +104,10 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
       bootTimeoutMs: config.bootTimeoutMs,
       stopTimeoutMs: config.stopTimeoutMs,
       gitIdentity: await gitIdentity(run, name),
-    },
-  });
+  };
+  const workspace = p.workspace ? await workspaceForCreate(d, spec, workspaceRequest(p.workspace)) : undefined;
+  if (workspace?.cachedDisk) ctx.progress({ stage: 'plan', status: 'info', detail: `workspace cache hit ${workspace.key.slice(0, 12)}` });
+  d.supervisor.create({ id, name, createdAt: new Date().toISOString(), spec: { ...spec, ...(workspace ? { workspace } : {}) } });
   if (p.wait === false) return vms.view(id);
   return vms.waitState(id, p.start === false ? ['stopped'] : ['running'], ctx, vms.bootWait());
 }
