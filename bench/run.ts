@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli] [--runs N]
+ * npm run bench [-- --only disk,tap,create,sizes,workspace,prepare,cache,local,vmm,fc,cli] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
@@ -392,7 +392,50 @@ async function rePrepareAfterTenChanges(
   return { time, bytes, commitTime, commitBytes };
 }
 
-if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare'))) {
+/**
+ * The workspace cache: `vm create --workspace` of a 10,000-file repository twice, a miss (streams everything, then
+ * stores the work disk) and a hit (clones the cached disk, streams the delta). The workspace's part of each (the
+ * work disk stage plus the prepare) side by side, and the whole create + prepare wall clock, boot included.
+ */
+async function benchWorkspaceCache() {
+  console.log('workspace cache: vm create --workspace, miss then hit (generated 10,000 files + 32 MiB, 10 uncommitted files)');
+  const b = await home();
+  const tmp = mkdtempSync(join(tmpdir(), 'bgb-cache-'));
+  const git = (cwd: string, ...a: string[]) => execa('git', a, { cwd, env: { ...process.env, GIT_AUTHOR_NAME: 'b', GIT_AUTHOR_EMAIL: 'b@x', GIT_COMMITTER_NAME: 'b', GIT_COMMITTER_EMAIL: 'b@x' } });
+  try {
+    const repo = join(tmp, 'generated');
+    await generatedRepo(repo, git);
+    for (let i = 0; i < 10; i++) writeFileSync(join(repo, `d${i}`, 'f0.txt'), `uncommitted ${i}\n`);
+    await b.cli(['daemon', 'start']);
+    const client = await RpcClient.connect(join(b.run, 'daemon.sock'));
+    const one = async (name: string) => {
+      const t0 = performance.now();
+      const vm = await client.call('vm.create', { name, workspace: { source: repo } });
+      const t1 = performance.now();
+      const prep = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo });
+      const t2 = performance.now();
+      const logs = (await b.cli(['vm', 'logs', vm.id])) as Array<{ stage: string; status: string; durationMs: number | null }>;
+      const disk = logs.filter((r) => r.status === 'done' && (r.stage === 'workDisk' || r.stage === 'workDisk.fromCache')).reduce((n, r) => n + (r.durationMs ?? 0), 0);
+      return { create: t1 - t0, prepare: t2 - t1, disk, workspace: disk + (t2 - t1), total: t2 - t0, cache: prep.cache, bytes: prep.bytesSent, warnings: prep.warnings ?? [] };
+    };
+    const miss = await one('miss');
+    const hit = await one('hit');
+    line('cache (miss run | hit run)', `${miss.cache} | ${hit.cache}`);
+    line('bytesSent', `${miss.bytes} | ${hit.bytes}`);
+    line('work disk stage', `${ms(miss.disk)} | ${ms(hit.disk)}`);
+    line('prepare (miss: includes storing the disk)', `${ms(miss.prepare)} | ${ms(hit.prepare)}`);
+    line('workspace part (work disk + prepare)', `${ms(miss.workspace)} | ${ms(hit.workspace)}`);
+    line('ratio miss / hit, workspace part (goal >= 10)', (miss.workspace / hit.workspace).toFixed(1));
+    line('create + prepare wall clock, boot included', `${ms(miss.total)} | ${ms(hit.total)} (ratio ${(miss.total / hit.total).toFixed(2)})`);
+    for (const w of hit.warnings) line('warning on the hit', w);
+    client.close();
+  } finally {
+    await b.cleanup();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare') || want('cache'))) {
   console.log(`no cached test image in ${imageHome}: run the e2e tests once (npm test) or skip with --only disk,tap`);
   process.exit(1);
 }
@@ -403,6 +446,7 @@ if (want('create')) await benchCreate();
 if (want('sizes')) await benchCreateSizes();
 if (want('workspace')) await benchWorkspace();
 if (want('prepare')) await benchPrepareRates();
+if (want('cache')) await benchWorkspaceCache();
 if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
 if (want('fc')) await benchFirecrackerFake(line);
