@@ -73,6 +73,8 @@ describeE2E('workspaces against a real guest', () => {
 
   beforeAll(async () => {
     b = await Banger.create();
+    // two cores shared by many guests under TCG: give a boot more than the default 3 minutes
+    writeFileSync(join(b.home, 'config.json'), JSON.stringify({ bootTimeoutMs: 540_000 }));
     tmp = mkdtempSync('/tmp/bgws-');
   });
   afterAll(async () => {
@@ -84,7 +86,7 @@ describeE2E('workspaces against a real guest', () => {
   it('vm run --workspace . -- CMD: the guest commits (as banger\'s default identity: the host has none), export + git apply brings the change home', async () => {
     const repo = await makeRepo(tmp, 'app');
     const head = await git(repo, 'rev-parse', 'HEAD');
-    const r = await b.run(['vm', 'run', '--name', 'ws', '--workspace', '.', '--', 'sh', '-c', 'echo hi >> README.md && git -C /root/repo commit -qam hi && git -C /root/repo log --format=%s/%an/%ae -1'], { cwd: repo, timeoutMs: 420_000 });
+    const r = await b.run(['vm', 'run', '--name', 'ws', '--workspace', '.', '--', 'sh', '-c', 'echo hi >> README.md && git -C /root/repo commit -qam hi && git -C /root/repo log --format=%s/%an/%ae -1'], { cwd: repo, timeoutMs: 590_000 });
     expect(r.stderr).toContain('workspace app');
     expect(r.exitCode, r.stderr).toBe(0);
     expect(r.stdout.trim()).toBe('hi/banger guest/root@ws.banger.invalid');
@@ -117,7 +119,7 @@ describeE2E('workspaces against a real guest', () => {
     writeFileSync(join(repo, 'keep.txt'), 'keep\nsecond\nnewer uncommitted\n');
     writeFileSync(join(repo, 'later.txt'), 'untracked later\n');
     rmSync(join(repo, 'new.txt'));
-    const created = await b.json(['vm', 'create', '--name', 'hit', '--workspace', repo], { timeoutMs: 420_000 });
+    const created = await b.json(['vm', 'create', '--name', 'hit', '--workspace', repo], { timeoutMs: 590_000 });
     expect(created.workspace).toMatchObject({ cache: 'hit', incremental: true, guestPath: '/root/repo', headCommit: await git(repo, 'rev-parse', 'HEAD') });
     const fresh = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/fresh' });
     expect(fresh).toMatchObject({ cache: 'off', incremental: false });
