@@ -291,29 +291,33 @@ async function benchPrepareRates() {
     const ssh = ['ssh', '-i', info.identityFile, '-p', String(info.port), '-o', `UserKnownHostsFile=${info.knownHostsFile}`, '-o', `HostKeyAlias=${info.hostKeyAlias}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'LogLevel=ERROR', `root@${info.host}`];
     const guest = (cmd: string) => execa(ssh[0], [...ssh.slice(1), cmd]);
     let n = 0;
-    const timed = async (f: () => Promise<unknown>) => {
+    let current = '';
+    const timed = async (f: () => Promise<unknown>, what = '') => {
       const t0 = performance.now();
       await f();
-      return performance.now() - t0;
+      const t = performance.now() - t0;
+      if (what) line(`(as measured) ${current} ${what}`, ms(t));
+      return t;
     };
     for (const [label, repo] of [['generated 10,000 files + 32 MiB', generated], ['this project, cloned', project]] as const) {
       const t: Record<string, number[]> = { archive: [], tar: [], shallow: [], full_history: [], full_copy: [] };
       const sent: Record<string, number> = {};
       const dest = () => `/root/r${++n}`;
+      current = label.split(' ')[0];
       for (let i = 0; i < runs; i++) {
         for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
           const d = dest();
           t[mode].push(await timed(async () => {
             const r = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo, guestPath: d, mode });
             sent[mode] = r.bytesSent;
-          }));
+          }, `${mode} prepare`));
           if (mode === 'shallow') {
             const a = dest();
-            t.archive.push(await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, `mkdir -p ${a} && tar -x -C ${a}`])}`])));
+            t.archive.push(await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, `mkdir -p ${a} && tar -x -C ${a}`])}`]), 'git archive | ssh tar -x'));
           }
           if (mode === 'full_copy') {
             const c = dest();
-            t.tar.push(await timed(() => execa('sh', ['-c', `tar -c -f - -C ${shellQuote([repo])} --owner=0 --group=0 --numeric-owner . | ${shellQuote([...ssh, `mkdir -p ${c} && tar -x -f - --no-same-owner -C ${c}`])}`])));
+            t.tar.push(await timed(() => execa('sh', ['-c', `tar -c -f - -C ${shellQuote([repo])} --owner=0 --group=0 --numeric-owner . | ${shellQuote([...ssh, `mkdir -p ${c} && tar -x -f - --no-same-owner -C ${c}`])}`]), 'tar c | ssh tar x'));
           }
         }
         await guest('rm -rf /root/r* && sync');
@@ -352,7 +356,7 @@ async function compressionRates(
   ssh: string[],
   guest: (cmd: string) => Promise<unknown>,
   dest: () => string,
-  timed: (f: () => Promise<unknown>) => Promise<number>,
+  timed: (f: () => Promise<unknown>, what?: string) => Promise<number>,
 ): Promise<Record<string, number>> {
   for (const tool of ['zstd', 'lz4']) {
     await execa('sh', ['-c', `${shellQuote(['cat', `/usr/bin/${tool}`])} | ${shellQuote([...ssh, `cat > /tmp/${tool} && chmod +x /tmp/${tool}`])}`]);
@@ -366,7 +370,7 @@ async function compressionRates(
   ];
   for (const [name, c, d] of variants) {
     const to = dest();
-    out[name] = await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c} | ${shellQuote([...ssh, `mkdir -p ${to} && ${d} | tar -x -C ${to}`])}`]));
+    out[name] = await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c} | ${shellQuote([...ssh, `mkdir -p ${to} && ${d} | tar -x -C ${to}`])}`]), `archive | ${name}`);
   }
   return out;
 }
@@ -378,16 +382,16 @@ async function rePrepareAfterTenChanges(
   repo: string,
   to: string,
   git: (cwd: string, ...a: string[]) => Promise<unknown>,
-  timed: (f: () => Promise<unknown>) => Promise<number>,
+  timed: (f: () => Promise<unknown>, what?: string) => Promise<number>,
 ) {
   await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to });
   const files = (await execa('git', ['-C', repo, 'ls-files'])).stdout.split('\n').filter((f) => f.endsWith('.txt') || f.endsWith('.ts')).slice(0, 10);
   for (const f of files) writeFileSync(join(repo, f), readFileSync(join(repo, f), 'utf8') + '// changed\n');
   let bytes = 0;
-  const time = await timed(async () => (bytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent));
+  const time = await timed(async () => (bytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent), 're-prepare, 10 files changed');
   await git(repo, 'commit', '-qam', 'ten changed files');
   let commitBytes = 0;
-  const commitTime = await timed(async () => (commitBytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent));
+  const commitTime = await timed(async () => (commitBytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent), 're-prepare, a new commit of them');
   await git(repo, 'reset', '-q', '--hard', 'HEAD~1');
   return { time, bytes, commitTime, commitBytes };
 }
@@ -419,6 +423,7 @@ async function benchWorkspaceCache() {
       return { create: t1 - t0, prepare: t2 - t1, disk, workspace: disk + (t2 - t1), total: t2 - t0, cache: prep.cache, bytes: prep.bytesSent, warnings: prep.warnings ?? [] };
     };
     const miss = await one('miss');
+    line('(as measured) miss: create | prepare | bytesSent', `${ms(miss.create)} | ${ms(miss.prepare)} | ${miss.bytes}`);
     const hit = await one('hit');
     line('cache (miss run | hit run)', `${miss.cache} | ${hit.cache}`);
     line('bytesSent', `${miss.bytes} | ${hit.bytes}`);
@@ -445,8 +450,8 @@ if (want('tap')) await benchTap();
 if (want('create')) await benchCreate();
 if (want('sizes')) await benchCreateSizes();
 if (want('workspace')) await benchWorkspace();
-if (want('prepare')) await benchPrepareRates();
 if (want('cache')) await benchWorkspaceCache();
+if (want('prepare')) await benchPrepareRates();
 if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));
 if (want('fc')) await benchFirecrackerFake(line);

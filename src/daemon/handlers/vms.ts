@@ -93,17 +93,17 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   const accelWhy = host.forceTcg ? 'BANGER_ACCEL=tcg' : host.kvm.reason;
   ctx.progress({ stage: 'plan', status: 'info', detail: `${plan.vmm} ${plan.accel} (${accelWhy}), net ${plan.net}` });
   const spec = {
-      image: imageName,
-      vcpus: p.vcpus ?? config.defaultVcpus,
-      memoryMiB: p.memoryMiB ?? config.defaultMemoryMiB,
-      diskBytes,
-      vmm: plan.vmm,
-      accel: plan.accel,
-      net: plan.net,
-      start: p.start !== false,
-      bootTimeoutMs: config.bootTimeoutMs,
-      stopTimeoutMs: config.stopTimeoutMs,
-      gitIdentity: await gitIdentity(run, name),
+    image: imageName,
+    vcpus: p.vcpus ?? config.defaultVcpus,
+    memoryMiB: p.memoryMiB ?? config.defaultMemoryMiB,
+    diskBytes,
+    vmm: plan.vmm,
+    accel: plan.accel,
+    net: plan.net,
+    start: p.start !== false,
+    bootTimeoutMs: config.bootTimeoutMs,
+    stopTimeoutMs: config.stopTimeoutMs,
+    gitIdentity: await gitIdentity(run, name),
   };
   const workspace = p.workspace ? await workspaceForCreate(d, spec, workspaceRequest(p.workspace)) : undefined;
   if (workspace?.cachedDisk) ctx.progress({ stage: 'plan', status: 'info', detail: `workspace cache hit ${workspace.key.slice(0, 12)}` });
