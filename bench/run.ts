@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only disk,tap,create,sizes,workspace,local,vmm,fc,cli,snapshot,sessions] [--runs N]
+ * npm run bench [-- --only disk,tap,create,sizes,workspace,prepare,cache,local,vmm,fc,cli,snapshot,sessions] [--runs N]
  * Prints medians, ratios and durations; nothing here is asserted. Boots real guests (create, workspace): on TCG
  * each boot costs ~15 s or more. local, vmm and fc measure what the test suite no longer bounds (bench/timings.ts).
  */
@@ -36,6 +36,8 @@ async function home(extra: Record<string, string> = {}) {
   const h = mkdtempSync(join(tmpdir(), 'bgb-'));
   const run = mkdtempSync('/tmp/bgbr-');
   mkdirSync(join(h, 'images'), { recursive: true });
+  // Under TCG on a loaded host a boot can take minutes: the bench measures, it does not judge boot time.
+  writeFileSync(join(h, 'config.json'), JSON.stringify({ bootTimeoutMs: 900_000 }));
   const src = join(imageHome, 'images', 'debian-bookworm');
   if (existsSync(src)) await execa('cp', ['-al', src, join(h, 'images', 'debian-bookworm')]).catch(() => execa('cp', ['-a', src, join(h, 'images')]));
   const env = { ...process.env, BANGER_HOME: h, BANGER_RUNTIME_DIR: run, NO_COLOR: '1', BANGER_ROOT_HELPER: 'off', ...extra } as Record<string, string>;
@@ -291,35 +293,47 @@ async function benchPrepareRates() {
     const ssh = ['ssh', '-i', info.identityFile, '-p', String(info.port), '-o', `UserKnownHostsFile=${info.knownHostsFile}`, '-o', `HostKeyAlias=${info.hostKeyAlias}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'LogLevel=ERROR', `root@${info.host}`];
     const guest = (cmd: string) => execa(ssh[0], [...ssh.slice(1), cmd]);
     let n = 0;
-    const timed = async (f: () => Promise<unknown>) => {
+    let current = '';
+    const timed = async (f: () => Promise<unknown>, what = '') => {
       const t0 = performance.now();
       await f();
-      return performance.now() - t0;
+      const t = performance.now() - t0;
+      if (what) line(`(as measured) ${current} ${what}`, ms(t));
+      return t;
     };
     for (const [label, repo] of [['generated 10,000 files + 32 MiB', generated], ['this project, cloned', project]] as const) {
       const t: Record<string, number[]> = { archive: [], tar: [], shallow: [], full_history: [], full_copy: [] };
       const sent: Record<string, number> = {};
+      const dest = () => `/root/r${++n}`;
+      current = label.split(' ')[0];
       for (let i = 0; i < runs; i++) {
-        const dest = () => `/root/r${++n}`;
         for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
           const d = dest();
           t[mode].push(await timed(async () => {
             const r = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo, guestPath: d, mode });
             sent[mode] = r.bytesSent;
-          }));
+          }, `${mode} prepare`));
           if (mode === 'shallow') {
             const a = dest();
-            t.archive.push(await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, `mkdir -p ${a} && tar -x -C ${a}`])}`])));
+            t.archive.push(await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${shellQuote([...ssh, `mkdir -p ${a} && tar -x -C ${a}`])}`]), 'git archive | ssh tar -x'));
           }
           if (mode === 'full_copy') {
             const c = dest();
-            t.tar.push(await timed(() => execa('sh', ['-c', `tar -c -f - -C ${shellQuote([repo])} --owner=0 --group=0 --numeric-owner . | ${shellQuote([...ssh, `mkdir -p ${c} && tar -x -f - --no-same-owner -C ${c}`])}`])));
+            t.tar.push(await timed(() => execa('sh', ['-c', `tar -c -f - -C ${shellQuote([repo])} --owner=0 --group=0 --numeric-owner . | ${shellQuote([...ssh, `mkdir -p ${c} && tar -x -f - --no-same-owner -C ${c}`])}`]), 'tar c | ssh tar x'));
           }
         }
         await guest('rm -rf /root/r* && sync');
       }
+      const comp = await compressionRates(repo, ssh, guest, dest, timed);
+      const re = await rePrepareAfterTenChanges(client, vm.id, repo, dest(), git, timed);
       console.log(`  ${label}`);
       line('git archive HEAD | ssh tar -x (median)', ms(median(t.archive)));
+      for (const [name, v] of Object.entries(comp)) {
+        line(`git archive | ${name} | ssh ${name} -d | tar -x`, `${ms(v)} (archive raw / this: ${(median(t.archive) / v).toFixed(2)})`);
+      }
+      line('re-prepare after 10 changed files (bytesSent)', `${ms(re.time)} (${re.bytes} bytes)`);
+      line('re-prepare after a new commit of them (bytesSent)', `${ms(re.commitTime)} (${re.commitBytes} bytes)`);
+      line('ratio full shallow prepare / re-prepare', (median(t.shallow) / re.time).toFixed(1));
       line('tar c . | ssh tar x (median)', ms(median(t.tar)));
       for (const mode of ['shallow', 'full_history', 'full_copy'] as const) {
         const raw = mode === 'full_copy' ? t.tar : t.archive;
@@ -334,7 +348,101 @@ async function benchPrepareRates() {
   }
 }
 
-if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare'))) {
+/**
+ * Compression on the link, end to end: `git archive HEAD | C | ssh 'C -d | tar -x'` for zstd -1, lz4 and gzip -1.
+ * The image has only gzip; the host's zstd and lz4 binaries (same Debian release) are copied into the guest's /tmp
+ * for the measurement.
+ */
+async function compressionRates(
+  repo: string,
+  ssh: string[],
+  guest: (cmd: string) => Promise<unknown>,
+  dest: () => string,
+  timed: (f: () => Promise<unknown>, what?: string) => Promise<number>,
+): Promise<Record<string, number>> {
+  for (const tool of ['zstd', 'lz4']) {
+    await execa('sh', ['-c', `${shellQuote(['cat', `/usr/bin/${tool}`])} | ${shellQuote([...ssh, `cat > /tmp/${tool} && chmod +x /tmp/${tool}`])}`]);
+  }
+  await guest('/tmp/zstd --version && /tmp/lz4 --version');
+  const out: Record<string, number> = {};
+  const variants: Array<[string, string, string]> = [
+    ['zstd -1', 'zstd -1 -q -c', '/tmp/zstd -d -q -c'],
+    ['lz4', 'lz4 -1 -q -c', '/tmp/lz4 -d -q -c'],
+    ['gzip -1', 'gzip -1 -c', 'gzip -d -c'],
+  ];
+  for (const [name, c, d] of variants) {
+    const to = dest();
+    out[name] = await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c} | ${shellQuote([...ssh, `mkdir -p ${to} && ${d} | tar -x -C ${to}`])}`]), `archive | ${name}`);
+  }
+  return out;
+}
+
+/** Prepare, change 10 tracked files, prepare again into the same path (incremental); then commit them and again. */
+async function rePrepareAfterTenChanges(
+  client: RpcClient,
+  vm: string,
+  repo: string,
+  to: string,
+  git: (cwd: string, ...a: string[]) => Promise<unknown>,
+  timed: (f: () => Promise<unknown>, what?: string) => Promise<number>,
+) {
+  await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to });
+  const files = (await execa('git', ['-C', repo, 'ls-files'])).stdout.split('\n').filter((f) => f.endsWith('.txt') || f.endsWith('.ts')).slice(0, 10);
+  for (const f of files) writeFileSync(join(repo, f), readFileSync(join(repo, f), 'utf8') + '// changed\n');
+  let bytes = 0;
+  const time = await timed(async () => (bytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent), 're-prepare, 10 files changed');
+  await git(repo, 'commit', '-qam', 'ten changed files');
+  let commitBytes = 0;
+  const commitTime = await timed(async () => (commitBytes = (await client.call('vm.workspace.prepare', { vm, source: repo, guestPath: to })).bytesSent), 're-prepare, a new commit of them');
+  await git(repo, 'reset', '-q', '--hard', 'HEAD~1');
+  return { time, bytes, commitTime, commitBytes };
+}
+
+/**
+ * The workspace cache: `vm create --workspace` of a 10,000-file repository twice, a miss (streams everything, then
+ * stores the work disk) and a hit (clones the cached disk, streams the delta). The workspace's part of each (the
+ * work disk stage plus the prepare) side by side, and the whole create + prepare wall clock, boot included.
+ */
+async function benchWorkspaceCache() {
+  console.log('workspace cache: vm create --workspace, miss then hit (generated 10,000 files + 32 MiB, 10 uncommitted files)');
+  const b = await home();
+  const tmp = mkdtempSync(join(tmpdir(), 'bgb-cache-'));
+  const git = (cwd: string, ...a: string[]) => execa('git', a, { cwd, env: { ...process.env, GIT_AUTHOR_NAME: 'b', GIT_AUTHOR_EMAIL: 'b@x', GIT_COMMITTER_NAME: 'b', GIT_COMMITTER_EMAIL: 'b@x' } });
+  try {
+    const repo = join(tmp, 'generated');
+    await generatedRepo(repo, git);
+    for (let i = 0; i < 10; i++) writeFileSync(join(repo, `d${i}`, 'f0.txt'), `uncommitted ${i}\n`);
+    await b.cli(['daemon', 'start']);
+    const client = await RpcClient.connect(join(b.run, 'daemon.sock'));
+    const one = async (name: string) => {
+      const t0 = performance.now();
+      const vm = await client.call('vm.create', { name, workspace: { source: repo } });
+      const t1 = performance.now();
+      const prep = await client.call('vm.workspace.prepare', { vm: vm.id, source: repo });
+      const t2 = performance.now();
+      const logs = (await b.cli(['vm', 'logs', vm.id])) as Array<{ stage: string; status: string; durationMs: number | null }>;
+      const disk = logs.filter((r) => r.status === 'done' && (r.stage === 'workDisk' || r.stage === 'workDisk.fromCache')).reduce((n, r) => n + (r.durationMs ?? 0), 0);
+      return { create: t1 - t0, prepare: t2 - t1, disk, workspace: disk + (t2 - t1), total: t2 - t0, cache: prep.cache, bytes: prep.bytesSent, warnings: prep.warnings ?? [] };
+    };
+    const miss = await one('miss');
+    line('(as measured) miss: create | prepare | bytesSent', `${ms(miss.create)} | ${ms(miss.prepare)} | ${miss.bytes}`);
+    const hit = await one('hit');
+    line('cache (miss run | hit run)', `${miss.cache} | ${hit.cache}`);
+    line('bytesSent', `${miss.bytes} | ${hit.bytes}`);
+    line('work disk stage', `${ms(miss.disk)} | ${ms(hit.disk)}`);
+    line('prepare (miss: includes storing the disk)', `${ms(miss.prepare)} | ${ms(hit.prepare)}`);
+    line('workspace part (work disk + prepare)', `${ms(miss.workspace)} | ${ms(hit.workspace)}`);
+    line('ratio miss / hit, workspace part (goal >= 10)', (miss.workspace / hit.workspace).toFixed(1));
+    line('create + prepare wall clock, boot included', `${ms(miss.total)} | ${ms(hit.total)} (ratio ${(miss.total / hit.total).toFixed(2)})`);
+    for (const w of hit.warnings) line('warning on the hit', w);
+    client.close();
+  } finally {
+    await b.cleanup();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+if (!existsSync(join(imageHome, 'images', 'debian-bookworm', 'manifest.json')) && (want('create') || want('workspace') || want('prepare') || want('cache'))) {
   console.log(`no cached test image in ${imageHome}: run the e2e tests once (npm test) or skip with --only disk,tap`);
   process.exit(1);
 }
@@ -344,6 +452,7 @@ if (want('tap')) await benchTap();
 if (want('create')) await benchCreate();
 if (want('sizes')) await benchCreateSizes();
 if (want('workspace')) await benchWorkspace();
+if (want('cache')) await benchWorkspaceCache();
 if (want('prepare')) await benchPrepareRates();
 if (want('local')) await benchLocalWorkspace(line);
 if (want('vmm')) await benchVmmTimings(line, join(imageHome, 'images', TEST_IMAGE));

@@ -28,6 +28,8 @@ export const configSchema = z.strictObject({
   warmPool: z
     .array(z.strictObject({ image: z.string().min(1), size: z.number().int().min(0).max(16), vcpus: z.number().int().min(1).optional(), memoryMiB: z.number().int().min(128).optional() }))
     .default([]),
+  /** The workspace cache's budget in bytes on the host (least recently used entries go first); 0 turns it off. */
+  workspaceCacheBytes: z.number().int().min(0).default(20 * 2 ** 30),
 });
 
 export type Config = z.infer<typeof configSchema>;

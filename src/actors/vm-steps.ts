@@ -21,6 +21,7 @@ import { sleep } from '../host/exec/wait.js';
 import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
+import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
 import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir } from '../host/disk/disks.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
@@ -326,6 +327,15 @@ export function makeSteps(env: StepEnv) {
     const image = await imageOf(env, ctx.spec.image);
     const key = await env.userKey();
     const identity = ctx.spec.gitIdentity ?? (await gitIdentity(env.runner, ctx.name));
+    const cached = ctx.spec.workspace?.cachedDisk;
+    if (cached) {
+      // The workspace cache: a clone of the cached disk with this VM's files; if that fails, a fresh disk (a miss).
+      const seedImage = join(image.dir, image.workSeed);
+      const identityDir = existsSync(f.identityDir) ? f.identityDir : undefined;
+      const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { identityDir, gitIdentity: identity, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
+        .then(() => true, () => false);
+      if (made) return;
+    }
     await stage(
       env,
       ctx.id,

@@ -10,6 +10,7 @@ import { imageCommands } from './commands/image.js';
 import { vmCommands } from './commands/vm.js';
 import { snapshotCommands } from './commands/snapshot.js';
 import { systemCommands } from './commands/system.js';
+import { cacheCommands } from './commands/cache.js';
 import { runInspect } from './commands/inspect.js';
 import { c, stripControl } from './output.js';
 import { call, out, type GlobalArgs } from './context.js';
@@ -53,6 +54,7 @@ const cli: Argv<GlobalArgs> = yargs(hideBin(process.argv))
   .command('vm', 'manage VMs', (y) => vmCommands(y))
   .command('snapshot', 'list, show and delete VM snapshots', (y) => snapshotCommands(y))
   .command('system', 'install the root helper and daemon as systemd units', (y) => systemCommands(y))
+  .command('cache', 'the workspace cache: list, prune', (y) => cacheCommands(y))
   .command((await import('./commands/update.js')).updateCommand)
   .command('doctor', 'check what this host can do, with a fix for each problem', (a) => a, (a) => doctor(a))
   .command('inspect [vm]', 'print live state transitions (time, actor, event, from → to)', (y) => y.positional('vm', { type: 'string' }), (a) => runInspect(a))

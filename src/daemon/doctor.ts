@@ -171,10 +171,29 @@ function diskCheck(d: DaemonServices): Check {
 
 async function cowChecks(d: DaemonServices): Promise<Check[]> {
   try {
-    return (await probeCowStrategies(d.layout.vmsDir)).map((c) => ({ name: `cow.${c.strategy}`, status: c.ok ? 'ok' : 'warn', detail: c.why }));
+    const probed = await probeCowStrategies(d.layout.vmsDir);
+    return [
+      ...probed.map((c): Check => ({ name: `cow.${c.strategy}`, status: c.ok ? 'ok' : 'warn', detail: c.why })),
+      ...workspaceCloneChecks(probed),
+    ];
   } catch (e) {
     return [{ name: 'cow', status: 'warn', detail: `could not probe copy-on-write strategies: ${(e as Error).message}` }];
   }
+}
+
+/**
+ * How a workspace cache hit clones the cached work disk, strategy by strategy: reflink when the filesystem has it,
+ * else a full (sparse) copy, which the create or prepare output warns about. No qcow2 overlay: the clone gets the
+ * new VM's identity written into it with debugfs, which needs a raw image.
+ */
+function workspaceCloneChecks(probed: Awaited<ReturnType<typeof probeCowStrategies>>): Check[] {
+  const reflink = probed.find((c) => c.strategy === 'reflink');
+  const copy = probed.find((c) => c.strategy === 'sparse-copy');
+  return [
+    { name: 'workspace.reflink', status: reflink?.ok ? 'ok' : 'warn', detail: reflink?.ok ? 'workspace cache hits clone the cached work disk instantly' : `not available: ${reflink?.why ?? 'not probed'}` },
+    { name: 'workspace.qcow2-overlay', status: 'warn', detail: 'not used for work disks: a hit writes the new VM\'s identity into its clone with debugfs, which needs a raw image' },
+    { name: 'workspace.full-copy', status: copy?.ok ? 'ok' : 'fail', detail: copy?.ok ? `the fallback${reflink?.ok ? '' : ' in use here'}: a hit copies the cached disk\'s data (the prepare output warns)` : `cannot copy disks: ${copy?.why ?? 'not probed'}` },
+  ];
 }
 
 function socketCheck(d: DaemonServices): Check {

@@ -12,6 +12,7 @@ import { vmInfoHandlers } from './handlers/vm-info.js';
 import { vmHandlers } from './handlers/vms.js';
 import { workspaceHandlers } from './handlers/workspace.js';
 import { snapshotHandlers } from './handlers/snapshots.js';
+import { cacheHandlers } from './handlers/cache.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 
 export type { DaemonServices, HandlerDeps } from './services.js';
@@ -23,6 +24,7 @@ export function makeHandlers(d: DaemonServices, deps: HandlerDeps): Handlers {
     ...vmHandlers(d, deps),
     ...vmInfoHandlers(d),
     ...workspaceHandlers(d),
+    ...cacheHandlers(d),
     ...inspectHandlers(d),
     ...guestHandlers(d),
     ...snapshotHandlers(d),

@@ -1,7 +1,9 @@
 /** Runs workspace jobs (prepare/export) against a running VM over SSH. */
 import { BangerError } from '../errors.js';
 import type { Supervisor } from '../actors/supervisor.js';
-import { sshTargetFor, type StepEnv } from '../actors/vm-steps.js';
+import { sshTargetFor, vmFiles, type StepEnv } from '../actors/vm-steps.js';
+import { prepareThroughCache } from './workspace-cache.js';
+import { resolve } from 'node:path';
 import type { JobRunners } from '../actors/workspace-jobs.js';
 import { testStageDelay } from '../actors/fault-injection.js';
 import { exec as sshExec } from '../host/guest/ssh.js';
@@ -22,11 +24,16 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
         sshExec(target, command, { stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr, signal: opts.signal ?? signal }).then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
       const p = job.params as Record<string, any>;
       if (job.kind === 'prepare') {
-        const result = await prepareWorkspace(
-          guest,
-          { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, replace: p.replace },
-          { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
-        );
+        const prepare = (replace: boolean | undefined) =>
+          prepareWorkspace(
+            guest,
+            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, replace },
+            { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
+          );
+        const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
+        const vm = { id: vmId, spec: ctx.spec, workDisk: vmFiles(env.layout, vmId).workDisk };
+        const io = { guest, signal, progress: (stage: string, detail?: string) => progress({ stage, detail }) };
+        const { previousHead: _internal, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
         return { ...result, vmId };
       }
       return runExport(guest, env, p, signal);

@@ -43,6 +43,8 @@ export interface VmSpec {
   pool?: { key: string };
   /** Host ports published to the guest (`--publish`), open while the VM runs. */
   publish?: PublishedPort[];
+  /** Created for a workspace (`--workspace`): its cache key, and the cached work disk to clone on a hit. */
+  workspace?: { key: string; cachedDisk?: string };
 }
 
 /** `source`: the host's own identity, or banger's default because the host has none. */

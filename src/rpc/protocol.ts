@@ -27,6 +27,8 @@ export const createParams = z.strictObject({
   publish: z.array(z.string().min(1).max(64)).max(64).optional(),
   start: z.boolean().optional(),
   wait: z.boolean().optional(),
+  /** The workspace this VM is made for: a cached work disk for it is cloned (vm.workspace.prepare then streams the delta). */
+  workspace: z.strictObject({ source: z.string().min(1), mode: z.enum(['shallow', 'full_history', 'full_copy']).optional(), guestPath: z.string().optional() }).optional(),
 });
 
 export const prepareParams = z.strictObject({
@@ -98,6 +100,8 @@ export const methods = {
   'vm.ssh': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
   'vm.workspace.prepare': prepareParams,
   'vm.workspace.export': exportParams,
+  'cache.list': z.strictObject({}),
+  'cache.prune': z.strictObject({ key: z.string().optional() }),
   'inspect.subscribe': z.strictObject({ vm: vmRef.optional() }),
   ...sessionMethods,
   // ---- snapshots, restore and fork (issue 12)

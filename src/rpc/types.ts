@@ -195,10 +195,32 @@ export interface PrepareResult {
   bytesStreamed: number;
   /** Bytes that crossed the link into the guest. */
   bytesSent: number;
-  /** The workspace cache is not built: always "off". */
+  /**
+   * The workspace cache: "hit" (the VM was made from a cached work disk and the workspace in it checked out: only
+   * the delta was sent), "miss" (streamed in full, then stored for next time), "off" (not a VM made with
+   * --workspace, full_copy, or the cache is disabled).
+   */
   cache: 'hit' | 'miss' | 'off';
+  /** Things the caller should see, e.g. a copy-on-write clone that fell back to a full copy. */
+  warnings?: string[];
   /** The guest path held this repository's workspace: only new objects and the host's delta were sent. */
   incremental: boolean;
+}
+
+/** One workspace cache entry (banger cache list). */
+export interface CacheEntryView {
+  key: string;
+  sourcePath: string;
+  headCommit: string;
+  mode: WorkspaceMode;
+  guestPath: string;
+  image: string;
+  /** Bytes it occupies on the host, and the disk's apparent size. */
+  bytes: number;
+  sizeBytes: number;
+  createdAt: string;
+  lastUsedAt: string;
+  hits: number;
 }
 
 export interface ExportResult {
@@ -334,6 +356,8 @@ export interface Results extends SessionResults {
   'vm.ssh': SshTarget;
   'vm.workspace.prepare': PrepareResult;
   'vm.workspace.export': ExportResult;
+  'cache.list': { budgetBytes: number; totalBytes: number; entries: CacheEntryView[] };
+  'cache.prune': { removed: string[] };
   /** Answers only when the client goes away; everything it has to say is streamed. */
   'inspect.subscribe': null;
   // ---- snapshots, restore and fork (issue 12)

@@ -1,7 +1,7 @@
 /** banger vm create and vm run, and the ssh session both vm run and vm ssh open. */
 import { resolve } from 'node:path';
 import type { Argv } from 'yargs';
-import { validateName } from '../../errors.js';
+import { BangerError, validateName } from '../../errors.js';
 import type { ParamsOf } from '../../rpc/protocol.js';
 import type { VmView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
@@ -25,10 +25,11 @@ export interface CreateArgs extends GlobalArgs {
   allow?: string[];
   publish?: string | Array<string | number>;
   start?: boolean;
+  workspace?: string;
+  'workspace-mode'?: 'shallow' | 'full_history' | 'full_copy';
 }
 
 export interface RunArgs extends CreateArgs {
-  workspace?: string;
   rm?: boolean;
   '--'?: Array<string | number>;
 }
@@ -45,7 +46,8 @@ export const createOptions = <T>(a: Argv<T>) =>
     .option('egress', { choices: ['internet', 'none'] as const, describe: 'tap: what the guest reaches beyond the host (default internet, through NAT)' })
     .option('allow-peers', { type: 'boolean', describe: 'tap: reach other VMs that were created with --allow-peers too' })
     .option('allow', { type: 'string', array: true, describe: 'tap: a private CIDR the guest may reach (repeatable)' })
-    .option('publish', { type: 'string', describe: 'publish a guest TCP port on the host: [HOSTADDR:]HOSTPORT:GUESTPORT (address 127.0.0.1 unless given); repeatable' });
+    .option('publish', { type: 'string', describe: 'publish a guest TCP port on the host: [HOSTADDR:]HOSTPORT:GUESTPORT (address 127.0.0.1 unless given); repeatable' })
+    .option('workspace-mode', { choices: ['shallow', 'full_history', 'full_copy'] as const, describe: 'how --workspace is copied (default shallow)' });
 
 /** Checks every create flag before the daemon is reached: a usage error exits 2 and starts nothing. */
 async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
@@ -56,7 +58,9 @@ async function createParams(a: CreateArgs): Promise<ParamsOf<'vm.create'>> {
   const disk = await diskFlag(a.disk, MIN_DISK_BYTES);
   const allow = a.allow?.map((x) => normalizeAllowCidr(String(x)));
   const publish = publishFlag(a.publish);
-  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net, egress: a.egress, allowPeers: a['allow-peers'], allow, ...(publish.length ? { publish } : {}) };
+  if (a['workspace-mode'] && !a.workspace) throw new BangerError('usage', '--workspace-mode needs --workspace', 'add --workspace DIR, or drop --workspace-mode');
+  const workspace = a.workspace ? { source: resolve(a.workspace), mode: a['workspace-mode'] } : undefined;
+  return { name: a.name, image: a.image, vcpus, memoryMiB, disk, vmm: a.vmm, net: a.net, egress: a.egress, allowPeers: a['allow-peers'], allow, ...(publish.length ? { publish } : {}), workspace };
 }
 
 /** --publish values checked here (a mistake exits 2 before the daemon is reached) and sent as written. */
@@ -73,9 +77,22 @@ function publishFlag(raw: string | Array<string | number> | undefined): string[]
 
 export async function createVm(a: CreateArgs): Promise<void> {
   const params = await createParams(a);
+  if (params.workspace && a.start === false) throw new BangerError('usage', '--workspace needs the VM to boot', 'drop --no-start, or prepare later with banger vm workspace prepare');
   const t0 = Date.now();
   const v = await call('vm.create', { ...params, start: a.start });
-  out(a, v, () => `${vmSummary(v)}\n  ${c.dim(`ready in ${fmtMs(Date.now() - t0)}`)}`);
+  if (!params.workspace) return out(a, v, () => `${vmSummary(v)}\n  ${c.dim(`ready in ${fmtMs(Date.now() - t0)}`)}`);
+  const w = await prepareFor(v.id, params.workspace, !!a.json);
+  out(a, { ...v, workspace: w }, () => `${vmSummary(v)}\n  ${c.dim(`ready in ${fmtMs(Date.now() - t0)}`)}`);
+}
+
+/** The prepare after a create with --workspace (the daemon made the VM for it: a cached work disk when it had one). */
+async function prepareFor(vm: string, w: NonNullable<ParamsOf<'vm.create'>['workspace']>, quiet: boolean) {
+  const r = await call('vm.workspace.prepare', { vm, source: w.source, mode: w.mode }, { quiet });
+  if (!quiet) {
+    process.stderr.write(c.dim(`workspace ${r.repoName} → ${r.guestPath} at ${String(r.headCommit).slice(0, 12)}, cache ${r.cache}, ${r.bytesSent} bytes sent (export with --base-commit ${r.headCommit})\n`));
+    for (const warning of r.warnings ?? []) process.stderr.write(`warning: ${warning}\n`);
+  }
+  return r;
 }
 
 async function ensureImage(image: string | undefined, quiet: boolean): Promise<void> {
@@ -110,11 +127,7 @@ export async function runVm(a: RunArgs): Promise<void> {
     vm = await bootNew(params, quiet, (v) => (vm = v));
     if (!quiet) process.stderr.write(c.dim(`vm ${vm.name} ready in ${fmtMs(Date.now() - t0)}\n`));
     let cwd: string | undefined;
-    if (a.workspace) {
-      const r = await call('vm.workspace.prepare', { vm: vm.id, source: resolve(a.workspace) }, { quiet });
-      cwd = r.guestPath;
-      if (!quiet) process.stderr.write(c.dim(`workspace ${r.repoName} → ${r.guestPath} at ${String(r.headCommit).slice(0, 12)} (export with --base-commit ${r.headCommit})\n`));
-    }
+    if (params.workspace) cwd = (await prepareFor(vm.id, params.workspace, quiet)).guestPath;
     status = await sshInto(vm.id, cmd, { cwd });
   } finally {
     const made = vm;

@@ -87,7 +87,7 @@ export function vmCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   guestCommands(y);
   vmSnapshotCommands(y);
   return y
-    .command('create', 'create a VM and boot it', (a) => createOptions(a).option('start', { type: 'boolean', default: true, describe: 'boot it (--no-start leaves it stopped)' }), (a) => createVm(a))
+    .command('create', 'create a VM and boot it', (a) => createOptions(a).option('start', { type: 'boolean', default: true, describe: 'boot it (--no-start leaves it stopped)' }).option('workspace', { type: 'string', describe: 'a git repository to prepare into /root/repo (from the workspace cache when it has it)' }), (a) => createVm(a))
     .command(
       'run',
       'create + start + wait for SSH (+ prepare --workspace), then run CMD or a shell',

@@ -30,6 +30,7 @@ interface ExportArgs extends GlobalArgs {
 async function prepare(a: PrepareArgs): Promise<void> {
   const r = await call('vm.workspace.prepare', { vm: a.vm, source: resolve(a.source), guestPath: a.guestPath, branch: a.branch, from: a.from, mode: a.mode, readOnly: a.readonly, replace: a.replace || undefined });
   out(a, r, () => `prepared ${c.bold(r.repoName)} at ${r.guestPath} (${r.mode}${r.readOnly ? ', read-only' : ''}) HEAD ${String(r.headCommit).slice(0, 12)}${r.branchName ? ` on branch ${r.branchName}` : ''}; ${r.incremental ? 'updated in place, ' : ''}${r.bytesSent} bytes sent, cache ${r.cache}`);
+  if (!a.json) for (const warning of r.warnings ?? []) process.stderr.write(`warning: ${warning}\n`);
 }
 
 const changes = (r: ExportResult) => `${r.hasChanges ? `${r.changedFiles.length} file(s) changed` : 'no changes'} since ${String(r.baseCommit).slice(0, 12)}`;

@@ -15,6 +15,8 @@ import { planVm, type HostCapabilities } from '../plan.js';
 import type { DaemonServices, HandlerDeps } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
 import { registerWarmPool, WarmPool, type PoolKind } from '../warm-pool.js';
+import { workspaceForCreate } from '../workspace-cache.js';
+import { workspaceRequest } from './workspace.js';
 
 type LifecycleHandlers = Pick<Handlers, 'vm.create' | 'vm.start' | 'vm.stop' | 'vm.restart' | 'vm.delete' | 'vm.set' | 'vm.wait'>;
 
@@ -117,27 +119,25 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   for (const w of plan.warnings) ctx.progress({ stage: 'plan', status: 'info', detail: `warning: ${w}` });
   const accelWhy = host.forceTcg ? 'BANGER_ACCEL=tcg' : host.kvm.reason;
   ctx.progress({ stage: 'plan', status: 'info', detail: `${plan.vmm} ${plan.accel} (${accelWhy}), net ${plan.net}` });
-  d.supervisor.create({
-    id,
-    name,
-    createdAt: new Date().toISOString(),
-    spec: {
-      image: imageName,
-      vcpus: p.vcpus ?? config.defaultVcpus,
-      memoryMiB: p.memoryMiB ?? config.defaultMemoryMiB,
-      diskBytes,
-      vmm: plan.vmm,
-      accel: plan.accel,
-      net: plan.net,
-      start: p.start !== false,
-      bootTimeoutMs: config.bootTimeoutMs,
-      stopTimeoutMs: config.stopTimeoutMs,
-      gitIdentity: await gitIdentity(run, name),
-      ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
-      ...(pooled ? { pool: pooled } : {}),
-      ...(publish.length ? { publish } : {}),
-    },
-  });
+  const spec = {
+    image: imageName,
+    vcpus: p.vcpus ?? config.defaultVcpus,
+    memoryMiB: p.memoryMiB ?? config.defaultMemoryMiB,
+    diskBytes,
+    vmm: plan.vmm,
+    accel: plan.accel,
+    net: plan.net,
+    start: p.start !== false,
+    bootTimeoutMs: config.bootTimeoutMs,
+    stopTimeoutMs: config.stopTimeoutMs,
+    gitIdentity: await gitIdentity(run, name),
+    ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
+    ...(pooled ? { pool: pooled } : {}),
+    ...(publish.length ? { publish } : {}),
+  };
+  const workspace = p.workspace ? await workspaceForCreate(d, spec, workspaceRequest(p.workspace)) : undefined;
+  if (workspace?.cachedDisk) ctx.progress({ stage: 'plan', status: 'info', detail: `workspace cache hit ${workspace.key.slice(0, 12)}` });
+  d.supervisor.create({ id, name, createdAt: new Date().toISOString(), spec: { ...spec, ...(workspace ? { workspace } : {}) } });
   if (p.wait === false) return vms.view(id);
   return vms.waitState(id, p.start === false ? ['stopped'] : ['running'], ctx, vms.bootWait());
 }

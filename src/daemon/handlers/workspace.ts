@@ -1,5 +1,6 @@
 /** vm.workspace.prepare and vm.workspace.export: jobs queued on the VM's workspace actor, one at a time. */
-import { validateGuestPath } from '../../host/guest/workspace.js';
+import { resolve } from 'node:path';
+import { validateGuestPath, type WorkspaceMode } from '../../host/guest/workspace.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';
@@ -39,4 +40,9 @@ function jobRunner(d: DaemonServices) {
     // The runner's result for this kind: src/daemon/jobs.ts builds exactly these shapes.
     return (await result) as JobResults[K];
   };
+}
+
+/** A workspace as vm.create names it, with prepare's defaults (shallow, /root/repo). */
+export function workspaceRequest(w: { source: string; mode?: WorkspaceMode; guestPath?: string }) {
+  return { source: resolve(w.source), mode: w.mode ?? 'shallow', guestPath: validateGuestPath(w.guestPath ?? '/root/repo') };
 }

@@ -394,6 +394,16 @@ export const DEFAULT_IDENTITY_NOTE =
   '# Set by banger because the host has no git identity (git config --global user.name / user.email): replace it with yours.';
 
 /** A git config value, quoted when needed. */
+/** The work disk's /root/.gitconfig: the seed's (`prev`) with the git identity appended as [user]. */
+export function gitconfigWithIdentity(prev: string, gi: NonNullable<WorkDiskOptions['gitIdentity']>): string {
+  let text = prev && !prev.endsWith('\n') ? prev + '\n' : prev;
+  if (gi.source === 'default') text += `${DEFAULT_IDENTITY_NOTE}\n`;
+  text += '[user]\n';
+  if (gi.name) text += `\tname = ${gitValue(gi.name)}\n`;
+  if (gi.email) text += `\temail = ${gitValue(gi.email)}\n`;
+  return text;
+}
+
 function gitValue(v: string): string {
   if (/[\n\r\0]/.test(v)) throw new BangerError('usage', `git identity ${JSON.stringify(v)} contains a newline`);
   return /^\s|\s$|["\\;#]/.test(v) ? `"${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"')}"` : v;
@@ -471,12 +481,7 @@ export async function createWorkDisk(path: string, opts: WorkDiskOptions): Promi
     const gi = opts.gitIdentity;
     if (gi && (gi.name || gi.email)) {
       const old = plan.entries.get('.gitconfig');
-      const prev = old?.kind === 'file' ? await readFile(old.host, 'utf8') : '';
-      let text = prev && !prev.endsWith('\n') ? prev + '\n' : prev;
-      if (gi.source === 'default') text += `${DEFAULT_IDENTITY_NOTE}\n`;
-      text += '[user]\n';
-      if (gi.name) text += `\tname = ${gitValue(gi.name)}\n`;
-      if (gi.email) text += `\temail = ${gitValue(gi.email)}\n`;
+      const text = gitconfigWithIdentity(old?.kind === 'file' ? await readFile(old.host, 'utf8') : '', gi);
       const gc = join(tmp, 'gitconfig');
       await writeFile(gc, text, { mode: 0o644 });
       plan.set('.gitconfig', { kind: 'file', host: gc, mode: old?.kind === 'file' ? old.mode : 0o644 }, 'git identity');

@@ -92,10 +92,10 @@ export interface PrepareContext {
 }
 
 /** The wire's prepare result (src/rpc/types.ts); the VM id is filled in by the caller that knows the VM. */
-export type WorkspacePrepareResult = Omit<PrepareResult, 'vmId' | 'cache'> & {
+export type WorkspacePrepareResult = Omit<PrepareResult, 'vmId'> & {
   vmId?: string;
-  /** The workspace cache is not built: every prepare streams. */
-  cache: 'off';
+  /** An incremental re-prepare: the guest workspace's HEAD before it (the workspace cache checks a hit with it). */
+  previousHead?: string;
 };
 
 export interface ExportOptions {
@@ -834,6 +834,7 @@ export async function prepareWorkspace(
           return {
             sourcePath: resolve(opts.source), repoRoot: root, repoName: repo.repoName, guestPath: dest, mode: opts.mode, readOnly: false, readOnlyMount: false,
             headCommit: repo.headCommit, currentBranch: repo.currentBranch, branchName, baseCommit, preparedAt, bytesStreamed: sent, bytesSent: sent, cache: 'off', incremental: true,
+            previousHead: reuse,
           };
         }
         step('history', h.result);
