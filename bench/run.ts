@@ -48,6 +48,10 @@ async function home(extra: Record<string, string> = {}) {
     return r.stdout ? JSON.parse(r.stdout) : null;
   };
   const cleanup = async () => {
+    // VMs outlive their daemon by design: delete every one before the home goes, or their VMMs are orphaned.
+    const list = await execa(process.execPath, [BIN, '--json', 'vm', 'list'], { env, reject: false, timeout: 60_000 });
+    const ids = list.exitCode === 0 ? (JSON.parse(list.stdout || '[]') as Array<{ id: string }>).map((v) => v.id) : [];
+    if (ids.length) await execa(process.execPath, [BIN, 'vm', 'delete', ...ids], { env, reject: false, timeout: 300_000 });
     await execa(process.execPath, [BIN, 'daemon', 'stop'], { env, reject: false });
     rmSync(h, { recursive: true, force: true });
     rmSync(run, { recursive: true, force: true });
