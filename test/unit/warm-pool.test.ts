@@ -3,9 +3,10 @@ import { describe, expect, it } from 'vitest';
 import { initialTransition, transition } from 'xstate';
 import { configSchema } from '../../src/config.js';
 import { vmMachine, type VmEvent, type VmInput, type VmSnapshot } from '../../src/machines/vm.machine.js';
-import type { VmSupervisor } from '../../src/daemon/services.js';
+import type { DaemonServices, VmSupervisor } from '../../src/daemon/services.js';
 import { poolKey, WarmPool } from '../../src/daemon/warm-pool.js';
 import { runtime, vmInput } from '../support/vm-fixtures.js';
+import { poolKindOf } from '../../src/daemon/handlers/vms.js';
 
 const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;
 
@@ -74,5 +75,24 @@ describe('warm pool', () => {
     boot('pool0');
     expect(p.claim({ ...kind, memoryMiB: 2048 }, 'x')).toBeUndefined();
     expect(poolKey(kind)).toBe('debian-bookworm/1/1024');
+  });
+});
+
+describe('which requests the pool may serve', () => {
+  const d = { config } as unknown as DaemonServices;
+  it('a plain request of a pooled kind', () => {
+    expect(poolKindOf(d, { vcpus: 1, memoryMiB: 1024 })).toEqual(kind);
+  });
+  it.each([
+    ['--publish', { publish: ['8080:80'] }],
+    ['--workspace', { workspace: { source: '/src' } }],
+    ['--egress', { egress: 'none' }],
+    ['--allow-peers', { allowPeers: true }],
+    ['--allow', { allow: ['10.0.0.0/8'] }],
+    ['--disk', { disk: '2G' }],
+    ['--net tap', { net: 'tap' }],
+    ['--no-start', { start: false }],
+  ])('not one with %s: a pooled VM was made without it', (_flag, extra) => {
+    expect(poolKindOf(d, { vcpus: 1, memoryMiB: 1024, ...extra } as never)).toBeUndefined();
   });
 });

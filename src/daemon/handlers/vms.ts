@@ -86,9 +86,13 @@ async function createPoolVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess,
   await createVm(d, deps, vms, { name, image: kind.image, vcpus: kind.vcpus, memoryMiB: kind.memoryMiB, vmm: 'qemu', net: 'user', wait: false }, quiet, undefined, { key });
 }
 
-/** A request the warm pool can serve: defaults for disk, VMM and network, booted and not waited for in pieces. */
-function poolKindOf(d: DaemonServices, p: ParamsOf<'vm.create'>): PoolKind | undefined {
+/**
+ * A request the warm pool can serve: defaults for disk, VMM and network, booted, and nothing decided at create
+ * that a pooled VM was made without (published ports, a workspace, a tap policy).
+ */
+export function poolKindOf(d: DaemonServices, p: ParamsOf<'vm.create'>): PoolKind | undefined {
   if (p.start === false || p.disk !== undefined || (p.vmm && p.vmm !== 'auto' && p.vmm !== 'qemu') || (p.net && p.net !== 'auto' && p.net !== 'user')) return undefined;
+  if (p.publish?.length || p.workspace || p.egress !== undefined || p.allowPeers !== undefined || p.allow?.length) return undefined;
   return { image: p.image ?? d.config.defaultImage, vcpus: p.vcpus ?? d.config.defaultVcpus, memoryMiB: p.memoryMiB ?? d.config.defaultMemoryMiB };
 }
 
