@@ -406,7 +406,7 @@ export function makeSteps(env: StepEnv) {
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,
               accel: ctx.spec.accel,
-              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
+              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
               serialLog: f.serialLog,
             },
             { signal, runner: env.runner },
@@ -420,7 +420,7 @@ export function makeSteps(env: StepEnv) {
       const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
       const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
       const timeoutMs = Math.max(1000, deadline - Date.now());
-      if (ctx.spec.net === 'user') {
+      if (ctx.spec.net === 'user' && env.config.userNet === 'passt') {
         // passt must see no forwarded connection before the guest's network is up (src/host/net/passt.ts).
         await stage(env, ctx.id, 'guest.console', () => waitForLoginPrompt(f.serialLog, deadline, { signal, isAlive: () => alive(driver, p) }));
       }

@@ -2,8 +2,8 @@
  * A user-net guest's sandbox, with ONE guest booted in a network namespace this test makes (so nothing leaves the
  * machine): the namespace's uplink is a veth pair whose far end, in a second namespace, plays "the outside" (the
  * gateway 10.77.0.1 and an outside address 198.51.100.7). Checked against that guest:
- * - a TCP service on the host's loopback is unreachable from the guest through 10.0.2.2 (slirp's gateway, mapped
- *   to the host's 127.0.0.1) and through its own gateway, while the outside is reachable;
+ * - (not in the suite while slirp is the default: see the note above the ForwardAgent test) a TCP service on the
+ *   host's loopback unreachable through 10.0.2.2 and the gateway, the outside reachable;
  * - a published port (`--publish 127.0.0.1:PORT:8080`) reaches a service the guest starts, still does after the
  *   daemon is killed and comes back (adoption), and is gone after stop, with no passt left;
  * - `vm ssh` hands the guest no SSH agent even with `ForwardAgent yes` in the user's ssh config and an agent running.
@@ -102,28 +102,9 @@ describeE2E('isolation: a user-net guest', () => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  it("cannot reach the host's loopback through 10.0.2.2 or its gateway, and reaches the outside", async () => {
-    // the service answers on the namespace's loopback: what the guest must not reach is really there
-    expect(await fetchInNs(portOf(loop.out))).not.toMatch(/ERR|TIMEOUT/);
-    const conns = () => (loop.out.match(/CONN/g) ?? []).length;
-    const before = conns();
-    const lport = portOf(loop.out);
-    const probe = [
-      'gw=$(ip -4 route show default | awk "{print \\$3; exit}")',
-      'echo "GW=$gw"',
-      `for a in 10.0.2.2 "$gw"; do if timeout 5 bash -c "exec 3<>/dev/tcp/$a/${lport}" 2>/dev/null; then echo "REACHED $a"; else echo "BLOCKED $a"; fi; done`,
-      `if timeout 10 bash -c "exec 3<>/dev/tcp/198.51.100.7/${portOf(outside.out)}" 2>/dev/null; then echo OUTSIDE-REACHED; else echo OUTSIDE-BLOCKED; fi`,
-    ].join('; ');
-    const r = await b.run(['vm', 'ssh', 'iso', '--', 'bash', '-c', probe], { timeoutMs: 120_000 });
-    expect(r.exitCode, r.stderr).toBe(0);
-    expect(r.stdout).toContain('GW=10.77.0.1');
-    expect(r.stdout).toContain('BLOCKED 10.0.2.2');
-    expect(r.stdout).toContain('BLOCKED 10.77.0.1');
-    expect(r.stdout).not.toMatch(/REACHED (10|\d)/);
-    expect(conns()).toBe(before);
-    expect(r.stdout).toContain('OUTSIDE-REACHED');
-    expect(outside.out).toContain('CONN');
-  }, 300_000);
+  // The loopback check (the guest reaches no 127.0.0.1 service through 10.0.2.2 or its gateway) needs user net
+  // through passt (config userNet "passt"); slirp, the default, maps 10.0.2.2 to the host's loopback. It left the
+  // suite with passt's default: this Debian's passt lost forwarded SSH connections (README, Security model).
 
   it('vm ssh forwards no agent even with ForwardAgent yes in the ssh config and an agent running', async () => {
     // ssh reads its config from the passwd home, not $HOME: give it a private one in a mount namespace.

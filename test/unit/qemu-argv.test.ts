@@ -23,6 +23,19 @@ const files = { qmpSocket: '/run/b/abc123.qmp', pidFile: '/var/b/vms/abc123/vmm.
 const values = (argv: string[], flag: string) => argv.flatMap((a, i) => (a === flag ? [argv[i + 1]] : []));
 
 describe('qemuArgv', () => {
+  it('user net through passt (config userNet "passt"): a stream netdev on passt\'s socket, no hostfwd', () => {
+    const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, backend: 'passt' } }, files);
+    expect(values(argv, '-netdev')).toEqual([`stream,id=n0,server=off,addr.type=unix,addr.path=${base.runDir}/abc123.passt`]);
+    expect(argv.join(' ')).not.toMatch(/hostfwd|-netdev user/);
+  });
+
+  it('user net through slirp: published ports are hostfwds on their address; a bad one is refused', () => {
+    const publish = [{ hostAddress: '0.0.0.0', hostPort: 8080, guestPort: 80 }];
+    expect(values(qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish } }, files), '-netdev')).toEqual(['user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80']);
+    const bad = [{ hostAddress: '1.2.3.4,guestfwd=x', hostPort: 8080, guestPort: 80 }];
+    expect(() => qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish: bad } }, files)).toThrow(/invalid forward/);
+  });
+
   it('builds a microvm TCG command line with user networking', () => {
     const argv = qemuArgv(base, files);
     expect(values(argv, '-M')).toEqual(['microvm,acpi=on']);
@@ -40,10 +53,9 @@ describe('qemuArgv', () => {
     for (const f of ['-nodefaults', '-no-user-config', '-daemonize', '-no-reboot']) expect(argv).toContain(f);
     expect(values(argv, '-pidfile')).toEqual([files.pidFile]);
     expect(values(argv, '-qmp')).toEqual(['unix:/run/b/abc123.qmp,server=on,wait=off', 'unix:/run/b/abc123.qev,server=on,wait=off']);
-    // passt, not slirp (whose gateway is the host's loopback): SSH is passt's forward, not a hostfwd
-    expect(values(argv, '-netdev')).toEqual([`stream,id=n0,server=off,addr.type=unix,addr.path=${base.runDir}/abc123.passt`]);
+    // slirp by default: SSH forwarded from the host's loopback only
+    expect(values(argv, '-netdev')).toEqual(['user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22']);
     expect(values(argv, '-device')).toContain('virtio-net-device,netdev=n0');
-    expect(argv.join(' ')).not.toMatch(/hostfwd|-netdev user/);
   });
 
   it('puts the root disk before the work disk, both as virtio-blk-device', () => {

@@ -6,6 +6,8 @@
 import type { Runner } from '../exec/runner.js';
 import type { PublishedPort } from '../../rpc/publish.js';
 
+export type UserNetBackend = 'slirp' | 'passt';
+
 export interface LaunchSpec {
   id: string;
   vmDir: string;
@@ -25,7 +27,8 @@ export interface LaunchSpec {
   memoryMiB: number;
   accel: 'kvm' | 'tcg';
   /** `publish`: host ports forwarded to the guest (user net: passt's forwards; tap: the daemon proxies them). */
-  net: { mode: 'user'; sshPort: number; publish?: PublishedPort[] } | { mode: 'tap'; tap: string; mac: string };
+  /** User net's `backend`: QEMU's slirp (default) or passt, which keeps the host's loopback out of reach (config `userNet`). */
+  net: { mode: 'user'; sshPort: number; publish?: PublishedPort[]; backend?: UserNetBackend } | { mode: 'tap'; tap: string; mac: string };
   serialLog: string;
   /** QEMU block cache mode for both disks. Default 'writeback' (flushes from the guest are honoured). */
   diskCache?: 'writeback' | 'none' | 'unsafe';

@@ -95,9 +95,7 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
-    // passt, not slirp: slirp's gateway is the host's loopback (see src/host/net/passt.ts).
-    const socket = passtFiles(spec.runDir, spec.vmDir, spec.id).socket;
-    args.push('-netdev', passtNetdev(assertPath('passt socket', socket)), '-device', 'virtio-net-device,netdev=n0');
+    args.push('-netdev', userNetdev(spec, spec.net), '-device', 'virtio-net-device,netdev=n0');
   } else {
     if (!TAP_RE.test(spec.net.tap)) throw new BangerError('invalid_params', `invalid TAP device name ${JSON.stringify(spec.net.tap)}`);
     if (!MAC_RE.test(spec.net.mac)) throw new BangerError('invalid_params', `invalid MAC address ${JSON.stringify(spec.net.mac)}`);
@@ -139,6 +137,24 @@ export async function hostTscKhz(): Promise<number | undefined> {
     return undefined;
   }
 }
+
+/**
+ * User networking's netdev. slirp (the default): SSH and the published ports as hostfwd; its gateway 10.0.2.2 is
+ * the host's loopback (README, Security model). passt (config `userNet: "passt"`): `--no-map-gw`, the host's
+ * loopback out of reach; it forwards the ports itself (src/host/net/passt.ts).
+ */
+function userNetdev(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>): string {
+  if (net.backend === 'passt') return passtNetdev(assertPath('passt socket', passtFiles(spec.runDir, spec.vmDir, spec.id).socket));
+  const forwards = [{ hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 }, ...(net.publish ?? [])];
+  for (const f of forwards) {
+    if (!IPV4_RE.test(f.hostAddress) || ![f.hostPort, f.guestPort].every((n) => Number.isInteger(n) && n >= 1 && n <= 65535)) {
+      throw new BangerError('invalid_params', `invalid forward ${JSON.stringify(f)}`);
+    }
+  }
+  return ['user', 'id=n0', ...forwards.map((f) => `hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`)].join(',');
+}
+
+const IPV4_RE = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 
 /** passt for a user-net VM: SSH forwarded from 127.0.0.1:sshPort, then the VM's published ports. */
 function startUserNet(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>, signal?: AbortSignal) {
@@ -374,7 +390,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       await mkdir(s.vmDir, { recursive: true });
       await mkdir(dirname(s.serialLog), { recursive: true });
       const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
-      if (s.net.mode === 'user') await startUserNet(s, s.net, opts.signal);
+      if (s.net.mode === 'user' && s.net.backend === 'passt') await startUserNet(s, s.net, opts.signal);
       return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, {
         signal: opts.signal,
         runner: opts.runner ?? options.runner,
