@@ -196,6 +196,9 @@ describe.skipIf(!isRoot && !inCi)('the root helper, as a second unprivileged use
       { id: 8, verb: 'firecracker.jail', args: jailArgs, refused: /vmDir ".*" is not inside the state directory/ },
       { id: 9, verb: 'firecracker.jail', args: { ...jailArgs, uid: a.uid, gid: a.gid }, refused: /unknown fields "uid", "gid"/ },
       { id: 10, verb: 'bridge.ensure', args: { name: 'banger0', cidr: '10.0.0.1/16', nat: true }, refused: /unknown fields "name", "cidr", "nat"/ },
+      { id: 11, verb: 'firewall.set', args: { tap: tapA, ip: '172.30.0.2', egress: 'internet', allowPeers: true, allow: [] }, refused: /TAP ".*" is not this owner's/ },
+      { id: 12, verb: 'firewall.clear', args: { tap: tapA }, refused: /TAP ".*" is not this owner's/ },
+      { id: 13, verb: 'firewall.status', args: {} },
     ];
     expect(new Set(requests.map((r) => r.verb))).toEqual(new Set(VERBS));
     const seen = await runAs(b, a.socket, requests.map(({ id, verb, args }) => ({ id, verb, args })));
@@ -211,6 +214,7 @@ describe.skipIf(!isRoot && !inCi)('the root helper, as a second unprivileged use
     // what it may ask about is its own: it is the second user, and sees none of the first owner's TAPs
     expect(byId.get(1)).toMatchObject({ ok: true, result: { owner: { uid: b.uid } } });
     expect(byId.get(2)).toEqual({ id: 2, ok: true, result: { taps: [] } });
+    expect(byId.get(13)).toMatchObject({ ok: true, result: { vms: [] } });
 
     // Nothing of the first owner's changed.
     expect(await kernelOwner(tapA)).toBe(String(a.uid));
