@@ -206,14 +206,14 @@ describeE2E('workspaces against a real guest', () => {
       [['--source', tmp], /not a git repository/],
       [['--branch', 'a;b'], /branch/],
       [['--from', 'no-such-ref'], /no-such-ref/],
-      [['--guest-path', '/root/rich'], /already|exists|holds/],
+      [['--guest-path', '/root/rich-shallow'], /already|exists|holds/], // holds the round trip's repository
     ];
     for (const [args, re] of cases) {
       const r = await b.run(['vm', 'workspace', 'prepare', 'ws', ...(args[0] === '--source' ? [] : ['--source', repo]), ...args]);
       expect(r.exitCode, args.join(' ')).not.toBe(0);
       expect(r.stderr, args.join(' ')).toMatch(re);
     }
-    const bad = await b.run(['vm', 'workspace', 'export', 'ws', '--guest-path', '/root/rich', '--base-commit', 'deadbeef']);
+    const bad = await b.run(['vm', 'workspace', 'export', 'ws', '--guest-path', '/root/rich-shallow', '--base-commit', 'deadbeef']);
     expect(bad.exitCode).not.toBe(0);
     expect(bad.stderr).toMatch(/deadbeef/);
     expect(bad.stdout).toBe('');
