@@ -69,8 +69,9 @@ describeE2E('tap networking in a network namespace', () => {
 
   it('two VMs at once get different addresses and reach each other; SIGKILL of the daemon adopts their leases; delete leaves only the pool', async () => {
     const [a, c] = await Promise.all([
-      b.json(['vm', 'create', '--net', 'tap', '--name', 'a'], { timeoutMs: 600_000 }),
-      b.json(['vm', 'create', '--net', 'tap', '--name', 'c'], { timeoutMs: 600_000 }),
+      // both opt in to reaching each other: the tap firewall drops VM-to-VM traffic otherwise (isolation-tap.test.ts)
+      b.json(['vm', 'create', '--net', 'tap', '--allow-peers', '--name', 'a'], { timeoutMs: 600_000 }),
+      b.json(['vm', 'create', '--net', 'tap', '--allow-peers', '--name', 'c'], { timeoutMs: 600_000 }),
     ]);
     expect(a.net).toBe('tap');
     expect(a.guestIp).toMatch(/^172\.30\.0\.\d+$/);
