@@ -1,5 +1,5 @@
 /**
- * Snapshots and forks against a real guest: ONE source VM boots (with a workspace and a file in /tmp, which lives
+ * Snapshots and forks against a real guest: ONE source VM boots (with a workspace and a file in /dev/shm, which lives
  * in memory); it is forked twice while running. Both forks see the file and the repository; a write in one does not
  * appear in the other; each fork's SSH works with the snapshot's pinned host key; exports apply independently;
  * the snapshot cannot be deleted while the forks use it (the refusal names them); deleting the source VM leaves the
@@ -34,9 +34,9 @@ describeE2E('snapshots and forks against a real guest', () => {
     await git(repo, 'commit', '-qm', 'one');
     head = await git(repo, 'rev-parse', 'HEAD');
     await b.ok(['vm', 'create', '--name', 'src', '--vcpus', '1', '--memory', '1024', '--disk', '2G'], LONG);
-    await b.ok(['vm', 'workspace', 'prepare', 'src', repo]);
-    await b.ok(['vm', 'ssh', 'src', '--', 'sh', '-c', 'echo from-memory > /tmp/mem.txt']);
-    expect((await b.ok(['vm', 'ssh', 'src', '--', 'findmnt', '-no', 'FSTYPE', '/tmp'])).stdout.trim()).toBe('tmpfs');
+    await b.ok(['vm', 'workspace', 'prepare', 'src', '--source', repo]);
+    await b.ok(['vm', 'ssh', 'src', '--', 'sh', '-c', 'echo from-memory > /dev/shm/mem.txt']);
+    expect((await b.ok(['vm', 'ssh', 'src', '--', 'findmnt', '-no', 'FSTYPE', '/dev/shm'])).stdout.trim()).toBe('tmpfs');
   }, 1_500_000);
 
   afterAll(async () => {
@@ -54,17 +54,17 @@ describeE2E('snapshots and forks against a real guest', () => {
     expect(r.snapshot.stateBytes).toBeGreaterThan(0);
   });
 
-  it('both forks see the file in /tmp and the repository, and have their own hostnames', async () => {
+  it('both forks see the file in /dev/shm (memory) and the repository, and have their own hostnames', async () => {
     for (const f of forks) {
-      expect((await b.ok(['vm', 'ssh', f.name, '--', 'cat', '/tmp/mem.txt'])).stdout).toBe('from-memory\n');
+      expect((await b.ok(['vm', 'ssh', f.name, '--', 'cat', '/dev/shm/mem.txt'])).stdout).toBe('from-memory\n');
       expect((await b.ok(['vm', 'ssh', f.name, '--', 'git', '-C', '/root/repo', 'rev-parse', 'HEAD'])).stdout.trim()).toBe(head);
       expect((await b.ok(['vm', 'ssh', f.name, '--', 'hostname'])).stdout.trim()).toBe(f.name);
     }
   });
 
   it('a write in one fork does not appear in the other (memory or disk)', async () => {
-    await b.ok(['vm', 'ssh', 'f-1', '--', 'sh', '-c', 'echo one > /tmp/only.txt && echo one > /root/repo/only.txt && sync']);
-    expect((await b.run(['vm', 'ssh', 'f-2', '--', 'test', '-e', '/tmp/only.txt'])).exitCode).toBe(1);
+    await b.ok(['vm', 'ssh', 'f-1', '--', 'sh', '-c', 'echo one > /dev/shm/only.txt && echo one > /root/repo/only.txt && sync']);
+    expect((await b.run(['vm', 'ssh', 'f-2', '--', 'test', '-e', '/dev/shm/only.txt'])).exitCode).toBe(1);
     expect((await b.run(['vm', 'ssh', 'f-2', '--', 'test', '-e', '/root/repo/only.txt'])).exitCode).toBe(1);
     expect((await b.run(['vm', 'ssh', 'src', '--', 'test', '-e', '/root/repo/only.txt'])).exitCode).toBe(1);
   });
@@ -99,7 +99,7 @@ describeE2E('snapshots and forks against a real guest', () => {
     const list = await b.json(['snapshot', 'list']);
     expect(list.find((s: { name: string }) => s.name === snapshotName).users.vms.sort()).toEqual(['f-1', 'f-2']);
     await b.ok(['vm', 'delete', 'src']);
-    for (const f of forks) expect((await b.ok(['vm', 'ssh', f.name, '--', 'cat', '/tmp/mem.txt'])).stdout).toBe('from-memory\n');
+    for (const f of forks) expect((await b.ok(['vm', 'ssh', f.name, '--', 'cat', '/dev/shm/mem.txt'])).stdout).toBe('from-memory\n');
     await b.ok(['vm', 'delete', 'f-1', 'f-2']);
     await b.ok(['snapshot', 'delete', snapshotName]);
     expect(await b.json(['snapshot', 'list'])).toEqual([]);
