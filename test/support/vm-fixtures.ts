@@ -1,4 +1,5 @@
-import type { VmInput } from '../../src/machines/vm.machine.js';
+import { initialTransition, transition } from 'xstate';
+import { vmMachine, type VmInput, type VmSnapshot } from '../../src/machines/vm.machine.js';
 
 export function vmInput(over: Partial<VmInput['spec']> = {}): VmInput {
   return {
@@ -22,3 +23,14 @@ export function vmInput(over: Partial<VmInput['spec']> = {}): VmInput {
 }
 
 export const runtime = { pid: 4242, control: '/run/x.qmp', sshPort: 2222, bootedAt: '2026-01-01T00:00:10.000Z' };
+
+/** An invoked actor's completion or failure, as the machine receives it. */
+export const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;
+export const error = (id: string, message: string) => ({ type: `xstate.error.actor.${id}`, error: new Error(message), actorId: id }) as never;
+
+/** The VM machine after these events, through pure transition(). */
+export function walk(events: unknown[], input = vmInput()): VmSnapshot {
+  let [s] = initialTransition(vmMachine, input);
+  for (const e of events) [s] = transition(vmMachine, s, e as never);
+  return s as VmSnapshot;
+}

@@ -1,17 +1,9 @@
 /** The VM statechart's snapshot states, through transition(): restoring (a restore or fork) and snapshotting. */
 import { describe, expect, it } from 'vitest';
-import { initialTransition, transition } from 'xstate';
-import { vmMachine, type VmSnapshot } from '../../src/machines/vm.machine.js';
-import { runtime, vmInput } from '../support/vm-fixtures.js';
+import { transition } from 'xstate';
+import { vmMachine } from '../../src/machines/vm.machine.js';
+import { done, error, runtime, vmInput, walk } from '../support/vm-fixtures.js';
 
-const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;
-const error = (id: string, message: string) => ({ type: `xstate.error.actor.${id}`, error: new Error(message), actorId: id }) as never;
-
-function walk(events: unknown[], input = vmInput()): VmSnapshot {
-  let [s] = initialTransition(vmMachine, input);
-  for (const e of events) [s] = transition(vmMachine, s, e as never);
-  return s as VmSnapshot;
-}
 
 const restoreInput = () => vmInput({ restore: { snapshotId: 'snap1', chain: ['snap1'] } });
 const up = [done('prepareDisks', { net: {} }), done('applyWorkSeed'), done('boot', { runtime })];

@@ -1,16 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { createActor, fromPromise, initialTransition, transition } from 'xstate';
 import { vmMachine, type VmSnapshot } from '../../src/machines/vm.machine.js';
-import { runtime, vmInput } from '../support/vm-fixtures.js';
+import { done, error, runtime, vmInput, walk } from '../support/vm-fixtures.js';
 
-const done = (id: string, output: unknown = undefined) => ({ type: `xstate.done.actor.${id}`, output, actorId: id }) as never;
-const error = (id: string, message: string) => ({ type: `xstate.error.actor.${id}`, error: new Error(message), actorId: id }) as never;
-
-function walk(events: unknown[], input = vmInput()): VmSnapshot {
-  let [s] = initialTransition(vmMachine, input);
-  for (const e of events) [s] = transition(vmMachine, s, e as never);
-  return s as VmSnapshot;
-}
 
 describe('vm machine: pure transitions', () => {
   it('starts in creating and invokes prepareDisks without running it', () => {
