@@ -1,32 +1,31 @@
 /**
- * One SSH connection per running VM, kept open between commands so a second command skips the TCP connect,
- * key exchange and authentication. A connection is keyed by the VM and the address it had when dialled, so a
- * restarted VM (new port or process) gets a fresh one; a connection that closes is forgotten and redialled.
+ * SSH connections per running VM, kept open between commands so a second command skips the TCP connect, key
+ * exchange and authentication. A connection carries at most CHANNELS_PER_CONNECTION commands at once (sshd
+ * refuses channels past its MaxSessions, 10 by default); more at once open another connection to the same VM.
+ * Connections are keyed by the VM and the address it had when dialled, so a restarted VM (new port or process)
+ * gets fresh ones; a connection that closes is forgotten and redialled.
  */
 import { exec, SshConnectionCache, type Client, type ExecOptions, type ExecResult, type SshTarget } from './ssh.js';
 
+/** Below sshd's default MaxSessions (10), so a user's own `vm ssh` multiplexing never meets a full connection. */
+export const CHANNELS_PER_CONNECTION = 8;
+
 export class SshPool {
   private readonly cache = new SshConnectionCache();
-  /** How many connections were dialled (for the bench and tests: a warm exec dials none). */
-  dials = 0;
+  private readonly inFlight = new Map<string, number>();
 
-  private keyOf(vmId: string, target: SshTarget): string {
-    return `${vmId}|${target.host}:${target.port}`;
-  }
-
-  client(vmId: string, target: SshTarget, timeoutMs = 15_000): Promise<Client> {
-    const key = this.keyOf(vmId, target);
-    this.forgetOthers(vmId, key);
-    const before = this.cache.size;
-    const p = this.cache.get(key, target, { timeoutMs });
-    if (this.cache.size > before) this.dials++;
-    return p;
-  }
-
-  /** Runs one command over the VM's pooled connection. An abort or timeout kills that command, not the connection. */
+  /** Runs one command over one of the VM's pooled connections. An abort or timeout kills that command, not the connection. */
   async exec(vmId: string, target: SshTarget, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
-    const client = await this.client(vmId, target, opts.connectTimeoutMs);
-    return exec(client, command, opts);
+    const key = this.connectionWithRoom(vmId, target);
+    this.inFlight.set(key, (this.inFlight.get(key) ?? 0) + 1);
+    try {
+      const client: Client = await this.cache.get(key, target, { timeoutMs: opts.connectTimeoutMs ?? 15_000 });
+      return await exec(client, command, opts);
+    } finally {
+      const left = (this.inFlight.get(key) ?? 1) - 1;
+      if (left > 0) this.inFlight.set(key, left);
+      else this.inFlight.delete(key);
+    }
   }
 
   /** Forget (and close) every connection to this VM, e.g. when it stops. */
@@ -38,11 +37,25 @@ export class SshPool {
     this.cache.closeAll();
   }
 
-  private forgetOthers(vmId: string, keep: string | undefined): void {
-    for (const k of this.keysFor(vmId)) if (k !== keep) this.cache.drop(k);
+  /** The first of this VM's connections (at its current address) with a free channel; older addresses are dropped. */
+  private connectionWithRoom(vmId: string, target: SshTarget): string {
+    const address = `${vmId}|${target.host}:${target.port}#`;
+    this.forgetOthers(vmId, address);
+    for (let n = 0; ; n++) {
+      const key = `${address}${n}`;
+      if ((this.inFlight.get(key) ?? 0) < CHANNELS_PER_CONNECTION) return key;
+    }
   }
 
-  private keysFor(vmId: string): string[] {
-    return this.cache.keys().filter((k) => k.startsWith(`${vmId}|`));
+  /** Drops the VM's connections but those under keepPrefix. `vmId` may carry `#<incarnation>`; any incarnation matches. */
+  private forgetOthers(vmId: string, keepPrefix: string | undefined): void {
+    const vm = vmOf(vmId);
+    for (const k of this.cache.keys()) if (vmOf(k) === vm && !(keepPrefix && k.startsWith(keepPrefix))) this.cache.drop(k);
   }
+}
+
+/** The VM id a pool key starts with (before any `#incarnation` or `|address`). */
+function vmOf(key: string): string {
+  const end = key.search(/[#|]/);
+  return end < 0 ? key : key.slice(0, end);
 }

@@ -1,0 +1,62 @@
+/**
+ * The pooled SSH connections against a real SSH server (ssh2's, on loopback) that refuses channels past 10 per
+ * connection as sshd's default MaxSessions does: 20 commands at once all run, on ceil(20 / 8) connections.
+ */
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import ssh2 from 'ssh2';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { CHANNELS_PER_CONNECTION, SshPool } from '../../src/host/guest/pool.js';
+import type { SshTarget } from '../../src/host/guest/ssh.js';
+
+const { Server, utils } = ssh2;
+const MAX_SESSIONS = 10;
+const hostKey = utils.generateKeyPairSync('ed25519');
+const clientKey = utils.generateKeyPairSync('ed25519');
+let server: InstanceType<typeof Server>;
+let port = 0;
+let connections = 0;
+
+beforeAll(async () => {
+  server = new Server({ hostKeys: [hostKey.private] }, (conn) => {
+    connections++;
+    let open = 0;
+    conn.on('authentication', (ctx) => (ctx.method === 'publickey' ? ctx.accept() : ctx.reject(['publickey'])));
+    conn.on('session', (accept, reject) => {
+      if (open >= MAX_SESSIONS) return reject();
+      open++;
+      const session = accept();
+      session.once('close', () => open--);
+      session.on('exec', (acceptExec, _reject, info) => {
+        const channel = acceptExec();
+        const child = spawn('sh', ['-c', info.command], { stdio: ['ignore', 'pipe', 'pipe'] });
+        child.stdout.pipe(channel, { end: false });
+        child.on('close', (code) => {
+          channel.exit(code ?? 1);
+          channel.end();
+        });
+      });
+    });
+    conn.on('error', () => {});
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  port = (server.address() as ReturnType<ReturnType<typeof createServer>['address']> & { port: number }).port;
+});
+
+afterAll(() => server.close());
+
+it(`20 commands at once all run, ${CHANNELS_PER_CONNECTION} channels per connection at most`, async () => {
+  const pool = new SshPool();
+  const target: SshTarget = { host: '127.0.0.1', port, privateKey: Buffer.from(clientKey.private), hostPublicKey: hostKey.public, label: 'pool-test' };
+  try {
+    const runs = Array.from({ length: 20 }, (_, i) => pool.exec('vm1#1', target, `sleep 0.5; echo ${i}`, { timeoutMs: 20_000 }));
+    const results = await Promise.all(runs);
+    expect(results.map((r) => r.stdout.toString().trim())).toEqual(Array.from({ length: 20 }, (_, i) => String(i)));
+    expect(connections).toBe(Math.ceil(20 / CHANNELS_PER_CONNECTION));
+    const again = await pool.exec('vm1#1', target, 'echo warm');
+    expect(again.stdout.toString()).toBe('warm\n');
+    expect(connections).toBe(Math.ceil(20 / CHANNELS_PER_CONNECTION));
+  } finally {
+    pool.closeAll();
+  }
+});
