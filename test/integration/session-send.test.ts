@@ -31,7 +31,7 @@ it('four concurrent writers: exactly 1,000 whole lines', async () => {
       return f;
     });
     const total = payloads.reduce((n, f) => n + statSync(f).size, 0);
-    await Promise.all(payloads.map((f) => execa('perl', ['-e', WRITE_LINES, fifo], { inputFile: f })));
+    await Promise.all(payloads.map((f) => execa('perl', ['-e', WRITE_LINES, dir, String(statSync(f).size)], { inputFile: f })));
     await waitUntil('the reader got every byte', () => statSync(out).size >= total, 20_000);
     const lines = readFileSync(out, 'utf8').split('\n');
     expect(lines.pop()).toBe('');
@@ -48,11 +48,41 @@ it('four concurrent writers: exactly 1,000 whole lines', async () => {
   }
 });
 
-it('a FIFO with no reader (an ended session) fails at once, naming why', async () => {
+it('a FIFO with no reader (an ended session) fails at once with the ended status', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'banger-send-'));
+  await execa('mkfifo', [join(dir, 'stdin')]);
+  const r = await execa('perl', ['-e', WRITE_LINES, dir, '2'], { input: 'x\n', reject: false, timeout: 10_000 });
+  expect(r.exitCode).toBe(22);
+});
+
+it('names what it cannot send to: no such session (20), not a pipe session (21), an exit file (22)', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'banger-send-'));
+  const send = (dir: string) => execa('perl', ['-e', WRITE_LINES, dir, '2'], { input: 'x\n', reject: false, timeout: 10_000 });
+  expect((await send(join(root, 'absent'))).exitCode).toBe(20);
+  writeFileSync(join(root, 'stdin'), '');
+  expect((await send(root)).exitCode).toBe(21);
+  const ended = mkdtempSync(join(tmpdir(), 'banger-send-'));
+  await execa('mkfifo', [join(ended, 'stdin')]);
+  writeFileSync(join(ended, 'exit'), 'x exited 0\n');
+  expect((await send(ended)).exitCode).toBe(22);
+});
+
+it('an upload cut short writes nothing, naming how much arrived', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'banger-send-'));
   const fifo = join(dir, 'stdin');
+  const out = join(dir, 'stdout');
   await execa('mkfifo', [fifo]);
-  const r = await execa('perl', ['-e', WRITE_LINES, fifo], { input: 'x\n', reject: false, timeout: 10_000 });
-  expect(r.exitCode).not.toBe(0);
-  expect(r.stderr).toContain('the session is not reading its stdin');
+  const reader = execa('sh', ['-c', 'exec cat <>"$1" >"$2"', 'sh', fifo, out]);
+  try {
+    const r = await execa('perl', ['-e', WRITE_LINES, dir, '100'], { input: 'only this\n', reject: false, timeout: 10_000 });
+    expect(r.exitCode).not.toBe(0);
+    expect(r.stderr).toContain('arrived incomplete (10 of 100 bytes); nothing was written');
+    const ok = await execa('perl', ['-e', WRITE_LINES, dir, '5'], { input: 'next\n', reject: false, timeout: 10_000 });
+    expect(ok.exitCode).toBe(0);
+    await waitUntil('the reader got the complete send', () => statSync(out).size >= 5, 10_000);
+    expect(readFileSync(out, 'utf8')).toBe('next\n');
+  } finally {
+    reader.kill();
+    await reader.catch(() => {});
+  }
 });

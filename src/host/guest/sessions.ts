@@ -130,24 +130,30 @@ export async function killSession(run: GuestRun, name: string, signal: string): 
   if (r.exitCode !== 0) throw new BangerError('host', `signalling session ${name} failed: ${r.stderr.toString().trim()}`);
 }
 
-// Writes each line of the payload (uploaded first to a temp file, so a broken upload writes nothing) with one
-// write(2): a line of at most PIPE_BUF bytes then lands whole in the FIFO whatever other writers do. The FIFO is
-// opened non-blocking so an ended session (no reader) fails at once instead of hanging; writes then block.
-export const WRITE_LINES = `use Fcntl; my $p = shift;
-sysopen(my $f, $p, O_WRONLY | O_NONBLOCK) or die "the session is not reading its stdin ($!)\\n";
-fcntl($f, F_SETFL, fcntl($f, F_GETFL, 0) & ~O_NONBLOCK) or die "fcntl: $!\\n";
-while (my $l = <STDIN>) { my $o = 0; while ($o < length $l) { my $n = syswrite($f, $l, length($l) - $o, $o); die "write: $!\\n" unless defined $n; $o += $n } }`;
+// One perl process does the whole send: it checks the session ($1, its directory), reads the payload off stdin
+// and writes nothing unless all $2 bytes arrived (a broken upload writes nothing), then writes each line with one
+// write(2): a line of at most PIPE_BUF bytes lands whole in the FIFO whatever other writers do. The FIFO is opened
+// non-blocking so an ended session (no reader) fails at once instead of hanging; writes then block.
+// Exit 20: no such session; 21: not in pipe mode; 22: ended (its exit file, or nobody reads its stdin).
+export const WRITE_LINES = `use Fcntl; my ($d, $n) = @ARGV;
+-d $d or exit 20; -e "$d/exit" and exit 22; -p "$d/stdin" or exit 21;
+my $b = ''; while (sysread(STDIN, $b, 65536, length $b)) {}
+length($b) == $n or die "the payload arrived incomplete (" . length($b) . " of $n bytes); nothing was written\n";
+sysopen(my $f, "$d/stdin", O_WRONLY | O_NONBLOCK) or exit 22;
+fcntl($f, F_SETFL, fcntl($f, F_GETFL, 0) & ~O_NONBLOCK) or die "fcntl: $!\n";
+for my $l (split /(?<=\n)/, $b) { my $o = 0; while ($o < length $l) { my $w = syswrite($f, $l, length($l) - $o, $o); die "write: $!\n" unless defined $w; $o += $w } }`;
 
-const SEND = `d=${SESSIONS_DIR}/$1
-[ -p "$d/stdin" ] || { echo "not a pipe session" >&2; exit 21; }
-t=$(mktemp ${SESSIONS_DIR}/.send.XXXXXX) || exit 1
-if cat > "$t"; then perl -e "$2" "$d/stdin" < "$t"; rc=$?; else rc=1; fi
-rm -f "$t"; exit $rc`;
+/** Why a send found nothing to write to; the caller turns it into the error that names the session's state. */
+export type Unsendable = 'unknown' | 'not-pipe' | 'ended';
+const UNSENDABLE: Record<number, Unsendable> = { 20: 'unknown', 21: 'not-pipe', 22: 'ended' };
 
-export async function sendToSession(run: GuestRun, name: string, payload: Buffer): Promise<void> {
-  const r = await run(sh(SEND, validateSessionName(name), WRITE_LINES), { stdin: payload });
-  if (r.exitCode === 21) throw new BangerError('invalid_state', `session ${name} is not in pipe mode: it has no stdin to send to`, 'start it with --pipe to send it input');
+/** One guest command per send: no listing first (the checks run in the same process that writes). */
+export async function sendToSession(run: GuestRun, name: string, payload: Buffer): Promise<Unsendable | undefined> {
+  const dir = `${SESSIONS_DIR}/${validateSessionName(name)}`;
+  const r = await run(shellQuote(['perl', '-e', WRITE_LINES, dir, String(payload.length)]), { stdin: payload });
+  if (r.exitCode in UNSENDABLE) return UNSENDABLE[r.exitCode];
   if (r.exitCode !== 0) throw new BangerError('host', `sending to session ${name} failed: ${r.stderr.toString().trim() || `status ${r.exitCode}`}`);
+  return undefined;
 }
 
 /** Up to `max` bytes of a session's stdout or stderr from `offset`. */
