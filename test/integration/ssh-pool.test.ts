@@ -1,6 +1,6 @@
 /**
  * The pooled SSH connections against a real SSH server (ssh2's, on loopback) that refuses channels past 10 per
- * connection as sshd's default MaxSessions does: 20 commands at once all run, on ceil(20 / 8) connections.
+ * connection as sshd's default MaxSessions does: 20 commands at once all run, on ceil(20 / 8) connections; stdin, exit statuses and a death by signal come through.
  */
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
@@ -29,10 +29,12 @@ beforeAll(async () => {
       session.once('close', () => open--);
       session.on('exec', (acceptExec, _reject, info) => {
         const channel = acceptExec();
-        const child = spawn('sh', ['-c', info.command], { stdio: ['ignore', 'pipe', 'pipe'] });
+        const child = spawn('sh', ['-c', info.command], { stdio: ['pipe', 'pipe', 'pipe'] });
+        channel.pipe(child.stdin);
         child.stdout.pipe(channel, { end: false });
-        child.on('close', (code) => {
-          channel.exit(code ?? 1);
+        child.on('close', (code, signal) => {
+          if (signal) channel.exit(signal.replace(/^SIG/, ''), false, '');
+          else channel.exit(code ?? 1);
           channel.end();
         });
       });
@@ -56,6 +58,10 @@ it(`20 commands at once all run, ${CHANNELS_PER_CONNECTION} channels per connect
     const again = await pool.exec('vm1#1', target, 'echo warm');
     expect(again.stdout.toString()).toBe('warm\n');
     expect(connections).toBe(Math.ceil(20 / CHANNELS_PER_CONNECTION));
+    expect((await pool.exec('vm1#1', target, 'cat', { stdin: 'fed\n' })).stdout.toString()).toBe('fed\n');
+    expect((await pool.exec('vm1#1', target, 'exit 7')).exitCode).toBe(7);
+    const killed = await pool.exec('vm1#1', target, 'kill -TERM $$');
+    expect([killed.exitCode, killed.signal]).toEqual([143, 'SIGTERM']);
   } finally {
     pool.closeAll();
   }

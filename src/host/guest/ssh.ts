@@ -258,31 +258,37 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
           if (settled) return;
           settled = true;
           cleanup();
-          let code: number;
-          if (typeof exitCode === 'number') code = exitCode;
-          else if (exitSignal) {
-            const n = (osConstants.signals as Record<string, number>)[exitSignal];
-            code = n ? 128 + n : 255;
-          } else code = 255;
-          resolve({ exitCode: code, signal: exitSignal, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
+          resolve({ exitCode: exitStatus(exitCode, exitSignal), signal: exitSignal, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
         });
-
-        const input = opts.stdin;
-        if (input === undefined) ch.end();
-        else if (typeof input === 'string' || Buffer.isBuffer(input)) ch.end(input);
-        else {
-          stdinStream = input as Readable;
-          stdinStream.once('error', (se: Error) =>
-            fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se })),
-          );
-          stdinStream.pipe(ch); // pipe ends the channel (EOF to the remote) when the input ends
-        }
+        stdinStream = feedStdin(ch, opts.stdin, (se) =>
+          fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se })),
+        );
       });
     } catch (e) {
       fail(wrapSshError(target, e, `running \`${short(command)}\``));
       return;
     }
   });
+}
+
+/** The remote exit status; 128+N when killed by signal N, 255 when the server reported neither. */
+function exitStatus(code: number | null | undefined, signal: string | undefined): number {
+  if (typeof code === 'number') return code;
+  const n = signal ? (osConstants.signals as Record<string, number>)[signal] : undefined;
+  return n ? 128 + n : 255;
+}
+
+/** Sends the command its stdin (none: EOF at once); a stream is piped and returned, so a failure can unpipe it. */
+function feedStdin(ch: ClientChannel, input: ExecOptions['stdin'], onError: (e: Error) => void): Readable | undefined {
+  if (input === undefined) ch.end();
+  else if (typeof input === 'string' || Buffer.isBuffer(input)) ch.end(input);
+  else {
+    const stream = input as Readable;
+    stream.once('error', onError);
+    stream.pipe(ch); // pipe ends the channel (EOF to the remote) when the input ends
+    return stream;
+  }
+  return undefined;
 }
 
 export interface WaitForSshOptions {
