@@ -2,7 +2,9 @@
  * The daemon's side of the tap firewall (rules: src/host/net/firewall-rules.ts; kept by the root helper). Each
  * tap VM is registered with the helper when its TAP and address are leased and forgotten when they are given
  * back; the whole set is sent again whenever the daemon (re)connects to the helper, because a helper that was
- * restarted (or a daemon that was killed) may have lost or missed changes.
+ * restarted (or a daemon that was killed) may have lost or missed changes. That holds for every connection,
+ * whether or not the daemon had tap VMs when it started (a helper SIGKILLed under a daemon that started with
+ * none knew nothing of the VMs made since, and nothing sent them again).
  */
 import { errorMessage } from '../errors.js';
 import { DEFAULT_POLICY, type FirewallVm } from '../host/net/firewall-rules.js';
@@ -27,4 +29,13 @@ export async function syncFirewall(helper: RootHelper, entries: FirewallVm[], fo
     await helper.request('firewall.clear', { tap }).catch((err) => log(`firewall: could not clear ${tap}: ${errorMessage(err)}`));
   }
   if (entries.length || forget.length) log(`firewall: ${entries.length} tap VM(s) registered, ${forget.length} cleared`);
+}
+
+/**
+ * The daemon's one way to send the set: `resync(forget)` registers the VMs `entries()` names at the time it runs,
+ * one sync after the other (a sync asked for while one runs waits for it, so two never interleave their verbs).
+ */
+export function firewallResync(helper: RootHelper, entries: () => FirewallVm[], log: (l: string) => void): (forget?: string[]) => Promise<void> {
+  let chain = Promise.resolve();
+  return (forget = []) => (chain = chain.then(() => syncFirewall(helper, entries(), forget, log)));
 }

@@ -20,7 +20,7 @@ import { RootHelper } from '../actors/root-helper.js';
 import { TapPool } from '../actors/tap-pool.js';
 import { gatewayAddress, parseCidr } from '../host/net/net.js';
 import { makeNetwork } from '../actors/network.js';
-import { firewallEntryOf, syncFirewall } from '../actors/firewall-sync.js';
+import { firewallEntryOf, firewallResync } from '../actors/firewall-sync.js';
 import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -148,10 +148,9 @@ function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: 
  */
 function startTapNetworking(t: TapNetworking, sup: Supervisor, config: Config, inspectable: boolean, log: (l: string) => void): void {
   const firewallEntries = () => sup.ids().flatMap((id) => firewallEntryOf(sup.snapshot(id).context) ?? []);
-  let reconciled = false;
-  t.rootHelper.onConnect = () => {
-    if (reconciled) void syncFirewall(t.rootHelper, firewallEntries(), [], log);
-  };
+  const resyncFirewall = firewallResync(t.rootHelper, firewallEntries, log);
+  // Every (re)connect: a helper that was restarted knows none of this daemon's VMs.
+  t.rootHelper.onConnect = () => void resyncFirewall();
   sup.enableRootHelper();
   t.rootHelper.attach(sup.system.get('rootHelper'));
   t.tapPool.attach(sup.system.get('tapPool'));
@@ -169,8 +168,7 @@ function startTapNetworking(t: TapNetworking, sup: Supervisor, config: Config, i
       await t.network.ensureBridge();
       const r = await t.tapPool.reconcile(vmTaps, inspectable, () => sup.ids());
       log(`tapPool reconciled: adopted ${r.adopted.length}, deleted ${r.deleted.length} stray, forgot ${r.forgotten.length}`);
-      await syncFirewall(t.rootHelper, firewallEntries(), r.deleted, log);
-      reconciled = true;
+      await resyncFirewall(r.deleted);
       await t.tapPool.refill();
     } catch (e) {
       log(`tapPool: ${(e as Error).message}`);

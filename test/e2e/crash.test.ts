@@ -19,6 +19,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { identifyProcess } from '../../src/host/exec/proc.js';
 import { RpcClient } from '../../src/rpc/client.js';
 import { Banger, describeE2E, pidAlive, vmmPidsFor, type CliResult } from './harness.js';
+import { makeTestNetns, type TestNetns } from '../support/netns.js';
 
 const DELAY_MS = 4000;
 const STAGE_DELAYS = ['creating', 'applyingWorkSeed', 'booting', 'stopping', 'reconfiguring', 'deleting', 'prepare', 'export'].map((s) => `${s}:${DELAY_MS}`).join(',');
@@ -26,7 +27,7 @@ const POOL_SIZE = 2;
 const SETTLED = ['running', 'stopped', 'failed'];
 const killed: string[] = [];
 const leaks: string[] = [];
-const NS = `bgc${randomBytes(3).toString('hex')}`;
+let net: TestNetns | undefined;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -137,7 +138,7 @@ function dbLeases(home: string): { ip: string[]; tap: Array<{ tap: string; vmId:
 }
 
 async function nsTaps(): Promise<string[]> {
-  const r = await execa('ip', ['-n', NS, '-j', 'link', 'show'], { reject: false });
+  const r = await execa('ip', ['-n', net!.ns, '-j', 'link', 'show'], { reject: false });
   if (r.exitCode !== 0) return [];
   return (JSON.parse(r.stdout) as Array<{ ifname: string }>).map((l) => l.ifname).filter((n) => n.startsWith('bgtap')).sort();
 }
@@ -230,15 +231,7 @@ describeE2E('kill -9 anywhere loses nothing', () => {
   });
   afterAll(async () => {
     for (const b of homes) await b.cleanup();
-    const pids = await execa('ip', ['netns', 'pids', NS], { reject: false });
-    for (const p of String(pids.stdout).split('\n').filter(Boolean)) {
-      try {
-        process.kill(Number(p), 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-    await execa('ip', ['netns', 'del', NS], { reject: false });
+    await net?.destroy();
     rmSync(tmp, { recursive: true, force: true });
     console.log(`crash: states killed (${killed.length}): ${killed.join('; ')}`);
     console.log(`crash: leaks found (${leaks.length})${leaks.length ? `: ${leaks.join('; ')}` : ''}`);
@@ -339,11 +332,10 @@ describeE2E('kill -9 anywhere loses nothing', () => {
   });
 
   it.skipIf(process.getuid?.() !== 0)('one tap-mode VM: the root helper and the daemon SIGKILLed; TAPs and leases stay exact', async () => {
-    await execa('ip', ['netns', 'add', NS]);
-    await execa('ip', ['-n', NS, 'link', 'set', 'lo', 'up']);
+    net = await makeTestNetns('bgc');
     const b = await Banger.create({ BANGER_ROOT_HELPER: '', BANGER_TEST_STAGE_DELAY: `creating:${DELAY_MS},deleting:${DELAY_MS}` });
     homes.push(b);
-    b.wrap = ['ip', 'netns', 'exec', NS];
+    b.wrap = net.wrap;
     await b.ok(['vm', 'list']);
     const before = homeListing(b.home);
     const runBefore = runListing(b);

@@ -4,22 +4,22 @@
  * from the SQLite allocator and reach each other over the bridge. Then SIGKILL of the daemon: leases
  * are adopted and nothing leaks, the TAP count is exact, and a bgtap device this daemon did not make is left alone.
  */
-import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { Banger, describeE2E, pidAlive } from './harness.js';
+import { makeTestNetns, type TestNetns } from '../support/netns.js';
 
-const NS = `bgt${randomBytes(3).toString('hex')}`;
+let net: TestNetns;
 
 async function taps(): Promise<string[]> {
-  const r = await execa('ip', ['-n', NS, '-j', 'link', 'show'], { reject: false });
+  const r = await execa('ip', ['-n', net.ns, '-j', 'link', 'show'], { reject: false });
   if (r.exitCode !== 0) return [];
   return (JSON.parse(r.stdout) as Array<{ ifname: string }>).map((l) => l.ifname).filter((n) => n.startsWith('bgtap') && n !== FOREIGN).sort();
 }
 
 /** A TAP with banger's prefix that this daemon did not make (another user's or home's): never touched. */
 const FOREIGN = 'bgtapforeign1';
-const foreignExists = async () => (await execa('ip', ['-n', NS, 'link', 'show', FOREIGN], { reject: false })).exitCode === 0;
+const foreignExists = async () => (await execa('ip', ['-n', net.ns, 'link', 'show', FOREIGN], { reject: false })).exitCode === 0;
 
 async function waitFor<T>(fn: () => Promise<T>, ok: (v: T) => boolean, timeoutMs: number): Promise<T> {
   const deadline = Date.now() + timeoutMs;
@@ -34,24 +34,13 @@ async function waitFor<T>(fn: () => Promise<T>, ok: (v: T) => boolean, timeoutMs
 describeE2E('tap networking in a network namespace', () => {
   let b: Banger;
   beforeAll(async () => {
-    if (process.getuid?.() !== 0) throw new Error('tap e2e tests need root (ip netns, TAP devices)');
-    await execa('ip', ['netns', 'add', NS]);
-    await execa('ip', ['-n', NS, 'link', 'set', 'lo', 'up']);
+    net = await makeTestNetns('bgt');
     b = await Banger.create({ BANGER_ROOT_HELPER: '' });
-    b.wrap = ['ip', 'netns', 'exec', NS];
+    b.wrap = net.wrap;
   });
   afterAll(async () => {
     await b?.cleanup();
-    // the root helper child (detached) runs in the namespace: stop whatever is left there, then the namespace
-    const pids = await execa('ip', ['netns', 'pids', NS], { reject: false });
-    for (const p of String(pids.stdout).split('\n').filter(Boolean)) {
-      try {
-        process.kill(Number(p), 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-    await execa('ip', ['netns', 'del', NS], { reject: false });
+    await net?.destroy(); // the root helper child (detached) runs in the namespace: destroy stops it too
   });
 
   it('vm run --net tap --rm -- ip -4 addr shows the allocated address; the warm pool is made', async () => {
@@ -88,7 +77,7 @@ describeE2E('tap networking in a network namespace', () => {
     const tapsBefore = await waitFor(taps, (t) => t.length === 4, 15_000);
     expect(tapsBefore).toHaveLength(4);
     expect(new Set(tapsBefore.map((t) => t.slice(0, 9))).size).toBe(1); // one owner tag in every name
-    await execa('ip', ['-n', NS, 'tuntap', 'add', 'dev', FOREIGN, 'mode', 'tap']);
+    await execa('ip', ['-n', net.ns, 'tuntap', 'add', 'dev', FOREIGN, 'mode', 'tap']);
 
     process.kill(b.daemonPid()!, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 500));
