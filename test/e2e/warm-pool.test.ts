@@ -8,7 +8,7 @@
  * Short states are held open with the daemon's test hook BANGER_TEST_STAGE_DELAY (src/actors/fault-injection.ts):
  * the deletes (so the kill lands during them) and the refills' creating step (so they never boot: no third boot).
  */
-import { existsSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -43,8 +43,9 @@ describeE2E('warm pool against real guests', () => {
     const pid = b.daemonPid();
     if (pid && pidAlive(pid)) process.kill(pid, 'SIGKILL');
     for (const vmm of vmmPidsFor([...everIds, ...(existsSync(join(b.home, 'vms')) ? readdirSync(join(b.home, 'vms')) : [])])) process.kill(vmm, 'SIGKILL');
-    delete b.env.BANGER_TEST_STAGE_DELAY;
-    await b.cleanup();
+    // Not b.cleanup(): a daemon started without the hook would boot the held refills only to delete them.
+    rmSync(b.home, { recursive: true, force: true });
+    rmSync(b.runDir, { recursive: true, force: true });
   }, 300_000);
 
   it('hands two concurrent vm runs two distinct pool VMs, and returns before the deletes end', async () => {
