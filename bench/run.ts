@@ -32,6 +32,26 @@ const line = (k: string, v: string) => console.log(`  ${k.padEnd(48)} ${v}`);
 /** The e2e tests' image cache ($BANGER_TEST_CACHE, else the checkout's .cache/e2e). */
 const imageHome = testImageHome();
 
+/** The home's config without its warm pool. */
+function withoutWarmPool(h: string): void {
+  const file = join(h, 'config.json');
+  if (!existsSync(file)) return;
+  const { warmPool: _, ...rest } = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  writeFileSync(file, JSON.stringify(rest));
+}
+
+/** The home's VMs once none is in a state that takes neither stop nor delete (creating, a delete under way). */
+async function settledVms(banger: (a: string[]) => Promise<{ exitCode?: number; stdout: string }>): Promise<Array<{ id: string; state: string }>> {
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const r = await banger(['--json', 'vm', 'list']);
+    const vms = r.exitCode === 0 ? (JSON.parse(r.stdout || '[]') as Array<{ id: string; state: string }>) : [];
+    const transient = vms.filter((v) => ['creating', 'applyingWorkSeed', 'deleting', 'stopping', 'snapshotting'].includes(v.state));
+    if (!transient.length || Date.now() > deadline) return vms.filter((v) => v.state !== 'deleting' && v.state !== 'deleted');
+    await new Promise((res) => setTimeout(res, 1000));
+  }
+}
+
 async function home(extra: Record<string, string> = {}) {
   const h = mkdtempSync(join(tmpdir(), 'bgb-'));
   const run = mkdtempSync('/tmp/bgbr-');
@@ -49,10 +69,15 @@ async function home(extra: Record<string, string> = {}) {
   };
   const cleanup = async () => {
     // VMs outlive their daemon by design: delete every one before the home goes, or their VMMs are orphaned.
-    const list = await execa(process.execPath, [BIN, '--json', 'vm', 'list'], { env, reject: false, timeout: 60_000 });
-    const ids = list.exitCode === 0 ? (JSON.parse(list.stdout || '[]') as Array<{ id: string }>).map((v) => v.id) : [];
-    if (ids.length) await execa(process.execPath, [BIN, 'vm', 'delete', ...ids], { env, reject: false, timeout: 300_000 });
-    await execa(process.execPath, [BIN, 'daemon', 'stop'], { env, reject: false });
+    const banger = (a: string[], timeout = 60_000) => execa(process.execPath, [BIN, ...a], { env, reject: false, timeout });
+    // A warm pool would make new VMs while these are deleted: the daemon restarts without it.
+    await banger(['daemon', 'stop']);
+    withoutWarmPool(h);
+    const vms = await settledVms(banger);
+    const booting = vms.filter((v) => v.state === 'booting' || v.state === 'restoring').map((v) => v.id);
+    if (booting.length) await banger(['vm', 'stop', ...booting], 300_000);
+    if (vms.length) await banger(['vm', 'delete', ...vms.map((v) => v.id)], 300_000);
+    await banger(['daemon', 'stop']);
     rmSync(h, { recursive: true, force: true });
     rmSync(run, { recursive: true, force: true });
   };

@@ -14,7 +14,10 @@ import { Supervisor } from '../actors/supervisor.js';
 import { run } from '../host/exec/runner.js';
 import { ensureUserKey, type UserKey } from '../host/guest/keys.js';
 import { qemuDriver, type VmmDriver } from '../host/vmm/qemu/qemu.js';
-import { makeHandlers } from './handlers.js';
+import { makeHandlers, type HandlerDeps } from './handlers.js';
+import { createPoolVm } from './handlers/vms.js';
+import { warmGuest } from './handlers/guest.js';
+import { WarmPool } from './warm-pool.js';
 import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js';
 import { RootHelper } from '../actors/root-helper.js';
 import { TapPool } from '../actors/tap-pool.js';
@@ -38,6 +41,7 @@ export interface DaemonHandle extends Partial<TapNetworking> {
   server: RpcServer;
   /** The live inspector (`daemon start --inspect`), when served. */
   inspector?: InspectorServer;
+  warmPool: WarmPool;
   startedAt: number;
   stop(): Promise<void>;
 }
@@ -196,11 +200,14 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: Da
   // Address leases of VMs that no longer exist are freed.
   store.db.prepare('DELETE FROM ip_leases WHERE vm_id NOT IN (SELECT id FROM vms WHERE deleted = 0)').run();
   if (tap) startTapNetworking(tap, supervisor, config, restored.errors.length === 0, log);
-  const services = { layout, config, store, supervisor, inspector, ...tap, startedAt: Date.now(), stop: () => handle.stop() };
-  const server = new RpcServer(makeHandlers(services, { version: buildInfo().version, commit: buildInfo().commit, drivers, log }), log);
+  const deps: HandlerDeps = { version: buildInfo().version, commit: buildInfo().commit, drivers, log };
+  const warmPool: WarmPool = new WarmPool(config, supervisor, { create: (kind, key): Promise<void> => createPoolVm(services, deps, kind, key), warm: (id): Promise<void> => warmGuest(services, id) }, log);
+  const services = { layout, config, store, supervisor, inspector, ...tap, warmPool, startedAt: Date.now(), stop: () => handle.stop() };
+  const server = new RpcServer(makeHandlers(services, deps), log);
   const handle: DaemonHandle = { ...services, server, stop: stopper(() => handle, log) };
   await server.listen(layout.socket);
   writeFileSync(layout.pidFile, String(process.pid));
+  handle.warmPool.start();
   return handle;
 }
 
@@ -211,6 +218,7 @@ function stopper(handle: () => DaemonHandle, log: (l: string) => void): () => Pr
     (stopping ??= (async () => {
       const h = handle();
       log(`daemon ${process.pid} stopping (VMs keep running)`);
+      await h.warmPool.stop();
       h.tapPool?.stop();
       await h.rootHelper?.stop();
       h.supervisor.detachAll();

@@ -11,6 +11,7 @@ import type { VmmDriver } from '../host/vmm/qemu/qemu.js';
 import type { Layout } from '../paths.js';
 import type { Store } from '../store/repo.js';
 import type { InspectorServer } from './inspector.js';
+import type { WarmPool } from './warm-pool.js';
 
 /** The supervisor calls the handlers make. */
 export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'runJob'>;
@@ -30,6 +31,8 @@ export interface DaemonServices {
   helperIsService?: boolean;
   /** The live inspector (`daemon start --inspect`), when served. */
   inspector?: Pick<InspectorServer, 'port'>;
+  /** The warm pool (config warmPool): made and started by the daemon, stopped when it stops. */
+  warmPool?: Pick<WarmPool, 'claim' | 'status'>;
   startedAt: number;
   stop(): Promise<void>;
 }

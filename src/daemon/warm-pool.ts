@@ -4,7 +4,11 @@
  * VM's actor gets CLAIM with the new name, which it accepts once only (guard `claimable`), and the claim is
  * persisted with the rename in the same SQLite transaction as the transition. Node runs one handler at a time, so
  * two requests never see the same VM unclaimed; a daemon killed at any point restarts with every pooled VM either
- * still in the pool or handed out under its new name. The pool refills in the background.
+ * still in the pool or handed out under its new name. The pool refills in the background, a moment after a
+ * hand-out (so that a new VM's boot does not compete with the first seconds of the command it was taken for).
+ * Each waiting VM's pooled SSH connection is dialled and used once ahead of time (`warm`): a command run in a
+ * handed-out VM then opens a channel on a live connection instead of paying a key exchange under TCG.
+ * The daemon makes it (src/daemon/daemon.ts), starts it once it serves, and stops it on shutdown.
  */
 import type { Config } from '../config.js';
 import type { VmState } from '../machines/vm.machine.js';
@@ -29,16 +33,27 @@ export const poolKey = (k: PoolKind): string => `${k.image}/${k.vcpus}/${k.memor
 const stateOf = (s: { value: unknown }): VmState => (typeof s.value === 'string' ? s.value : Object.keys(s.value as object)[0]) as VmState;
 const STARTING: VmState[] = ['creating', 'applyingWorkSeed', 'booting', 'restoring'];
 
+export interface PoolHooks {
+  /** Creates one pool VM of this kind (not waited for). */
+  create(kind: PoolKind, key: string): Promise<void>;
+  /** Opens (and uses once) a running pool VM's pooled SSH connection, so its first command starts at once. */
+  warm?(id: string): Promise<void>;
+}
+
 export class WarmPool {
   private timer?: NodeJS.Timeout;
-  private refilling = false;
+  private refilling?: Promise<void>;
+  private stopped = false;
+  /** Pool VMs whose connection is warm, or being warmed (a failed warm-up is tried again on the next tick). */
+  private readonly warmed = new Set<string>();
 
   constructor(
     private readonly config: Config,
     private readonly sup: VmSupervisor,
-    /** Creates one pool VM of this kind (not waited for). */
-    private readonly create: (kind: PoolKind, key: string) => Promise<void>,
+    private readonly hooks: PoolHooks,
     private readonly log: (line: string) => void,
+    /** How long after a hand-out the refill waits. */
+    private readonly refillAfterHandOutMs = 3000,
   ) {}
 
   kinds(): Array<PoolKind & { size: number; key: string }> {
@@ -72,7 +87,8 @@ export class WarmPool {
       this.sup.send(m.id, { type: 'CLAIM', name });
       if (this.sup.snapshot(m.id).context.claimedBy !== name) continue;
       this.log(`warm pool: ${m.id} handed out as ${name}`);
-      setImmediate(() => void this.refill());
+      this.warmed.delete(m.id);
+      setTimeout(() => void this.refill(), this.refillAfterHandOutMs).unref();
       return m.id;
     }
     return undefined;
@@ -85,38 +101,43 @@ export class WarmPool {
     void this.refill();
   }
 
-  stop(): void {
+  /** No more refills or warm-ups; resolves once a refill under way has finished creating. */
+  async stop(): Promise<void> {
+    this.stopped = true;
     clearInterval(this.timer);
     this.timer = undefined;
+    await this.refilling;
   }
 
-  /** Tops every kind up to its size; a pooled VM that failed is deleted (it would never be handed out). */
-  async refill(): Promise<void> {
-    if (this.refilling) return;
-    this.refilling = true;
-    try {
-      for (const k of this.kinds()) {
-        const members = this.members(k.key);
-        for (const m of members.filter((x) => x.state === 'failed')) this.sup.send(m.id, { type: 'DELETE' });
-        const live = members.filter((x) => x.state === 'running' || STARTING.includes(x.state)).length;
-        for (let i = live; i < k.size; i++) {
-          await this.create(k, k.key).catch((e) => this.log(`warm pool: creating a ${k.key} VM failed: ${(e as Error).message}`));
-        }
+  /**
+   * Tops every kind up to its size and warms the connections of running members; a pooled VM that failed is
+   * deleted (it would never be handed out).
+   */
+  refill(): Promise<void> {
+    if (this.stopped) return Promise.resolve();
+    this.refilling ??= this.topUp().finally(() => (this.refilling = undefined));
+    return this.refilling;
+  }
+
+  private async topUp(): Promise<void> {
+    for (const k of this.kinds()) {
+      const members = this.members(k.key);
+      for (const m of members.filter((x) => x.state === 'failed')) this.sup.send(m.id, { type: 'DELETE' });
+      for (const m of members.filter((x) => x.state === 'running')) this.warm(m.id);
+      const live = members.filter((x) => x.state === 'running' || STARTING.includes(x.state)).length;
+      for (let i = live; i < k.size && !this.stopped; i++) {
+        await this.hooks.create(k, k.key).catch((e) => this.log(`warm pool: creating a ${k.key} VM failed: ${(e as Error).message}`));
       }
-    } finally {
-      this.refilling = false;
     }
   }
-}
 
-const pools = new WeakMap<object, WarmPool>();
-
-/** The daemon's warm pool (one per daemon services object), made by the VM handlers. */
-export function warmPoolOf(services: object): WarmPool | undefined {
-  return pools.get(services);
-}
-
-export function registerWarmPool(services: object, pool: WarmPool): void {
-  pools.get(services)?.stop();
-  pools.set(services, pool);
+  /** Warms a member's connection once (not waited for). */
+  private warm(id: string): void {
+    if (!this.hooks.warm || this.warmed.has(id) || this.stopped) return;
+    this.warmed.add(id);
+    this.hooks.warm(id).catch((e) => {
+      this.warmed.delete(id);
+      this.log(`warm pool: warming ${id}'s SSH connection failed: ${(e as Error).message}`);
+    });
+  }
 }

@@ -48,8 +48,8 @@ describeE2E('tap networking in a network namespace', () => {
     expect(r.exitCode, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/inet 172\.30\.0\.2\/24/);
     expect(r.stderr).toContain('network.lease');
-    // after --rm: only the pool's idle devices remain
-    const status = await b.json(['daemon', 'status']);
+    // after --rm (whose delete finishes in the daemon): only the pool's idle devices remain
+    const status = await waitFor(() => b.json(['daemon', 'status']), (s) => s.tapPool.every((l: any) => l.vmId === null), 120_000);
     expect(status.rootHelper.state).toBe('connected');
     const idle = await waitFor(taps, (t) => t.length === 2, 15_000);
     expect(idle).toHaveLength(2);

@@ -33,8 +33,10 @@ describeE2E('vm lifecycle against real guests', () => {
     expect(r.stdout).toContain('VERSION_CODENAME=bookworm');
     expect(r.exitCode).toBe(3);
     expect(r.stderr).toMatch(/ssh\.wait \d/);
-    const list = await b.json(['vm', 'list']);
-    expect(list).toEqual([]);
+    // --rm returns as soon as the command ends; the delete finishes in the daemon (the VM shows as deleting meanwhile)
+    const list = await b.json<Array<{ state: string }>>(['vm', 'list']);
+    expect(list.every((v) => v.state === 'deleting')).toBe(true);
+    await waitUntil('the --rm VM to be deleted', async () => (await b.json<unknown[]>(['vm', 'list'])).length === 0, 120_000, 250);
     expect(b.qemuPids()).toEqual([]);
   });
 

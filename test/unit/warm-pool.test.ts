@@ -1,5 +1,5 @@
 /** The warm pool's hand-out and refill over VM snapshots driven by the real statechart (transition()). */
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { initialTransition, transition } from 'xstate';
 import { configSchema } from '../../src/config.js';
 import { vmMachine, type VmEvent, type VmInput, type VmSnapshot } from '../../src/machines/vm.machine.js';
@@ -32,13 +32,14 @@ function fakeSupervisor() {
 const config = configSchema.parse({ warmPool: [{ image: 'debian-bookworm', size: 2, vcpus: 1, memoryMiB: 1024 }] });
 const kind = { image: 'debian-bookworm', vcpus: 1, memoryMiB: 1024 };
 
-function pool() {
+function pool(warm?: (id: string) => Promise<void>, refillAfterHandOutMs = 0) {
   const f = fakeSupervisor();
   let n = 0;
-  const p = new WarmPool(config, f.sup, async (_k, key) => {
+  const create = async (_k: unknown, key: string) => {
     const base = vmInput({ pool: { key }, vcpus: 1 });
     f.sup.create({ ...base, id: `pool${n}`, name: `pool-${n++}` });
-  }, () => {});
+  };
+  const p = new WarmPool(config, f.sup, { create, warm }, () => {}, refillAfterHandOutMs);
   return { p, ...f };
 }
 
@@ -75,6 +76,60 @@ describe('warm pool', () => {
     boot('pool0');
     expect(p.claim({ ...kind, memoryMiB: 2048 }, 'x')).toBeUndefined();
     expect(poolKey(kind)).toBe('debian-bookworm/1/1024');
+  });
+});
+
+describe('warm connections, refill after a hand-out, stop', () => {
+  it('warms each running member once; a failed warm-up is tried again; a handed-out VM is not warmed again', async () => {
+    const warmed: string[] = [];
+    let failNext = true;
+    const { p, boot } = pool(async (id) => {
+      warmed.push(id);
+      if (id === 'pool1' && failNext) {
+        failNext = false;
+        throw new Error('no banner');
+      }
+    });
+    await p.refill();
+    expect(warmed).toEqual([]); // nothing runs yet
+    boot('pool0');
+    boot('pool1');
+    await p.refill();
+    await p.refill();
+    await new Promise((r) => setImmediate(r));
+    await p.refill();
+    expect(warmed.sort()).toEqual(['pool0', 'pool1', 'pool1']);
+    p.claim(kind, 'run-a');
+    await p.refill();
+    expect(warmed.filter((id) => id === 'pool0')).toHaveLength(1);
+    await p.stop();
+  });
+
+  it('refills a moment after a hand-out, not at once', async () => {
+    vi.useFakeTimers();
+    try {
+      const { p, boot, vms } = pool(undefined, 3000);
+      await p.refill();
+      boot('pool0');
+      boot('pool1');
+      expect(p.claim(kind, 'run-a')).toBeDefined();
+      await vi.advanceTimersByTimeAsync(2900);
+      expect(vms.size).toBe(2);
+      await vi.advanceTimersByTimeAsync(200);
+      expect(vms.size).toBe(3);
+      expect(p.status()[0]).toMatchObject({ ready: 1, starting: 1 });
+      await p.stop();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('a stopped pool creates and warms nothing more', async () => {
+    const warmed: string[] = [];
+    const { p, vms } = pool(async (id) => void warmed.push(id));
+    await p.stop();
+    await p.refill();
+    expect(vms.size).toBe(0);
   });
 });
 

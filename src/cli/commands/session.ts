@@ -5,8 +5,8 @@ import { BangerError } from '../../errors.js';
 import type { OutputChunk, SessionView, HealthView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
-import { forwardStdin, newInputId } from '../stdin-forward.js';
 import { AttachInput } from '../attach-input.js';
+import { execStreaming } from '../exec-stream.js';
 import type { BangerClient } from '../../index.js';
 
 interface VmArg extends GlobalArgs {
@@ -178,17 +178,11 @@ async function execIn(a: ExecArgs): Promise<void> {
   const timeoutMs = a.timeout === undefined ? undefined : Math.round(a.timeout * 1000);
   if (timeoutMs !== undefined && !(timeoutMs > 0)) usage(`--timeout ${a.timeout}: give a positive number of seconds`);
   const client = await connectDaemon();
-  const inputId = newInputId();
-  const result = client.call('vm.exec', { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs, inputId }, { onStream: write });
-  const input = forwardStdin(client, inputId);
-  // A forwarding failure is a lost daemon connection, which the exec's own answer reports.
-  input.done.catch(() => {});
   try {
-    const r = await result;
+    const r = await execStreaming(client, { vm: a.vm, argv, cwd: a.cwd, env: envFlag(a.env), timeoutMs });
     if (r.timedOut) process.stderr.write(`banger: ${argv[0]} did not finish within ${a.timeout} s and was stopped (exit status ${r.exitCode})\n`);
     process.exitCode = r.exitCode;
   } finally {
-    input.stop();
     client.close();
   }
 }

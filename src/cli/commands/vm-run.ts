@@ -5,6 +5,8 @@ import { BangerError, validateName } from '../../errors.js';
 import type { ParamsOf } from '../../rpc/protocol.js';
 import type { VmView } from '../../rpc/types.js';
 import { connectDaemon } from '../connect.js';
+import { execStreaming } from '../exec-stream.js';
+import type { BangerClient } from '../../index.js';
 import { call, out, usage, type GlobalArgs } from '../context.js';
 import { parsePublishList, PublishError } from '../../rpc/publish.js';
 import { diskFlag, memoryFlag, MIN_DISK_BYTES, vcpusFlag } from '../flags.js';
@@ -95,47 +97,57 @@ async function prepareFor(vm: string, w: NonNullable<ParamsOf<'vm.create'>['work
   return r;
 }
 
-async function ensureImage(image: string | undefined, quiet: boolean): Promise<void> {
+async function ensureImage(client: BangerClient, image: string | undefined, quiet: boolean): Promise<void> {
   const name = image ?? 'debian-bookworm';
-  const list = await call('image.list', {});
+  const list = await client.call('image.list', {});
   if (list.some((i) => i.name === name)) return;
   if (!quiet) process.stderr.write(`image ${name} is not here yet: pulling it\n`);
-  await call('image.pull', { name }, { quiet });
+  await client.call('image.pull', { name }, { onProgress: progressPrinter(quiet) });
 }
 
-/** Create and boot on one connection, progress shown as it comes; resolves with the running VM. */
-async function bootNew(params: ParamsOf<'vm.create'>, quiet: boolean, created: (v: VmView) => void): Promise<VmView> {
-  const client = await connectDaemon();
-  try {
-    const v = await client.call('vm.create', { ...params, start: true, wait: false }, { onProgress: progressPrinter(quiet) });
-    created(v);
-    return await client.call('vm.wait', { vm: v.id, state: 'running' }, { onProgress: progressPrinter(quiet) });
-  } finally {
-    client.close();
-  }
+/** Create and boot, progress shown as it comes; resolves with the running VM (at once for a warm-pool VM). */
+async function bootNew(client: BangerClient, params: ParamsOf<'vm.create'>, quiet: boolean, created: (v: VmView) => void): Promise<VmView> {
+  const v = await client.call('vm.create', { ...params, start: true, wait: false }, { onProgress: progressPrinter(quiet) });
+  created(v);
+  if (v.state === 'running') return v;
+  return await client.call('vm.wait', { vm: v.id, state: 'running' }, { onProgress: progressPrinter(quiet) });
 }
 
+/**
+ * vm run: one daemon connection for the whole run. A command runs over the VM's pooled SSH connection (a
+ * warm-pool VM's is open already); no command opens an interactive ssh session. With --rm the exit status is
+ * ours as soon as the command ends: the delete is asked for and finishes in the daemon (the VM shows as
+ * deleting meanwhile; the deleting state is persisted, so a daemon killed then finishes it when it restarts).
+ */
 export async function runVm(a: RunArgs): Promise<void> {
   const cmd = (a['--'] ?? []).map(String);
   const params = await createParams(a);
   const quiet = !!a.json;
-  await ensureImage(a.image, quiet);
+  const client = await connectDaemon();
   const t0 = Date.now();
   let vm: VmView | undefined;
   let status = 1;
   try {
-    vm = await bootNew(params, quiet, (v) => (vm = v));
+    await ensureImage(client, a.image, quiet);
+    vm = await bootNew(client, params, quiet, (v) => (vm = v));
     if (!quiet) process.stderr.write(c.dim(`vm ${vm.name} ready in ${fmtMs(Date.now() - t0)}\n`));
     let cwd: string | undefined;
     if (params.workspace) cwd = (await prepareFor(vm.id, params.workspace, quiet)).guestPath;
-    status = await sshInto(vm.id, cmd, { cwd });
+    status = cmd.length ? (await execStreaming(client, { vm: vm.id, argv: cmd, cwd })).exitCode : await sshInto(vm.id, undefined, { cwd });
   } finally {
-    const made = vm;
-    if (a.rm && made) {
-      await call('vm.delete', { vm: made.id }, { quiet: true }).catch((e) => process.stderr.write(`banger: could not delete ${made.name}: ${(e as Error).message}\n`));
-    }
+    if (a.rm && vm) await deleteInBackground(client, vm);
+    client.close();
   }
   process.exitCode = status;
+}
+
+/** Asks the daemon to delete the VM without waiting; over a new connection when ours was lost (a restarted daemon). */
+async function deleteInBackground(client: BangerClient, vm: VmView): Promise<void> {
+  try {
+    await client.call('vm.delete', { vm: vm.id, wait: false });
+  } catch {
+    await call('vm.delete', { vm: vm.id, wait: false }, { quiet: true }).catch((e) => process.stderr.write(`banger: could not delete ${vm.name}: ${(e as Error).message}\n`));
+  }
 }
 
 /** Runs `ssh` with banger's key and the VM's pinned host key; resolves with its exit status. */

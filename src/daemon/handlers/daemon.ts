@@ -3,7 +3,6 @@ import type { Handlers } from '../../rpc/server.js';
 import { runDoctor } from '../doctor.js';
 import type { DaemonServices, HandlerDeps } from '../services.js';
 import { viewOf } from '../views.js';
-import { warmPoolOf } from '../warm-pool.js';
 
 export function daemonHandlers(d: DaemonServices, deps: HandlerDeps): Pick<Handlers, 'daemon.status' | 'daemon.stop' | 'doctor.run'> {
   const { supervisor: sup, layout } = d;
@@ -20,7 +19,7 @@ export function daemonHandlers(d: DaemonServices, deps: HandlerDeps): Pick<Handl
       rootHelper: d.rootHelper ? { socket: d.helperSocket, ...d.rootHelper.state() } : null,
       tapPool: d.tapPool ? d.tapPool.leases() : null,
       inspector: d.inspector ? `ws://127.0.0.1:${d.inspector.port}` : null,
-      warmPool: warmPoolOf(d)?.status() ?? [],
+      warmPool: d.warmPool?.status() ?? [],
     }),
 
     'daemon.stop': async () => {

@@ -91,6 +91,13 @@ async function targetOf(d: DaemonServices, id: string, name: string, rt: { sshPo
   return { host: '127.0.0.1', port: rt.sshPort, privateKey: key.privateKey, hostPublicKey, label: name };
 }
 
+/** Dials a running VM's pooled connection and runs one command over it (the warm pool's warm-up). */
+export async function warmGuest(d: DaemonServices, id: string): Promise<void> {
+  const g = await guestAccess(d).guest(id);
+  const r = await g.run('true', { timeoutMs: 120_000 });
+  if (r.exitCode !== 0) throw new BangerError('host', `true exited ${r.exitCode} in vm ${g.vmName}`);
+}
+
 type GuestHandlers = Pick<Handlers, 'vm.exec' | 'vm.exec.input' | 'vm.health'>;
 
 export function guestHandlers(d: DaemonServices): GuestHandlers & ReturnType<typeof sessionHandlers> {

@@ -14,7 +14,7 @@ import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } 
 import { planVm, type HostCapabilities } from '../plan.js';
 import type { DaemonServices, HandlerDeps } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
-import { registerWarmPool, WarmPool, type PoolKind } from '../warm-pool.js';
+import type { PoolKind, WarmPool } from '../warm-pool.js';
 import { workspaceForCreate } from '../workspace-cache.js';
 import { workspaceRequest } from './workspace.js';
 
@@ -24,11 +24,8 @@ export function vmHandlers(d: DaemonServices, deps: HandlerDeps): LifecycleHandl
   const { supervisor: sup, config } = d;
   const vms = vmAccess(d);
   const { resolveVm, waitState, bootWait } = vms;
-  const pool = new WarmPool(config, sup, (kind, key) => createPoolVm(d, deps, vms, kind, key), deps.log);
-  registerWarmPool(d, pool);
-  pool.start();
   return {
-    'vm.create': (p, ctx) => createVm(d, deps, vms, p, ctx, pool),
+    'vm.create': (p, ctx) => createVm(d, deps, vms, p, ctx, d.warmPool),
 
     'vm.start': async (p, ctx) => {
       const id = resolveVm(p.vm);
@@ -79,11 +76,11 @@ export function vmHandlers(d: DaemonServices, deps: HandlerDeps): LifecycleHandl
   };
 }
 
-/** A VM of the pool's kind, marked as pooled; booted in the background. */
-async function createPoolVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, kind: PoolKind, key: string): Promise<void> {
+/** The warm pool's VMs: of the pool's kind, marked as pooled, booted in the background (not waited for). */
+export async function createPoolVm(d: DaemonServices, deps: HandlerDeps, kind: PoolKind, key: string): Promise<void> {
   const quiet: CallContext = { progress: () => {}, signal: new AbortController().signal } as unknown as CallContext;
   const name = `pool-${newId().slice(0, 6)}`;
-  await createVm(d, deps, vms, { name, image: kind.image, vcpus: kind.vcpus, memoryMiB: kind.memoryMiB, vmm: 'qemu', net: 'user', wait: false }, quiet, undefined, { key });
+  await createVm(d, deps, vmAccess(d), { name, image: kind.image, vcpus: kind.vcpus, memoryMiB: kind.memoryMiB, vmm: 'qemu', net: 'user', wait: false }, quiet, undefined, { key });
 }
 
 /**
@@ -96,7 +93,7 @@ export function poolKindOf(d: DaemonServices, p: ParamsOf<'vm.create'>): PoolKin
   return { image: p.image ?? d.config.defaultImage, vcpus: p.vcpus ?? d.config.defaultVcpus, memoryMiB: p.memoryMiB ?? d.config.defaultMemoryMiB };
 }
 
-async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: ParamsOf<'vm.create'>, ctx: CallContext, pool?: WarmPool, pooled?: { key: string }): Promise<VmView> {
+async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: ParamsOf<'vm.create'>, ctx: CallContext, pool?: Pick<WarmPool, 'claim'>, pooled?: { key: string }): Promise<VmView> {
   const { store, layout, config } = d;
   const id = newId();
   const name = p.name !== undefined ? validateName('vm', p.name) : `vm-${id.slice(0, 6)}`;
