@@ -73,20 +73,22 @@ one_request() {
   fi
   line=$\{line%$'\r'}
   method=$\{line%% *}; rest=$\{line#* }; target=$\{rest%% *}; version=$\{rest#* }
+  # Header lines up to the blank one; past the caps they are still read (up to 8 times the count), then refused.
   while :; do
     IFS= read -r -n "$MAX_LINE" -t "$HEADER_WAIT" -u "$in" rest || return 1
     rest=$\{rest%$'\r'}
     [ -z "$rest" ] && break
     n=$((n + 1))
-    if [ "$n" -gt "$MAX_HEADERS" ] || [ "$\{#rest}" -ge "$MAX_LINE" ]; then
-      reply 431 'Request Header Fields Too Large' '{"ok":false,"error":"too many or too long header lines"}'
-      return 0
-    fi
+    [ "$n" -gt $((MAX_HEADERS * 8)) ] && return 1
+    [ "$\{#rest}" -ge "$MAX_LINE" ] && n=$((n + MAX_HEADERS))
+    [ "$n" -gt "$MAX_HEADERS" ] && continue
     shopt -s nocasematch
     if [[ $rest =~ ^x-banger-request:\ *([A-Za-z0-9_-]{1,64})\ *$ ]]; then req_id=$\{BASH_REMATCH[1]}; fi
     shopt -u nocasematch
   done
-  if [ "$version" != HTTP/1.1 ] && [ "$version" != HTTP/1.0 ]; then
+  if [ "$n" -gt "$MAX_HEADERS" ]; then
+    reply 431 'Request Header Fields Too Large' '{"ok":false,"error":"too many or too long header lines"}'
+  elif [ "$version" != HTTP/1.1 ] && [ "$version" != HTTP/1.0 ]; then
     reply 400 'Bad Request' '{"ok":false,"error":"not an HTTP/1.x request line"}'
   elif [ "$method" != GET ]; then
     reply 405 'Method Not Allowed' '{"ok":false,"error":"only GET is served"}'
