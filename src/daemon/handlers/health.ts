@@ -38,7 +38,8 @@ export async function vmHealth(d: DaemonServices, ref: string, timeoutMs = AGENT
   const rt = snap.context.runtime;
   const v = view(id);
   if (v.state !== 'running' || !rt) {
-    throw new BangerError('invalid_state', `vm ${v.name} is ${v.state}, not running: its guest agent answers only while it runs`, `banger vm start ${v.name}`);
+    const hint = v.state === 'stopped' ? `banger vm start ${v.name}` : v.state === 'booting' ? 'wait for the boot to finish (banger vm show shows the state)' : undefined;
+    throw new BangerError('invalid_state', `vm ${v.name} is ${v.state}, not running: its guest agent answers only while it runs`, hint);
   }
   const { channel, transport } = agentChannelOf(snap.context.spec.vmm, id, rt.control);
   const h = await oneAtATime(d, id, () => agentHealth(channel, timeoutMs));
