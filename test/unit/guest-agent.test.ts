@@ -68,7 +68,8 @@ describe('AnswerParser', () => {
     expect(seen).toHaveLength(1);
     expect(seen[0]).toMatchObject({ status: 200, headers: { 'x-banger-request': 'x1', 'content-length': '7' } });
     expect(seen[0].body.toString()).toBe('{"a":1}');
-    const two = new AnswerParser().push(Buffer.concat([answer('a', 'p'), answer('bc', 'q', '404 Not Found')]));
+    // The empty line that greets a virtio-serial connection, and any between answers, are skipped.
+    const two = new AnswerParser().push(Buffer.concat([Buffer.from('\n'), answer('a', 'p'), Buffer.from('\r\n\n'), answer('bc', 'q', '404 Not Found')]));
     expect(two.map((a) => [a.status, a.body.toString()])).toEqual([[200, 'a'], [404, 'bc']]);
   });
 

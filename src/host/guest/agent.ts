@@ -52,6 +52,10 @@ export class AnswerParser {
   }
 
   private next(): AgentAnswer | undefined {
+    // Empty lines between answers are skipped: the agent greets each virtio-serial connection with one.
+    let skip = 0;
+    while (skip < this.buf.length && (this.buf[skip] === 0x0a || this.buf[skip] === 0x0d)) skip++;
+    this.buf = this.buf.subarray(skip);
     const end = this.buf.indexOf('\r\n\r\n');
     if (end < 0) {
       if (this.buf.length > AGENT_LIMITS.headBytes) throw protocolError(`its head is over ${AGENT_LIMITS.headBytes} bytes`);

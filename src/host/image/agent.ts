@@ -28,7 +28,6 @@ MAX_LINE=1024   # bytes in a request line or a header line
 MAX_HEADERS=32
 HEADER_WAIT=5   # seconds a client may take between the lines of one request
 IDLE_WAIT=30    # seconds a vsock client may stay silent between requests
-NAP=0.25        # seconds between looks at a port whose host side is not connected
 
 # reply STATUS REASON BODY: one answer, tagged with the request's X-Banger-Request.
 reply() {
@@ -103,11 +102,12 @@ if [ "$\{1-}" = --port ]; then
   mode=port
   exec 3<>"$2" || exit 1
   in=3 out=3
-  # A FIFO this shell holds open: read -t on it waits without starting a process.
-  nap=/run/banger-agent.nap
-  rm -f "$nap" && mkfifo -m 600 "$nap" && exec 4<>"$nap" && rm -f "$nap" || exit 1
-  # While no host is connected the port reads as at its end: look again a little later.
-  while :; do one_request || read -r -t "$NAP" -u 4 _; done
+  # While no host is connected the port reads as at its end, and a write to it blocks until one connects: each
+  # connection is greeted with an empty line (the host skips empty lines between answers), which costs no CPU
+  # while nobody is there. Then requests until the host leaves.
+  while printf '\n' >&3; do
+    while one_request; do :; done
+  done
 else
   mode=stdio in=0 out=1
   while one_request; do :; done
