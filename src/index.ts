@@ -17,7 +17,7 @@ import { BangerError } from './errors.js';
 import { layout } from './paths.js';
 import { RpcClient, type CallOptions } from './rpc/client.js';
 import type { MethodName, ParamsOf, ResultOf } from './rpc/protocol.js';
-import type { DaemonStatus, ImageView, VmDetail, VmView } from './rpc/types.js';
+import type { DaemonStatus, HealthView, ImageView, VmDetail, VmView } from './rpc/types.js';
 
 export type * from './rpc/types.js';
 export type { MethodName, ParamsOf, ResultOf, StreamOf } from './rpc/protocol.js';
@@ -53,6 +53,11 @@ export class BangerClient {
   /** One VM by id, unique id prefix or name. */
   vm(ref: string): Promise<VmDetail> {
     return this.call('vm.show', { vm: ref });
+  }
+
+  /** A running VM's health, from its guest agent. */
+  health(ref: string): Promise<HealthView> {
+    return this.call('vm.health', { vm: ref });
   }
 
   images(): Promise<ImageView[]> {

@@ -92,7 +92,8 @@ export const methods = {
   'vm.restart': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
   'vm.delete': z.strictObject({ vm: vmRef, wait: z.boolean().optional() }),
   'vm.set': z.strictObject({ vm: vmRef, vcpus: z.number().int().min(VCPUS.min).max(VCPUS.max).optional(), memoryMiB: z.number().int().min(MEMORY_MIB.min).max(MEMORY_MIB.max).optional(), disk: size.optional() }),
-  'vm.wait': z.strictObject({ vm: vmRef, state: z.enum(['running', 'stopped', 'deleted']), timeoutMs: z.number().int().positive().optional() }),
+  /** healthy: running, and the guest agent answers GET /healthz. */
+  'vm.wait': z.strictObject({ vm: vmRef, state: z.enum(['running', 'stopped', 'deleted', 'healthy']), timeoutMs: z.number().int().positive().optional() }),
   'vm.list': z.strictObject({}),
   'vm.show': z.strictObject({ vm: vmRef }),
   'vm.events': z.strictObject({ vm: vmRef }),

@@ -297,14 +297,17 @@ export interface ExecResultView {
   timedOut: boolean;
 }
 
+/** The guest agent's GET /healthz (src/host/image/agent.ts), and how it was reached. */
 export interface HealthView {
   ok: boolean;
-  /** How it was measured: 'ssh' (the guest agent is not built). */
-  via: 'ssh';
+  via: 'agent';
+  /** QEMU: a virtio-serial port; Firecracker: vsock. */
+  transport: 'virtio-serial' | 'vsock';
   uptimeSeconds: number;
   load: [number, number, number];
-  memory: { totalBytes: number; availableBytes: number };
-  disk: { path: string; totalBytes: number; freeBytes: number }[];
+  memory: { totalKiB: number; availableKiB: number };
+  /** Free and total bytes of the root filesystem and of the work disk (/root). */
+  disk: { '/': { freeBytes: number; totalBytes: number }; '/root': { freeBytes: number; totalBytes: number } };
   sessionsRunning: number;
   checkedAt: string;
 }

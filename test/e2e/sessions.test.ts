@@ -7,6 +7,7 @@
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { waitUntil } from '../support/wait.js';
+import { connect } from '../../src/index.js';
 import { Banger, BIN, describeE2E } from './harness.js';
 
 /** Deterministic line lengths in [200, 4000]. */
@@ -43,13 +44,29 @@ describeE2E('guest sessions, exec and health', () => {
     expect((await b.ok(['vm', 'exec', 'agents', '--', 'sh', '-c', 'pgrep -x sleep || echo none'], { timeoutMs: 120_000 })).stdout).toBe('none\n');
   }, 600_000);
 
-  it('vm health answers over SSH', async () => {
+  it('vm health answers from the guest agent over virtio-serial; vm.wait healthy; the typed client', async () => {
+    const client = await connect({ env: b.env });
+    try {
+      // The agent starts when udev sees the port, which may be after sshd answers: wait for it, bounded.
+      await client.call('vm.wait', { vm: 'agents', state: 'healthy', timeoutMs: 180_000 });
+      const typed = await client.health('agents');
+      expect(typed).toMatchObject({ ok: true, via: 'agent', transport: 'virtio-serial' });
+    } finally {
+      client.close();
+    }
     const h = await b.json(['vm', 'health', 'agents']);
-    expect(h).toMatchObject({ ok: true, via: 'ssh', sessionsRunning: 0 });
-    expect(h.memory.totalBytes).toBeGreaterThan(h.memory.availableBytes);
-    expect(h.disk.map((d: { path: string }) => d.path)).toEqual(['/', '/root']);
+    expect(h).toMatchObject({ ok: true, via: 'agent', transport: 'virtio-serial', sessionsRunning: 0 });
+    expect(h.memory.totalKiB).toBeGreaterThan(h.memory.availableKiB);
+    expect(Object.keys(h.disk)).toEqual(['/', '/root']);
+    expect(h.disk['/root'].totalBytes).toBeGreaterThan(0);
+    expect(h.disk['/'].totalBytes).not.toBe(h.disk['/root'].totalBytes);
     expect(h.uptimeSeconds).toBeGreaterThan(0);
-  });
+    const text = await b.ok(['vm', 'health', 'agents']);
+    expect(text.stdout).toContain('ok: true (the guest agent, over virtio-serial)');
+    // What the agent costs in the guest: its size on disk and the resident memory of its running shell.
+    const cost = await b.ok(['vm', 'exec', 'agents', '--', 'sh', '-c', 'stat -c %s /usr/local/sbin/banger-agent; ps -o rss= -C banger-agent || systemctl show -p MainPID --value banger-agent-port | xargs -I{} ps -o rss= -p {}'], { timeoutMs: 120_000 });
+    process.stderr.write(`guest agent: size bytes, RSS KiB:\n${cost.stdout}`);
+  }, 300_000);
 
   it('bad input: metacharacters in a name, unknown session, plain-mode send, an existing name, the size limit', async () => {
     const meta = await b.run(['vm', 'session', 'start', 'agents', '--name', 'a;rm', '--', 'true']);

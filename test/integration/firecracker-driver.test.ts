@@ -18,6 +18,10 @@ import {
 import { macForVm } from '../../src/host/net/net.js';
 import type { LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
 import { startFakeFirecracker, type FakeFirecracker, type RecordedRequest } from '../support/fake-firecracker.js';
+import { agentHealth, firecrackerVsockChannel } from '../../src/host/guest/agent.js';
+import { AGENT_SCRIPT, AGENT_VSOCK_PORT } from '../../src/host/image/agent.js';
+import { agentChannelOf } from '../../src/daemon/handlers/health.js';
+import { createConnection } from 'node:net';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const fakeBin = join(here, '..', 'support', 'fake-firecracker-bin.mjs');
@@ -199,6 +203,37 @@ describe('Firecracker driver against the fake binary', () => {
     expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
     expect((await driver.status(proc)).state).toBe('gone');
     expect(await driver.stop(proc, { timeoutMs: 1000 })).toBe('already-gone');
+  }, SLOW);
+
+  it("reaches the guest agent through the vsock the driver configured: CONNECT <port>, OK, then GET /healthz", async () => {
+    const script = join(root, 'banger-agent');
+    await writeFile(script, AGENT_SCRIPT, { mode: 0o755 });
+    const bin = await makeBinary({ FAKE_FC_GUEST_AGENT: `${AGENT_VSOCK_PORT}:${script}` });
+    const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS });
+    const spec = await makeVm();
+    const proc = await driver.launch(spec);
+    launched.push(proc);
+    expect(readRecord(bin.record).find((r) => r.path === '/vsock')).toMatchObject({ method: 'PUT', status: 204, body: { guest_cid: 3, uds_path: proc.vsockSocket } });
+    // The daemon finds the vsock socket from the API socket alone (what a VM's runtime keeps).
+    const { channel, transport } = agentChannelOf('firecracker', spec.id, proc.apiSocket);
+    expect(transport).toBe('vsock');
+    const h = await agentHealth(channel, 20_000);
+    expect(h).toMatchObject({ ok: true, sessionsRunning: 0 });
+    expect(h.memory.totalKiB).toBeGreaterThan(h.memory.availableKiB);
+    expect(h.disk['/'].totalBytes).toBeGreaterThan(0);
+    // Nothing listens on another port: Firecracker closes the connection instead of answering OK.
+    const none = await errorOf(agentHealth(firecrackerVsockChannel(proc.vsockSocket, AGENT_VSOCK_PORT + 1), 20_000));
+    expect(none.message).toContain(`nothing in the guest listens on vsock port ${AGENT_VSOCK_PORT + 1}`);
+    // A line that is not CONNECT <port>: closed, nothing forwarded.
+    const closed = await new Promise<string>((resolve) => {
+      let got = '';
+      const s = createConnection(proc.vsockSocket, () => s.write('HELLO 52\n'));
+      s.on('data', (c) => (got += c.toString()));
+      s.on('close', () => resolve(got));
+      s.on('error', () => {});
+    });
+    expect(closed).toBe('');
+    await driver.stop(proc, { timeoutMs: 10_000 });
   }, SLOW);
 
   it("surfaces Firecracker's fault_message for a bad drive path, and leaves no process or socket behind", async () => {
@@ -392,6 +427,9 @@ describe('the fake API is as strict as Firecracker', () => {
     expect((await fault(api.put('/drives/b', { drive_id: 'b', is_root_device: true, is_read_only: false, path_on_host: kernel }))).faultMessage).toMatch(/root block device already exists/);
     expect((await fault(api.put('/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'bgtap0', guest_mac: 'zz:00:00:00:00:00' }))).faultMessage).toMatch(/MAC/);
     expect((await fault(api.put('/vsock', { guest_cid: 2, uds_path: join(root, 'v.sock') }))).faultMessage).toMatch(/guest_cid/);
+    expect((await fault(api.put('/vsock', { guest_cid: 3, uds_path: join(root, 'v.sock'), cid: 3 }))).faultMessage).toMatch(/unknown field `cid`/);
+    expect((await fault(api.put('/vsock', { guest_cid: 3 }))).faultMessage).toMatch(/uds_path/);
+    expect((await fault(api.put('/vsock', { guest_cid: 3, uds_path: join(root, 'no-such-dir', 'v.sock') }))).faultMessage).toMatch(/No such file or directory/);
     expect((await fault(api.put('/actions', { action_type: 'Reboot' }))).faultMessage).toMatch(/action_type/);
     expect((await fault(api.request('PUT', '/machine-config'))).faultMessage).toMatch(/body is empty/);
   });

@@ -10,6 +10,9 @@
 //   FAKE_FC_IGNORE_CTRL_ALT_DEL=1   accept SendCtrlAltDel but keep running (the guest ignores it)
 //   FAKE_FC_CHROOT=DIR              resolve paths in bodies inside DIR (as the jailer's chroot would)
 //   FAKE_FC_FAIL_AT_START=MSG       print MSG to stderr and exit 1 before serving (e.g. no /dev/kvm)
+//   FAKE_FC_GUEST_AGENT=PORT:FILE   once started, the guest listens on vsock PORT: each connection runs `bash FILE`
+//                                   with the connection as its stdin and stdout (the guest agent, as systemd runs it)
+import { spawn } from 'node:child_process';
 import { appendFileSync, existsSync } from 'node:fs';
 
 const takesValue = new Set([
@@ -64,7 +67,7 @@ process.on('SIGUSR2', () => {
   exit(0);
 });
 
-await startFakeFirecracker({
+const fake = await startFakeFirecracker({
   socketPath,
   id,
   chroot: process.env.FAKE_FC_CHROOT || undefined,
@@ -80,4 +83,16 @@ await startFakeFirecracker({
     exit(0);
   },
 });
+const guestAgent = /^(\d+):(.+)$/.exec(process.env.FAKE_FC_GUEST_AGENT ?? '');
+if (guestAgent) {
+  fake.listenInGuest(Number(guestAgent[1]), (sock) => {
+    const child = spawn('bash', [guestAgent[2]], { stdio: ['pipe', 'pipe', 'inherit'] });
+    child.on('error', () => sock.destroy());
+    child.stdin.on('error', () => {});
+    sock.pipe(child.stdin);
+    child.stdout.pipe(sock);
+    sock.on('close', () => child.kill());
+    sock.resume();
+  });
+}
 process.stderr.write(`fake firecracker ${id} serving ${socketPath} (pid ${process.pid})\n`);

@@ -5,10 +5,15 @@
  * `{"fault_message": ...}` on errors, pre-boot-only endpoints refused after InstanceStart, post-boot-only ones
  * before it. Files named in bodies must exist (kernel, initrd, drives), as Firecracker opens them.
  * Every request is recorded.
+ *
+ * The vsock device's host side behaves as Firecracker's docs/vsock.md describes for host-initiated connections:
+ * Firecracker listens on `uds_path`; the host connects and sends `CONNECT <port>\n`; when something in the guest
+ * listens on that port (here: `listenInGuest`), Firecracker answers `OK <host-side port>\n` and forwards the
+ * connection, else it closes it. A line that is not `CONNECT <u32>` within 32 bytes also closes it.
  */
 import { existsSync, readFileSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { createServer as createNetServer, type Server as NetServer } from 'node:net';
+import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { z } from 'zod';
 
@@ -161,6 +166,12 @@ export class FakeFirecracker {
   private server: Server;
   private vsockListener?: NetServer;
   private vsockHostPath?: string;
+  /** Guest-side vsock listeners by port: what a host-initiated CONNECT reaches. */
+  private readonly guestListeners = new Map<number, (sock: Socket) => void>();
+  /** Firecracker numbers the host side of forwarded connections from 2^30 up. */
+  private nextHostPort = 2 ** 30;
+  /** Every CONNECT line received on the vsock socket, and whether it was forwarded. */
+  readonly vsockConnects: Array<{ line: string; forwarded: boolean }> = [];
 
   constructor(readonly options: FakeFirecrackerOptions) {
     this.id = options.id ?? 'anonymous-instance';
@@ -320,7 +331,7 @@ export class FakeFirecracker {
         if (this.vsockHostPath !== host) {
           // Firecracker binds and listens on uds_path for host-initiated connections.
           this.vsockListener?.close();
-          this.vsockListener = createNetServer(() => {}).listen(host);
+          this.vsockListener = createNetServer((sock) => this.vsockConnection(sock)).listen(host);
           this.vsockHostPath = host;
         }
         this.vsock = b;
@@ -511,6 +522,38 @@ export class FakeFirecracker {
         if (!this.metrics) throw new Fault('The metrics system was not initialized.');
         return undefined;
     }
+  }
+
+  /** Something in the guest listens on vsock `port`: host-initiated connections to it reach `handler`. */
+  listenInGuest(port: number, handler: (sock: Socket) => void): void {
+    this.guestListeners.set(port, handler);
+  }
+
+  /** A host-initiated connection: the CONNECT line, then OK and forwarding, or a close. */
+  private vsockConnection(sock: Socket): void {
+    let got = Buffer.alloc(0);
+    sock.on('error', () => {});
+    const onData = (chunk: Buffer) => {
+      got = Buffer.concat([got, chunk]);
+      const nl = got.indexOf(0x0a);
+      if (nl < 0 && got.length < 32) return;
+      sock.off('data', onData);
+      const line = (nl < 0 ? got : got.subarray(0, nl)).toString('latin1');
+      const m = nl >= 0 && nl < 32 ? /^\s*connect\s+(\d{1,10})\s*$/i.exec(line) : null;
+      const port = m ? Number(m[1]) : NaN;
+      const handler = port <= 0xffffffff && this.state === 'Running' ? this.guestListeners.get(port) : undefined;
+      this.vsockConnects.push({ line, forwarded: !!handler });
+      if (!handler) {
+        sock.destroy();
+        return;
+      }
+      sock.pause();
+      sock.write(`OK ${this.nextHostPort++}\n`);
+      const rest = got.subarray(nl + 1);
+      if (rest.length) sock.unshift(rest);
+      handler(sock);
+    };
+    sock.on('data', onData);
   }
 
   /** Remove the sockets this server made (what a clean Firecracker exit would leave behind is up to the caller). */

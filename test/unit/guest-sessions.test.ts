@@ -3,7 +3,7 @@ import { mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { endOf, parseHealth, parseListLine, runScript, SESSIONS_DIR, splitLines, validateSessionName } from '../../src/host/guest/sessions.js';
+import { endOf, parseListLine, runScript, SESSIONS_DIR, splitLines, validateSessionName } from '../../src/host/guest/sessions.js';
 import { execCommand } from '../../src/daemon/handlers/guest.js';
 import { SendLock } from '../../src/daemon/handlers/sessions.js';
 import { ExecInputs } from '../../src/daemon/handlers/exec-input.js';
@@ -45,28 +45,6 @@ describe('what the guest reports', () => {
   it('parses a list line', () => {
     const meta = JSON.stringify({ pipe: true, argv: ['cat', 'a\tb'], cwd: null, startedAt: '2026-01-01T00:00:00Z' });
     expect(parseListLine(`echo\tactive\t\t12\t0\t${meta}`)).toMatchObject({ name: 'echo', state: 'running', pipe: true, argv: ['cat', 'a\tb'], stdoutBytes: 12, endReason: null });
-  });
-
-  it('parses a health report, and refuses a broken one', () => {
-    const text = `123.45 200.1
-0.50 0.25 0.10 1/80 300
-MemTotal:         1000 kB
-MemAvailable:      600 kB
-/dev/vda  2000 1000 900 53% /
-/dev/vdb  4000 1000 2500 29% /root
-sessions 2
-`;
-    expect(parseHealth(text)).toEqual({
-      uptimeSeconds: 123.45,
-      load: [0.5, 0.25, 0.1],
-      memory: { totalBytes: 1024000, availableBytes: 614400 },
-      disk: [
-        { path: '/', totalBytes: 2000, freeBytes: 900 },
-        { path: '/root', totalBytes: 4000, freeBytes: 2500 },
-      ],
-      sessionsRunning: 2,
-    });
-    expect(() => parseHealth('garbage\n\n')).toThrow(/could not be read/);
   });
 });
 

@@ -23,6 +23,12 @@ const files = { qmpSocket: '/run/b/abc123.qmp', pidFile: '/var/b/vms/abc123/vmm.
 const values = (argv: string[], flag: string) => argv.flatMap((a, i) => (a === flag ? [argv[i + 1]] : []));
 
 describe('qemuArgv', () => {
+  it("gives the guest agent a virtio-serial port whose host side is a Unix socket next to the QMP socket", () => {
+    const argv = qemuArgv(base, files);
+    expect(values(argv, '-chardev')).toContain('socket,id=agent0,path=/run/b/abc123.agent,server=on,wait=off');
+    expect(values(argv, '-device')).toEqual(expect.arrayContaining(['virtio-serial-device', 'virtserialport,chardev=agent0,name=org.banger.agent']));
+  });
+
   it('user net through passt (config userNet "passt"): a stream netdev on passt\'s socket, no hostfwd', () => {
     const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, backend: 'passt' } }, files);
     expect(values(argv, '-netdev')).toEqual([`stream,id=n0,server=off,addr.type=unix,addr.path=${base.runDir}/abc123.passt`]);
@@ -48,7 +54,7 @@ describe('qemuArgv', () => {
     expect(values(argv, '-initrd')).toEqual([base.initrd]);
     expect(values(argv, '-append')).toEqual([base.cmdline]);
     expect(values(argv, '-serial')).toEqual(['chardev:serial0']);
-    expect(values(argv, '-chardev')).toEqual([`file,id=serial0,path=${base.serialLog},append=on`]);
+    expect(values(argv, '-chardev')).toEqual([`file,id=serial0,path=${base.serialLog},append=on`, 'socket,id=agent0,path=/run/b/abc123.agent,server=on,wait=off']);
     expect(values(argv, '-display')).toEqual(['none']);
     for (const f of ['-nodefaults', '-no-user-config', '-daemonize', '-no-reboot']) expect(argv).toContain(f);
     expect(values(argv, '-pidfile')).toEqual([files.pidFile]);

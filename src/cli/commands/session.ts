@@ -57,10 +57,10 @@ export function sessionLine(s: SessionView): string {
 export function healthText(h: HealthView): string {
   const gib = (n: number) => `${(n / 2 ** 30).toFixed(2)} GiB`;
   return [
-    `ok: ${h.ok} (measured over SSH; the guest agent is not built)`,
+    `ok: ${h.ok} (the guest agent, over ${h.transport})`,
     `uptime: ${h.uptimeSeconds.toFixed(0)} s   load: ${h.load.join(' ')}`,
-    `memory: ${gib(h.memory.availableBytes)} available of ${gib(h.memory.totalBytes)}`,
-    ...h.disk.map((d) => `disk ${d.path}: ${gib(d.freeBytes)} free of ${gib(d.totalBytes)}`),
+    `memory: ${gib(h.memory.availableKiB * 1024)} available of ${gib(h.memory.totalKiB * 1024)}`,
+    ...(['/', '/root'] as const).map((p) => `disk ${p}: ${gib(h.disk[p].freeBytes)} free of ${gib(h.disk[p].totalBytes)}`),
     `sessions running: ${h.sessionsRunning}`,
   ].join('\n');
 }
@@ -246,7 +246,7 @@ export function guestCommands(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
           .usage('banger vm exec <vm> [--cwd P] [--env K=V]... [--timeout S] -- CMD...'),
       (a) => execIn(a as ExecArgs),
     )
-    .command('health <vm>', "the guest's uptime, load, memory, free disk and running sessions (read over SSH: the guest agent is not built)", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
+    .command('health <vm>', "the guest agent's report: uptime, load, memory, free disk and running sessions", (a) => a.positional('vm', { type: 'string', demandOption: true }), async (args) => {
       const a = args as unknown as VmArg;
       const h = await call('vm.health', { vm: a.vm }, { quiet: true });
       out(a, h, () => healthText(h));

@@ -1,5 +1,6 @@
 /**
- * guest.session.*, vm.exec and vm.health: commands in a running guest over one pooled SSH connection per VM.
+ * guest.session.* and vm.exec: commands in a running guest over one pooled SSH connection per VM (vm.health asks
+ * the guest agent instead: ./health.ts).
  * Sessions live in the guest (src/host/guest/sessions.ts); the daemon keeps only what must outlive the guest —
  * a record per VM (sessions.json in its directory, so a stopped VM still lists its sessions, ended, with the
  * reason) — and what lives only as long as a client: the exclusive attach and the per-session send lock.
@@ -11,7 +12,7 @@ import { vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
 import { SshPool } from '../../host/guest/pool.js';
 import type { SshTarget } from '../../host/guest/ssh.js';
-import { guestHealth, listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
+import { listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
 import { shellQuote, quoteArg } from '../../host/exec/shell.js';
 import { run } from '../../host/exec/runner.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
@@ -19,6 +20,7 @@ import type { ParamsOf, ResultOf } from '../../rpc/protocol.js';
 import type { HealthView, OutputChunk, SessionView } from '../../rpc/types.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';
+import { vmHealth } from './health.js';
 import { SessionRecords } from './session-records.js';
 import { sessionHandlers } from './sessions.js';
 import { ExecInputs } from './exec-input.js';
@@ -115,7 +117,7 @@ export function guestHandlers(d: DaemonServices): GuestHandlers & ReturnType<typ
       }
     },
     'vm.exec.input': async (p) => ({ accepted: await inputs.feed(p.inputId, p.data === undefined ? undefined : Buffer.from(p.data, 'base64'), p.end ?? false) }),
-    'vm.health': async (p) => healthOf(await access.guest(p.vm)),
+    'vm.health': (p) => vmHealth(d, p.vm),
   };
 }
 
@@ -154,11 +156,6 @@ export function execCommand(argv: string[], cwd?: string, env?: Record<string, s
   return parts.join(' && ');
 }
 
-export async function healthOf(g: Guest): Promise<HealthView> {
-  const h = await guestHealth(g.run);
-  return { ok: true, via: 'ssh', ...h, checkedAt: new Date().toISOString() };
-}
-
 /** What `vm show` adds: the VM's sessions (live when it runs, else as last recorded) and its health. */
 export async function guestFields(d: DaemonServices, id: string): Promise<{ sessions: SessionView[]; health: HealthView | null }> {
   const access = guestAccess(d);
@@ -169,8 +166,8 @@ export async function guestFields(d: DaemonServices, id: string): Promise<{ sess
     // `vm show` must answer even when the guest does not: bounded, then what was last recorded.
     return await withinMs(10_000, async () => {
       const g = await access.guest(id);
-      const sessions = show(access.records.merge(id, await listSessions(g.run)));
-      return { sessions, health: await healthOf(g).catch(() => null) };
+      const [listed, health] = await Promise.all([listSessions(g.run), vmHealth(d, id).catch(() => null)]);
+      return { sessions: show(access.records.merge(id, listed)), health };
     });
   } catch {
     return { sessions: show(Object.values(access.records.load(id))), health: null };

@@ -17,6 +17,7 @@ import { newId, vmAccess, type VmAccess } from './vm-access.js';
 import type { PoolKind, WarmPool } from '../warm-pool.js';
 import { workspaceForCreate } from '../workspace-cache.js';
 import { workspaceRequest } from './workspace.js';
+import { waitHealthy } from './health.js';
 
 type LifecycleHandlers = Pick<Handlers, 'vm.create' | 'vm.start' | 'vm.stop' | 'vm.restart' | 'vm.delete' | 'vm.set' | 'vm.wait'>;
 
@@ -71,7 +72,12 @@ export function vmHandlers(d: DaemonServices, deps: HandlerDeps): LifecycleHandl
 
     'vm.wait': async (p, ctx) => {
       const id = resolveVm(p.vm);
-      return waitState(id, [p.state], ctx, p.timeoutMs ?? bootWait());
+      const timeoutMs = p.timeoutMs ?? bootWait();
+      if (p.state !== 'healthy') return waitState(id, [p.state], ctx, timeoutMs);
+      const deadline = Date.now() + timeoutMs;
+      await waitState(id, ['running'], ctx, timeoutMs);
+      await waitHealthy(d, id, Math.max(1, deadline - Date.now()), ctx.signal);
+      return vms.view(id);
     },
   };
 }

@@ -205,39 +205,3 @@ export async function pollSession(run: GuestRun, name: string, outOffset: number
   const body = r.stdout.subarray(nl + 1);
   return { ended: e === 1, stdout: body.subarray(0, o), stderr: body.subarray(o, o + x) };
 }
-
-const HEALTH = `cat /proc/uptime /proc/loadavg
-grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
-df -P -B1 / /root | tail -n +2
-echo "sessions $(systemctl list-units --state=running --no-legend --plain 'banger-session-*' | wc -l)"`;
-
-export interface GuestHealth {
-  uptimeSeconds: number;
-  load: [number, number, number];
-  memory: { totalBytes: number; availableBytes: number };
-  disk: { path: string; totalBytes: number; freeBytes: number }[];
-  sessionsRunning: number;
-}
-
-/** Health read over SSH from /proc, df and systemd (the guest agent of issue 11 is not built). */
-export async function guestHealth(run: GuestRun): Promise<GuestHealth> {
-  const r = await run(sh(HEALTH), { timeoutMs: 20_000 });
-  if (r.exitCode !== 0) throw new BangerError('host', `reading the guest's health failed (status ${r.exitCode}): ${r.stderr.toString().trim()}`);
-  return parseHealth(r.stdout.toString('utf8'));
-}
-
-export function parseHealth(text: string): GuestHealth {
-  const lines = text.trim().split('\n');
-  const uptime = Number((lines[0] ?? '').split(/\s+/)[0]);
-  const load = (lines[1] ?? '').split(/\s+/).slice(0, 3).map(Number) as [number, number, number];
-  const kb = (key: string) => 1024 * Number(lines.find((l) => l.startsWith(key))?.split(/\s+/)[1] ?? NaN);
-  const disk = lines
-    .filter((l) => /^\S+\s+\d+\s+\d+\s+\d+\s+\d+%\s/.test(l))
-    .map((l) => l.split(/\s+/))
-    .map((f, i) => ({ path: ['/', '/root'][i] ?? f[5], totalBytes: Number(f[1]), freeBytes: Number(f[3]) }));
-  const sessions = Number(lines.find((l) => l.startsWith('sessions '))?.split(' ')[1] ?? NaN);
-  const h = { uptimeSeconds: uptime, load, memory: { totalBytes: kb('MemTotal:'), availableBytes: kb('MemAvailable:') }, disk, sessionsRunning: sessions };
-  if (![uptime, ...load, h.memory.totalBytes, h.memory.availableBytes, sessions].every(Number.isFinite) || disk.length === 0)
-    throw new BangerError('host', `the guest's health report could not be read: ${JSON.stringify(text.slice(0, 300))}`);
-  return h;
-}

@@ -28,12 +28,14 @@ import { readDiskFile } from '../disk/disks.js';
 import { Cleanups } from '../exec/cleanups.js';
 import { CommandError, run, which, type Runner } from '../exec/runner.js';
 import { ensureFreeSpace } from '../disk/space.js';
+import { AGENT_FILES } from './agent.js';
 
 /**
  * Bump when the image recipe changes, so cached images are rebuilt (reasons: /work/notes/builder-version.txt).
  * 2: banger-identity.service applies the per-VM identity from the work disk at boot (root disks are qcow2 overlays).
+ * 3: the guest agent (src/host/image/agent.ts): GET /healthz on a virtio-serial port or vsock, started by udev.
  */
-export const BUILDER_VERSION = 2;
+export const BUILDER_VERSION = 3;
 
 export const KNOWN_IMAGES = {
   'debian-bookworm': { suite: 'bookworm' },
@@ -793,6 +795,7 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
       await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
       await writeTreeFile(tree, '/usr/local/sbin/banger-identity', IDENTITY_SCRIPT, 0o755);
       await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
+      for (const [path, [content, mode]] of Object.entries(AGENT_FILES)) await writeTreeFile(tree, path, content, mode);
       const sshDir = await resolveInTree(tree, '/etc/ssh');
       for (const f of await readdir(sshDir)) if (f.startsWith('ssh_host_')) await unlink(join(sshDir, f));
       const machineId = await resolveInTree(tree, '/etc/machine-id');

@@ -10,6 +10,7 @@ import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wai
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 import { passtFiles, passtNetdev, startPasst, stopPasst } from '../../net/passt.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
+import { AGENT_PORT_NAME } from '../../image/agent.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
 export { MAX_SOCKET_PATH };
@@ -31,6 +32,14 @@ export function qmpSocketPath(runDir: string, id: string): string {
  */
 export function eventsSocketPath(qmpSocket: string): string | undefined {
   return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.qev` : undefined;
+}
+
+/**
+ * The host side of the guest agent's virtio-serial port (src/host/image/agent.ts): `<runDir>/<id>.agent`, next to
+ * the QMP socket (the run dir keeps socket paths under the 108-byte limit, which a VM directory may not).
+ */
+export function agentSocketPath(qmpSocket: string): string | undefined {
+  return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.agent` : undefined;
 }
 
 /** Escapes a value for QEMU's comma-separated option syntax (`,` is written `,,`). */
@@ -106,6 +115,16 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   }
   // Guest entropy: sshd must not wait for the CRNG on a slow emulated boot.
   args.push('-object', 'rng-random,id=rng0,filename=/dev/urandom', '-device', 'virtio-rng-device,rng=rng0');
+  // The guest agent's channel: a virtio-serial port whose host side is a Unix socket QEMU listens on. (Not vsock:
+  // vhost-vsock needs /dev/vhost-vsock and a host-wide CID per VM, and Node cannot open AF_VSOCK sockets.)
+  const agent = agentSocketPath(files.qmpSocket);
+  if (agent) {
+    args.push(
+      '-chardev', `socket,id=agent0,path=${qemuOptEscape(checkSocketPath(assertPath('agent socket', agent)))},server=on,wait=off`,
+      '-device', 'virtio-serial-device',
+      '-device', `virtserialport,chardev=agent0,name=${AGENT_PORT_NAME}`,
+    );
+  }
   args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP socket', files.qmpSocket))));
   const ev = files.eventsSocket === undefined ? eventsSocketPath(files.qmpSocket) : files.eventsSocket;
   if (ev) args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP events socket', ev))));
