@@ -1,7 +1,7 @@
 /**
  * A user-net guest's sandbox, with ONE guest booted in a network namespace this test makes (so nothing leaves the
  * machine): the namespace's uplink is a veth pair whose far end, in a second namespace, plays "the outside" (the
- * gateway 10.77.0.1 and an outside address 198.51.100.7). Checked against that guest (default user net: isolated,
+ * gateway 10.77.0.1 and an outside address 198.51.100.7). Checked against that guest (config userNet "isolated":
  * QEMU's slirp in a namespace of its own, egress through slirp4netns):
  * - a TCP service on the host's loopback (through 10.0.2.2 and directly) and one on another host address
  *   (10.77.0.2) are unreachable, while a service at the outside address is reached (so the refusals mean something);
@@ -101,6 +101,8 @@ describeE2E('isolation: a user-net guest', () => {
     // a loaded 2-core CI machine can take minutes to boot under TCG: the boot wait is bounded, but generously
     b = await Banger.create({ BANGER_BOOT_TIMEOUT_MS: '1100000' });
     b.wrap = ['ip', 'netns', 'exec', NS];
+    // stated, not inherited from the default: the guest's user net is the isolated one
+    writeFileSync(join(b.home, 'config.json'), JSON.stringify({ userNet: 'isolated' }));
     await waitUntil('the listeners print their ports', () => [loop, hostAddr, outside].every((l) => /PORT \d+/.test(l.out)), 15_000);
     await b.ok(['vm', 'create', '--name', 'iso', '--net', 'user', '--publish', `127.0.0.1:${PUBLISHED}:8080`], { timeoutMs: 1_150_000 });
   }, 1_200_000);

@@ -36,7 +36,7 @@ describe('qemuArgv', () => {
     expect(() => qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish: bad } }, files)).toThrow(/invalid forward/);
   });
 
-  it('isolated user net (the default backend): hostfwds listen on 0.0.0.0:10000+i inside QEMU\'s namespace, SSH first', () => {
+  it('isolated user net (config userNet "isolated"): hostfwds listen on 0.0.0.0:10000+i inside QEMU\'s namespace, SSH first', () => {
     const publish = [{ hostAddress: '127.0.0.1', hostPort: 18080, guestPort: 8080 }];
     const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish, backend: 'isolated' } }, files);
     expect(values(argv, '-netdev')).toEqual(['user,id=n0,hostfwd=tcp:0.0.0.0:10000-:22,hostfwd=tcp:0.0.0.0:10001-:8080']);

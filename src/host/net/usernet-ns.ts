@@ -1,5 +1,5 @@
 /**
- * Isolated user networking (config `userNet: "isolated"`, the default): QEMU's slirp runs inside a user + network
+ * Isolated user networking (config `userNet: "isolated"`, opt-in): QEMU's slirp runs inside a user + network
  * (+ mount) namespace of its own, so the gateway 10.0.2.2, which slirp maps to "the host's" 127.0.0.1, is the
  * namespace's empty loopback. The namespace's only way out is slirp4netns with `--disable-host-loopback` (the real
  * host's 127.0.0.1 refused), and `prohibit` routes inside it refuse the host's own addresses and the private,

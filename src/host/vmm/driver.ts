@@ -28,8 +28,8 @@ export interface LaunchSpec {
   accel: 'kvm' | 'tcg';
   /** `publish`: host ports forwarded to the guest (user net: passt's forwards; tap: the daemon proxies them). */
   /**
-   * User net's `backend` (config `userNet`): isolated (the default: QEMU's slirp in a namespace of its own, egress
-   * through slirp4netns, src/host/net/usernet-ns.ts), plain slirp (reaches the host's loopback) or passt.
+   * User net's `backend` (config `userNet`): slirp (the default, reaches the host's loopback), isolated (QEMU's
+   * slirp in a namespace of its own, egress through slirp4netns, src/host/net/usernet-ns.ts) or passt.
    * `egress: 'none'`: slirp with restrict=on, only the forwards reach the guest, the guest reaches nothing.
    */
   net: { mode: 'user'; sshPort: number; publish?: PublishedPort[]; backend?: UserNetBackend; egress?: 'internet' | 'none' } | { mode: 'tap'; tap: string; mac: string };

@@ -140,10 +140,10 @@ export async function hostTscKhz(): Promise<number | undefined> {
 }
 
 /**
- * User networking's netdev. isolated (config `userNet`, the default): QEMU runs in a namespace of its own
- * (src/host/net/usernet-ns.ts), its hostfwd listens there on 0.0.0.0:10000+i and slirp4netns brings the host's
- * ports to it. slirp: SSH and the published ports as hostfwd on the host; its gateway 10.0.2.2 is the host's
- * loopback (README, Security model). passt: `--no-map-gw`, it forwards the ports itself (src/host/net/passt.ts).
+ * User networking's netdev. slirp (config `userNet`, the default): SSH and the published ports as hostfwd on the
+ * host; its gateway 10.0.2.2 is the host's loopback (README, Security model). isolated: QEMU runs in a namespace
+ * of its own (src/host/net/usernet-ns.ts), its hostfwd listens there on 0.0.0.0:10000+i and slirp4netns brings
+ * the host's ports to it. passt: `--no-map-gw`, it forwards the ports itself (src/host/net/passt.ts).
  * Egress none, whatever the backend: slirp with restrict=on in the host's namespace, the forwards only.
  */
 function userNetdev(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>): string {
