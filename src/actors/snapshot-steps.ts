@@ -194,7 +194,7 @@ export function makeSnapshotSteps(env: StepEnv) {
             vcpus: ctx.spec.vcpus,
             memoryMiB: ctx.spec.memoryMiB,
             accel: ctx.spec.accel,
-            net: { mode: 'user', sshPort, backend: env.config.userNet },
+            net: { mode: 'user', sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
             serialLog: f.serialLog,
             incoming: true,
           },

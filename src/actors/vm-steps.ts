@@ -406,7 +406,7 @@ export function makeSteps(env: StepEnv) {
               vcpus: ctx.spec.vcpus,
               memoryMiB: ctx.spec.memoryMiB,
               accel: ctx.spec.accel,
-              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
+              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
               serialLog: f.serialLog,
             },
             { signal, runner: env.runner },

@@ -16,6 +16,7 @@ import { firewallEntryOf } from '../actors/firewall-sync.js';
 import type { VerbResults } from '../roothelper/protocol.js';
 import type { DaemonServices, HandlerDeps } from './services.js';
 import { versionCheck } from '../version-skew.js';
+import { userNetCheck } from './usernet-check.js';
 
 export type Check = DoctorCheck;
 
@@ -42,6 +43,7 @@ export async function runDoctor(d: DaemonServices, deps: HandlerDeps): Promise<D
   const db = await which('debootstrap');
   add(mm || db ? { name: 'bootstrap', status: 'ok', detail: mm ? `mmdebstrap (${mm})` : `debootstrap (${db})` } : { name: 'bootstrap', status: 'fail', detail: 'neither mmdebstrap nor debootstrap found: images cannot be built', fix: 'apt-get install mmdebstrap' });
   add(await tunCheck());
+  add(await userNetCheck(d.config.userNet));
   for (const c of await rootHelperChecks(d, rootHelper.reachable)) add(c);
   add(versionCheck({ daemon: deps, helper: rootHelper.reachable ? await helperRelease(d) : undefined }));
   add(diskCheck(d));

@@ -32,7 +32,7 @@ export function viewOf(s: VmSnapshot): VmView {
     error: c.error,
     stopReason: c.stopReason,
     gitIdentity: c.spec.gitIdentity ?? null,
-    isolation: c.spec.net === 'tap' ? (c.spec.isolation ?? { ...DEFAULT_POLICY }) : null,
+    isolation: c.spec.net === 'tap' ? (c.spec.isolation ?? { ...DEFAULT_POLICY }) : (c.spec.isolation ?? null),
     publish: (c.spec.publish ?? []).map(formatPublish),
     ...(wsCtx ? { workspace: { queued: wsCtx.queue.length, running: wsCtx.current?.kind ?? null } } : {}),
   };

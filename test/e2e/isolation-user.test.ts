@@ -1,11 +1,12 @@
 /**
  * A user-net guest's sandbox, with ONE guest booted in a network namespace this test makes (so nothing leaves the
  * machine): the namespace's uplink is a veth pair whose far end, in a second namespace, plays "the outside" (the
- * gateway 10.77.0.1 and an outside address 198.51.100.7). Checked against that guest:
- * - (not in the suite while slirp is the default: see the note above the ForwardAgent test) a TCP service on the
- *   host's loopback unreachable through 10.0.2.2 and the gateway, the outside reachable;
+ * gateway 10.77.0.1 and an outside address 198.51.100.7). Checked against that guest (config userNet "isolated":
+ * QEMU's slirp in a namespace of its own, egress through slirp4netns):
+ * - a TCP service on the host's loopback (through 10.0.2.2 and directly) and one on another host address
+ *   (10.77.0.2) are unreachable, while a service at the outside address is reached (so the refusals mean something);
  * - a published port (`--publish 127.0.0.1:PORT:8080`) reaches a service the guest starts, still does after the
- *   daemon is killed and comes back (adoption), and is gone after stop, with no passt left;
+ *   daemon is killed and comes back (adoption), and is gone after stop, with no slirp4netns left;
  * - `vm ssh` hands the guest no SSH agent even with `ForwardAgent yes` in the user's ssh config and an agent running.
  */
 import { randomBytes } from 'node:crypto';
@@ -31,6 +32,14 @@ const CLIENT = `const c=require('net').connect(+process.argv[1],'127.0.0.1');let
 const GUEST_SERVER =
   "perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>8080,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"HTTP/1.0 200 OK\\r\\n\\r\\nhello-from-guest\\n\"; close $c}'";
 
+/** In the guest (perl-base only): for each HOST:PORT argument, `HOST:PORT OPEN` or `HOST:PORT CLOSED`. */
+const GUEST_PROBE = 'for (@ARGV) { my ($h, $p) = split /:/; my $s = IO::Socket::INET->new(PeerAddr => $h, PeerPort => $p, Timeout => 10); print "$_ ", ($s ? "OPEN" : "CLOSED"), "\\n" }';
+
+/** The same probe on the host side (node). */
+const PROBE = `const [h,p]=process.argv[1].split(':');const c=require('net').connect(+p,h,()=>{console.log(process.argv[1]+' OPEN');c.destroy()});c.on('error',()=>console.log(process.argv[1]+' CLOSED'));setTimeout(()=>process.exit(),10000).unref()`;
+
+const count = (out: string) => out.split('\n').filter((l) => l === 'CONN').length;
+
 function listener(ns: string, host: string) {
   const p = execa('ip', ['netns', 'exec', ns, process.execPath, '-e', server(host)], { reject: false });
   const state = { out: '', p };
@@ -46,14 +55,14 @@ async function fetchInNs(port: number): Promise<string> {
   return String(r.stdout);
 }
 
-/** passt processes still serving this home's sockets. */
-function passtsOf(runDir: string): number[] {
+/** passt or slirp4netns processes still serving this home's sockets. */
+function userNetHelpersOf(runDir: string): number[] {
   return readdirSync('/proc')
     .filter((p) => /^\d+$/.test(p))
     .filter((p) => {
       try {
         const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-        return argv.some((a) => a.startsWith(`${runDir}/`) && a.endsWith('.passt')) && pidAlive(Number(p));
+        return argv.some((a) => a.startsWith(`${runDir}/`) && (a.endsWith('.passt') || a.endsWith('.s4n'))) && pidAlive(Number(p));
       } catch {
         return false;
       }
@@ -65,6 +74,7 @@ describeE2E('isolation: a user-net guest', () => {
   let b: Banger;
   let tmp: string;
   let loop: ReturnType<typeof listener>;
+  let hostAddr: ReturnType<typeof listener>;
   let outside: ReturnType<typeof listener>;
   const servers: ResultPromise[] = [];
 
@@ -85,12 +95,15 @@ describeE2E('isolation: a user-net guest', () => {
       [OUTSIDE_NS, ['link', 'set', 'up1', 'up']],
     ] as const) await execa('ip', ['-n', ns, ...args]);
     loop = listener(NS, '127.0.0.1');
+    hostAddr = listener(NS, '10.77.0.2');
     outside = listener(OUTSIDE_NS, '0.0.0.0');
-    servers.push(loop.p, outside.p);
+    servers.push(loop.p, hostAddr.p, outside.p);
     // a loaded 2-core CI machine can take minutes to boot under TCG: the boot wait is bounded, but generously
     b = await Banger.create({ BANGER_BOOT_TIMEOUT_MS: '1100000' });
     b.wrap = ['ip', 'netns', 'exec', NS];
-    await waitUntil('the listeners print their ports', () => /PORT \d+/.test(loop.out) && /PORT \d+/.test(outside.out), 15_000);
+    // stated, not inherited from the default: the guest's user net is the isolated one
+    writeFileSync(join(b.home, 'config.json'), JSON.stringify({ userNet: 'isolated' }));
+    await waitUntil('the listeners print their ports', () => [loop, hostAddr, outside].every((l) => /PORT \d+/.test(l.out)), 15_000);
     await b.ok(['vm', 'create', '--name', 'iso', '--net', 'user', '--publish', `127.0.0.1:${PUBLISHED}:8080`], { timeoutMs: 1_150_000 });
   }, 1_200_000);
 
@@ -102,9 +115,29 @@ describeE2E('isolation: a user-net guest', () => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  // The loopback check (the guest reaches no 127.0.0.1 service through 10.0.2.2 or its gateway) needs user net
-  // through passt (config userNet "passt"); slirp, the default, maps 10.0.2.2 to the host's loopback. It left the
-  // suite with passt's default: this Debian's passt lost forwarded SSH connections (README, Security model).
+  it("reaches neither the host's loopback nor another host address, and does reach the outside", async () => {
+    const targets = {
+      gatewayToLoopback: `10.0.2.2:${portOf(loop.out)}`,
+      loopback: `127.0.0.1:${portOf(loop.out)}`,
+      hostAddress: `10.77.0.2:${portOf(hostAddr.out)}`,
+      outside: `198.51.100.7:${portOf(outside.out)}`,
+    };
+    // control: both host services answer a client in the test's namespace (the "host")
+    for (const t of [targets.loopback, targets.hostAddress]) {
+      const r = await execa('ip', ['netns', 'exec', NS, process.execPath, '-e', PROBE, t], { reject: false, timeout: 30_000 });
+      expect(String(r.stdout), t).toContain(`${t} OPEN`);
+    }
+    const before = { loop: count(loop.out), hostAddr: count(hostAddr.out), outside: count(outside.out) };
+    const r = await b.run(['vm', 'ssh', 'iso', '--', 'perl', '-MIO::Socket::INET', '-e', GUEST_PROBE, ...Object.values(targets)], { timeoutMs: 180_000 });
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`${targets.outside} OPEN`);
+    for (const t of [targets.gatewayToLoopback, targets.loopback, targets.hostAddress]) expect(r.stdout).toContain(`${t} CLOSED`);
+    await waitUntil('the outside saw the guest', () => count(outside.out) > before.outside, 15_000);
+    expect(count(loop.out)).toBe(before.loop);
+    expect(count(hostAddr.out)).toBe(before.hostAddr);
+    const doctor = await b.run(['doctor'], { timeoutMs: 120_000 });
+    expect(doctor.stdout).toMatch(/user\.net.*isolated/);
+  }, 300_000);
 
   it('vm ssh forwards no agent even with ForwardAgent yes in the ssh config and an agent running', async () => {
     // ssh reads its config from the passwd home, not $HOME: give it a private one in a mount namespace.
@@ -161,6 +194,6 @@ describeE2E('isolation: a user-net guest', () => {
 
     await b.ok(['vm', 'stop', 'iso'], { timeoutMs: 300_000 });
     expect(await fetchInNs(PUBLISHED)).toMatch(/ERR ECONNREFUSED/);
-    await waitUntil('no passt is left', () => passtsOf(b.runDir).length === 0, 15_000);
+    await waitUntil('no passt or slirp4netns is left', () => userNetHelpersOf(b.runDir).length === 0, 15_000);
   }, 600_000);
 });

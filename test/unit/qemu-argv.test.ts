@@ -42,6 +42,19 @@ describe('qemuArgv', () => {
     expect(() => qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish: bad } }, files)).toThrow(/invalid forward/);
   });
 
+  it('isolated user net (config userNet "isolated"): hostfwds listen on 0.0.0.0:10000+i inside QEMU\'s namespace, SSH first', () => {
+    const publish = [{ hostAddress: '127.0.0.1', hostPort: 18080, guestPort: 8080 }];
+    const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, publish, backend: 'isolated' } }, files);
+    expect(values(argv, '-netdev')).toEqual(['user,id=n0,hostfwd=tcp:0.0.0.0:10000-:22,hostfwd=tcp:0.0.0.0:10001-:8080']);
+  });
+
+  it('user net with egress none: slirp restrict=on on the host\'s ports, whatever the backend', () => {
+    for (const backend of ['isolated', 'slirp', 'passt'] as const) {
+      const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, backend, egress: 'none' } }, files);
+      expect(values(argv, '-netdev'), backend).toEqual(['user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22']);
+    }
+  });
+
   it('builds a microvm TCG command line with user networking', () => {
     const argv = qemuArgv(base, files);
     expect(values(argv, '-M')).toEqual(['microvm,acpi=on']);

@@ -138,7 +138,7 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
     bootTimeoutMs: config.bootTimeoutMs,
     stopTimeoutMs: config.stopTimeoutMs,
     gitIdentity: await gitIdentity(run, name),
-    ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : {}),
+    ...(plan.net === 'tap' ? { isolation: isolationOf(p) } : p.egress === 'none' ? { isolation: { ...DEFAULT_POLICY, egress: 'none' as const } } : {}),
     ...(pooled ? { pool: pooled } : {}),
     ...(publish.length ? { publish } : {}),
   };
@@ -149,10 +149,10 @@ async function createVm(d: DaemonServices, deps: HandlerDeps, vms: VmAccess, p: 
   return vms.waitState(id, p.start === false ? ['stopped'] : ['running'], ctx, vms.bootWait());
 }
 
-/** --egress, --allow-peers and --allow are enforced by the tap firewall: with user networking they would be ignored. */
+/** --allow-peers and --allow are enforced by the tap firewall: with user networking they would be ignored. --egress works for both. */
 function refuseIsolationWithoutTap(p: ParamsOf<'vm.create'>, net: string): void {
-  if (net === 'tap' || (p.egress === undefined && p.allowPeers === undefined && p.allow === undefined)) return;
-  throw new BangerError('usage', `--egress, --allow-peers and --allow apply to --net tap only (this VM would get net ${net})`, 'add --net tap, or drop those flags');
+  if (net === 'tap' || (p.allowPeers === undefined && p.allow === undefined)) return;
+  throw new BangerError('usage', `--allow-peers and --allow apply to --net tap only (this VM would get net ${net})`, 'add --net tap, or drop those flags');
 }
 
 function isolationOf(p: ParamsOf<'vm.create'>): IsolationPolicy {

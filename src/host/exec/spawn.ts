@@ -14,6 +14,8 @@ export interface DetachedOptions {
   onStderrLine?: (line: string) => void;
   env?: NodeJS.ProcessEnv;
   cwd?: string;
+  /** File descriptors the child gets as its fds 3, 4, … (e.g. a FIFO end it watches). */
+  extraFds?: readonly number[];
 }
 
 export interface ExitStatus {
@@ -37,7 +39,7 @@ export interface Detached {
 export function spawnDetached(file: string, args: readonly string[], opts: DetachedOptions = {}): Detached {
   const out = opts.logFd ?? 'ignore';
   const err = opts.onStderrLine ? 'pipe' : (opts.stderrFd ?? out);
-  const child = spawn(file, args as string[], { detached: true, stdio: ['ignore', out, err], env: opts.env ?? process.env, cwd: opts.cwd });
+  const child = spawn(file, args as string[], { detached: true, stdio: ['ignore', out, err, ...(opts.extraFds ?? [])], env: opts.env ?? process.env, cwd: opts.cwd });
   if (opts.onStderrLine && child.stderr) {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (d: string) => {

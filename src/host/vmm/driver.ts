@@ -6,7 +6,7 @@
 import type { Runner } from '../exec/runner.js';
 import type { PublishedPort } from '../../rpc/publish.js';
 
-export type UserNetBackend = 'slirp' | 'passt';
+export type UserNetBackend = 'isolated' | 'slirp' | 'passt';
 
 export interface LaunchSpec {
   id: string;
@@ -27,8 +27,12 @@ export interface LaunchSpec {
   memoryMiB: number;
   accel: 'kvm' | 'tcg';
   /** `publish`: host ports forwarded to the guest (user net: passt's forwards; tap: the daemon proxies them). */
-  /** User net's `backend`: QEMU's slirp (default) or passt, which keeps the host's loopback out of reach (config `userNet`). */
-  net: { mode: 'user'; sshPort: number; publish?: PublishedPort[]; backend?: UserNetBackend } | { mode: 'tap'; tap: string; mac: string };
+  /**
+   * User net's `backend` (config `userNet`): slirp (the default, reaches the host's loopback), isolated (QEMU's
+   * slirp in a namespace of its own, egress through slirp4netns, src/host/net/usernet-ns.ts) or passt.
+   * `egress: 'none'`: slirp with restrict=on, only the forwards reach the guest, the guest reaches nothing.
+   */
+  net: { mode: 'user'; sshPort: number; publish?: PublishedPort[]; backend?: UserNetBackend; egress?: 'internet' | 'none' } | { mode: 'tap'; tap: string; mac: string };
   serialLog: string;
   /** QEMU block cache mode for both disks. Default 'writeback' (flushes from the guest are honoured). */
   diskCache?: 'writeback' | 'none' | 'unsafe';

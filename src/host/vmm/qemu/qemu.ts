@@ -9,6 +9,7 @@ import { run, type Runner } from '../../exec/runner.js';
 import { aborted, checkSocketPath, MAX_SOCKET_PATH, sleep } from '../../exec/wait.js';
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 import { passtFiles, passtNetdev, startPasst, stopPasst } from '../../net/passt.js';
+import { nsForwards, prepareNamespace, startUserNs, stopUserNs, userNsFiles, wrapInNamespace } from '../../net/usernet-ns.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { AGENT_PORT_NAME } from '../../image/agent.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
@@ -158,27 +159,53 @@ export async function hostTscKhz(): Promise<number | undefined> {
 }
 
 /**
- * User networking's netdev. slirp (the default): SSH and the published ports as hostfwd; its gateway 10.0.2.2 is
- * the host's loopback (README, Security model). passt (config `userNet: "passt"`): `--no-map-gw`, the host's
- * loopback out of reach; it forwards the ports itself (src/host/net/passt.ts).
+ * User networking's netdev. slirp (config `userNet`, the default): SSH and the published ports as hostfwd on the
+ * host; its gateway 10.0.2.2 is the host's loopback (README, Security model). isolated: QEMU runs in a namespace
+ * of its own (src/host/net/usernet-ns.ts), its hostfwd listens there on 0.0.0.0:10000+i and slirp4netns brings
+ * the host's ports to it. passt: `--no-map-gw`, it forwards the ports itself (src/host/net/passt.ts).
+ * Egress none, whatever the backend: slirp with restrict=on in the host's namespace, the forwards only.
  */
 function userNetdev(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>): string {
-  if (net.backend === 'passt') return passtNetdev(assertPath('passt socket', passtFiles(spec.runDir, spec.vmDir, spec.id).socket));
-  const forwards = [{ hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 }, ...(net.publish ?? [])];
+  const egressNone = net.egress === 'none';
+  if (net.backend === 'passt' && !egressNone) return passtNetdev(assertPath('passt socket', passtFiles(spec.runDir, spec.vmDir, spec.id).socket));
+  const forwards = userForwards(net);
   for (const f of forwards) {
     if (!IPV4_RE.test(f.hostAddress) || ![f.hostPort, f.guestPort].every((n) => Number.isInteger(n) && n >= 1 && n <= 65535)) {
       throw new BangerError('invalid_params', `invalid forward ${JSON.stringify(f)}`);
     }
   }
-  return ['user', 'id=n0', ...forwards.map((f) => `hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`)].join(',');
+  const hostfwd = inNamespace(net)
+    ? nsForwards(forwards).map((f) => `hostfwd=tcp:0.0.0.0:${f.nsPort}-:${f.guestPort}`)
+    : forwards.map((f) => `hostfwd=tcp:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`);
+  return ['user', 'id=n0', ...(egressNone ? ['restrict=on'] : []), ...hostfwd].join(',');
+}
+
+/** SSH from 127.0.0.1:sshPort, then the VM's published ports. */
+function userForwards(net: Extract<LaunchSpec['net'], { mode: 'user' }>) {
+  return [{ hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 }, ...(net.publish ?? [])];
+}
+
+/** Does this user-net VM's QEMU run in a namespace of its own (isolated backend, egress internet)? */
+function inNamespace(net: LaunchSpec['net']): boolean {
+  return net.mode === 'user' && net.backend === 'isolated' && net.egress !== 'none';
 }
 
 const IPV4_RE = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 
 /** passt for a user-net VM: SSH forwarded from 127.0.0.1:sshPort, then the VM's published ports. */
 function startUserNet(spec: LaunchSpec, net: Extract<LaunchSpec['net'], { mode: 'user' }>, signal?: AbortSignal) {
-  const ssh = { hostAddress: '127.0.0.1', hostPort: net.sshPort, guestPort: 22 };
-  return startPasst(passtFiles(spec.runDir, spec.vmDir, spec.id), [ssh, ...(net.publish ?? [])], { signal });
+  return startPasst(passtFiles(spec.runDir, spec.vmDir, spec.id), userForwards(net), { signal });
+}
+
+/** The slirp4netns files of the VM whose QMP socket is `<runDir>/<id>.qmp` (none there: stopping is a no-op). */
+function userNsOf(qmpSocket: string) {
+  const id = basename(qmpSocket).replace(/\.qmp$/, '');
+  return userNsFiles(dirname(qmpSocket), dirname(qmpSocket), id);
+}
+
+/** What a stopped or killed QEMU leaves of its user networking: a passt or slirp4netns still running, their files. */
+function stopUserNetOf(qmpSocket: string): Promise<unknown> {
+  return Promise.all([stopPasst(passtOf(qmpSocket)), stopUserNs(userNsOf(qmpSocket))]);
 }
 
 /** The passt of the VM whose QMP socket is `<runDir>/<id>.qmp` (a tap VM has none: stopping it is a no-op). */
@@ -357,6 +384,35 @@ async function readPid(file: string): Promise<number | undefined> {
   }
 }
 
+/**
+ * Isolated user net: QEMU in its own namespaces (unshare), then slirp4netns for its way out and the forwards.
+ * A failure after QEMU started kills it (the slirp4netns, if any, exits with it) before it is reported.
+ */
+async function launchInNamespace(
+  s: LaunchSpec,
+  net: Extract<LaunchSpec['net'], { mode: 'user' }>,
+  qemuBin: string,
+  argv: readonly string[],
+  files: { pidFile: string; qmpSocket: string },
+  opts: { signal?: AbortSignal; runner?: Runner; timeoutMs?: number },
+): Promise<VmmProcess> {
+  const ns = userNsFiles(s.runDir, s.vmDir, s.id);
+  await prepareNamespace(ns, opts.runner);
+  const wrapped = wrapInNamespace(ns, qemuBin, argv);
+  const proc = await startDaemonized(wrapped.file, wrapped.args, files, opts).catch(async (e: unknown) => {
+    await stopUserNs(ns);
+    throw e;
+  });
+  try {
+    await startUserNs(ns, proc.pid, userForwards(net), { signal: opts.signal });
+    return proc;
+  } catch (e) {
+    await killByPidFile(files).catch(() => undefined);
+    await stopUserNs(ns);
+    throw e;
+  }
+}
+
 export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
   const qemuBin = options.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
 
@@ -373,7 +429,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       }
     }
     const ev = eventsSocketPath(proc.qmpSocket);
-    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, stopPasst(passtOf(proc.qmpSocket))]);
+    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, stopUserNetOf(proc.qmpSocket)]);
   }
 
   return {
@@ -409,12 +465,10 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       await mkdir(s.vmDir, { recursive: true });
       await mkdir(dirname(s.serialLog), { recursive: true });
       const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
-      if (s.net.mode === 'user' && s.net.backend === 'passt') await startUserNet(s, s.net, opts.signal);
-      return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, {
-        signal: opts.signal,
-        runner: opts.runner ?? options.runner,
-        timeoutMs: options.launchTimeoutMs,
-      }).catch(async (e: unknown) => {
+      const startOpts = { signal: opts.signal, runner: opts.runner ?? options.runner, timeoutMs: options.launchTimeoutMs };
+      if (s.net.mode === 'user' && inNamespace(s.net)) return launchInNamespace(s, s.net, qemuBin, argv, { pidFile, qmpSocket }, startOpts);
+      if (s.net.mode === 'user' && s.net.backend === 'passt' && s.net.egress !== 'none') await startUserNet(s, s.net, opts.signal);
+      return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, startOpts).catch(async (e: unknown) => {
         await stopPasst(passtOf(qmpSocket));
         throw e;
       });
@@ -436,7 +490,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       }
       if (!sent && !(await isOurs(proc))) return 'already-gone';
       if (sent && (await waitGone(proc, timeoutMs, signal))) {
-        await stopPasst(passtOf(proc.qmpSocket)); // --one-off: it exits with QEMU; this only tidies its files
+        await stopUserNetOf(proc.qmpSocket); // passt and slirp4netns exit with QEMU; this only tidies their files
         return 'graceful';
       }
       if (signal?.aborted) throw aborted('stopping the VM', signal);
