@@ -27,6 +27,7 @@ want make make
 want g++ g++
 want python3 python3
 want nft nftables
+want slirp4netns slirp4netns
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 
