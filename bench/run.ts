@@ -378,7 +378,7 @@ async function benchPrepareRates() {
 }
 
 /**
- * Compression on the link, end to end: `git archive HEAD | C | ssh 'C -d | tar -x'` for zstd -1, lz4 and gzip -1.
+ * Compression on the link, end to end: `git archive HEAD | C | ssh 'C -d | tar -x'` for zstd -1, zstd -3, lz4 and gzip -1.
  * The image has only gzip; the host's zstd and lz4 binaries (same Debian release) are copied into the guest's /tmp
  * for the measurement.
  */
@@ -396,6 +396,7 @@ async function compressionRates(
   const out: Record<string, number> = {};
   const variants: Array<[string, string, string]> = [
     ['zstd -1', 'zstd -1 -q -c', '/tmp/zstd -d -q -c'],
+    ['zstd -3', 'zstd -3 -q -c', '/tmp/zstd -d -q -c'],
     ['lz4', 'lz4 -1 -q -c', '/tmp/lz4 -d -q -c'],
     ['gzip -1', 'gzip -1 -c', 'gzip -d -c'],
   ];

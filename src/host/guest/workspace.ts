@@ -7,6 +7,7 @@ import { execa } from 'execa';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
 import { shellQuote } from '../exec/shell.js';
+import { appendPack, appendTo, buildHostPack, removeHostPack, type HostPack } from './workspace-pack.js';
 
 /**
  * Workspaces: copy a host git repository into a guest and get the guest's work back as a patch.
@@ -368,13 +369,6 @@ mkdir -p -- "$stage"
 cd -- "$stage"
 `;
 
-/** $1 dest, $2 stage, $3 replace (0|1), $4 object format. stdin: a pack (not read when the path is taken). */
-const HISTORY_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4
-${ENTER_STAGE}
-if [ "$format" = sha1 ]; then git init -q . >/dev/null; else git init -q --object-format="$format" . >/dev/null; fi
-git index-pack --stdin >/dev/null
-`;
-
 /** $1 dest, $2 stage, $3 replace (0|1). stdin: a tar of the whole directory (full_copy). */
 const TREE_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3
 ${ENTER_STAGE}
@@ -403,9 +397,7 @@ if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; el
  * `read` takes the first line byte by byte and `head -c` reads no more than n bytes, so the tar starts where it
  * should. Directories the deletions leave empty go too (git's checkout never has empty directories).
  */
-const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
-cd -- "$stage"
-git -c checkout.workers=0 read-tree --reset -u "$head"
+const CHECKOUT_DELTA = `git -c checkout.workers=0 read-tree --reset -u "$head"
 [ "$incremental" = 0 ] || git clean -fdq
 IFS= read -r n
 head -c "$n" > .git/banger-deleted
@@ -420,6 +412,26 @@ if [ "$incremental" = 1 ]; then
   printf '%s\\n' "$marker" > .git/banger-workspace
 fi
 `;
+const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
+cd -- "$stage"
+${CHECKOUT_DELTA}`;
+
+/**
+ * A fresh shallow/full_history prepare in one guest command: $1 dest, $2 stage, $3 replace (0|1), $4 object
+ * format, $5 the commit to check out. stdin (not read when the path is taken): `<name> <pack bytes> <idx bytes>\n`,
+ * the pack and its .idx, both made on the host (see workspace-pack.ts: no index-pack in the guest), then
+ * DELTA_SCRIPT's stdin. The .idx's size is checked, so a stream cut short fails here.
+ */
+const PACKED_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4 head=$5 incremental=0 marker=
+${ENTER_STAGE}
+if [ "$format" = sha1 ]; then git init -q . >/dev/null; else git init -q --object-format="$format" . >/dev/null; fi
+IFS=' ' read -r name packbytes idxbytes
+case "$name" in *[!0-9a-f]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
+case "$packbytes$idxbytes" in *[!0-9]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
+head -c "$packbytes" > ".git/objects/pack/pack-$name.pack"
+head -c "$idxbytes" > ".git/objects/pack/pack-$name.idx"
+[ "$(wc -c < ".git/objects/pack/pack-$name.idx")" -eq "$idxbytes" ] || { echo "the history was cut short" >&2; exit 1; }
+${CHECKOUT_DELTA}`;
 
 /**
  * $1 dest, $2 stage, $3 replace, $4 full_copy (0|1), $5 host HEAD sha, $6 base sha, $7 branch to check out at
@@ -633,13 +645,14 @@ function startHostStream(
 async function streamToGuest(
   exec: GuestExec,
   what: string,
-  stage: string,
+  stageName: string | (() => string),
   command: string,
   procs: HostStream[],
   source: Readable,
   ctx: PrepareContext,
 ): Promise<{ bytes: number; result: GuestExecResult }> {
   const { signal, onProgress } = ctx;
+  const stage = typeof stageName === 'string' ? () => stageName : stageName;
   let bytes = 0;
   let last = 0;
   const counter = new Transform({
@@ -648,7 +661,7 @@ async function streamToGuest(
       const now = Date.now();
       if (onProgress && now - last >= 100) {
         last = now;
-        onProgress({ stage, bytes });
+        onProgress({ stage: stage(), bytes });
       }
       cb(null, chunk);
     },
@@ -681,7 +694,7 @@ async function streamToGuest(
     if (!killed.has(p) && !outcomes[i].ok) throw new BangerError('host', `${what}: ${outcomes[i].description}`);
   });
   if (failure !== undefined) throw failure;
-  if (result!.exitCode === 0) onProgress?.({ stage, bytes });
+  if (result!.exitCode === 0) onProgress?.({ stage: stage(), bytes });
   return { bytes, result: result! };
 }
 
@@ -813,19 +826,10 @@ export async function prepareWorkspace(
         if (moving && fromBranch && !refUpdates.some((u) => u.startsWith(`create refs/heads/${fromBranch} `))) {
           refUpdates.push(`create refs/heads/${fromBranch} ${baseCommit}`);
         }
-        const revList = startHostStream(
-          'git rev-list',
-          'git',
-          ['-C', root, 'rev-list', '--objects', ...(opts.mode === 'shallow' ? ['--no-walk'] : []), '--stdin'],
-          { signal, input: Buffer.from([...new Set(tips)].join('\n') + '\n') },
-        );
-        const pack = startHostStream('git pack-objects', 'git', ['-C', root, 'pack-objects', '--stdout', '-q'], { signal, pipeStdin: true });
-        revList.stdout.pipe(pack.stdin!);
+        // 1-2. the history as a pack with its index, the tree checked out of it, then only what differs on the host
         onProgress?.({ stage: 'history' });
         started = true;
-        const h = await streamToGuest(
-          exec, `${what} (history)`, 'history', guestCommand(HISTORY_SCRIPT, [dest, stagePath, replace, repo.objectFormat]), [revList, pack], pack.stdout, ctx,
-        );
+        const h = await sendPackedTree(exec, { what, dest, stagePath, replace, repo, tips: [...new Set(tips)], noWalk: opts.mode === 'shallow' }, ctx, runner);
         const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, resolve(opts.source), opts.mode, from ?? newBranch ?? (opts.readOnly ? 'ro' : undefined)) : undefined;
         if (reuse) {
           const preparedAt = new Date().toISOString();
@@ -839,20 +843,6 @@ export async function prepareWorkspace(
         }
         step('history', h.result);
         bytesStreamed += h.bytes;
-
-        // 2. the tree out of the pack, then only what differs on the host: deletions, changed and untracked files
-        const delta = await worktreeDelta(runner, root, signal);
-        const tar = startHostStream(
-          'tar -c',
-          'tar',
-          ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'],
-          { signal, input: delta.send },
-        );
-        onProgress?.({ stage: 'tree' });
-        const input = prefixed(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]), tar.stdout);
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [stagePath, repo.headCommit, '0', '']), [tar], input, ctx);
-        step('tree', t.result);
-        bytesStreamed += t.bytes;
       }
 
       // 3. refs, HEAD and index; the base; the new branch; move into place; read-only
@@ -913,6 +903,63 @@ export async function prepareWorkspace(
     throw e;
   }
 }
+
+/**
+ * One guest command (PACKED_SCRIPT) for a fresh shallow/full_history prepare: it starts at once (the guest checks
+ * the path and makes the staging repository) while the host builds the pack and its index and lists its
+ * working-tree delta; then the pack, the index, the deletions and a tar of the changed and untracked files follow
+ * on its stdin. When the guest refuses (exit 10, the path is taken) nothing more is built or sent.
+ */
+async function sendPackedTree(
+  exec: GuestExec,
+  w: { what: string; dest: string; stagePath: string; replace: string; repo: RepoDetails; tips: string[]; noWalk: boolean },
+  ctx: PrepareContext,
+  runner: Runner,
+): Promise<{ bytes: number; result: GuestExecResult }> {
+  const root = w.repo.repoRoot;
+  const stop = new AbortController();
+  const signal = ctx.signal ? AbortSignal.any([ctx.signal, stop.signal]) : stop.signal;
+  const input = new PassThrough();
+  let pack: HostPack | undefined;
+  let tar: HostStream | undefined;
+  let stage = 'history';
+  const feed = async () => {
+    const [p, delta] = await Promise.all([buildHostPack(root, w.tips, { noWalk: w.noWalk, signal }), worktreeDelta(runner, root, signal)]);
+    pack = p;
+    await appendPack(input, p, signal);
+    tar = startHostStream('tar -c', 'tar', [...TAR_LIST_ARGS(root)], { signal, input: delta.send });
+    stage = 'tree';
+    ctx.onProgress?.({ stage });
+    input.write(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]));
+    await appendTo(input, tar.stdout, signal);
+    const t = await tar.done;
+    if (!t.ok) throw new BangerError('host', t.description);
+  };
+  let finished = false;
+  const done = feed().then(
+    () => ({ ok: true, description: '' }),
+    (e: unknown) => ({ ok: false, description: `sending the history and the tree failed: ${errorMessage(e)}` }),
+  ).finally(() => {
+    finished = true;
+    input.end(); // the guest always sees the end of its stdin (a short stream fails its size checks)
+  });
+  const feeder: HostStream = {
+    label: 'feeder', stdout: input, done, running: () => !finished,
+    kill: () => { stop.abort(); tar?.kill(); },
+  };
+  const command = guestCommand(PACKED_SCRIPT, [w.dest, w.stagePath, w.replace, w.repo.objectFormat, w.repo.headCommit]);
+  try {
+    return await streamToGuest(exec, `${w.what} (history)`, () => stage, command, [feeder], input, ctx);
+  } finally {
+    stop.abort();
+    await done;
+    await removeHostPack(pack);
+  }
+}
+
+/** tar's arguments for the files named NUL-terminated on its stdin, relative to `root`. */
+const TAR_LIST_ARGS = (root: string) =>
+  ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'];
 
 /**
  * The HEAD of a workspace at the guest path that an incremental re-prepare may update in place: one banger
