@@ -455,6 +455,86 @@ async function bootVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promis
   }
 }
 
+/** Watch the running VMM until it exits or the watch is aborted (a tap VM's published ports open meanwhile). */
+async function watchVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<WatchOutput> {
+  const rt = ctx.runtime;
+  if (!rt) return { reason: 'no VMM process recorded' };
+  const driver = env.driver(ctx.spec.vmm);
+  const proc = { pid: rt.pid, qmpSocket: rt.control };
+  if (!(await alive(driver, proc))) {
+    await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+    return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
+  }
+  const serialCap = new AbortController();
+  const onAbort = () => serialCap.abort();
+  signal.addEventListener('abort', onAbort, { once: true });
+  void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
+  // A tap VM's published ports are the daemon's own proxies: open while it watches the VM (again after adoption).
+  const proxies = await openTapProxies(env, ctx).catch((e: unknown) => {
+    env.log(ctx.id, 'publish', 'error', undefined, errorMessage(e));
+    return undefined;
+  });
+  const exit = await driver.waitExit(proc, signal).finally(async () => {
+    signal.removeEventListener('abort', onAbort);
+    serialCap.abort();
+    await proxies?.close();
+  });
+  if (exit.ioError) {
+    // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
+    const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
+    env.log(ctx.id, 'vmm.paused', 'error', undefined, error);
+    return { reason: exit.reason, error };
+  }
+  if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+  const reason = `VMM exited on its own: ${exit.reason}`;
+  if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
+  return { reason };
+}
+
+/** Stop the VM's VMM through its driver, if one runs. */
+async function stopVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver(ctx.spec.vmm);
+  // The recorded VMM goes to driver.stop even if it looks gone: an exiting one is waited for there.
+  const proc = ctx.runtime ? { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control } : await findVmm(env, ctx, driver);
+  if (!proc) {
+    env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process of this VM is running; nothing to stop');
+    await rm(f.vmmState, { force: true });
+    return;
+  }
+  const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
+  void how;
+  await rm(f.vmmState, { force: true });
+}
+
+/** Apply the `vm set` changes that need the VM stopped (a larger work disk). */
+async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
+  const want = ctx.pendingSet;
+  if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
+    const f = vmFiles(env.layout, ctx.id);
+    if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
+    await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
+  }
+}
+
+/** Delete: the VMM, the network lease, the address and the VM's directory. */
+async function destroyVm(env: StepEnv, ctx: VmContext): Promise<void> {
+  await testStageDelay('deleting'); // test hook, see fault-injection.ts
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver(ctx.spec.vmm);
+  const proc = await findVmm(env, ctx, driver);
+  if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
+  if (ctx.spec.net === 'user') await stopPasst(passtFiles(env.layout.run, f.dir, ctx.id));
+  if (ctx.spec.net === 'tap') {
+    if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
+    await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
+  }
+  env.store.releaseAddress(ctx.id);
+  await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
+}
+
 export function makeSteps(env: StepEnv) {
   const snapshots = makeSnapshotSteps(env);
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
@@ -472,81 +552,13 @@ export function makeSteps(env: StepEnv) {
     return bootVm(env, ctx, signal);
   });
 
-  const watchVmm = fromPromise<WatchOutput, StepInput>(async ({ input: { ctx }, signal }) => {
-    const rt = ctx.runtime;
-    if (!rt) return { reason: 'no VMM process recorded' };
-    const driver = env.driver(ctx.spec.vmm);
-    const proc = { pid: rt.pid, qmpSocket: rt.control };
-    if (!(await alive(driver, proc))) {
-      await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
-      return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
-    }
-    const serialCap = new AbortController();
-    const onAbort = () => serialCap.abort();
-    signal.addEventListener('abort', onAbort, { once: true });
-    void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
-    // A tap VM's published ports are the daemon's own proxies: open while it watches the VM (again after adoption).
-    const proxies = await openTapProxies(env, ctx).catch((e: unknown) => {
-      env.log(ctx.id, 'publish', 'error', undefined, errorMessage(e));
-      return undefined;
-    });
-    const exit = await driver.waitExit(proc, signal).finally(async () => {
-      signal.removeEventListener('abort', onAbort);
-      serialCap.abort();
-      await proxies?.close();
-    });
-    if (exit.ioError) {
-      // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
-      const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
-      env.log(ctx.id, 'vmm.paused', 'error', undefined, error);
-      return { reason: exit.reason, error };
-    }
-    if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
-    const reason = `VMM exited on its own: ${exit.reason}`;
-    if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
-    return { reason };
-  });
+  const watchVmm = fromPromise<WatchOutput, StepInput>(({ input: { ctx }, signal }) => watchVm(env, ctx, signal));
 
-  const stopVmm = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver(ctx.spec.vmm);
-    // The recorded VMM goes to driver.stop even if it looks gone: an exiting one is waited for there.
-    const proc = ctx.runtime ? { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control } : await findVmm(env, ctx, driver);
-    if (!proc) {
-      env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process of this VM is running; nothing to stop');
-      await rm(f.vmmState, { force: true });
-      return;
-    }
-    const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
-    void how;
-    await rm(f.vmmState, { force: true });
-  });
+  const stopVmm = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => stopVm(env, ctx, signal));
 
-  const applySettings = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
-    const want = ctx.pendingSet;
-    if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
-      const f = vmFiles(env.layout, ctx.id);
-      if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
-      await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
-    }
-  });
+  const applySettings = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => applyVmSettings(env, ctx, signal));
 
-  const destroy = fromPromise<void, StepInput>(async ({ input: { ctx } }) => {
-    await testStageDelay('deleting'); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver(ctx.spec.vmm);
-    const proc = await findVmm(env, ctx, driver);
-    if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
-    if (ctx.spec.net === 'user') await stopPasst(passtFiles(env.layout.run, f.dir, ctx.id));
-    if (ctx.spec.net === 'tap') {
-      if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
-      await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
-    }
-    env.store.releaseAddress(ctx.id);
-    await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
-  });
+  const destroy = fromPromise<void, StepInput>(({ input: { ctx } }) => destroyVm(env, ctx));
 
   return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy, restore: snapshots.restore, takeSnapshot: snapshots.takeSnapshot };
 }
