@@ -22,7 +22,8 @@ import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
-import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir } from '../host/disk/disks.js';
+import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir, type NetworkConfig } from '../host/disk/disks.js';
+import { workDiskFromTemplate } from '../host/disk/work-disk-template.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
@@ -124,8 +125,7 @@ export async function gitIdentity(runner: Runner, vmName: string): Promise<GitId
     const r = await runner('git', ['config', '--global', '--get', k], { reject: false }).catch(() => undefined);
     return r && r.exitCode === 0 ? r.stdout.trim() || undefined : undefined;
   };
-  const name = await get('user.name');
-  const email = await get('user.email');
+  const [name, email] = await Promise.all([get('user.name'), get('user.email')]);
   if (name && email) return { name, email, source: 'host' };
   const fallback = defaultGitIdentity(vmName);
   return { name: name ?? fallback.name, email: email ?? fallback.email, source: 'default' };
@@ -286,243 +286,279 @@ async function makeRootDisk(env: StepEnv, ctx: VmContext, image: ImageManifest &
   return kind;
 }
 
+/** The VM's own SSH host key, made in-process on first create and pinned (known_hosts) before first contact. */
+async function ensureHostKey(env: StepEnv, ctx: VmContext, f: VmFiles): Promise<{ privateKey: string; publicKey: string }> {
+  if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
+    await stage(env, ctx.id, 'hostKey', async () => {
+      const hk = generateHostKey({ comment: `banger-${ctx.id}` });
+      await writeFile(f.hostKey, hk.privateKey, { mode: 0o600 });
+      await writeFile(f.hostKeyPub, hk.publicKey + '\n', { mode: 0o644 });
+    });
+  }
+  const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: (await readFile(f.hostKeyPub, 'utf8')).trim() };
+  await writeFile(f.knownHosts, `banger-${ctx.id} ${hostKey.publicKey}\n`, { mode: 0o600 });
+  return hostKey;
+}
+
+/** A tap VM's lease (its TAP and static address); user networking has none and configures itself by DHCP. */
+async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<{ net: PrepareDisksOutput['net']; network: NetworkConfig }> {
+  if (ctx.spec.net !== 'tap') return { net: {}, network: { mode: 'dhcp' } };
+  if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not available', 'use --net user, or run the daemon as root');
+  const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
+  return {
+    net: { guestIp: lease.guestIp, tap: lease.tap },
+    network: { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [] },
+  };
+}
+
+/**
+ * A new VM's root disk and identity. An overlay root disk gets the identity as files for the work disk (the image
+ * applies them at boot); a cloned one has it written in with debugfs.
+ */
+async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
+  const f = vmFiles(env.layout, ctx.id);
+  await mkdir(f.dir, { recursive: true, mode: 0o700 });
+  const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
+  const kind = await makeRootDisk(env, ctx, image, f, signal);
+  const hostKey = await ensureHostKey(env, ctx, f);
+  const { net, network } = await leaseNetwork(env, ctx, signal);
+  const identity = { hostname: ctx.name, hostKey, network };
+  if (kind === 'overlay') await stage(env, ctx.id, 'identity', () => writeIdentityDir(f.identityDir, identity), () => 'for the work disk');
+  else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
+  return { net };
+}
+
+/**
+ * The VM's work disk: from the workspace cache when the create names a cached disk (a failed clone is a miss),
+ * else a clone of the image's work disk template with the VM's files written in, else (file_sync configured: its
+ * files are read at each create) a fresh one.
+ */
+async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  const f = vmFiles(env.layout, ctx.id);
+  if (existsSync(f.workDisk)) {
+    env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
+    return;
+  }
+  const image = await imageOf(env, ctx.spec.image);
+  const seedImage = join(image.dir, image.workSeed);
+  const identityDir = existsSync(f.identityDir) ? f.identityDir : undefined;
+  const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), ctx.spec.gitIdentity ?? gitIdentity(env.runner, ctx.name)]));
+  const cached = ctx.spec.workspace?.cachedDisk;
+  if (cached) {
+    const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { identityDir, gitIdentity: git, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
+      .then(() => true, () => false);
+    if (made) return;
+  }
+  const common = { sizeBytes: ctx.spec.diskBytes, seedImage, authorizedKeys: key.publicKey + '\n', gitIdentity: git, runner: env.runner, signal };
+  const fileSync = env.config.fileSync ?? [];
+  if (fileSync.length === 0) {
+    const fromTemplate = () => workDiskFromTemplate(f.workDisk, { ...common, templateDir: image.dir, identityDir });
+    await stage(env, ctx.id, 'workDisk', fromTemplate, (s) => `size=${ctx.spec.diskBytes}, template clone strategy=${s}`);
+    return;
+  }
+  // The identity (overlay root disks) goes in with the file_sync entries, as /root/.banger/identity.
+  const sync = [...fileSync, ...(identityDir ? [{ host: identityDir, guest: IDENTITY_GUEST_DIR }] : [])];
+  await stage(env, ctx.id, 'workDisk', () => createWorkDisk(f.workDisk, { ...common, fileSync: sync }), () => `size=${ctx.spec.diskBytes}, fresh (file_sync)`);
+}
+
+/** For a tap VM: the lease again (it re-creates a vanished TAP), which must be the one the VM was created with. */
+async function checkTapLease(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  if (ctx.spec.net !== 'tap') return;
+  if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not reachable', 'start the root helper, or recreate the VM with --net user');
+  const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
+  if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
+}
+
+/** The disks the VMM gets: the snapshot layers when a snapshot or fork set them, else the root disk and work disk. */
+async function launchDisks(f: VmFiles) {
+  const layers = await readLayers(f);
+  if (layers) return { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format };
+  return { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk };
+}
+
+/** Start a new VMM for this VM and record it in vmm.json. */
+async function launchVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver, signal: AbortSignal): Promise<{ proc: VmmProcess; sshPort?: number }> {
+  const f = vmFiles(env.layout, ctx.id);
+  const image = await imageOf(env, ctx.spec.image);
+  const sshPort = ctx.spec.net === 'user' ? await findFreePort() : undefined;
+  await checkTapLease(env, ctx, signal);
+  await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
+  if (ctx.spec.publish?.length) await stage(env, ctx.id, 'publish.check', () => checkHostPortsFree(ctx.spec.publish!), () => ctx.spec.publish!.map(formatPublish).join(' '));
+  const spec = {
+    id: ctx.id,
+    vmDir: f.dir,
+    runDir: env.layout.run,
+    kernel: join(image.dir, ctx.spec.vmm === 'firecracker' && image.vmlinux ? image.vmlinux : image.kernel),
+    initrd: image.initrd ? join(image.dir, image.initrd) : undefined,
+    cmdline: KERNEL_CMDLINE,
+    ...(await launchDisks(f)),
+    vcpus: ctx.spec.vcpus,
+    memoryMiB: ctx.spec.memoryMiB,
+    accel: ctx.spec.accel,
+    net: ctx.spec.net === 'user' ? { mode: 'user' as const, sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress } : { mode: 'tap' as const, tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
+    serialLog: f.serialLog,
+  };
+  const proc = await stage(env, ctx.id, 'vmm.launch', () => driver.launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (${ctx.spec.vmm}, ${ctx.spec.accel})`);
+  await writeFile(f.vmmState, JSON.stringify({ pid: proc.pid, control: proc.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap } satisfies VmmState));
+  return { proc, sshPort };
+}
+
+/** Wait until the guest answers SSH (first, with passt, its login prompt); on failure say why, with the console's tail. */
+async function waitForGuest(env: StepEnv, ctx: VmContext, driver: VmmDriver, p: VmmProcess, sshPort: number | undefined, signal: AbortSignal): Promise<void> {
+  const f = vmFiles(env.layout, ctx.id);
+  const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
+  const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
+  const timeoutMs = Math.max(1000, deadline - Date.now());
+  if (ctx.spec.net === 'user' && env.config.userNet === 'passt') {
+    // passt must see no forwarded connection before the guest's network is up (src/host/net/passt.ts).
+    await stage(env, ctx.id, 'guest.console', () => waitForLoginPrompt(f.serialLog, deadline, { signal, isAlive: () => alive(driver, p) }));
+  }
+  await stage(env, ctx.id, 'ssh.wait', () =>
+    waitForSsh(target, { timeoutMs, signal, isAlive: () => alive(driver, p) }).catch(async (e) => {
+      const up = await alive(driver, p);
+      const why = up ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
+      throw new BangerError('timeout', `${why}: ${errorMessage(e)}\n--- serial console (last lines) ---\n${await serialTail(f.serialLog)}`, `see ${f.serialLog}`);
+    }),
+  );
+}
+
+/** Boot: adopt this VM's running VMM (daemon restarted mid-boot) or launch one, then wait for SSH. */
+async function bootVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver(ctx.spec.vmm);
+  const cleanups = new Cleanups();
+  const t0 = performance.now();
+  let proc: VmmProcess | undefined;
+  // Registered before anything can fail: a launch cut short (an abort, ENOSPC writing vmm.json) leaves no VMM.
+  // Until the launch returns, the pid file is how the VMM is found.
+  cleanups.add('kill VMM', async () => {
+    const p = proc ?? (await vmmByPidFile(env, ctx, driver));
+    if (p) await driver.kill(p);
+    await rm(f.vmmState, { force: true });
+  });
+  // The serial log stays capped while the guest boots (watchVmm takes over once it runs).
+  const serialCap = new AbortController();
+  void capWhile(f.serialLog, serialCap.signal);
+  try {
+    const vmm = (await adoptVmm(env, ctx, driver)) ?? (await launchVmm(env, ctx, driver, signal));
+    proc = vmm.proc;
+    await waitForGuest(env, ctx, driver, vmm.proc, vmm.sshPort, signal);
+    cleanups.release();
+    env.log(ctx.id, 'boot', 'done', Math.round(performance.now() - t0), `ssh ready`);
+    const p = vmm.proc;
+    return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort: vmm.sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap, bootedAt: new Date().toISOString() } };
+  } catch (e) {
+    await cleanups.run().catch((ce) => env.log(ctx.id, 'boot.cleanup', 'error', undefined, errorMessage(ce)));
+    throw e;
+  } finally {
+    serialCap.abort();
+  }
+}
+
+/** Watch the running VMM until it exits or the watch is aborted (a tap VM's published ports open meanwhile). */
+async function watchVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<WatchOutput> {
+  const rt = ctx.runtime;
+  if (!rt) return { reason: 'no VMM process recorded' };
+  const driver = env.driver(ctx.spec.vmm);
+  const proc = { pid: rt.pid, qmpSocket: rt.control };
+  if (!(await alive(driver, proc))) {
+    await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+    return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
+  }
+  const serialCap = new AbortController();
+  const onAbort = () => serialCap.abort();
+  signal.addEventListener('abort', onAbort, { once: true });
+  void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
+  // A tap VM's published ports are the daemon's own proxies: open while it watches the VM (again after adoption).
+  const proxies = await openTapProxies(env, ctx).catch((e: unknown) => {
+    env.log(ctx.id, 'publish', 'error', undefined, errorMessage(e));
+    return undefined;
+  });
+  const exit = await driver.waitExit(proc, signal).finally(async () => {
+    signal.removeEventListener('abort', onAbort);
+    serialCap.abort();
+    await proxies?.close();
+  });
+  if (exit.ioError) {
+    // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
+    const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
+    env.log(ctx.id, 'vmm.paused', 'error', undefined, error);
+    return { reason: exit.reason, error };
+  }
+  if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
+  const reason = `VMM exited on its own: ${exit.reason}`;
+  if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
+  return { reason };
+}
+
+/** Stop the VM's VMM through its driver, if one runs. */
+async function stopVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver(ctx.spec.vmm);
+  // The recorded VMM goes to driver.stop even if it looks gone: an exiting one is waited for there.
+  const proc = ctx.runtime ? { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control } : await findVmm(env, ctx, driver);
+  if (!proc) {
+    env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process of this VM is running; nothing to stop');
+    await rm(f.vmmState, { force: true });
+    return;
+  }
+  const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
+  void how;
+  await rm(f.vmmState, { force: true });
+}
+
+/** Apply the `vm set` changes that need the VM stopped (a larger work disk). */
+async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
+  const want = ctx.pendingSet;
+  if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
+    const f = vmFiles(env.layout, ctx.id);
+    if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
+    await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
+  }
+}
+
+/** Delete: the VMM, the network lease, the address and the VM's directory. */
+async function destroyVm(env: StepEnv, ctx: VmContext): Promise<void> {
+  await testStageDelay('deleting'); // test hook, see fault-injection.ts
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver(ctx.spec.vmm);
+  const proc = await findVmm(env, ctx, driver);
+  if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
+  if (ctx.spec.net === 'user') await stopPasst(passtFiles(env.layout.run, f.dir, ctx.id));
+  if (ctx.spec.net === 'tap') {
+    if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
+    await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
+  }
+  env.store.releaseAddress(ctx.id);
+  await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
+}
+
 export function makeSteps(env: StepEnv) {
   const snapshots = makeSnapshotSteps(env);
   const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     await testStageDelay('creating', signal); // test hook, see fault-injection.ts
-    if (ctx.spec.restore) return snapshots.prepareRestoreDisks(ctx, signal);
-    const f = vmFiles(env.layout, ctx.id);
-    await mkdir(f.dir, { recursive: true, mode: 0o700 });
-    const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
-    const kind = await makeRootDisk(env, ctx, image, f, signal);
-    // The VM's own SSH host key: generated here, pinned before first contact.
-    if (!existsSync(f.hostKey) || !existsSync(f.hostKeyPub)) {
-      const hk = await stage(env, ctx.id, 'hostKey', () => generateHostKey({ runner: env.runner, signal, comment: `banger-${ctx.id}` }));
-      await writeFile(f.hostKey, hk.privateKey, { mode: 0o600 });
-      await writeFile(f.hostKeyPub, hk.publicKey + '\n', { mode: 0o644 });
-    }
-    const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: (await readFile(f.hostKeyPub, 'utf8')).trim() };
-    await writeFile(f.knownHosts, `banger-${ctx.id} ${hostKey.publicKey}\n`, { mode: 0o600 });
-    let net: PrepareDisksOutput['net'] = {};
-    let network: Parameters<typeof customizeRootDisk>[1]['network'] = { mode: 'dhcp' };
-    if (ctx.spec.net === 'tap') {
-      if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not available', 'use --net user, or run the daemon as root');
-      const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
-      net = { guestIp: lease.guestIp, tap: lease.tap };
-      network = { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [] };
-    }
-    const identity = { hostname: ctx.name, hostKey, network };
-    if (kind === 'overlay') await stage(env, ctx.id, 'identity', () => writeIdentityDir(f.identityDir, identity), () => 'for the work disk');
-    else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
-    return { net };
+    return ctx.spec.restore ? snapshots.prepareRestoreDisks(ctx, signal) : prepareFreshDisks(env, ctx, signal);
   });
 
   const applyWorkSeed = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
     await testStageDelay('applyingWorkSeed', signal); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    if (existsSync(f.workDisk)) {
-      env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
-      return;
-    }
-    const image = await imageOf(env, ctx.spec.image);
-    const key = await env.userKey();
-    const identity = ctx.spec.gitIdentity ?? (await gitIdentity(env.runner, ctx.name));
-    const cached = ctx.spec.workspace?.cachedDisk;
-    if (cached) {
-      // The workspace cache: a clone of the cached disk with this VM's files; if that fails, a fresh disk (a miss).
-      const seedImage = join(image.dir, image.workSeed);
-      const identityDir = existsSync(f.identityDir) ? f.identityDir : undefined;
-      const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { identityDir, gitIdentity: identity, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
-        .then(() => true, () => false);
-      if (made) return;
-    }
-    await stage(
-      env,
-      ctx.id,
-      'workDisk',
-      () =>
-        createWorkDisk(f.workDisk, {
-          sizeBytes: ctx.spec.diskBytes,
-          seedImage: join(image.dir, image.workSeed),
-          authorizedKeys: key.publicKey + '\n',
-          gitIdentity: identity,
-          // The identity (overlay root disks) goes in with the file_sync entries, as /root/.banger/identity.
-          fileSync: [...(env.config.fileSync ?? []), ...(existsSync(f.identityDir) ? [{ host: f.identityDir, guest: IDENTITY_GUEST_DIR }] : [])],
-          runner: env.runner,
-          signal,
-        }),
-      () => `size=${ctx.spec.diskBytes}`,
-    );
+    await makeWorkDisk(env, ctx, signal);
   });
 
   const boot = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     await testStageDelay('booting', signal); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver(ctx.spec.vmm);
-    const cleanups = new Cleanups();
-    const t0 = performance.now();
-    let proc: VmmProcess | undefined;
-    // Registered before anything can fail: a launch cut short (an abort, ENOSPC writing vmm.json) leaves no VMM.
-    // Until the launch returns, the pid file is how the VMM is found.
-    cleanups.add('kill VMM', async () => {
-      const p = proc ?? (await vmmByPidFile(env, ctx, driver));
-      if (p) await driver.kill(p);
-      await rm(f.vmmState, { force: true });
-    });
-    // The serial log stays capped while the guest boots (watchVmm takes over once it runs).
-    const serialCap = new AbortController();
-    void capWhile(f.serialLog, serialCap.signal);
-    try {
-      let sshPort: number | undefined;
-      // Idempotent: a VMM already running for this VM (daemon restarted mid-boot) is adopted, not duplicated.
-      const adopted = await adoptVmm(env, ctx, driver);
-      if (adopted) {
-        proc = adopted.proc;
-        sshPort = adopted.sshPort;
-      } else {
-        const image = await imageOf(env, ctx.spec.image);
-        if (ctx.spec.net === 'user') sshPort = await findFreePort();
-        if (ctx.spec.net === 'tap') {
-          // Idempotent: the VM keeps its TAP and address across stops; this re-creates the device if it vanished.
-          if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not reachable', 'start the root helper, or recreate the VM with --net user');
-          const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
-          if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
-        }
-        await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
-        const layers = await readLayers(f); // set once a snapshot layered the disks, or for a fork
-        if (ctx.spec.publish?.length) await stage(env, ctx.id, 'publish.check', () => checkHostPortsFree(ctx.spec.publish!), () => ctx.spec.publish!.map(formatPublish).join(' '));
-        const launched = await stage(env, ctx.id, 'vmm.launch', () =>
-          driver.launch(
-            {
-              id: ctx.id,
-              vmDir: f.dir,
-              runDir: env.layout.run,
-              kernel: join(image.dir, ctx.spec.vmm === 'firecracker' && image.vmlinux ? image.vmlinux : image.kernel),
-              initrd: image.initrd ? join(image.dir, image.initrd) : undefined,
-              cmdline: KERNEL_CMDLINE,
-              ...(layers
-                ? { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format }
-                : { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk }),
-              vcpus: ctx.spec.vcpus,
-              memoryMiB: ctx.spec.memoryMiB,
-              accel: ctx.spec.accel,
-              net: ctx.spec.net === 'user' ? { mode: 'user', sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress } : { mode: 'tap', tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
-              serialLog: f.serialLog,
-            },
-            { signal, runner: env.runner },
-          ),
-          (p) => `pid ${p.pid} (${ctx.spec.vmm}, ${ctx.spec.accel})`,
-        );
-        proc = launched;
-        await writeFile(f.vmmState, JSON.stringify({ pid: proc.pid, control: proc.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap } satisfies VmmState));
-      }
-      const p = proc;
-      const target = await sshTargetFor(env, ctx, { sshPort, guestIp: ctx.net?.guestIp });
-      const deadline = ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs;
-      const timeoutMs = Math.max(1000, deadline - Date.now());
-      if (ctx.spec.net === 'user' && env.config.userNet === 'passt') {
-        // passt must see no forwarded connection before the guest's network is up (src/host/net/passt.ts).
-        await stage(env, ctx.id, 'guest.console', () => waitForLoginPrompt(f.serialLog, deadline, { signal, isAlive: () => alive(driver, p) }));
-      }
-      await stage(env, ctx.id, 'ssh.wait', () =>
-        waitForSsh(target, {
-          timeoutMs,
-          signal,
-          isAlive: () => alive(driver, p),
-        }).catch(async (e) => {
-          const up = await alive(driver, p);
-          const why = up ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
-          throw new BangerError('timeout', `${why}: ${errorMessage(e)}\n--- serial console (last lines) ---\n${await serialTail(f.serialLog)}`, `see ${f.serialLog}`);
-        }),
-      );
-      cleanups.release();
-      env.log(ctx.id, 'boot', 'done', Math.round(performance.now() - t0), `ssh ready`);
-      return {
-        runtime: { pid: p.pid, control: p.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap, bootedAt: new Date().toISOString() },
-      };
-    } catch (e) {
-      await cleanups.run().catch((ce) => env.log(ctx.id, 'boot.cleanup', 'error', undefined, errorMessage(ce)));
-      throw e;
-    } finally {
-      serialCap.abort();
-    }
+    return bootVm(env, ctx, signal);
   });
 
-  const watchVmm = fromPromise<WatchOutput, StepInput>(async ({ input: { ctx }, signal }) => {
-    const rt = ctx.runtime;
-    if (!rt) return { reason: 'no VMM process recorded' };
-    const driver = env.driver(ctx.spec.vmm);
-    const proc = { pid: rt.pid, qmpSocket: rt.control };
-    if (!(await alive(driver, proc))) {
-      await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
-      return { reason: `VMM process ${rt.pid} is gone (it exited while the daemon was not watching)` };
-    }
-    const serialCap = new AbortController();
-    const onAbort = () => serialCap.abort();
-    signal.addEventListener('abort', onAbort, { once: true });
-    void capWhile(vmFiles(env.layout, ctx.id).serialLog, serialCap.signal);
-    // A tap VM's published ports are the daemon's own proxies: open while it watches the VM (again after adoption).
-    const proxies = await openTapProxies(env, ctx).catch((e: unknown) => {
-      env.log(ctx.id, 'publish', 'error', undefined, errorMessage(e));
-      return undefined;
-    });
-    const exit = await driver.waitExit(proc, signal).finally(async () => {
-      signal.removeEventListener('abort', onAbort);
-      serialCap.abort();
-      await proxies?.close();
-    });
-    if (exit.ioError) {
-      // The VMM is still there, paused: vmm.json stays, so start adopts (and resumes) it and delete kills it.
-      const error = `${exit.reason}; free space on the host, then banger vm start ${ctx.name} resumes it`;
-      env.log(ctx.id, 'vmm.paused', 'error', undefined, error);
-      return { reason: exit.reason, error };
-    }
-    if (!signal.aborted) await rm(vmFiles(env.layout, ctx.id).vmmState, { force: true });
-    const reason = `VMM exited on its own: ${exit.reason}`;
-    if (!signal.aborted) env.log(ctx.id, 'vmm.exit', 'info', undefined, reason);
-    return { reason };
-  });
+  const watchVmm = fromPromise<WatchOutput, StepInput>(({ input: { ctx }, signal }) => watchVm(env, ctx, signal));
 
-  const stopVmm = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver(ctx.spec.vmm);
-    // The recorded VMM goes to driver.stop even if it looks gone: an exiting one is waited for there.
-    const proc = ctx.runtime ? { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control } : await findVmm(env, ctx, driver);
-    if (!proc) {
-      env.log(ctx.id, 'vmm.stop', 'info', undefined, 'no VMM process of this VM is running; nothing to stop');
-      await rm(f.vmmState, { force: true });
-      return;
-    }
-    const how = await stage(env, ctx.id, 'vmm.stop', () => driver.stop(proc, { timeoutMs: ctx.spec.stopTimeoutMs, signal }), (h) => h);
-    void how;
-    await rm(f.vmmState, { force: true });
-  });
+  const stopVmm = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => stopVm(env, ctx, signal));
 
-  const applySettings = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
-    const want = ctx.pendingSet;
-    if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
-      const f = vmFiles(env.layout, ctx.id);
-      if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
-      await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
-    }
-  });
+  const applySettings = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => applyVmSettings(env, ctx, signal));
 
-  const destroy = fromPromise<void, StepInput>(async ({ input: { ctx } }) => {
-    await testStageDelay('deleting'); // test hook, see fault-injection.ts
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver(ctx.spec.vmm);
-    const proc = await findVmm(env, ctx, driver);
-    if (proc) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(proc), () => `pid ${proc.pid}`);
-    if (ctx.spec.net === 'user') await stopPasst(passtFiles(env.layout.run, f.dir, ctx.id));
-    if (ctx.spec.net === 'tap') {
-      if (!env.network) throw new BangerError('unsupported', 'this VM uses tap networking and the root helper is not reachable, so its TAP device cannot be removed', 'start the root helper, then delete again');
-      await stage(env, ctx.id, 'network.release', () => env.network!.release(ctx.id));
-    }
-    env.store.releaseAddress(ctx.id);
-    await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
-  });
+  const destroy = fromPromise<void, StepInput>(({ input: { ctx } }) => destroyVm(env, ctx));
 
   return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy, restore: snapshots.restore, takeSnapshot: snapshots.takeSnapshot };
 }

@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { isIP } from 'node:net';
 import { copyFile, lstat, mkdir, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { isAbsolute, join, posix } from 'node:path';
+import { dirname, isAbsolute, join, posix } from 'node:path';
 import { BangerError } from '../../errors.js';
 import { run, which, type Runner } from '../exec/runner.js';
 import {
@@ -65,6 +65,9 @@ export type CowStrategy = 'reflink' | 'sparse-copy';
 /** Sidecar next to a cloned disk recording how it was made: `<dst>.cow` holds "reflink" or "sparse-copy". */
 export const cowRecordPath = (dst: string) => `${dst}.cow`;
 
+/** Filesystems (st_dev) where `cp --reflink=always` failed in this process: clones there go straight to a sparse copy. */
+const noReflink = new Set<number>();
+
 /**
  * Copy-on-write clone of a disk image: `cp --reflink=always` (FICLONE) where the filesystem supports it, else
  * `cp --sparse=always`. The copy is made at `dst.partial` and renamed into place, so `dst` is never half-written.
@@ -87,8 +90,10 @@ export async function cloneDisk(src: string, dst: string, opts: Ctx = {}): Promi
   await rm(partial, { force: true });
   try {
     let strategy: CowStrategy = 'reflink';
-    const r = await runner('cp', ['--reflink=always', '--', src, partial], { signal: opts.signal, reject: false });
-    if (r.exitCode !== 0) {
+    const dev = (await stat(dirname(dst))).dev;
+    const r = noReflink.has(dev) ? undefined : await runner('cp', ['--reflink=always', '--', src, partial], { signal: opts.signal, reject: false });
+    if (r?.exitCode !== 0) {
+      if (r) noReflink.add(dev);
       await rm(partial, { force: true });
       strategy = 'sparse-copy';
       await runner('cp', ['--sparse=always', '--', src, partial], { signal: opts.signal });
