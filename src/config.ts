@@ -29,13 +29,13 @@ export const configSchema = z.strictObject({
     .array(z.strictObject({ image: z.string().min(1), size: z.number().int().min(0).max(16), vcpus: z.number().int().min(1).optional(), memoryMiB: z.number().int().min(128).optional() }))
     .default([]),
   /**
-   * User networking's backend. slirp (default): QEMU's own in the host's namespace; its gateway 10.0.2.2 is the
-   * host's loopback, so a guest reaches localhost services. isolated: QEMU's slirp in a user + network namespace of
-   * its own whose way out is slirp4netns `--disable-host-loopback`, the host's addresses and private ranges refused
-   * (Debian package slirp4netns); opt-in until the suite has run it more than once (README, Security model).
+   * User networking's backend. isolated (default): QEMU's slirp in a user + network namespace of its own whose way
+   * out is slirp4netns `--disable-host-loopback`, the host's addresses and private ranges refused (Debian package
+   * slirp4netns; README, Security model). slirp: QEMU's own in the host's namespace; its gateway 10.0.2.2 is the
+   * host's loopback, so a guest reaches localhost services.
    * passt: `--no-map-gw`; the passt Debian 12 ships (2023-03) loses forwarded connections and crashes under load.
    */
-  userNet: z.enum(['isolated', 'slirp', 'passt']).default('slirp'),
+  userNet: z.enum(['isolated', 'slirp', 'passt']).default('isolated'),
   /** The workspace cache's budget in bytes on the host (least recently used entries go first); 0 turns it off. */
   workspaceCacheBytes: z.number().int().min(0).default(20 * 2 ** 30),
 });

@@ -43,6 +43,11 @@ export function agentSocketPath(qmpSocket: string): string | undefined {
   return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.agent` : undefined;
 }
 
+/** Every socket a VM's QEMU serves in the run dir (QMP, events, agent): removed before a launch and after a kill. */
+function socketsOf(qmpSocket: string): string[] {
+  return [qmpSocket, eventsSocketPath(qmpSocket), agentSocketPath(qmpSocket)].filter((f): f is string => !!f);
+}
+
 /** Escapes a value for QEMU's comma-separated option syntax (`,` is written `,,`). */
 export function qemuOptEscape(value: string): string {
   return value.replace(/,/g, ',,');
@@ -326,9 +331,8 @@ export async function startDaemonized(
   if (old !== undefined && (await identifyPid(old, files.qmpSocket)).id === 'ours') {
     throw new BangerError('conflict', `a QEMU process (pid ${old}) is already running for ${files.qmpSocket}`, 'stop that VM first');
   }
-  const ev = eventsSocketPath(files.qmpSocket);
   // A stale pid file names someone else's process by now: gone before QEMU writes its own.
-  await Promise.all([rm(files.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, rm(files.pidFile, { force: true })]);
+  await Promise.all([...socketsOf(files.qmpSocket).map((f) => rm(f, { force: true })), rm(files.pidFile, { force: true })]);
   // From here on QEMU may exist: every failure (the runner's, a timeout, an abort, a missing pid) kills the QEMU
   // the pid file names, if it serves our socket, before it is reported. Nothing is left running unowned.
   try {
@@ -428,8 +432,12 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
       }
     }
-    const ev = eventsSocketPath(proc.qmpSocket);
-    await Promise.all([rm(proc.qmpSocket, { force: true }), ev ? rm(ev, { force: true }) : undefined, stopUserNetOf(proc.qmpSocket)]);
+    await tidyAfter(proc);
+  }
+
+  /** Once QEMU is gone: its sockets (a QEMU that died by a signal leaves them) and its user-net helpers' files. */
+  async function tidyAfter(proc: VmmProcess): Promise<void> {
+    await Promise.all([...socketsOf(proc.qmpSocket).map((f) => rm(f, { force: true })), stopUserNetOf(proc.qmpSocket)]);
   }
 
   return {
@@ -475,7 +483,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
     },
 
     async stop(proc, { timeoutMs, signal }) {
-      if (!(await isOurs(proc))) return 'already-gone';
+      if (!(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
       let sent = false;
       let qmp: QmpClient | undefined;
       try {
@@ -488,9 +496,9 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         // Do not hold the monitor while waiting: status() must still be able to use it.
         qmp?.close();
       }
-      if (!sent && !(await isOurs(proc))) return 'already-gone';
+      if (!sent && !(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
       if (sent && (await waitGone(proc, timeoutMs, signal))) {
-        await stopUserNetOf(proc.qmpSocket); // passt and slirp4netns exit with QEMU; this only tidies their files
+        await tidyAfter(proc); // passt and slirp4netns exit with QEMU; this only tidies files
         return 'graceful';
       }
       if (signal?.aborted) throw aborted('stopping the VM', signal);
