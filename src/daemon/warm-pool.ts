@@ -46,6 +46,8 @@ export class WarmPool {
   private stopped = false;
   /** Pool VMs whose connection is warm, or being warmed (a failed warm-up is tried again on the next tick). */
   private readonly warmed = new Set<string>();
+  /** Pool VMs whose warm-up finished: `ready` counts these, and a claim takes them first. */
+  private readonly warmDone = new Set<string>();
 
   constructor(
     private readonly config: Config,
@@ -74,7 +76,8 @@ export class WarmPool {
   status(): PoolStatus[] {
     return this.kinds().map(({ key, ...k }) => {
       const m = this.members(key);
-      return { ...k, ready: m.filter((x) => x.state === 'running').length, starting: m.filter((x) => STARTING.includes(x.state)).length };
+      const ready = m.filter((x) => this.isReady(x)).length;
+      return { ...k, ready, starting: m.filter((x) => STARTING.includes(x.state) || (x.state === 'running' && !this.isReady(x))).length };
     });
   }
 
@@ -82,12 +85,14 @@ export class WarmPool {
   claim(kind: PoolKind, name: string): string | undefined {
     const key = poolKey(kind);
     if (!this.kinds().some((k) => k.key === key)) return undefined;
-    for (const m of this.members(key)) {
-      if (m.state !== 'running') continue;
+    // Warm members first: a member still warming would pay the SSH handshake in the user's command.
+    const running = this.members(key).filter((m) => m.state === 'running');
+    for (const m of [...running.filter((x) => this.isReady(x)), ...running.filter((x) => !this.isReady(x))]) {
       this.sup.send(m.id, { type: 'CLAIM', name });
       if (this.sup.snapshot(m.id).context.claimedBy !== name) continue;
       this.log(`warm pool: ${m.id} handed out as ${name}`);
       this.warmed.delete(m.id);
+      this.warmDone.delete(m.id);
       setTimeout(() => void this.refill(), this.refillAfterHandOutMs).unref();
       return m.id;
     }
@@ -127,15 +132,22 @@ export class WarmPool {
       const live = members.filter((x) => x.state === 'running' || STARTING.includes(x.state)).length;
       for (let i = live; i < k.size && !this.stopped; i++) {
         await this.hooks.create(k, k.key).catch((e) => this.log(`warm pool: creating a ${k.key} VM failed: ${(e as Error).message}`));
+        // Warm what just came up now, not a tick later.
+        for (const m of this.members(k.key).filter((x) => x.state === 'running')) this.warm(m.id);
       }
     }
+  }
+
+  /** Running, and warm (or nothing to warm with). */
+  private isReady(m: { id: string; state: VmState }): boolean {
+    return m.state === 'running' && (!this.hooks.warm || this.warmDone.has(m.id));
   }
 
   /** Warms a member's connection once (not waited for). */
   private warm(id: string): void {
     if (!this.hooks.warm || this.warmed.has(id) || this.stopped) return;
     this.warmed.add(id);
-    this.hooks.warm(id).catch((e) => {
+    this.hooks.warm(id).then(() => this.warmDone.add(id), (e) => {
       this.warmed.delete(id);
       this.log(`warm pool: warming ${id}'s SSH connection failed: ${(e as Error).message}`);
     });

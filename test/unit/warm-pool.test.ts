@@ -105,6 +105,22 @@ describe('warm connections, refill after a hand-out, stop', () => {
     await p.stop();
   });
 
+  it('a member counts as ready once its warm-up finished, and a claim takes a warm member before a cold one', async () => {
+    const pending = new Map<string, () => void>();
+    const { p, boot } = pool((id) => new Promise<void>((resolve) => pending.set(id, resolve)));
+    await p.refill();
+    boot('pool0');
+    boot('pool1');
+    await p.refill();
+    expect(p.status()[0]).toMatchObject({ ready: 0, starting: 2 }); // running, still warming
+    pending.get('pool1')!();
+    await new Promise((r) => setImmediate(r));
+    expect(p.status()[0]).toMatchObject({ ready: 1, starting: 1 });
+    expect(p.claim(kind, 'run-a')).toBe('pool1');
+    expect(p.claim(kind, 'run-b')).toBe('pool0'); // a cold member still beats a cold boot
+    await p.stop();
+  });
+
   it('refills a moment after a hand-out, not at once', async () => {
     vi.useFakeTimers();
     try {
