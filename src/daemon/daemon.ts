@@ -32,6 +32,7 @@ import { serveInspector, type InspectorServer } from './inspector.js';
 import type { StepEnv } from '../actors/vm-steps.js';
 import { buildInfo } from '../version.js';
 import { clearLeftovers } from '../host/image/image.js';
+import { clearExportLeftovers } from './export-journal.js';
 
 export interface DaemonHandle extends Partial<TapNetworking> {
   layout: Layout;
@@ -192,6 +193,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: Da
   // What a killed build or create left (gigabytes, at times): none runs yet, so none of it is in use. Awaited
   // before the VM actors restart (their steps rewrite *.partial files); the big trees go in the background.
   await clearLeftovers(layout, { runner: run, log }).catch((e) => log(`clearing leftovers: ${(e as Error).message}`));
+  await clearExportLeftovers(layout, log).catch((e) => log(`clearing export leftovers: ${(e as Error).message}`));
   const inspector = opts.inspectPort === undefined ? undefined : await serveInspector(opts.inspectPort);
   const infra = tap && { rootHelper: tap.rootHelper.logic, tapPool: tap.tapPool.logic };
   const supervisor: Supervisor = new Supervisor(stepEnv, makeJobRunners(() => supervisor, stepEnv), { infra, inspect: inspector?.inspect });

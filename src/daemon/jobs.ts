@@ -10,7 +10,8 @@ import { exec as sshExec } from '../host/guest/ssh.js';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
+import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
+import { withRecordedTemp } from './export-journal.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
   return {
@@ -49,7 +50,8 @@ async function runExport(guest: GuestExec, env: StepEnv, p: Record<string, any>,
   const limits = { maxBytes: env.config.maxPatchBytes, timeoutMs: env.config.exportTimeoutMs };
   const base = { guestPath: p.guestPath as string, baseCommit: p.baseCommit as string | undefined };
   if (typeof p.output === 'string') {
-    const r = await exportWorkspaceToFile(guest, { ...base, ...limits, outputPath: p.output }, { signal });
+    const tempPath = partialPathFor(p.output);
+    const r = await withRecordedTemp(env.layout, tempPath, () => exportWorkspaceToFile(guest, { ...base, ...limits, outputPath: p.output, tempPath }, { signal }));
     const { outputPath, ...rest } = r;
     return { ...rest, patch: '', patchEncoding: 'utf8' as const, output: outputPath };
   }

@@ -1169,6 +1169,13 @@ export interface ExportToFileOptions extends ExportOptions {
   maxBytes: number;
   /** The whole export, guest command included (config exportTimeoutMs). */
   timeoutMs: number;
+  /** Where the patch is written before the rename (default partialPathFor(outputPath)). */
+  tempPath?: string;
+}
+
+/** A fresh temp name next to the output: `.<name>.<12 hex>.partial`, in the same directory so the rename is atomic. */
+export function partialPathFor(outputPath: string): string {
+  return join(dirname(outputPath), `.${basename(outputPath)}.${randomBytes(6).toString('hex')}.partial`);
 }
 
 export interface WorkspaceFileExportResult extends Omit<WorkspaceExportResult, 'patch'> {
@@ -1202,7 +1209,7 @@ export async function exportWorkspaceToFile(
   if (!isAbsolute(opts.outputPath)) throw new BangerError('usage', `the output path ${JSON.stringify(opts.outputPath)} is not absolute`);
   const guestPath = normalizeAbsolute(opts.guestPath);
   const base = opts.baseCommit === undefined || opts.baseCommit === '' ? '' : validateRevision(opts.baseCommit, 'base commit');
-  const temp = join(dirname(opts.outputPath), `.${basename(opts.outputPath)}.${randomBytes(6).toString('hex')}.partial`);
+  const temp = opts.tempPath ?? partialPathFor(opts.outputPath);
   const file = await open(temp, 'wx', 0o600).catch((e: NodeJS.ErrnoException) => {
     throw new BangerError('usage', `cannot write the patch next to ${opts.outputPath}: ${e.message}`, 'give an output path in a directory you can write to');
   });
