@@ -22,7 +22,8 @@ import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
-import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, IDENTITY_GUEST_DIR, overlayDisk, writeIdentityDir, type NetworkConfig } from '../host/disk/disks.js';
+import { cloneDisk, createWorkDisk, customizeRootDisk, growDisk, overlayDisk, type NetworkConfig } from '../host/disk/disks.js';
+import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { workDiskFromTemplate } from '../host/disk/work-disk-template.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
@@ -69,10 +70,10 @@ export interface VmFiles {
   dir: string;
   /** A raw root disk: a reflink or sparse copy of the image's rootfs, customised with debugfs. */
   rootDisk: string;
-  /** A qcow2 root disk: an overlay on the image's rootfs (QEMU, images that read their identity from the work disk). */
+  /** A qcow2 root disk: an overlay on the image's rootfs (QEMU, images that read their identity from a disk). */
   rootOverlay: string;
-  /** The VM's identity (hostname, host key, network) as files, copied onto the work disk for the image to apply. */
-  identityDir: string;
+  /** The VM's identity disk (hostname, host key, network, git identity) for the image to apply at boot. */
+  identityDisk: string;
   workDisk: string;
   serialLog: string;
   hostKey: string;
@@ -87,7 +88,7 @@ export function vmFiles(layout: Layout, id: string): VmFiles {
     dir,
     rootDisk: join(dir, Files.rootfs),
     rootOverlay: join(dir, 'root.qcow2'),
-    identityDir: join(dir, 'identity'),
+    identityDisk: join(dir, 'identity.tar'),
     workDisk: join(dir, Files.workDisk),
     serialLog: join(dir, Files.serialLog),
     hostKey: join(dir, Files.hostKey),
@@ -259,13 +260,13 @@ async function createNeedsBytes(rootfs: string | undefined, seed: string | undef
 
 /**
  * How this VM's root disk is made. A qcow2 overlay (constant time) for QEMU when the image applies its identity
- * from the work disk (debugfs cannot edit qcow2) and qemu-img is there; else a raw clone customised with debugfs
+ * from an identity disk (debugfs cannot edit qcow2) and qemu-img is there; else a raw clone customised with debugfs
  * (Firecracker takes raw disks only). A VM keeps the kind it was created with.
  */
 async function rootDiskKind(env: StepEnv, ctx: VmContext, image: ImageManifest, f: VmFiles): Promise<'overlay' | 'clone'> {
   if (existsSync(f.rootOverlay)) return 'overlay';
   if (existsSync(f.rootDisk)) return 'clone';
-  if (ctx.spec.vmm !== 'qemu' || image.identity !== 'work-disk') return 'clone';
+  if (ctx.spec.vmm !== 'qemu' || image.identity !== 'disk') return 'clone';
   return (await which('qemu-img', env.runner)) ? 'overlay' : 'clone';
 }
 
@@ -312,8 +313,8 @@ async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
 }
 
 /**
- * A new VM's root disk and identity. An overlay root disk gets the identity as files for the work disk (the image
- * applies them at boot); a cloned one has it written in with debugfs.
+ * A new VM's root disk and identity. An overlay root disk comes with an identity disk, git identity included (the
+ * image applies it at boot); a cloned one has the identity written in with debugfs.
  */
 async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const f = vmFiles(env.layout, ctx.id);
@@ -323,15 +324,20 @@ async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSign
   const hostKey = await ensureHostKey(env, ctx, f);
   const { net, network } = await leaseNetwork(env, ctx, signal);
   const identity = { hostname: ctx.name, hostKey, network };
-  if (kind === 'overlay') await stage(env, ctx.id, 'identity', () => writeIdentityDir(f.identityDir, identity), () => 'for the work disk');
-  else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
+  if (kind === 'overlay') {
+    const writeDisk = async () => writeIdentityDisk(f.identityDisk, { ...identity, gitIdentity: await vmGitIdentity(env, ctx) });
+    await stage(env, ctx.id, 'identity', writeDisk, () => 'identity disk');
+  } else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
   return { net };
 }
 
+const vmGitIdentity = (env: StepEnv, ctx: VmContext) => ctx.spec.gitIdentity ?? gitIdentity(env.runner, ctx.name);
+
 /**
  * The VM's work disk: from the workspace cache when the create names a cached disk (a failed clone is a miss),
- * else a clone of the image's work disk template with the VM's files written in, else (file_sync configured: its
- * files are read at each create) a fresh one.
+ * else a clone of the image's work disk template, else (file_sync configured: its files are read at each create) a
+ * fresh one. A VM with an identity disk gets its git identity from there, except on a cached disk, which has the
+ * cached VM's.
  */
 async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   const f = vmFiles(env.layout, ctx.id);
@@ -341,24 +347,22 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
   }
   const image = await imageOf(env, ctx.spec.image);
   const seedImage = join(image.dir, image.workSeed);
-  const identityDir = existsSync(f.identityDir) ? f.identityDir : undefined;
-  const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), ctx.spec.gitIdentity ?? gitIdentity(env.runner, ctx.name)]));
   const cached = ctx.spec.workspace?.cachedDisk;
+  const onIdentityDisk = existsSync(f.identityDisk) && !cached;
+  const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), onIdentityDisk ? undefined : vmGitIdentity(env, ctx)]));
   if (cached) {
-    const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { identityDir, gitIdentity: git, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
+    const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { gitIdentity: git, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
       .then(() => true, () => false);
     if (made) return;
   }
   const common = { sizeBytes: ctx.spec.diskBytes, seedImage, authorizedKeys: key.publicKey + '\n', gitIdentity: git, runner: env.runner, signal };
   const fileSync = env.config.fileSync ?? [];
   if (fileSync.length === 0) {
-    const fromTemplate = () => workDiskFromTemplate(f.workDisk, { ...common, templateDir: image.dir, identityDir });
+    const fromTemplate = () => workDiskFromTemplate(f.workDisk, { ...common, templateDir: image.dir });
     await stage(env, ctx.id, 'workDisk', fromTemplate, (s) => `size=${ctx.spec.diskBytes}, template clone strategy=${s}`);
     return;
   }
-  // The identity (overlay root disks) goes in with the file_sync entries, as /root/.banger/identity.
-  const sync = [...fileSync, ...(identityDir ? [{ host: identityDir, guest: IDENTITY_GUEST_DIR }] : [])];
-  await stage(env, ctx.id, 'workDisk', () => createWorkDisk(f.workDisk, { ...common, fileSync: sync }), () => `size=${ctx.spec.diskBytes}, fresh (file_sync)`);
+  await stage(env, ctx.id, 'workDisk', () => createWorkDisk(f.workDisk, { ...common, fileSync }), () => `size=${ctx.spec.diskBytes}, fresh (file_sync)`);
 }
 
 /** For a tap VM: the lease again (it re-creates a vanished TAP), which must be the one the VM was created with. */
@@ -369,11 +373,15 @@ async function checkTapLease(env: StepEnv, ctx: VmContext, signal: AbortSignal):
   if (lease.tap !== ctx.net?.tap || lease.guestIp !== ctx.net?.guestIp) throw new BangerError('conflict', `the VM's network lease changed (${ctx.net?.tap}/${ctx.net?.guestIp} → ${lease.tap}/${lease.guestIp})`);
 }
 
-/** The disks the VMM gets: the snapshot layers when a snapshot or fork set them, else the root disk and work disk. */
-async function launchDisks(f: VmFiles) {
+/**
+ * The disks the VMM gets: the snapshot layers when a snapshot or fork set them, else the root disk and work disk;
+ * and the identity disk when the VM has one.
+ */
+export async function launchDisks(f: VmFiles) {
   const layers = await readLayers(f);
-  if (layers) return { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format };
-  return { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk };
+  const identityDisk = existsSync(f.identityDisk) ? f.identityDisk : undefined;
+  if (layers) return { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format, identityDisk };
+  return { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk, identityDisk };
 }
 
 /** Start a new VMM for this VM and record it in vmm.json. */

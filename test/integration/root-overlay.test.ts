@@ -1,6 +1,6 @@
 /**
  * Root disks in constant time (issue 12): qcow2 overlays on the image's rootfs, made from a per-image template,
- * and the per-VM identity written as files for the work disk (the image applies them at boot).
+ * and the per-VM identity on a disk of its own (the image applies it at boot).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run, type Runner } from '../../src/host/exec/runner.js';
 import { BangerError } from '../../src/errors.js';
-import { overlayDisk, writeIdentityDir } from '../../src/host/disk/disks.js';
+import { overlayDisk } from '../../src/host/disk/disks.js';
+import { IDENTITY_DISK_SERIAL, identityFiles, ustar, writeIdentityDisk } from '../../src/host/disk/identity-disk.js';
 import { generateHostKey } from '../../src/host/guest/keys.js';
 import { IDENTITY_SCRIPT, IDENTITY_UNIT } from '../../src/host/image/image.js';
 
@@ -79,31 +80,53 @@ describe('overlayDisk', () => {
   });
 });
 
-describe('writeIdentityDir', () => {
-  it('writes hostname, host key (0600), networkd file and, for static networks, resolv.conf', async () => {
-    const hostKey = await generateHostKey({ comment: 'test' });
-    const id = join(dir, 'identity');
-    await writeIdentityDir(id, { hostname: 'vm-1', hostKey, network: { mode: 'static', address: '10.9.0.5/24', gateway: '10.9.0.1', dns: ['10.9.0.1'] } });
-    expect((await stat(id)).mode & 0o777).toBe(0o700);
+describe('writeIdentityDisk', () => {
+  /** What the guest's banger-identity does with the disk: `tar -x -f <disk> -C <dir> --no-same-owner`. */
+  const extract = async (disk: string) => {
+    const out = await mkdtemp(join(dir, 'x-'));
+    await run('tar', ['-x', '-f', disk, '-C', out, '--no-same-owner']);
+    return out;
+  };
+
+  it('is a tar the guest extracts: hostname, host key (0600), networkd file, resolv.conf for static networks, git identity', async () => {
+    const hostKey = generateHostKey({ comment: 'test' });
+    const disk = join(dir, 'identity.tar');
+    const network = { mode: 'static' as const, address: '10.9.0.5/24', gateway: '10.9.0.1', dns: ['10.9.0.1'] };
+    await writeIdentityDisk(disk, { hostname: 'vm-1', hostKey, network, gitIdentity: { name: 'Ada L', email: 'ada@example.invalid', source: 'host' } });
+    expect((await stat(disk)).size % 512).toBe(0);
+    const id = await extract(disk);
     expect(await readFile(join(id, 'hostname'), 'utf8')).toBe('vm-1\n');
     expect((await stat(join(id, 'ssh_host_ed25519_key'))).mode & 0o777).toBe(0o600);
+    expect(await readFile(join(id, 'ssh_host_ed25519_key'), 'utf8')).toBe(hostKey.privateKey.endsWith('\n') ? hostKey.privateKey : hostKey.privateKey + '\n');
     expect((await readFile(join(id, 'ssh_host_ed25519_key.pub'), 'utf8')).trim()).toBe(hostKey.publicKey.trim());
+    expect((await stat(join(id, 'hostname'))).mode & 0o777).toBe(0o644);
     expect(await readFile(join(id, '10-banger.network'), 'utf8')).toContain('Address=10.9.0.5/24');
     expect(await readFile(join(id, 'resolv.conf'), 'utf8')).toContain('nameserver 10.9.0.1');
-    // dhcp: no resolv.conf (a rewrite removes the old one)
-    await writeIdentityDir(id, { hostname: 'vm-1', hostKey, network: { mode: 'dhcp' } });
-    expect((await readdir(id)).sort()).toEqual(['10-banger.network', 'hostname', 'ssh_host_ed25519_key', 'ssh_host_ed25519_key.pub']);
+    expect(await readFile(join(id, 'gitconfig-user'), 'utf8')).toBe('[user]\n\tname = Ada L\n\temail = ada@example.invalid\n');
+    // dhcp and no git identity: neither resolv.conf nor gitconfig-user
+    await writeIdentityDisk(disk, { hostname: 'vm-1', hostKey, network: { mode: 'dhcp' } });
+    expect((await readdir(await extract(disk))).sort()).toEqual(['10-banger.network', 'hostname', 'ssh_host_ed25519_key', 'ssh_host_ed25519_key.pub']);
   });
 
-  it('refuses a bad hostname or network with a usage error', async () => {
-    const hostKey = await generateHostKey({ comment: 'test' });
-    const bad = writeIdentityDir(join(dir, 'bad'), { hostname: 'a b', hostKey, network: { mode: 'dhcp' } });
+  it('the same identity is the same bytes (no timestamps)', async () => {
+    const hostKey = generateHostKey({ comment: 'test' });
+    const files = identityFiles({ hostname: 'vm-2', hostKey, network: { mode: 'dhcp' } });
+    expect(ustar(files).equals(ustar(files))).toBe(true);
+    await writeIdentityDisk(join(dir, 'a.tar'), { hostname: 'vm-2', hostKey, network: { mode: 'dhcp' } });
+    expect((await readFile(join(dir, 'a.tar'))).equals(ustar(files))).toBe(true);
+  });
+
+  it('refuses a bad hostname or network with a usage error, and writes nothing', async () => {
+    const hostKey = generateHostKey({ comment: 'test' });
+    const bad = writeIdentityDisk(join(dir, 'bad.tar'), { hostname: 'a b', hostKey, network: { mode: 'dhcp' } });
     await expect(bad).rejects.toBeInstanceOf(BangerError);
-    await expect(writeIdentityDir(join(dir, 'bad'), { hostname: 'ok', hostKey, network: { mode: 'static', address: '10.0.0.2', gateway: 'x', dns: [] } })).rejects.toThrow(/invalid address/);
+    await expect(writeIdentityDisk(join(dir, 'bad.tar'), { hostname: 'ok', hostKey, network: { mode: 'static', address: '10.0.0.2', gateway: 'x', dns: [] } })).rejects.toThrow(/invalid address/);
+    await expect(stat(join(dir, 'bad.tar'))).rejects.toThrow();
   });
 
-  it("the image's unit reads the files writeIdentityDir writes, after /root is mounted and before networkd and sshd", () => {
-    for (const f of ['hostname', 'ssh_host_ed25519_key', 'ssh_host_ed25519_key.pub', '10-banger.network', 'resolv.conf']) expect(IDENTITY_SCRIPT).toContain(`$src/${f}`);
+  it("the image's unit installs the files the disk holds, after /root is mounted and before networkd and sshd", () => {
+    for (const f of ['hostname', 'ssh_host_ed25519_key', 'ssh_host_ed25519_key.pub', '10-banger.network', 'resolv.conf', 'gitconfig-user']) expect(IDENTITY_SCRIPT).toContain(`$src/${f}`);
+    expect(IDENTITY_SCRIPT).toContain(IDENTITY_DISK_SERIAL);
     expect(IDENTITY_UNIT).toMatch(/^RequiresMountsFor=\/root$/m);
     expect(IDENTITY_UNIT).toMatch(/^Before=.*systemd-networkd\.service.*ssh\.service/m);
   });

@@ -206,10 +206,7 @@ async function overlayTemplate(backing: string, dir: string, opts: Ctx): Promise
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Per-VM identity, applied by the guest at boot (images built by banger ≥ 2, see image.ts IDENTITY_SCRIPT)
-
-/** Where the identity lives on the work disk, relative to its root (the guest's /root). */
-export const IDENTITY_GUEST_DIR = '.banger/identity';
+// Per-VM identity (customizeRootDisk writes it into a cloned root disk; identity-disk.ts puts it on a disk of its own)
 
 export interface Identity {
   hostname: string;
@@ -217,24 +214,7 @@ export interface Identity {
   network: NetworkConfig;
 }
 
-/**
- * Write a VM's identity as files into `dir` (made 0700): hostname, the SSH host key pair, the networkd file and,
- * for static networks, resolv.conf. The image's banger-identity.service copies them into /etc at boot, before
- * networkd and sshd start. Validates like customizeRootDisk.
- */
-export async function writeIdentityDir(dir: string, id: Identity): Promise<void> {
-  validateIdentity(id);
-  await rm(dir, { recursive: true, force: true });
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  const put = (name: string, content: string, mode: number) => writeFile(join(dir, name), content, { mode });
-  await put('hostname', id.hostname + '\n', 0o644);
-  await put('ssh_host_ed25519_key', withNewline(id.hostKey.privateKey), 0o600);
-  await put('ssh_host_ed25519_key.pub', withNewline(id.hostKey.publicKey.trim()), 0o644);
-  await put('10-banger.network', networkdUnit(id.network), 0o644);
-  if (id.network.mode === 'static') await put('resolv.conf', resolvConf(id.network.dns), 0o644);
-}
-
-function validateIdentity(id: Identity): void {
+export function validateIdentity(id: Identity): void {
   if (!HOSTNAME_RE.test(id.hostname)) {
     throw new BangerError('usage', `invalid hostname ${JSON.stringify(id.hostname)}`, 'a hostname is letters, digits and hyphens, in dot-separated labels');
   }
@@ -244,7 +224,7 @@ function validateIdentity(id: Identity): void {
   validateNetwork(id.network);
 }
 
-const resolvConf = (dns: string[]) => ['# written by banger', ...dns.map((d) => `nameserver ${d}`)].join('\n') + '\n';
+export const resolvConf = (dns: string[]) => ['# written by banger', ...dns.map((d) => `nameserver ${d}`)].join('\n') + '\n';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Root disk customisation
@@ -277,7 +257,7 @@ export function networkdUnit(net: NetworkConfig): string {
   return lines.join('\n') + '\n';
 }
 
-const withNewline = (s: string) => (s.endsWith('\n') ? s : s + '\n');
+export const withNewline = (s: string) => (s.endsWith('\n') ? s : s + '\n');
 
 /**
  * Per-VM changes to a (cloned) root disk, in one debugfs run and without mounting: hostname, the VM's SSH host

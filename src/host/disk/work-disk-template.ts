@@ -1,19 +1,19 @@
 /**
  * Work disks made from a template: the part of a work disk that is the same for every VM of an image, size and
  * user key (a lazily initialised ext4 with the work seed's files and authorized_keys in it) is made once with
- * createWorkDisk and kept in the image's directory; each VM's work disk is a copy-on-write clone of it with the
- * VM's own files written in (cloneWorkDisk, as for the workspace cache). A create then costs one `cp` (reflink,
- * else a sparse copy of the template's allocated blocks: a few MB) and one debugfs run, instead of mkfs, a dump
- * of the seed and a debugfs run writing all of it.
+ * createWorkDisk and kept in the image's directory; each VM's work disk is a copy-on-write clone of it
+ * (cloneWorkDisk, as for the workspace cache). A create then costs one `cp` (reflink, else a sparse copy of the
+ * template's allocated blocks: a few MB), instead of mkfs, a dump of the seed and a debugfs run writing all of it.
+ * The VM's own files are on its identity disk; only a VM whose image has none gets its git identity written in
+ * with debugfs.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BangerError } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
-import { existingPaths } from './debugfs.js';
 import { createWorkDisk, readDiskFile, type CowStrategy, type WorkDiskOptions } from './disks.js';
-import { cloneWorkDisk, identityParents, type TemplateFacts } from './work-disk-clone.js';
+import { cloneWorkDisk, type TemplateFacts } from './work-disk-clone.js';
 
 export interface TemplateOptions {
   /** Where templates are kept (the image's directory: they go when the image goes). */
@@ -30,7 +30,7 @@ export interface WorkDiskTemplate {
   facts: TemplateFacts;
 }
 
-const FORMAT = 1;
+const FORMAT = 2;
 
 /** The template's file names: keyed by everything it holds (size, the seed as a file, the authorized key). */
 async function templatePaths(opts: TemplateOptions): Promise<{ disk: string; facts: string }> {
@@ -57,11 +57,7 @@ export async function ensureWorkDiskTemplate(opts: TemplateOptions): Promise<Wor
   try {
     const ctx = { runner: opts.runner ?? run, signal: opts.signal };
     await createWorkDisk(tmp, { sizeBytes: opts.sizeBytes, seedImage: opts.seedImage, authorizedKeys: opts.authorizedKeys, ...ctx });
-    const parents = identityParents();
-    const facts: TemplateFacts = {
-      dirs: [...(await existingPaths(tmp, parents, ctx))],
-      gitconfig: (await readDiskFile(tmp, '/.gitconfig', ctx)) ?? '',
-    };
+    const facts: TemplateFacts = { gitconfig: (await readDiskFile(tmp, '/.gitconfig', ctx)) ?? '' };
     await writeFile(`${paths.facts}.partial`, JSON.stringify(facts));
     await rename(`${paths.facts}.partial`, paths.facts);
     await rename(tmp, paths.disk);
@@ -75,24 +71,20 @@ export async function ensureWorkDiskTemplate(opts: TemplateOptions): Promise<Wor
 async function readFacts(path: string): Promise<TemplateFacts | undefined> {
   try {
     const f = JSON.parse(await readFile(path, 'utf8')) as TemplateFacts;
-    return Array.isArray(f.dirs) && typeof f.gitconfig === 'string' ? f : undefined;
+    return typeof f.gitconfig === 'string' ? f : undefined;
   } catch {
     return undefined;
   }
 }
 
-/**
- * A VM's work disk from the template: a clone with the VM's identity (its directory, for overlay root disks, goes
- * to /root/.banger/identity) and git identity written in. Refuses an existing `dst` like createWorkDisk.
- */
+/** A VM's work disk from the template: a clone, with the git identity written in when one is given. Refuses an existing `dst` like createWorkDisk. */
 export async function workDiskFromTemplate(
   dst: string,
-  opts: TemplateOptions & { identityDir?: string; gitIdentity?: WorkDiskOptions['gitIdentity'] },
+  opts: TemplateOptions & { gitIdentity?: WorkDiskOptions['gitIdentity'] },
 ): Promise<CowStrategy> {
   if (await stat(dst).then(() => true, () => false)) throw new BangerError('conflict', `work disk ${dst} already exists`, 'delete it first if you really want a fresh one');
   const template = await ensureWorkDiskTemplate(opts);
   return cloneWorkDisk(template.disk, dst, {
-    identityDir: opts.identityDir,
     gitIdentity: opts.gitIdentity,
     seedImage: opts.seedImage,
     known: template.facts,

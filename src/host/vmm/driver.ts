@@ -21,6 +21,8 @@ export interface LaunchSpec {
   workDisk: string;
   /** The work disk's format: 'qcow2' once a snapshot froze it as a layer (QEMU only), default raw. */
   workFormat?: 'raw' | 'qcow2';
+  /** The VM's identity disk (src/host/disk/identity-disk.ts), read-only, serial banger-identity (QEMU only). */
+  identityDisk?: string;
   /** QEMU: start with `-incoming defer`, waiting for a saved state (a snapshot's) instead of booting. */
   incoming?: boolean;
   vcpus: number;
@@ -28,8 +30,8 @@ export interface LaunchSpec {
   accel: 'kvm' | 'tcg';
   /** `publish`: host ports forwarded to the guest (user net: passt's forwards; tap: the daemon proxies them). */
   /**
-   * User net's `backend` (config `userNet`): slirp (the default, reaches the host's loopback), isolated (QEMU's
-   * slirp in a namespace of its own, egress through slirp4netns, src/host/net/usernet-ns.ts) or passt.
+   * User net's `backend` (config `userNet`): isolated (the default: QEMU's slirp in a namespace of its own, egress
+   * through slirp4netns, src/host/net/usernet-ns.ts), slirp (reaches the host's loopback) or passt.
    * `egress: 'none'`: slirp with restrict=on, only the forwards reach the guest, the guest reaches nothing.
    */
   net: { mode: 'user'; sshPort: number; publish?: PublishedPort[]; backend?: UserNetBackend; egress?: 'internet' | 'none' } | { mode: 'tap'; tap: string; mac: string };

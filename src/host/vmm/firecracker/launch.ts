@@ -97,6 +97,7 @@ export function newLaunchContext(deps: LaunchDeps, spec0: LaunchSpec, signal: Ab
   if (net.mode === 'user') {
     throw new BangerError('unsupported', 'Firecracker has no user-mode networking: a VM on Firecracker needs TAP networking', 'use --net tap (needs the root helper), or --vmm qemu for --net user');
   }
+  if (spec0.identityDisk) throw new BangerError('internal', "Firecracker VMs have their identity in their own root disk, not on an identity disk");
   const r = (p: string) => resolve(p);
   const spec: LaunchSpec = { ...spec0, vmDir: r(spec0.vmDir), runDir: r(spec0.runDir), kernel: r(spec0.kernel), initrd: spec0.initrd ? r(spec0.initrd) : undefined, rootDisk: r(spec0.rootDisk), workDisk: r(spec0.workDisk), serialLog: r(spec0.serialLog) };
   if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > 32) throw new BangerError('invalid_params', `Firecracker takes 1-32 vCPUs, got ${spec.vcpus}`);

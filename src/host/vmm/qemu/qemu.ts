@@ -12,6 +12,7 @@ import { passtFiles, passtNetdev, startPasst, stopPasst } from '../../net/passt.
 import { nsForwards, prepareNamespace, startUserNs, stopUserNs, userNsFiles, wrapInNamespace } from '../../net/usernet-ns.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { AGENT_PORT_NAME } from '../../image/agent.js';
+import { IDENTITY_DISK_SERIAL } from '../../disk/identity-disk.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
 export { MAX_SOCKET_PATH };
@@ -74,7 +75,7 @@ export interface QemuFiles {
 
 /**
  * The argument vector (without the binary) for one VM. Pure: same input, same output.
- * Disks: root first (vda), then work (vdb).
+ * Disks: root first (vda), then work (vdb), then the identity disk (vdc, read-only) when there is one.
  */
 export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: number } = {}): string[] {
   if (!ID_RE.test(spec.id)) throw new BangerError('invalid_params', `invalid VM id for QEMU: ${JSON.stringify(spec.id)}`);
@@ -88,6 +89,12 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
     `id=${id},file=${qemuOptEscape(assertPath(`${id} disk`, file))},format=${format},if=none,cache=${cache},discard=unmap,werror=enospc,rerror=report`,
     '-device',
     `virtio-blk-device,drive=${id}`,
+  ];
+  const identity = (file: string) => [
+    '-drive',
+    `id=identity,file=${qemuOptEscape(assertPath('identity disk', file))},format=raw,if=none,readonly=on`,
+    '-device',
+    `virtio-blk-device,drive=identity,serial=${IDENTITY_DISK_SERIAL}`,
   ];
   const args: string[] = [
     '-name', `banger-${spec.id}`,
@@ -107,6 +114,7 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
   // append=on: the daemon caps the log by truncating it in place (src/host/guest/serial.ts).
   args.push('-chardev', `file,id=serial0,path=${qemuOptEscape(assertPath('serial log', spec.serialLog))},append=on`, '-serial', 'chardev:serial0');
   args.push(...drive('root', spec.rootDisk, spec.rootFormat), ...drive('work', spec.workDisk, spec.workFormat));
+  if (spec.identityDisk) args.push(...identity(spec.identityDisk));
   if (spec.net.mode === 'user') {
     const port = spec.net.sshPort;
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new BangerError('invalid_params', `invalid SSH port ${port}`);
@@ -452,6 +460,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         initrd: spec.initrd ? resolve(spec.initrd) : undefined,
         rootDisk: resolve(spec.rootDisk),
         workDisk: resolve(spec.workDisk),
+        identityDisk: spec.identityDisk ? resolve(spec.identityDisk) : undefined,
         serialLog: resolve(spec.serialLog),
       };
       const qmpSocket = qmpSocketPath(s.runDir, s.id);
@@ -461,6 +470,7 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
         ['initrd', s.initrd],
         ['root disk', s.rootDisk],
         ['work disk', s.workDisk],
+        ['identity disk', s.identityDisk],
       ] as const) {
         if (!file) continue;
         try {
