@@ -40,6 +40,9 @@ export async function benchSnapshots(line: Line, home: (extra?: Record<string, s
     line(`snapshot (vm snapshot; ${Math.round(snap.stateBytes / 2 ** 20)} MiB of state)`, ms(save));
     [, restore] = await timed(() => a.cli(['vm', 'restore', 'snap', '--name', 'restored']));
     line('restore → SSH (vm restore)', ms(restore));
+    const logs = (await a.cli(['vm', 'logs', 'restored'])) as Array<{ stage: string; status: string; durationMs: number | null }>;
+    const stages = logs.filter((r) => r.status === 'done' && r.durationMs !== null).map((r) => `${r.stage} ${ms(r.durationMs!)}`);
+    line('  its stages', stages.join(', '));
     line('ratio cold boot / restore (goal ≥ 10)', (cold / restore).toFixed(1));
     await a.cli(['vm', 'delete', 'cold', 'restored']);
     const [, fork4] = await timed(() => a.cli(['vm', 'fork', 'snap', '--count', '4', '--name-prefix', 'k']));

@@ -15,12 +15,13 @@ import { join } from 'node:path';
 import { fromPromise } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import type { BootOutput, PrepareDisksOutput, StepInput, VmContext } from '../machines/vm.machine.js';
-import { exec, waitForSsh } from '../host/guest/ssh.js';
+import { waitForSsh } from '../host/guest/ssh.js';
 import { findFreePort } from '../host/vmm/qemu/qemu.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
-import { findVmm, KERNEL_CMDLINE, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
+import { findVmm, KERNEL_CMDLINE, launchDisks, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
+import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { readManifest } from '../host/image/image.js';
 
 /**
@@ -127,6 +128,7 @@ export function makeSnapshotSteps(env: StepEnv) {
         stateFile: 'state.bin',
         stateBytes: saved.stateBytes,
         timings: saved.timings,
+        identityDisk: existsSync(f.identityDisk),
       },
     });
     if (p.stop) {
@@ -148,19 +150,25 @@ export function makeSnapshotSteps(env: StepEnv) {
       await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
       await rename(partial, dst);
     };
-    await stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`);
-    await stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`);
+    await Promise.all([
+      stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
+      stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`),
+    ]);
     await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: work, format: 'qcow2' } });
     await copyFile(join(dir, 'host_key'), f.hostKey);
     await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
     const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
     await writeFile(f.knownHosts, `banger-${ctx.id} ${pub}\n`, { mode: 0o600 });
+    if (snap.meta.identityDisk) {
+      // Read by the guest only when it boots again (a stop and start): then it is this fork's, under its own name.
+      const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: pub };
+      await writeIdentityDisk(f.identityDisk, { hostname: ctx.name, hostKey, network: { mode: 'dhcp' }, gitIdentity: snap.meta.gitIdentity });
+    }
     return { net: {} };
   }
 
   const restore = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
     if (ctx.spec.net !== 'user') throw new BangerError('unsupported', 'restoring a snapshot is built for --net user VMs only');
-    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
     const f = vmFiles(env.layout, ctx.id);
     const driver = env.driver('qemu');
     // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
@@ -173,43 +181,18 @@ export function makeSnapshotSteps(env: StepEnv) {
       await rm(f.vmmState, { force: true });
     });
     try {
-      const image = await readManifest(env.layout.imageDir(ctx.spec.image));
-      const imageDir = env.layout.imageDir(ctx.spec.image);
-      const layers = (await readLayers(f))!;
       const sshPort = await findFreePort();
-      await rm(f.serialLog, { force: true });
-      proc = await stage(env, ctx.id, 'vmm.launch', () =>
-        driver.launch(
-          {
-            id: ctx.id,
-            vmDir: f.dir,
-            runDir: env.layout.run,
-            kernel: join(imageDir, image.kernel),
-            initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
-            cmdline: KERNEL_CMDLINE,
-            rootDisk: layers.root.file,
-            rootFormat: layers.root.format,
-            workDisk: layers.work.file,
-            workFormat: layers.work.format,
-            vcpus: ctx.spec.vcpus,
-            memoryMiB: ctx.spec.memoryMiB,
-            accel: ctx.spec.accel,
-            net: { mode: 'user', sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
-            serialLog: f.serialLog,
-            incoming: true,
-          },
-          { signal, runner: env.runner },
-        ),
-      (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`,
-      );
+      proc = await launchForRestore(ctx, f, sshPort, signal);
       const p = proc;
       await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
+      const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
       const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
-      await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+      await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
       const target = await sshTargetFor(env, ctx, { sshPort });
       const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
-      await stage(env, ctx.id, 'ssh.wait', () => waitForSsh(target, { timeoutMs, signal }));
-      await stage(env, ctx.id, 'identity', () => applyForkIdentity(target, ctx.name, signal), () => `hostname ${ctx.name}, clock, RNG`);
+      // The first command over SSH is the identity: one connection, where a `true` first would cost another.
+      const check = forkIdentityCheck(ctx.name);
+      await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs, signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
       cleanups.release();
       return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort, bootedAt: new Date().toISOString() } };
     } catch (e) {
@@ -218,13 +201,38 @@ export function makeSnapshotSteps(env: StepEnv) {
     }
   });
 
+  /** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */
+  async function launchForRestore(ctx: VmContext, f: VmFiles, sshPort: number, signal: AbortSignal) {
+    const imageDir = env.layout.imageDir(ctx.spec.image);
+    const image = await readManifest(imageDir);
+    const disks = await launchDisks(f);
+    await rm(f.serialLog, { force: true });
+    const spec = {
+      id: ctx.id,
+      vmDir: f.dir,
+      runDir: env.layout.run,
+      kernel: join(imageDir, image.kernel),
+      initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
+      cmdline: KERNEL_CMDLINE,
+      ...disks,
+      vcpus: ctx.spec.vcpus,
+      memoryMiB: ctx.spec.memoryMiB,
+      accel: ctx.spec.accel,
+      net: { mode: 'user' as const, sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
+      serialLog: f.serialLog,
+      incoming: true,
+    };
+    return stage(env, ctx.id, 'vmm.launch', () => env.driver('qemu').launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`);
+  }
+
   return { takeSnapshot, restore, prepareRestoreDisks };
 }
 
 /**
  * A constant script; its data comes on stdin, one value a line: the hostname, the host's time (epoch seconds with
- * nanoseconds), and 64 bytes of fresh host randomness in hex. The hostname also goes into the identity the image
- * applies at boot, so a fork keeps its own name across a stop and start.
+ * milliseconds), and 64 bytes of fresh host randomness in hex. A fork keeps its own name across a stop and start
+ * through its identity disk, or, for a snapshot of a VM from an image built by banger 2 or 3, the identity
+ * directory on its work disk, which this updates.
  */
 const IDENTITY_SCRIPT = [
   'set -e',
@@ -236,11 +244,15 @@ const IDENTITY_SCRIPT = [
   'printf %s "$seed" > /dev/urandom',
 ].join('\n');
 
-/** A restored guest's own identity: hostname, the clock (it stood still since the snapshot), fresh entropy. */
-async function applyForkIdentity(target: Parameters<typeof exec>[0], hostname: string, signal: AbortSignal): Promise<void> {
-  const now = Date.now();
-  hostname = hostname.replace(/[^A-Za-z0-9.-]/g, '-');
-  const stdin = `${hostname}\n${Math.floor(now / 1000)}.${String(now % 1000).padStart(3, '0')}\n${randomBytes(64).toString('hex')}\n`;
-  const r = await exec(target, `sh -c '${IDENTITY_SCRIPT.replace(/'/g, `'"'"'`)}'`, { stdin, signal, timeoutMs: 30_000 });
-  if (r.exitCode !== 0) throw new BangerError('host', `setting the restored guest's identity failed (exit ${r.exitCode}): ${r.stderr.toString().trim()}`);
+/**
+ * A restored guest's own identity, set by its first SSH command: hostname, the clock (it stood still since the
+ * snapshot), fresh entropy. Its data goes on stdin, never into the command line.
+ */
+function forkIdentityCheck(hostname: string): { command: string; stdin: () => string } {
+  const name = hostname.replace(/[^A-Za-z0-9.-]/g, '-');
+  const stdin = () => {
+    const now = Date.now();
+    return `${name}\n${Math.floor(now / 1000)}.${String(now % 1000).padStart(3, '0')}\n${randomBytes(64).toString('hex')}\n`;
+  };
+  return { command: `sh -c '${IDENTITY_SCRIPT.replace(/'/g, `'"'"'`)}'`, stdin };
 }

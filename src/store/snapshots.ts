@@ -28,6 +28,8 @@ export interface SnapshotMeta {
   stateBytes: number;
   /** Milliseconds per phase of the save (pause, freeze, migrate, resume/quit). */
   timings: Record<string, number>;
+  /** The VM had an identity disk: its restores and forks get one of their own (QEMU restores the same devices). */
+  identityDisk?: boolean;
 }
 
 export interface SnapshotRecord {

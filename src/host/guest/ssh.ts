@@ -302,11 +302,13 @@ export interface WaitForSshOptions {
   bannerTimeoutMs?: number;
   /** Checked before every attempt; false ends the wait at once (the VM process died). */
   isAlive?: () => boolean | Promise<boolean>;
+  /** What must exit 0 for SSH to count as up (default `true`), e.g. a first step that needs no connection of its own. */
+  check?: { command: string; stdin?: () => string };
   onAttempt?: (info: { attempt: number; error?: unknown; elapsedMs: number }) => void;
 }
 
 /**
- * Retries until `true` runs successfully over SSH. A host key mismatch ends the wait at once (never
+ * Retries until `true` (or opts.check) runs successfully over SSH. A host key mismatch ends the wait at once (never
  * retried). On expiry: BangerError 'timeout' carrying the last connection error.
  */
 export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Promise<{ attempts: number; elapsedMs: number }> {
@@ -336,12 +338,12 @@ export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Pr
       await sshBanner(target.host, target.port, Math.min(bound, opts.bannerTimeoutMs ?? 3000), signal);
       const client = await connect(target, { signal, timeoutMs: bound });
       try {
-        const r = await exec(client, 'true', { signal, timeoutMs: bound });
+        const r = await exec(client, opts.check?.command ?? 'true', { stdin: opts.check?.stdin?.(), signal, timeoutMs: bound });
         if (r.exitCode === 0) {
           opts.onAttempt?.({ attempt, elapsedMs: Date.now() - start });
           return { attempts: attempt, elapsedMs: Date.now() - start };
         }
-        error = new Error(`\`true\` exited with status ${r.exitCode}: ${r.stderr.toString('utf8').trim()}`);
+        error = new Error(`${opts.check ? 'the check' : '`true`'} exited with status ${r.exitCode}: ${r.stderr.toString('utf8').trim()}`);
       } finally {
         client.end();
       }

@@ -9,17 +9,19 @@
  *  2. the state: `migrate` to a Unix socket this process listens on, streamed into the state file. No shell
  *     (`exec:`) and no fd passing; QEMU 7.2 has no `file:` migration.
  *  3. `cont` (the guest runs on, on its new layers) or `quit`.
- * Restoring: QEMU is launched with the same machine and devices plus `-incoming defer`; `migrate-incoming` to a
- * Unix socket QEMU listens on, and the state file is streamed into it. The guest runs when the stream is loaded.
+ * Restoring: QEMU is launched with the same machine and devices plus `-incoming defer`, then `migrate-incoming`
+ * from `exec:cat <state file>`. The guest runs when the stream is loaded. (Saving does not use exec: QEMU 7.2
+ * SIGTERMs the command as soon as it closes the pipe, which could cut a `cat > file` short.)
  */
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createWriteStream } from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server } from 'node:net';
 import { pipeline } from 'node:stream/promises';
 import { BangerError, errorMessage } from '../../../errors.js';
 import { checkSocketPath, sleep } from '../../exec/wait.js';
 import type { VmmProcess } from '../driver.js';
 import { QmpClient } from './qmp.js';
+import { shellQuote } from '../../exec/shell.js';
 
 /** The top file of each of a VM's disks, with its format. */
 export interface DiskLayer {
@@ -143,37 +145,20 @@ async function waitMigration(qmp: QmpClient, timeoutMs: number, signal?: AbortSi
 }
 
 /**
- * Loads a saved state into a QEMU started with `-incoming defer`: QEMU listens on `migSocket`, the state file is
- * streamed into it, and the guest runs once QEMU has it all.
+ * Loads a saved state into a QEMU started with `-incoming defer`: QEMU reads it from `cat <stateFile>` (its exec:
+ * migration, the path quoted as one shell word) and runs the guest once it has it all. Streamed through this
+ * process instead, the copy took a core: 0.9 s for 200 MB on an idle machine, 4-6 s beside other work.
  */
-export async function loadQemuState(proc: VmmProcess, opts: { stateFile: string; migSocket: string; timeoutMs?: number; signal?: AbortSignal }): Promise<void> {
-  const sock = checkSocketPath(opts.migSocket);
-  await rm(sock, { force: true });
+export async function loadQemuState(proc: VmmProcess, opts: { stateFile: string; timeoutMs?: number; signal?: AbortSignal }): Promise<void> {
+  await stat(opts.stateFile).catch(() => {
+    throw new BangerError('not_found', `the snapshot's state file ${opts.stateFile} is missing`, 'the snapshot is damaged: delete it and take another');
+  });
   const qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000, signal: opts.signal });
   try {
-    await qmp.execute('migrate-incoming', { uri: `unix:${sock}` }, { timeoutMs: 10_000 });
-    const conn = await connectUnix(sock, 5000, opts.signal);
-    await pipeline(createReadStream(opts.stateFile), conn);
+    await qmp.execute('migrate-incoming', { uri: `exec:${shellQuote(['cat', '--', opts.stateFile])}` }, { timeoutMs: 10_000 });
     await waitRunning(qmp, opts.timeoutMs ?? 120_000, opts.signal);
   } finally {
     qmp.close();
-    await rm(sock, { force: true });
-  }
-}
-
-async function connectUnix(path: string, timeoutMs: number, signal?: AbortSignal): Promise<Socket> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await new Promise<Socket>((res, rej) => {
-        const s = createConnection({ path });
-        s.once('connect', () => res(s));
-        s.once('error', rej);
-      });
-    } catch (e) {
-      if (Date.now() > deadline) throw new BangerError('host', `QEMU's incoming migration socket ${path}: ${errorMessage(e)}`);
-      await sleep(20, signal);
-    }
   }
 }
 
