@@ -61,171 +61,177 @@ function snapshotOf(env: StepEnv, id: string): SnapshotRecord {
 }
 
 export function makeSnapshotSteps(env: StepEnv) {
-  const takeSnapshot = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    const p = ctx.pendingSnapshot;
-    if (!p) throw new BangerError('internal', 'no snapshot was asked for');
-    if (ctx.spec.vmm !== 'qemu') throw new BangerError('unsupported', 'banger vm snapshot is built for QEMU VMs only', 'create the VM with --vmm qemu');
-    const repo = new SnapshotRepo(env.store.db);
-    if (repo.get(p.snapshotId)) return; // taken before a daemon restart: nothing left to do
-    if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} has no VMM running`);
-    const proc = { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control };
-    const f = vmFiles(env.layout, ctx.id);
-    const dir = snapshotDir(env.layout.home, p.snapshotId);
-    await rm(dir, { recursive: true, force: true });
-    await mkdir(dir, { recursive: true, mode: 0o700 });
-    const newLayers = { root: join(f.dir, `root-${p.snapshotId}.qcow2`), work: join(f.dir, `work-${p.snapshotId}.qcow2`) };
-    let kept: { root: SnapshotLayer; work: SnapshotLayer } | undefined;
-    // A VM snapshotted before sits on layers in its own directory: this snapshot's layers are then copies (of what
-    // changed since, only) rebased onto the earlier snapshot's, so that no snapshot depends on a VM's directory.
-    const base = (await readLayers(f))?.base;
-    const chain = base ? [base, ...snapshotOf(env, base).meta.chain] : (ctx.spec.restore?.chain ?? []);
-    const keep = async (frozen: DiskLayers['root'], name: string, below: SnapshotLayer | undefined) => {
-      const dst = join(dir, name);
-      if (!below) return linkOrCopy(frozen.file, dst);
-      await env.runner('cp', ['--sparse=always', '--reflink=auto', frozen.file, dst], { signal });
-      await env.runner('qemu-img', ['rebase', '-u', '-F', below.format, '-b', join(snapshotDir(env.layout.home, base!), below.file), dst], { signal });
-    };
-    const baseMeta = base ? snapshotOf(env, base).meta : undefined;
-    const saved = await stage(
-      env,
-      ctx.id,
-      'snapshot.save',
-      () =>
-        saveQemuState(proc, {
-          stateFile: join(dir, 'state.bin'),
-          migSocket: join(env.layout.run, `${ctx.id}.mig`),
-          newLayers,
-          after: p.stop ? 'quit' : 'resume',
-          signal,
-          onFrozen: async (frozen) => {
-            // From here on the VM writes into the new overlays: record them before anything else can fail.
-            await writeLayers(f, { root: { file: newLayers.root, format: 'qcow2' }, work: { file: newLayers.work, format: 'qcow2' }, base: p.snapshotId });
-            kept = { root: { file: `root.${frozen.root.format}`, format: frozen.root.format }, work: { file: `work.${frozen.work.format}`, format: frozen.work.format } };
-            await keep(frozen.root, kept.root.file, baseMeta?.root);
-            await keep(frozen.work, kept.work.file, baseMeta?.work);
-          },
-        }),
-      (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`,
-    );
-    await copyFile(f.hostKey, join(dir, 'host_key'));
-    await copyFile(f.hostKeyPub, join(dir, 'host_key.pub'));
-    repo.insert({
-      id: p.snapshotId,
-      name: p.name,
-      vmId: ctx.id,
-      vmName: ctx.name,
-      createdAt: new Date().toISOString(),
-      meta: {
-        image: ctx.spec.image,
-        vcpus: ctx.spec.vcpus,
-        memoryMiB: ctx.spec.memoryMiB,
-        diskBytes: ctx.spec.diskBytes,
-        accel: ctx.spec.accel,
-        gitIdentity: ctx.spec.gitIdentity,
-        chain,
-        root: kept!.root,
-        work: kept!.work,
-        stateFile: 'state.bin',
-        stateBytes: saved.stateBytes,
-        timings: saved.timings,
-        identityDisk: existsSync(f.identityDisk),
-      },
-    });
-    if (p.stop) {
-      await env.driver('qemu').kill(proc); // it quit; this waits until it is gone
-      await rm(f.vmmState, { force: true });
-    }
-  });
+  return {
+    takeSnapshot: fromPromise<void, StepInput>(({ input: { ctx }, signal }) => takeSnapshot(env, ctx, signal)),
+    restore: fromPromise<BootOutput, StepInput>(({ input: { ctx }, signal }) => restore(env, ctx, signal)),
+    prepareRestoreDisks: (ctx: VmContext, signal: AbortSignal) => prepareRestoreDisks(env, ctx, signal),
+  };
+}
 
-  /** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
-  async function prepareRestoreDisks(ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
-    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
-    const dir = snapshotDir(env.layout.home, snap.id);
-    const f = vmFiles(env.layout, ctx.id);
-    await mkdir(f.dir, { recursive: true, mode: 0o700 });
-    const work = join(f.dir, 'work.qcow2');
-    const overlay = async (backing: SnapshotLayer, dst: string) => {
-      if (existsSync(dst)) return;
-      const partial = `${dst}.partial`;
-      await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
-      await rename(partial, dst);
-    };
-    await Promise.all([
-      stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
-      stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`),
-    ]);
-    await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: work, format: 'qcow2' } });
-    await copyFile(join(dir, 'host_key'), f.hostKey);
-    await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
-    const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
-    await writeFile(f.knownHosts, `banger-${ctx.id} ${pub}\n`, { mode: 0o600 });
-    if (snap.meta.identityDisk) {
-      // Read by the guest only when it boots again (a stop and start): then it is this fork's, under its own name.
-      const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: pub };
-      await writeIdentityDisk(f.identityDisk, { hostname: ctx.name, hostKey, network: { mode: 'dhcp' }, gitIdentity: snap.meta.gitIdentity });
-    }
-    return { net: {} };
-  }
-
-  const restore = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
-    if (ctx.spec.net !== 'user') throw new BangerError('unsupported', 'restoring a snapshot is built for --net user VMs only');
-    const f = vmFiles(env.layout, ctx.id);
-    const driver = env.driver('qemu');
-    // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
-    const left = await findVmm(env, ctx, driver);
-    if (left) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(left), () => `pid ${left.pid}: left by a restore that did not finish`);
-    const cleanups = new Cleanups();
-    let proc: { pid: number; qmpSocket: string } | undefined;
-    cleanups.add('kill VMM', async () => {
-      if (proc) await driver.kill(proc);
-      await rm(f.vmmState, { force: true });
-    });
-    try {
-      const sshPort = await findFreePort();
-      proc = await launchForRestore(ctx, f, sshPort, signal);
-      const p = proc;
-      await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
-      const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
-      const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
-      await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
-      const target = await sshTargetFor(env, ctx, { sshPort });
-      const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
-      // The first command over SSH is the identity: one connection, where a `true` first would cost another.
-      const check = forkIdentityCheck(ctx.name);
-      await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs, signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
-      cleanups.release();
-      return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort, bootedAt: new Date().toISOString() } };
-    } catch (e) {
-      await cleanups.run().catch((ce) => env.log(ctx.id, 'restore.cleanup', 'error', undefined, errorMessage(ce)));
-      throw e;
-    }
-  });
-
-  /** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */
-  async function launchForRestore(ctx: VmContext, f: VmFiles, sshPort: number, signal: AbortSignal) {
-    const imageDir = env.layout.imageDir(ctx.spec.image);
-    const image = await readManifest(imageDir);
-    const disks = await launchDisks(f);
-    await rm(f.serialLog, { force: true });
-    const spec = {
-      id: ctx.id,
-      vmDir: f.dir,
-      runDir: env.layout.run,
-      kernel: join(imageDir, image.kernel),
-      initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
-      cmdline: KERNEL_CMDLINE,
-      ...disks,
+/** Step of state `snapshotting`: saves the VM as ctx.pendingSnapshot asks, then records the snapshot. */
+async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+  const p = ctx.pendingSnapshot;
+  if (!p) throw new BangerError('internal', 'no snapshot was asked for');
+  if (ctx.spec.vmm !== 'qemu') throw new BangerError('unsupported', 'banger vm snapshot is built for QEMU VMs only', 'create the VM with --vmm qemu');
+  const repo = new SnapshotRepo(env.store.db);
+  if (repo.get(p.snapshotId)) return; // taken before a daemon restart: nothing left to do
+  if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} has no VMM running`);
+  const proc = { pid: ctx.runtime.pid, qmpSocket: ctx.runtime.control };
+  const f = vmFiles(env.layout, ctx.id);
+  const dir = snapshotDir(env.layout.home, p.snapshotId);
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const base = (await readLayers(f))?.base;
+  const { kept, saved } = await saveWithLayers(env, ctx, { proc, f, dir, base, snapshotId: p.snapshotId, stop: p.stop }, signal);
+  await copyFile(f.hostKey, join(dir, 'host_key'));
+  await copyFile(f.hostKeyPub, join(dir, 'host_key.pub'));
+  repo.insert({
+    id: p.snapshotId,
+    name: p.name,
+    vmId: ctx.id,
+    vmName: ctx.name,
+    createdAt: new Date().toISOString(),
+    meta: {
+      image: ctx.spec.image,
       vcpus: ctx.spec.vcpus,
       memoryMiB: ctx.spec.memoryMiB,
+      diskBytes: ctx.spec.diskBytes,
       accel: ctx.spec.accel,
-      net: { mode: 'user' as const, sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
-      serialLog: f.serialLog,
-      incoming: true,
-    };
-    return stage(env, ctx.id, 'vmm.launch', () => env.driver('qemu').launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`);
+      gitIdentity: ctx.spec.gitIdentity,
+      chain: base ? [base, ...snapshotOf(env, base).meta.chain] : (ctx.spec.restore?.chain ?? []),
+      ...kept,
+      stateFile: 'state.bin',
+      stateBytes: saved.stateBytes,
+      timings: saved.timings,
+      identityDisk: existsSync(f.identityDisk),
+    },
+  });
+  if (p.stop) {
+    await env.driver('qemu').kill(proc); // it quit; this waits until it is gone
+    await rm(f.vmmState, { force: true });
   }
+}
 
-  return { takeSnapshot, restore, prepareRestoreDisks };
+/**
+ * Saves the state and freezes the disks into the snapshot's directory. A VM snapshotted before (`base`) sits on
+ * layers in its own directory: this snapshot's layers are then copies (of what changed since, only) rebased onto
+ * the earlier snapshot's, so that no snapshot depends on a VM's directory.
+ */
+async function saveWithLayers(
+  env: StepEnv,
+  ctx: VmContext,
+  o: { proc: { pid: number; qmpSocket: string }; f: VmFiles; dir: string; base?: string; snapshotId: string; stop?: boolean },
+  signal: AbortSignal,
+) {
+  const newLayers = { root: join(o.f.dir, `root-${o.snapshotId}.qcow2`), work: join(o.f.dir, `work-${o.snapshotId}.qcow2`) };
+  const baseMeta = o.base ? snapshotOf(env, o.base).meta : undefined;
+  const keep = async (frozen: DiskLayers['root'], name: string, below: SnapshotLayer | undefined) => {
+    const dst = join(o.dir, name);
+    if (!below) return linkOrCopy(frozen.file, dst);
+    await env.runner('cp', ['--sparse=always', '--reflink=auto', frozen.file, dst], { signal });
+    await env.runner('qemu-img', ['rebase', '-u', '-F', below.format, '-b', join(snapshotDir(env.layout.home, o.base!), below.file), dst], { signal });
+  };
+  let kept: { root: SnapshotLayer; work: SnapshotLayer } | undefined;
+  const onFrozen = async (frozen: DiskLayers) => {
+    // From here on the VM writes into the new overlays: record them before anything else can fail.
+    await writeLayers(o.f, { root: { file: newLayers.root, format: 'qcow2' }, work: { file: newLayers.work, format: 'qcow2' }, base: o.snapshotId });
+    kept = { root: { file: `root.${frozen.root.format}`, format: frozen.root.format }, work: { file: `work.${frozen.work.format}`, format: frozen.work.format } };
+    await keep(frozen.root, kept.root.file, baseMeta?.root);
+    await keep(frozen.work, kept.work.file, baseMeta?.work);
+  };
+  const save = () =>
+    saveQemuState(o.proc, { stateFile: join(o.dir, 'state.bin'), migSocket: join(env.layout.run, `${ctx.id}.mig`), newLayers, after: o.stop ? 'quit' : 'resume', signal, onFrozen });
+  const saved = await stage(env, ctx.id, 'snapshot.save', save, (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`);
+  return { kept: kept!, saved };
+}
+
+/** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
+async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
+  const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+  const dir = snapshotDir(env.layout.home, snap.id);
+  const f = vmFiles(env.layout, ctx.id);
+  await mkdir(f.dir, { recursive: true, mode: 0o700 });
+  const work = join(f.dir, 'work.qcow2');
+  const overlay = async (backing: SnapshotLayer, dst: string) => {
+    if (existsSync(dst)) return;
+    const partial = `${dst}.partial`;
+    await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
+    await rename(partial, dst);
+  };
+  await Promise.all([
+    stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
+    stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`),
+  ]);
+  await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: work, format: 'qcow2' } });
+  await copyFile(join(dir, 'host_key'), f.hostKey);
+  await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
+  const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
+  await writeFile(f.knownHosts, `banger-${ctx.id} ${pub}\n`, { mode: 0o600 });
+  if (snap.meta.identityDisk) {
+    // Read by the guest only when it boots again (a stop and start): then it is this fork's, under its own name.
+    const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: pub };
+    await writeIdentityDisk(f.identityDisk, { hostname: ctx.name, hostKey, network: { mode: 'dhcp' }, gitIdentity: snap.meta.gitIdentity });
+  }
+  return { net: {} };
+}
+
+/** Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. */
+async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
+  if (ctx.spec.net !== 'user') throw new BangerError('unsupported', 'restoring a snapshot is built for --net user VMs only');
+  const f = vmFiles(env.layout, ctx.id);
+  const driver = env.driver('qemu');
+  // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
+  const left = await findVmm(env, ctx, driver);
+  if (left) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(left), () => `pid ${left.pid}: left by a restore that did not finish`);
+  const cleanups = new Cleanups();
+  let proc: { pid: number; qmpSocket: string } | undefined;
+  cleanups.add('kill VMM', async () => {
+    if (proc) await driver.kill(proc);
+    await rm(f.vmmState, { force: true });
+  });
+  try {
+    const sshPort = await findFreePort();
+    proc = await launchForRestore(env, ctx, f, sshPort, signal);
+    const p = proc;
+    await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
+    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+    const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
+    await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+    const target = await sshTargetFor(env, ctx, { sshPort });
+    const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
+    // The first command over SSH is the identity: one connection, where a `true` first would cost another.
+    const check = forkIdentityCheck(ctx.name);
+    await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs, signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
+    cleanups.release();
+    return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort, bootedAt: new Date().toISOString() } };
+  } catch (e) {
+    await cleanups.run().catch((ce) => env.log(ctx.id, 'restore.cleanup', 'error', undefined, errorMessage(ce)));
+    throw e;
+  }
+}
+
+/** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */
+async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPort: number, signal: AbortSignal) {
+  const imageDir = env.layout.imageDir(ctx.spec.image);
+  const image = await readManifest(imageDir);
+  const disks = await launchDisks(f);
+  await rm(f.serialLog, { force: true });
+  const spec = {
+    id: ctx.id,
+    vmDir: f.dir,
+    runDir: env.layout.run,
+    kernel: join(imageDir, image.kernel),
+    initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
+    cmdline: KERNEL_CMDLINE,
+    ...disks,
+    vcpus: ctx.spec.vcpus,
+    memoryMiB: ctx.spec.memoryMiB,
+    accel: ctx.spec.accel,
+    net: { mode: 'user' as const, sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
+    serialLog: f.serialLog,
+    incoming: true,
+  };
+  return stage(env, ctx.id, 'vmm.launch', () => env.driver('qemu').launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`);
 }
 
 /**
