@@ -699,205 +699,42 @@ export interface BuildImageOptions {
  * directories next to imageDir, which appears (atomic rename) only once complete; any failure or abort removes them.
  */
 export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest> {
-  validateName('image', opts.name);
+  const mirror = checkBuildOptions(opts);
   const runner = opts.runner ?? run;
   const signal = opts.signal;
-  const emit = opts.onStage ?? (() => {});
-  if (!/^[a-z][a-z0-9-]*$/.test(opts.suite)) throw new BangerError('usage', `invalid Debian suite ${JSON.stringify(opts.suite)}`);
-  if (!opts.userPubKey?.trim()) throw new BangerError('invalid_params', 'buildImage needs the user public key');
-  const mirror = (opts.mirror ?? detectMirror())?.replace(/\/+$/, '');
-  if (!mirror) {
-    throw new BangerError('usage', 'no Debian mirror found in the host apt sources', 'give one with --mirror URL');
-  }
-  if (!/^(https?|file|ftp):\/\/\S+$/.test(mirror)) {
-    throw new BangerError('usage', `invalid mirror ${JSON.stringify(mirror)}`, 'give --mirror URL, e.g. http://<host>/debian');
-  }
-  if (existsSync(opts.imageDir)) {
-    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
-  }
-
-  const isRoot = process.getuid?.() === 0;
-  const mmdebstrap = await which('mmdebstrap', runner);
-  const debootstrap = isRoot ? await which('debootstrap', runner) : undefined;
-  let tool: 'mmdebstrap' | 'debootstrap';
-  let mode: 'root' | 'unshare' = 'root';
-  if (mmdebstrap) {
-    tool = 'mmdebstrap';
-    mode = isRoot ? 'root' : 'unshare';
-  } else if (debootstrap) tool = 'debootstrap';
-  else {
-    throw new BangerError(
-      'unsupported',
-      isRoot ? 'neither mmdebstrap nor debootstrap is installed' : 'building an image as a normal user needs mmdebstrap',
-      isRoot ? 'install mmdebstrap (apt install mmdebstrap)' : 'run as root, or install mmdebstrap (apt install mmdebstrap) so the build can use --mode=unshare',
-    );
-  }
+  const b = await bootstrapTool(runner);
   // In unshare mode the tree's files belong to sub-uids: tools that read ownership or delete files run inside
   // mmdebstrap's user namespace, where they appear as root.
   const execIn = (sig: AbortSignal | undefined): TreeExec => (file, args, o = {}) =>
-    mode === 'unshare'
-      ? runner('mmdebstrap', ['--unshare-helper', file, ...args], { signal: sig, ...o })
-      : runner(file, args, { signal: sig, ...o });
+    b.mode === 'unshare' ? runner('mmdebstrap', ['--unshare-helper', file, ...args], { signal: sig, ...o }) : runner(file, args, { signal: sig, ...o });
   const treeExec = execIn(signal);
-  // Cleanups run after an abort too: without the (aborted) signal.
-  const cleanupExec = execIn(undefined);
-
   const cleanups = new Cleanups();
   const parent = dirname(opts.imageDir);
   const base = basename(opts.imageDir);
   // The tree and the finished image may live on different filesystems: each must hold the whole build.
   for (const dir of new Set([opts.workDir ?? parent, parent])) await ensureFreeSpace(dir, IMAGE_BUILD_BYTES, `building image ${opts.name}`);
-
-  const stage = async <T>(name: string, fn: () => Promise<{ value: T; detail?: string }>): Promise<T> => {
-    checkAborted(signal);
-    emit({ stage: name, status: 'start' });
-    const t0 = performance.now();
-    const { value, detail } = await fn();
-    const ms = Math.round(performance.now() - t0);
-    emit({ stage: name, status: 'done', ms, detail });
-    return value;
-  };
-
+  const stage = buildStage(opts);
   try {
     await mkdir(parent, { recursive: true });
     const workParent = opts.workDir ?? parent;
     await mkdir(workParent, { recursive: true });
     const treeHolder = await mkdtemp(join(workParent, `.${base}.bootstrap-`));
     const tree = join(treeHolder, 'tree');
-    cleanups.add(`remove ${treeHolder}`, () => removeTree(treeHolder, cleanupExec));
+    // Cleanups run after an abort too: without the (aborted) signal.
+    cleanups.add(`remove ${treeHolder}`, () => removeTree(treeHolder, execIn(undefined)));
     const out = await mkdtemp(join(parent, `.${base}.tmp-`));
     const forgetOut = cleanups.add(`remove ${out}`, () => rm(out, { recursive: true, force: true }));
     await chmod(out, 0o755);
-
-    // ---- bootstrap
-    await stage('bootstrap', async () => {
-      await mkdir(tree, { mode: 0o755 });
-      const include = IMAGE_PACKAGES.join(',');
-      const argv =
-        tool === 'mmdebstrap'
-          ? [
-              'mmdebstrap',
-              '--variant=minbase',
-              `--mode=${mode}`,
-              '--format=directory',
-              '--components=main',
-              `--include=${include}`,
-              '--aptopt=Acquire::Retries "3"',
-              '--dpkgopt=path-exclude=/usr/share/man/*',
-              '--dpkgopt=path-exclude=/usr/share/info/*',
-              '--dpkgopt=path-exclude=/usr/share/doc/*',
-              '--dpkgopt=path-include=/usr/share/doc/*/copyright',
-              opts.suite,
-              tree,
-              mirror,
-            ]
-          : ['debootstrap', '--variant=minbase', `--include=${include}`, '--components=main', opts.suite, tree, mirror];
-      // Under coreutils' timeout, in its own process group: a SIGTERM (abort) reaches every process of the
-      // bootstrap. Sent to mmdebstrap alone, it waits for its whole setup (minutes) before exiting; sent to the
-      // group, it unmounts what it mounted in the tree and exits within a second.
-      try {
-        await runner('timeout', ['--kill-after=30', String(BOOTSTRAP_TIMEOUT_S), ...argv], { signal });
-      } catch (e) {
-        if (e instanceof CommandError) {
-          const tail = e.stderr.trim().split('\n').filter((l) => /^(E|W): /.test(l)).slice(-4).join('\n') || e.stderr.trim().split('\n').slice(-4).join('\n');
-          throw new BangerError(
-            'host',
-            e.exitCode_ === 124 ? `${tool} took longer than ${BOOTSTRAP_TIMEOUT_S} s` : `${tool} failed (exit ${e.exitCode_}): ${tail}`,
-            `check that the mirror ${mirror} is reachable (or pass another with --mirror URL)`,
-            { cause: e },
-          );
-        }
-        throw e;
-      }
-      await chmod(tree, 0o755); // becomes the guest's "/"
-      return { value: undefined, detail: `${tool}${tool === 'mmdebstrap' ? ` --mode=${mode}` : ''} ${opts.suite} from ${mirror}` };
-    });
-
-    // ---- configure
-    await stage('configure', async () => {
-      await writeTreeFile(tree, '/etc/fstab', FSTAB);
-      await writeTreeFile(tree, '/etc/hostname', 'banger\n');
-      // The build host's resolver means nothing in a guest; static networks get theirs per VM.
-      await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
-      await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
-      await writeTreeFile(tree, '/etc/default/ssh', SSHD_DEFAULTS);
-      await writeTreeFile(tree, '/usr/local/sbin/banger-identity', IDENTITY_SCRIPT, 0o755);
-      await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
-      for (const [path, [content, mode]] of Object.entries(AGENT_FILES)) await writeTreeFile(tree, path, content, mode);
-      const sshDir = await resolveInTree(tree, '/etc/ssh');
-      for (const f of await readdir(sshDir)) if (f.startsWith('ssh_host_')) await unlink(join(sshDir, f));
-      const machineId = await resolveInTree(tree, '/etc/machine-id');
-      if (/^[0-9a-f]{32}\s*$/.test(await readFile(machineId, 'utf8').catch(() => ''))) await writeFile(machineId, '');
-      const enabled = [
-        ...(await enableUnitInTree(tree, 'systemd-networkd.service')),
-        ...(await enableUnitInTree(tree, 'ssh.service')),
-        ...(await enableUnitInTree(tree, 'banger-identity.service')),
-      ];
-      const masked: string[] = [];
-      for (const u of MASKED_UNITS) if (await maskUnitInTree(tree, u)) masked.push(u);
-      const root = await resolveInTree(tree, '/root');
-      await mkdir(join(root, '.ssh'), { recursive: true });
-      await chmod(root, 0o700);
-      await chmod(join(root, '.ssh'), 0o700);
-      await writeTreeFile(tree, '/root/.ssh/authorized_keys', withNewline(opts.userPubKey.trim()), 0o600);
-      return { value: undefined, detail: `enabled ${enabled.length} unit links, masked ${masked.join(' ')}` };
-    });
-
-    // ---- kernel
-    const kernel = await stage('kernel', async () => {
-      const boot = await resolveInTree(tree, '/boot');
-      const names = await readdir(boot);
-      const newest = (prefix: string) =>
-        names
-          .filter((n) => n.startsWith(prefix))
-          .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }))
-          .pop();
-      const vmlinuz = newest('vmlinuz-');
-      const initrd = newest('initrd.img-');
-      if (!vmlinuz) throw new BangerError('host', 'the bootstrap installed no kernel (/boot/vmlinuz-* is missing)');
-      if (!initrd) throw new BangerError('host', 'the bootstrap made no initrd (/boot/initrd.img-* is missing)');
-      await treeExec('cp', [join(boot, vmlinuz), join(out, Files.vmlinuz)]);
-      await treeExec('cp', [join(boot, initrd), join(out, Files.initrd)]);
-      const x = await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner, signal });
-      const detail = x.ok
-        ? `${vmlinuz}; vmlinux from the ${x.format} payload at offset ${x.offset} (${x.bytes} bytes)`
-        : `${vmlinuz}; warning: no vmlinux (${x.reason}); Firecracker will not be able to use this image`;
-      return { value: { version: vmlinuz.slice('vmlinuz-'.length), vmlinux: x.ok }, detail };
-    });
-
-    // ---- packages
-    const packages = await stage('packages', async () => {
-      const admindir = await resolveInTree(tree, '/var/lib/dpkg');
-      const r = await runner('dpkg-query', [`--admindir=${admindir}`, '-W', '-f', '${Package} ${Version}\n'], { signal });
-      const lines = r.stdout.split('\n').filter(Boolean).sort();
-      await writeFile(join(out, Files.packages), lines.join('\n') + '\n', { mode: 0o644 });
-      return { value: lines.length, detail: `${lines.length} packages` };
-    });
-
-    // ---- workseed
+    await stage('bootstrap', () => bootstrapTree(tree, { ...b, suite: opts.suite, mirror, runner, signal }));
+    await stage('configure', () => configureTree(tree, opts.userPubKey));
+    const kernel = await stage('kernel', () => copyKernel(tree, out, { treeExec, runner, signal }));
+    const packages = await stage('packages', () => listPackages(tree, out, runner, signal));
     await stage('workseed', async () => {
       const root = await resolveInTree(tree, '/root');
       await makeSeed(join(out, Files.workSeed), root, treeExec);
       return { value: undefined, detail: `from /root (${(await readdir(root)).join(' ')})` };
     });
-
-    // ---- rootfs
-    const rootfsBytes = await stage('rootfs', async () => {
-      const root = await resolveInTree(tree, '/root');
-      await treeExec('find', [root, '-mindepth', '1', '-delete']); // /root is the work disk
-      const used = await treeBytes(tree, treeExec);
-      const size = Math.max(GiB, Math.ceil((used * 1.4) / (64 * MiB)) * 64 * MiB);
-      const img = join(out, Files.rootfs);
-      await runner('truncate', ['-s', String(size), img], { signal });
-      await treeExec(
-        'mkfs.ext4',
-        ['-F', '-q', '-L', 'banger-root', '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', '-d', tree, img],
-        { timeoutMs: 30 * 60_000 },
-      );
-      return { value: size, detail: `tree ${Math.round(used / MiB)} MiB → ${Math.round(size / MiB)} MiB ext4` };
-    });
-
-    // ---- finish
+    const rootfsBytes = await stage('rootfs', () => makeRootfs(tree, out, { treeExec, runner, signal }));
     return await stage('finish', async () => {
       const manifest = await finishDir(out, {
         name: opts.name,
@@ -916,12 +753,8 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
       await publishDir(out, opts.imageDir, opts.name);
       forgetOut();
       const failures = await cleanups.runAll(); // the bootstrap tree
-      return {
-        value: manifest,
-        detail:
-          `${Math.round(manifest.sizeBytes / MiB)} MiB (rootfs ${Math.round(rootfsBytes / MiB)} MiB, kernel ${kernel.version})` +
-          (failures.length ? `; warning: ${failures.join('; ')}` : ''),
-      };
+      const sizes = `${Math.round(manifest.sizeBytes / MiB)} MiB (rootfs ${Math.round(rootfsBytes / MiB)} MiB, kernel ${kernel.version})`;
+      return { value: manifest, detail: sizes + (failures.length ? `; warning: ${failures.join('; ')}` : '') };
     });
   } catch (e) {
     const failures = await cleanups.runAll();
@@ -931,6 +764,182 @@ export async function buildImage(opts: BuildImageOptions): Promise<ImageManifest
     }
     throw e;
   }
+}
+
+/** Checks a build's options before anything is made; returns the mirror to use. */
+function checkBuildOptions(opts: BuildImageOptions): string {
+  validateName('image', opts.name);
+  if (!/^[a-z][a-z0-9-]*$/.test(opts.suite)) throw new BangerError('usage', `invalid Debian suite ${JSON.stringify(opts.suite)}`);
+  if (!opts.userPubKey?.trim()) throw new BangerError('invalid_params', 'buildImage needs the user public key');
+  const mirror = (opts.mirror ?? detectMirror())?.replace(/\/+$/, '');
+  if (!mirror) throw new BangerError('usage', 'no Debian mirror found in the host apt sources', 'give one with --mirror URL');
+  if (!/^(https?|file|ftp):\/\/\S+$/.test(mirror)) {
+    throw new BangerError('usage', `invalid mirror ${JSON.stringify(mirror)}`, 'give --mirror URL, e.g. http://<host>/debian');
+  }
+  if (existsSync(opts.imageDir)) {
+    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
+  }
+  return mirror;
+}
+
+/** mmdebstrap (as root, else --mode=unshare), else debootstrap as root. */
+async function bootstrapTool(runner: Runner): Promise<{ tool: 'mmdebstrap' | 'debootstrap'; mode: 'root' | 'unshare' }> {
+  const isRoot = process.getuid?.() === 0;
+  if (await which('mmdebstrap', runner)) return { tool: 'mmdebstrap', mode: isRoot ? 'root' : 'unshare' };
+  if (isRoot && (await which('debootstrap', runner))) return { tool: 'debootstrap', mode: 'root' };
+  throw new BangerError(
+    'unsupported',
+    isRoot ? 'neither mmdebstrap nor debootstrap is installed' : 'building an image as a normal user needs mmdebstrap',
+    isRoot ? 'install mmdebstrap (apt install mmdebstrap)' : 'run as root, or install mmdebstrap (apt install mmdebstrap) so the build can use --mode=unshare',
+  );
+}
+
+/** A build stage: checks for an abort, reports start and done (with its duration and detail) to opts.onStage. */
+function buildStage(opts: BuildImageOptions) {
+  const emit = opts.onStage ?? (() => {});
+  return async <T>(name: string, fn: () => Promise<{ value: T; detail?: string }>): Promise<T> => {
+    checkAborted(opts.signal);
+    emit({ stage: name, status: 'start' });
+    const t0 = performance.now();
+    const { value, detail } = await fn();
+    emit({ stage: name, status: 'done', ms: Math.round(performance.now() - t0), detail });
+    return value;
+  };
+}
+
+interface BootstrapOptions {
+  tool: 'mmdebstrap' | 'debootstrap';
+  mode: 'root' | 'unshare';
+  suite: string;
+  mirror: string;
+  runner: Runner;
+  signal?: AbortSignal;
+}
+
+/** The Debian tree, minbase plus IMAGE_PACKAGES. */
+async function bootstrapTree(tree: string, o: BootstrapOptions): Promise<{ value: undefined; detail: string }> {
+  await mkdir(tree, { mode: 0o755 });
+  const include = IMAGE_PACKAGES.join(',');
+  const argv =
+    o.tool === 'mmdebstrap'
+      ? [
+          'mmdebstrap',
+          '--variant=minbase',
+          `--mode=${o.mode}`,
+          '--format=directory',
+          '--components=main',
+          `--include=${include}`,
+          '--aptopt=Acquire::Retries "3"',
+          '--dpkgopt=path-exclude=/usr/share/man/*',
+          '--dpkgopt=path-exclude=/usr/share/info/*',
+          '--dpkgopt=path-exclude=/usr/share/doc/*',
+          '--dpkgopt=path-include=/usr/share/doc/*/copyright',
+          o.suite,
+          tree,
+          o.mirror,
+        ]
+      : ['debootstrap', '--variant=minbase', `--include=${include}`, '--components=main', o.suite, tree, o.mirror];
+  // Under coreutils' timeout, in its own process group: a SIGTERM (abort) reaches every process of the
+  // bootstrap. Sent to mmdebstrap alone, it waits for its whole setup (minutes) before exiting; sent to the
+  // group, it unmounts what it mounted in the tree and exits within a second.
+  try {
+    await o.runner('timeout', ['--kill-after=30', String(BOOTSTRAP_TIMEOUT_S), ...argv], { signal: o.signal });
+  } catch (e) {
+    if (!(e instanceof CommandError)) throw e;
+    const lines = e.stderr.trim().split('\n');
+    const tail = lines.filter((l) => /^(E|W): /.test(l)).slice(-4).join('\n') || lines.slice(-4).join('\n');
+    throw new BangerError(
+      'host',
+      e.exitCode_ === 124 ? `${o.tool} took longer than ${BOOTSTRAP_TIMEOUT_S} s` : `${o.tool} failed (exit ${e.exitCode_}): ${tail}`,
+      `check that the mirror ${o.mirror} is reachable (or pass another with --mirror URL)`,
+      { cause: e },
+    );
+  }
+  await chmod(tree, 0o755); // becomes the guest's "/"
+  return { value: undefined, detail: `${o.tool}${o.tool === 'mmdebstrap' ? ` --mode=${o.mode}` : ''} ${o.suite} from ${o.mirror}` };
+}
+
+/** banger's files in the tree: fstab, sshd, the identity unit, the agent, units enabled and masked, root's key. */
+async function configureTree(tree: string, userPubKey: string): Promise<{ value: undefined; detail: string }> {
+  await writeTreeFile(tree, '/etc/fstab', FSTAB);
+  await writeTreeFile(tree, '/etc/hostname', 'banger\n');
+  // The build host's resolver means nothing in a guest; static networks get theirs per VM.
+  await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
+  await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
+  await writeTreeFile(tree, '/etc/default/ssh', SSHD_DEFAULTS);
+  await writeTreeFile(tree, '/usr/local/sbin/banger-identity', IDENTITY_SCRIPT, 0o755);
+  await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
+  for (const [path, [content, mode]] of Object.entries(AGENT_FILES)) await writeTreeFile(tree, path, content, mode);
+  const sshDir = await resolveInTree(tree, '/etc/ssh');
+  for (const f of await readdir(sshDir)) if (f.startsWith('ssh_host_')) await unlink(join(sshDir, f));
+  const machineId = await resolveInTree(tree, '/etc/machine-id');
+  if (/^[0-9a-f]{32}\s*$/.test(await readFile(machineId, 'utf8').catch(() => ''))) await writeFile(machineId, '');
+  const enabled = [
+    ...(await enableUnitInTree(tree, 'systemd-networkd.service')),
+    ...(await enableUnitInTree(tree, 'ssh.service')),
+    ...(await enableUnitInTree(tree, 'banger-identity.service')),
+  ];
+  const masked: string[] = [];
+  for (const u of MASKED_UNITS) if (await maskUnitInTree(tree, u)) masked.push(u);
+  const root = await resolveInTree(tree, '/root');
+  await mkdir(join(root, '.ssh'), { recursive: true });
+  await chmod(root, 0o700);
+  await chmod(join(root, '.ssh'), 0o700);
+  await writeTreeFile(tree, '/root/.ssh/authorized_keys', withNewline(userPubKey.trim()), 0o600);
+  return { value: undefined, detail: `enabled ${enabled.length} unit links, masked ${masked.join(' ')}` };
+}
+
+interface TreeStepOptions {
+  treeExec: TreeExec;
+  runner: Runner;
+  signal?: AbortSignal;
+}
+
+/** The newest kernel and initrd of the tree, copied out, and the ELF vmlinux extracted for Firecracker. */
+async function copyKernel(tree: string, out: string, o: TreeStepOptions): Promise<{ value: { version: string; vmlinux: boolean }; detail: string }> {
+  const boot = await resolveInTree(tree, '/boot');
+  const names = await readdir(boot);
+  const newest = (prefix: string) =>
+    names
+      .filter((n) => n.startsWith(prefix))
+      .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }))
+      .pop();
+  const vmlinuz = newest('vmlinuz-');
+  const initrd = newest('initrd.img-');
+  if (!vmlinuz) throw new BangerError('host', 'the bootstrap installed no kernel (/boot/vmlinuz-* is missing)');
+  if (!initrd) throw new BangerError('host', 'the bootstrap made no initrd (/boot/initrd.img-* is missing)');
+  await o.treeExec('cp', [join(boot, vmlinuz), join(out, Files.vmlinuz)]);
+  await o.treeExec('cp', [join(boot, initrd), join(out, Files.initrd)]);
+  const x = await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner: o.runner, signal: o.signal });
+  const detail = x.ok
+    ? `${vmlinuz}; vmlinux from the ${x.format} payload at offset ${x.offset} (${x.bytes} bytes)`
+    : `${vmlinuz}; warning: no vmlinux (${x.reason}); Firecracker will not be able to use this image`;
+  return { value: { version: vmlinuz.slice('vmlinuz-'.length), vmlinux: x.ok }, detail };
+}
+
+/** packages.txt: every installed package with its version. */
+async function listPackages(tree: string, out: string, runner: Runner, signal?: AbortSignal): Promise<{ value: number; detail: string }> {
+  const admindir = await resolveInTree(tree, '/var/lib/dpkg');
+  const r = await runner('dpkg-query', [`--admindir=${admindir}`, '-W', '-f', '${Package} ${Version}\n'], { signal });
+  const lines = r.stdout.split('\n').filter(Boolean).sort();
+  await writeFile(join(out, Files.packages), lines.join('\n') + '\n', { mode: 0o644 });
+  return { value: lines.length, detail: `${lines.length} packages` };
+}
+
+/** rootfs.ext4 from the tree without /root (the work disk): 1.4 × what the tree uses, at least 1 GiB. */
+async function makeRootfs(tree: string, out: string, o: TreeStepOptions): Promise<{ value: number; detail: string }> {
+  const root = await resolveInTree(tree, '/root');
+  await o.treeExec('find', [root, '-mindepth', '1', '-delete']); // /root is the work disk
+  const used = await treeBytes(tree, o.treeExec);
+  const size = Math.max(GiB, Math.ceil((used * 1.4) / (64 * MiB)) * 64 * MiB);
+  const img = join(out, Files.rootfs);
+  await o.runner('truncate', ['-s', String(size), img], { signal: o.signal });
+  await o.treeExec(
+    'mkfs.ext4',
+    ['-F', '-q', '-L', 'banger-root', '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', '-d', tree, img],
+    { timeoutMs: 30 * 60_000 },
+  );
+  return { value: size, detail: `tree ${Math.round(used / MiB)} MiB → ${Math.round(size / MiB)} MiB ext4` };
 }
 
 /**
