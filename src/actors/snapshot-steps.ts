@@ -196,7 +196,7 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
     await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
     const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
     const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
-    await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+    await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
     const target = await sshTargetFor(env, ctx, { sshPort });
     const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
     // The first command over SSH is the identity: one connection, where a `true` first would cost another.

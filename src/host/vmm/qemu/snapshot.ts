@@ -6,22 +6,21 @@
  *  1. the disks: one QMP `transaction` of `blockdev-snapshot-sync` for root and work puts a new, empty qcow2
  *     overlay on top of each; the files the guest wrote until now become read-only backing files (the frozen
  *     layers). The guest goes on writing into the new overlays.
- *  2. the state: `migrate` to a Unix socket this process listens on, streamed into the state file. No shell
- *     (`exec:`) and no fd passing; QEMU 7.2 has no `file:` migration.
+ *  2. the state: `migrate` to a Unix socket this process listens on; the connection goes to a `cat` into the
+ *     state file. No shell (`exec:`, see below) and no fd passing to QEMU; QEMU 7.2 has no `file:` migration.
  *  3. `cont` (the guest runs on, on its new layers) or `quit`.
- * Restoring: QEMU is launched with the same machine and devices plus `-incoming defer`, then `migrate-incoming`
- * from `exec:cat <state file>`. The guest runs when the stream is loaded. (Saving does not use exec: QEMU 7.2
- * SIGTERMs the command as soon as it closes the pipe, which could cut a `cat > file` short.)
+ * Restoring: QEMU is launched with the same machine and devices plus `-incoming defer`; `migrate-incoming` to a
+ * Unix socket QEMU listens on, and a `cat` of the state file writes into it. The guest runs when it is loaded.
+ * (Not `exec:` either way: QEMU 7.2 SIGTERMs the command as soon as it closes the pipe, which could cut a
+ * `cat > file` short, and a pipe moves the stream in 64 KiB turns between two processes.)
  */
-import { createWriteStream } from 'node:fs';
-import { rm, stat } from 'node:fs/promises';
-import { createServer, type Server } from 'node:net';
-import { pipeline } from 'node:stream/promises';
+import { spawn } from 'node:child_process';
+import { open, rm, stat } from 'node:fs/promises';
+import { createConnection, createServer, type Socket } from 'node:net';
 import { BangerError, errorMessage } from '../../../errors.js';
 import { checkSocketPath, sleep } from '../../exec/wait.js';
 import type { VmmProcess } from '../driver.js';
 import { QmpClient } from './qmp.js';
-import { shellQuote } from '../../exec/shell.js';
 
 /** The top file of each of a VM's disks, with its format. */
 export interface DiskLayer {
@@ -103,31 +102,56 @@ async function currentLayers(qmp: QmpClient): Promise<DiskLayers> {
   return { root: layer('root'), work: layer('work') };
 }
 
-/** `migrate` to a Unix socket we listen on, written to the state file; resolves when QEMU says completed. */
+/**
+ * `migrate` to a Unix socket we listen on; the connection is handed, unread, to a `cat` whose stdout is the state
+ * file, so the stream never passes through this process (copied here, it took a core). Resolves when QEMU says
+ * completed and cat has written everything.
+ */
 async function migrateToFile(qmp: QmpClient, opts: SaveStateOptions): Promise<void> {
   const sock = checkSocketPath(opts.migSocket);
   await rm(sock, { force: true });
-  let server: Server | undefined;
+  // pauseOnConnect: nothing of the stream is read here before cat has the socket.
+  const server = createServer({ pauseOnConnect: true });
   try {
-    // Node's end of the stream: one connection, piped into the file (the file is complete when the pipe ends).
     const written = new Promise<void>((resolve, reject) => {
-      server = createServer((conn) => {
-        server?.close();
-        pipeline(conn, createWriteStream(opts.stateFile, { mode: 0o600 })).then(resolve, reject);
+      server.once('connection', (conn) => {
+        server.close();
+        catInto(conn, opts.stateFile).then(resolve, reject);
       });
       server.once('error', reject);
-      server.listen(sock);
     });
-    await new Promise<void>((res, rej) => (server!.listening ? res() : server!.once('listening', res).once('error', rej)));
+    written.catch(() => undefined); // awaited below, after the migration; a rejection meanwhile is not unhandled
+    await new Promise<void>((res, rej) => server.listen(sock, res).once('error', rej));
     // The default bandwidth cap (128 MiB/s in 7.2) only slows a local file down.
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 }, { timeoutMs: 5000 });
     await qmp.execute('migrate', { uri: `unix:${sock}` }, { timeoutMs: 10_000 });
     await waitMigration(qmp, opts.timeoutMs ?? 300_000, opts.signal);
     await written;
   } finally {
-    server?.close();
+    server.close();
     await rm(sock, { force: true });
   }
+}
+
+/** `cat` from the connection (its stdin) into a new file (its stdout, mode 0600). */
+async function catInto(conn: Socket, file: string): Promise<void> {
+  const out = await open(file, 'w', 0o600);
+  try {
+    const done = runCat([], { stdin: conn, stdout: out.fd }, `writing the snapshot's state to ${file}`);
+    conn.destroy(); // cat has its own copy of the socket
+    await done;
+  } finally {
+    await out.close();
+  }
+}
+
+/** Runs cat with these stdin and stdout (sockets and fds are handed over, not copied through here); resolves on exit 0. */
+async function runCat(args: string[], io: { stdin: Socket | 'ignore'; stdout: Socket | number }, what: string): Promise<void> {
+  const cat = spawn('cat', args, { stdio: [io.stdin, io.stdout, 'pipe'] });
+  let stderr = '';
+  cat.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
+  const code = await new Promise<number | null>((res, rej) => cat.once('error', rej).once('close', res));
+  if (code !== 0) throw new BangerError('host', `${what} failed (cat exit ${code}): ${stderr.trim()}`);
 }
 
 /** Polls query-migrate until 'completed'; 'failed' or 'cancelled' throws with QEMU's reason. */
@@ -145,20 +169,44 @@ async function waitMigration(qmp: QmpClient, timeoutMs: number, signal?: AbortSi
 }
 
 /**
- * Loads a saved state into a QEMU started with `-incoming defer`: QEMU reads it from `cat <stateFile>` (its exec:
- * migration, the path quoted as one shell word) and runs the guest once it has it all. Streamed through this
- * process instead, the copy took a core: 0.9 s for 200 MB on an idle machine, 4-6 s beside other work.
+ * Loads a saved state into a QEMU started with `-incoming defer`: QEMU listens on `migSocket`, and a `cat` of the
+ * state file writes into the connection (the stream never passes through this process, where it took a core; a
+ * pipe, QEMU's `exec:`, moved it in 64 KiB turns between cat and QEMU, which a busy machine made 5× slower). The
+ * guest runs once QEMU has it all.
  */
-export async function loadQemuState(proc: VmmProcess, opts: { stateFile: string; timeoutMs?: number; signal?: AbortSignal }): Promise<void> {
+export async function loadQemuState(proc: VmmProcess, opts: { stateFile: string; migSocket: string; timeoutMs?: number; signal?: AbortSignal }): Promise<void> {
   await stat(opts.stateFile).catch(() => {
     throw new BangerError('not_found', `the snapshot's state file ${opts.stateFile} is missing`, 'the snapshot is damaged: delete it and take another');
   });
+  const sock = checkSocketPath(opts.migSocket);
+  await rm(sock, { force: true });
   const qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000, signal: opts.signal });
   try {
-    await qmp.execute('migrate-incoming', { uri: `exec:${shellQuote(['cat', '--', opts.stateFile])}` }, { timeoutMs: 10_000 });
+    await qmp.execute('migrate-incoming', { uri: `unix:${sock}` }, { timeoutMs: 10_000 });
+    const conn = await connectUnix(sock, 5000, opts.signal);
+    const sent = runCat(['--', opts.stateFile], { stdin: 'ignore', stdout: conn }, `sending the snapshot's state ${opts.stateFile} to QEMU`);
+    conn.destroy(); // cat has its own copy of the socket
+    await sent;
     await waitRunning(qmp, opts.timeoutMs ?? 120_000, opts.signal);
   } finally {
     qmp.close();
+    await rm(sock, { force: true });
+  }
+}
+
+async function connectUnix(path: string, timeoutMs: number, signal?: AbortSignal): Promise<Socket> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await new Promise<Socket>((res, rej) => {
+        const s = createConnection({ path });
+        s.once('connect', () => res(s.pause()));
+        s.once('error', rej);
+      });
+    } catch (e) {
+      if (Date.now() > deadline) throw new BangerError('host', `QEMU's incoming migration socket ${path}: ${errorMessage(e)}`);
+      await sleep(20, signal);
+    }
   }
 }
 
