@@ -54,9 +54,12 @@ describeE2E('vm lifecycle against real guests', () => {
     // ssh -- CMD exits with CMD's status; the host's pinned key is the guest's own
     expect((await b.run(['vm', 'ssh', 'life', '--', 'sh', '-c', 'exit 7'])).exitCode).toBe(7);
     await b.ok(['vm', 'ssh', 'life', '--', 'sh', '-c', 'echo kept > /root/marker && sync']);
-    // the root disk is a qcow2 overlay on the image; the guest applied its identity from the work disk at boot
+    // the root disk is a qcow2 overlay on the image; the guest applied its identity from its identity disk at boot
+    // (the git identity above came that way too), a read-only disk with the serial banger-identity
     expect((await b.ok(['vm', 'ssh', 'life', '--', 'hostname'])).stdout.trim()).toBe('life');
     expect(existsSync(join(b.home, 'vms', created.id, 'root.qcow2'))).toBe(true);
+    expect(existsSync(join(b.home, 'vms', created.id, 'identity.tar'))).toBe(true);
+    expect((await b.ok(['vm', 'ssh', 'life', '--', 'lsblk', '-dno', 'SERIAL,RO'])).stdout).toMatch(/^banger-identity\s+1$/m);
 
     // refused while running: START and SET name the state and change nothing
     const start = await b.run(['vm', 'start', 'life']);

@@ -149,7 +149,7 @@ export async function probeCowStrategies(
     await rm(probe, { recursive: true, force: true });
   }
   const qemuImg = await which('qemu-img', runner);
-  const overlayUse = 'QEMU VMs get a qcow2 overlay on the image (constant time, any filesystem) when the image applies its identity from the work disk (built by banger ≥ 2); Firecracker and other images use reflink, else a sparse copy';
+  const overlayUse = 'QEMU VMs get a qcow2 overlay on the image (constant time, any filesystem) when the image applies its identity from an identity disk (built by banger ≥ 4); Firecracker and other images use reflink, else a sparse copy';
   out.push(
     qemuImg
       ? { strategy: 'qcow2-overlay', ok: true, why: `qemu-img found (${qemuImg}): ${overlayUse}` }

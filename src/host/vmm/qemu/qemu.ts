@@ -716,9 +716,6 @@ export function kvmProbeArgv(kernel: string, initrd: string | undefined, serialL
  */
 export async function probeKvm(opts: KvmProbeOptions): Promise<KvmVerdict> {
   const dev = opts.kvmDevice ?? '/dev/kvm';
-  const timeoutMs = opts.timeoutMs ?? 20_000;
-  const runner = opts.runner ?? run;
-  const qemuBin = opts.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
   try {
     const fh = await open(dev, 'r+');
     await fh.close();
@@ -726,73 +723,68 @@ export async function probeKvm(opts: KvmProbeOptions): Promise<KvmVerdict> {
     return { usable: false, reason: `${dev} cannot be opened (${errno(e) ?? errorMessage(e)})`, cached: false };
   }
   const kernel = resolve(opts.kernel);
-  let st;
-  try {
-    st = await stat(kernel);
-  } catch (e) {
+  const st = await stat(kernel).catch((e) => {
     throw new BangerError('not_found', `kernel for the KVM probe not found: ${kernel} (${errno(e) ?? errorMessage(e)})`);
-  }
+  });
   const key: KvmCacheEntry['key'] = { kernel, size: st.size, mtimeMs: Math.trunc(st.mtimeMs), hostKernel: release() };
+  const cached = await readKvmCache(opts.cacheFile, key);
+  if (cached) return { ...cached, cached: true };
+  const verdict = await probeBoot(kernel, opts);
+  if (opts.signal?.aborted) throw aborted('KVM probe', opts.signal);
+  await writeKvmCache(opts.cacheFile, { key, ...verdict, checkedAt: new Date().toISOString() });
+  return { ...verdict, cached: false };
+}
+
+async function readKvmCache(file: string, key: KvmCacheEntry['key']): Promise<{ usable: boolean; reason: string } | undefined> {
   try {
-    const c = JSON.parse(await readFile(opts.cacheFile, 'utf8')) as KvmCacheEntry;
-    if (c && c.key && JSON.stringify(c.key) === JSON.stringify(key) && typeof c.usable === 'boolean') {
-      return { usable: c.usable, reason: c.reason, cached: true };
-    }
+    const c = JSON.parse(await readFile(file, 'utf8')) as KvmCacheEntry;
+    if (c && c.key && JSON.stringify(c.key) === JSON.stringify(key) && typeof c.usable === 'boolean') return { usable: c.usable, reason: c.reason };
   } catch {
     /* no cache or unreadable: probe */
   }
+  return undefined;
+}
 
+async function writeKvmCache(file: string, entry: KvmCacheEntry): Promise<void> {
+  try {
+    await mkdir(dirname(file), { recursive: true });
+    const tmp = `${file}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
+    await writeFile(tmp, `${JSON.stringify(entry, null, 2)}\n`);
+    await rename(tmp, file);
+  } catch {
+    /* an unwritable cache only costs a probe next time */
+  }
+}
+
+type ProbeOutcome = { exitCode?: number; stderr?: string; error?: unknown };
+
+/** Boots the kernel under KVM until its serial console shows it ran, QEMU ends, or the timeout; the probe VM is always gone after. */
+async function probeBoot(kernel: string, opts: KvmProbeOptions): Promise<{ usable: boolean; reason: string }> {
+  const timeoutMs = opts.timeoutMs ?? 20_000;
+  const runner = opts.runner ?? run;
+  const qemuBin = opts.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
   const dir = await mkdtemp(join(tmpdir(), 'banger-kvmprobe-'));
   const serial = join(dir, 'serial.log');
   const ac = new AbortController();
   const onOuterAbort = () => ac.abort(opts.signal?.reason);
   opts.signal?.addEventListener('abort', onOuterAbort, { once: true });
   const started = Date.now();
-  let verdict: { usable: boolean; reason: string };
   let running: Promise<unknown> | undefined;
   try {
-    type Outcome = { done: true; exitCode?: number; stderr?: string; error?: unknown };
-    let outcome: Outcome | undefined;
-    running = runner(qemuBin, kvmProbeArgv(kernel, opts.initrd ? resolve(opts.initrd) : undefined, serial), {
-      signal: ac.signal,
-      reject: false,
-      timeoutMs: timeoutMs + 10_000,
-    }).then(
-      (r) => (outcome = { done: true, exitCode: r.exitCode, stderr: r.stderr }),
-      (e) => (outcome = { done: true, error: e }),
+    let outcome: ProbeOutcome | undefined;
+    running = runner(qemuBin, kvmProbeArgv(kernel, opts.initrd ? resolve(opts.initrd) : undefined, serial), { signal: ac.signal, reject: false, timeoutMs: timeoutMs + 10_000 }).then(
+      (r) => (outcome = { exitCode: r.exitCode, stderr: r.stderr }),
+      (e) => (outcome = { error: e }),
     );
-    const serialText = () => readFile(serial, 'utf8').catch(() => '');
+    const ran = async () => KERNEL_RAN_RE.exec(await readFile(serial, 'utf8').catch(() => ''));
     for (;;) {
-      const text = await serialText();
-      const m = KERNEL_RAN_RE.exec(text);
-      if (m) {
-        verdict = { usable: true, reason: `a probe boot under KVM ran the kernel (serial: "${m[0]}") in ${Date.now() - started} ms` };
-        break;
-      }
-      if (outcome) {
-        const last = KERNEL_RAN_RE.exec(await serialText());
-        if (last) {
-          verdict = { usable: true, reason: `a probe boot under KVM ran the kernel (serial: "${last[0]}") in ${Date.now() - started} ms` };
-        } else {
-          const stderr = (outcome.error as { stderr?: unknown } | undefined)?.stderr ?? outcome.stderr;
-          const tail = typeof stderr === 'string' ? stderr.trim().split('\n').slice(-3).join(' | ') : '';
-          const how = outcome.error
-            ? /SIG[A-Z]+/.exec(errorMessage(outcome.error))?.[0]
-              ? `QEMU died of ${/SIG[A-Z]+/.exec(errorMessage(outcome.error))![0]}`
-              : errorMessage(outcome.error)
-            : `QEMU exited with status ${outcome.exitCode}`;
-          const why = `${how}${tail ? `: ${tail}` : ''}`;
-          verdict = { usable: false, reason: `a probe boot under KVM failed before the kernel ran: ${why}` };
-        }
-        break;
-      }
+      const ended = outcome; // read before the serial log: a kernel that ran just before QEMU ended still counts
+      const m = await ran();
+      if (m) return { usable: true, reason: `a probe boot under KVM ran the kernel (serial: "${m[0]}") in ${Date.now() - started} ms` };
+      if (ended) return { usable: false, reason: `a probe boot under KVM failed before the kernel ran: ${probeFailure(ended)}` };
       if (opts.signal?.aborted) throw aborted('KVM probe', opts.signal);
       if (Date.now() - started > timeoutMs) {
-        verdict = {
-          usable: false,
-          reason: `a probe boot under KVM showed no sign of the kernel running within ${timeoutMs} ms (nested virtualization that cannot run this kernel?)`,
-        };
-        break;
+        return { usable: false, reason: `a probe boot under KVM showed no sign of the kernel running within ${timeoutMs} ms (nested virtualization that cannot run this kernel?)` };
       }
       await sleep(200);
     }
@@ -803,16 +795,13 @@ export async function probeKvm(opts: KvmProbeOptions): Promise<KvmVerdict> {
     opts.signal?.removeEventListener('abort', onOuterAbort);
     await rm(dir, { recursive: true, force: true });
   }
-  if (opts.signal?.aborted) throw aborted('KVM probe', opts.signal);
+}
 
-  const entry: KvmCacheEntry = { key, usable: verdict.usable, reason: verdict.reason, checkedAt: new Date().toISOString() };
-  try {
-    await mkdir(dirname(opts.cacheFile), { recursive: true });
-    const tmp = `${opts.cacheFile}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
-    await writeFile(tmp, `${JSON.stringify(entry, null, 2)}\n`);
-    await rename(tmp, opts.cacheFile);
-  } catch {
-    /* an unwritable cache only costs a probe next time */
-  }
-  return { ...verdict, cached: false };
+/** How a probe QEMU ended: its signal or status, and the last lines of its stderr. */
+function probeFailure(o: ProbeOutcome): string {
+  const stderr = (o.error as { stderr?: unknown } | undefined)?.stderr ?? o.stderr;
+  const tail = typeof stderr === 'string' ? stderr.trim().split('\n').slice(-3).join(' | ') : '';
+  const sig = o.error ? /SIG[A-Z]+/.exec(errorMessage(o.error))?.[0] : undefined;
+  const how = o.error ? (sig ? `QEMU died of ${sig}` : errorMessage(o.error)) : `QEMU exited with status ${o.exitCode}`;
+  return `${how}${tail ? `: ${tail}` : ''}`;
 }
