@@ -1050,31 +1050,7 @@ export async function importImage(opts: ImportImageOptions): Promise<ImageManife
   validateName('image', opts.name);
   const runner = opts.runner ?? run;
   const signal = opts.signal;
-  const inputs: Array<[string, string | undefined]> = [
-    ['--rootfs', opts.rootfs],
-    ['--kernel', opts.kernel],
-    ['--initrd', opts.initrd],
-  ];
-  // The copies are sparse: they take what the inputs take on disk, plus a work seed and the vmlinux (≤ 64 MiB).
-  let neededBytes = 64 * MiB;
-  for (const [flag, p] of inputs) {
-    if (p === undefined) continue;
-    const st = await stat(p).catch(() => undefined);
-    if (!st) throw new BangerError('not_found', `${flag} file ${p} does not exist`, `check the path given to ${flag}`);
-    if (!st.isFile()) throw new BangerError('usage', `${flag} ${p} is not a regular file`, `give a file to ${flag}`);
-    neededBytes += Math.min(st.size, st.blocks * 512);
-  }
-  {
-    const fh = await open(opts.rootfs, 'r');
-    const b = Buffer.alloc(2);
-    await fh.read(b, 0, 2, 1080).finally(() => fh.close());
-    if (b[0] !== 0x53 || b[1] !== 0xef) {
-      throw new BangerError('usage', `--rootfs ${opts.rootfs} is not an ext2/3/4 filesystem image`, 'give a raw ext4 image (e.g. made with mkfs.ext4 -d)');
-    }
-  }
-  if (existsSync(opts.imageDir)) {
-    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
-  }
+  const neededBytes = await checkImportInputs(opts);
   const parent = dirname(opts.imageDir);
   await mkdir(parent, { recursive: true });
   await ensureFreeSpace(parent, neededBytes, `importing image ${opts.name}`);
@@ -1083,52 +1059,19 @@ export async function importImage(opts: ImportImageOptions): Promise<ImageManife
     const out = await mkdtemp(join(parent, `.${basename(opts.imageDir)}.import-`));
     const forgetOut = cleanups.add(`remove ${out}`, () => rm(out, { recursive: true, force: true }));
     await chmod(out, 0o755);
-    const cp = (src: string, dst: string) =>
-      runner('cp', ['--reflink=auto', '--sparse=always', '--', src, join(out, dst)], { signal });
+    const cp = (src: string, dst: string) => runner('cp', ['--reflink=auto', '--sparse=always', '--', src, join(out, dst)], { signal });
     await cp(opts.rootfs, Files.rootfs);
     await cp(opts.kernel, Files.vmlinuz);
     if (opts.initrd) await cp(opts.initrd, Files.initrd);
-
-    // vmlinux: the kernel itself if it is ELF, else extracted from the bzImage (best effort)
-    let vmlinux = false;
-    const head = Buffer.alloc(4);
-    {
-      const fh = await open(join(out, Files.vmlinuz), 'r');
-      await fh.read(head, 0, 4, 0).finally(() => fh.close());
-    }
-    if (head.readUInt32BE(0) === 0x7f454c46) {
-      await link(join(out, Files.vmlinuz), join(out, Files.vmlinux));
-      vmlinux = true;
-    } else {
-      vmlinux = (await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner, signal })).ok;
-    }
+    const vmlinux = await importVmlinux(out, runner, signal);
     checkAborted(signal);
-
-    // work seed from the rootfs's /root
     const dump = await mkdtemp(join(tmpdir(), 'banger-import-'));
     cleanups.add(`remove ${dump}`, () => rm(dump, { recursive: true, force: true }));
-    const rootDir = join(dump, 'root');
-    let hasRoot = await rdumpDir(opts.rootfs, '/root', rootDir, { runner, signal });
-    if (opts.userPubKey?.trim()) {
-      if (!hasRoot) await mkdir(rootDir, { recursive: true, mode: 0o700 });
-      hasRoot = true;
-      await mkdir(join(rootDir, '.ssh'), { recursive: true, mode: 0o700 });
-      const akPath = join(rootDir, '.ssh', 'authorized_keys');
-      const prev = await readFile(akPath, 'utf8').catch(() => '');
-      const key = opts.userPubKey.trim();
-      if (!prev.split('\n').some((l) => l.trim() === key)) {
-        await writeFile(akPath, (prev && !prev.endsWith('\n') ? prev + '\n' : prev) + key + '\n', { mode: 0o600 });
-      }
-      await chmod(akPath, 0o600);
-    }
-    const hostExec: TreeExec = (file, args, o = {}) => runner(file, args, { signal, ...o });
-    await makeSeed(join(out, Files.workSeed), hasRoot ? rootDir : undefined, hostExec);
-
+    await importWorkSeed(opts, join(dump, 'root'), join(out, Files.workSeed), runner);
     // package list, if the rootfs is Debian-like
     const status = await readDiskFile(opts.rootfs, '/var/lib/dpkg/status', { runner, signal }).catch(() => undefined);
     const pkgs = status ? parseDpkgStatus(status) : [];
     if (pkgs.length) await writeFile(join(out, Files.packages), pkgs.join('\n') + '\n', { mode: 0o644 });
-
     const manifest = await finishDir(out, {
       name: opts.name,
       createdAt: new Date().toISOString(),
@@ -1149,6 +1092,68 @@ export async function importImage(opts: ImportImageOptions): Promise<ImageManife
     await cleanups.runAll();
     throw e;
   }
+}
+
+/** Checks the import's files (regular files; the rootfs an ext2/3/4 image) and name; returns the bytes it needs. */
+async function checkImportInputs(opts: ImportImageOptions): Promise<number> {
+  const inputs: Array<[string, string | undefined]> = [
+    ['--rootfs', opts.rootfs],
+    ['--kernel', opts.kernel],
+    ['--initrd', opts.initrd],
+  ];
+  // The copies are sparse: they take what the inputs take on disk, plus a work seed and the vmlinux (≤ 64 MiB).
+  let neededBytes = 64 * MiB;
+  for (const [flag, p] of inputs) {
+    if (p === undefined) continue;
+    const st = await stat(p).catch(() => undefined);
+    if (!st) throw new BangerError('not_found', `${flag} file ${p} does not exist`, `check the path given to ${flag}`);
+    if (!st.isFile()) throw new BangerError('usage', `${flag} ${p} is not a regular file`, `give a file to ${flag}`);
+    neededBytes += Math.min(st.size, st.blocks * 512);
+  }
+  const magic = await readBytes(opts.rootfs, 1080, 2);
+  if (magic[0] !== 0x53 || magic[1] !== 0xef) {
+    throw new BangerError('usage', `--rootfs ${opts.rootfs} is not an ext2/3/4 filesystem image`, 'give a raw ext4 image (e.g. made with mkfs.ext4 -d)');
+  }
+  if (existsSync(opts.imageDir)) {
+    throw new BangerError('conflict', `image ${opts.name} already exists at ${opts.imageDir}`, `banger image delete ${opts.name}`);
+  }
+  return neededBytes;
+}
+
+async function readBytes(file: string, position: number, length: number): Promise<Buffer> {
+  const fh = await open(file, 'r');
+  const b = Buffer.alloc(length);
+  await fh.read(b, 0, length, position).finally(() => fh.close());
+  return b;
+}
+
+/** vmlinux next to the imported kernel: the kernel itself if it is ELF, else extracted from the bzImage (best effort). */
+async function importVmlinux(out: string, runner: Runner, signal?: AbortSignal): Promise<boolean> {
+  if ((await readBytes(join(out, Files.vmlinuz), 0, 4)).readUInt32BE(0) === 0x7f454c46) {
+    await link(join(out, Files.vmlinuz), join(out, Files.vmlinux));
+    return true;
+  }
+  return (await extractVmlinux(join(out, Files.vmlinuz), join(out, Files.vmlinux), { runner, signal })).ok;
+}
+
+/** The work seed from the rootfs's /root (dumped into rootDir), with the user's key added to authorized_keys. */
+async function importWorkSeed(opts: ImportImageOptions, rootDir: string, seed: string, runner: Runner): Promise<void> {
+  const signal = opts.signal;
+  let hasRoot = await rdumpDir(opts.rootfs, '/root', rootDir, { runner, signal });
+  if (opts.userPubKey?.trim()) {
+    if (!hasRoot) await mkdir(rootDir, { recursive: true, mode: 0o700 });
+    hasRoot = true;
+    await mkdir(join(rootDir, '.ssh'), { recursive: true, mode: 0o700 });
+    const akPath = join(rootDir, '.ssh', 'authorized_keys');
+    const prev = await readFile(akPath, 'utf8').catch(() => '');
+    const key = opts.userPubKey.trim();
+    if (!prev.split('\n').some((l) => l.trim() === key)) {
+      await writeFile(akPath, (prev && !prev.endsWith('\n') ? prev + '\n' : prev) + key + '\n', { mode: 0o600 });
+    }
+    await chmod(akPath, 0o600);
+  }
+  const hostExec: TreeExec = (file, args, o = {}) => runner(file, args, { signal, ...o });
+  await makeSeed(seed, hasRoot ? rootDir : undefined, hostExec);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
