@@ -427,123 +427,13 @@ async function launchInNamespace(
 
 export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
   const qemuBin = options.qemuBin ?? process.env.BANGER_QEMU_BIN ?? 'qemu-system-x86_64';
-
-  /** SIGKILL the VM's QEMU if it still runs; then its monitor sockets go too (a killed QEMU leaves them). */
-  async function kill(proc: VmmProcess): Promise<void> {
-    if (await isOurs(proc)) {
-      try {
-        process.kill(proc.pid, 'SIGKILL');
-      } catch (e) {
-        if (errno(e) !== 'ESRCH') throw new BangerError('host', `cannot kill QEMU pid ${proc.pid}: ${errorMessage(e)}`);
-      }
-      if (!(await waitGone(proc, 10_000))) {
-        throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
-      }
-    }
-    await tidyAfter(proc);
-  }
-
-  /** Once QEMU is gone: its sockets (a QEMU that died by a signal leaves them) and its user-net helpers' files. */
-  async function tidyAfter(proc: VmmProcess): Promise<void> {
-    await Promise.all([...socketsOf(proc.qmpSocket).map((f) => rm(f, { force: true })), stopUserNetOf(proc.qmpSocket)]);
-  }
-
   return {
     kind: 'qemu',
-
-    async launch(spec, opts = {}) {
-      const s: LaunchSpec = {
-        ...spec,
-        vmDir: resolve(spec.vmDir),
-        runDir: resolve(spec.runDir),
-        kernel: resolve(spec.kernel),
-        initrd: spec.initrd ? resolve(spec.initrd) : undefined,
-        rootDisk: resolve(spec.rootDisk),
-        workDisk: resolve(spec.workDisk),
-        identityDisk: spec.identityDisk ? resolve(spec.identityDisk) : undefined,
-        serialLog: resolve(spec.serialLog),
-      };
-      const qmpSocket = qmpSocketPath(s.runDir, s.id);
-      const pidFile = join(s.vmDir, Files.vmmPid);
-      for (const [what, file] of [
-        ['kernel', s.kernel],
-        ['initrd', s.initrd],
-        ['root disk', s.rootDisk],
-        ['work disk', s.workDisk],
-        ['identity disk', s.identityDisk],
-      ] as const) {
-        if (!file) continue;
-        try {
-          await access(file, fsConstants.R_OK);
-        } catch {
-          throw new BangerError('not_found', `the VM's ${what} ${file} is missing or unreadable`);
-        }
-      }
-      await mkdir(s.runDir, { recursive: true, mode: 0o700 });
-      await mkdir(s.vmDir, { recursive: true });
-      await mkdir(dirname(s.serialLog), { recursive: true });
-      const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
-      const startOpts = { signal: opts.signal, runner: opts.runner ?? options.runner, timeoutMs: options.launchTimeoutMs };
-      if (s.net.mode === 'user' && inNamespace(s.net)) return launchInNamespace(s, s.net, qemuBin, argv, { pidFile, qmpSocket }, startOpts);
-      if (s.net.mode === 'user' && s.net.backend === 'passt' && s.net.egress !== 'none') await startUserNet(s, s.net, opts.signal);
-      return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, startOpts).catch(async (e: unknown) => {
-        await stopPasst(passtOf(qmpSocket));
-        throw e;
-      });
-    },
-
-    async stop(proc, { timeoutMs, signal }) {
-      if (!(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
-      let sent = false;
-      let qmp: QmpClient | undefined;
-      try {
-        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000, signal }); // waits out a status() holding the monitor
-        await qmp.execute('system_powerdown', undefined, { timeoutMs: 3000 });
-        sent = true;
-      } catch (e) {
-        if (e instanceof BangerError && e.kind === 'aborted') throw e;
-      } finally {
-        // Do not hold the monitor while waiting: status() must still be able to use it.
-        qmp?.close();
-      }
-      if (!sent && !(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
-      if (sent && (await waitGone(proc, timeoutMs, signal))) {
-        await tidyAfter(proc); // passt and slirp4netns exit with QEMU; this only tidies files
-        return 'graceful';
-      }
-      if (signal?.aborted) throw aborted('stopping the VM', signal);
-      await kill(proc);
-      return 'killed';
-    },
-
-    kill,
-
-    async status(proc) {
-      const ident = await identifyPid(proc.pid, proc.qmpSocket);
-      if (ident.id === 'gone') return { state: 'gone', reasons: [`QEMU process ${proc.pid} is not running${ident.detail ? ` (${ident.detail})` : ''}`] };
-      if (ident.id === 'other') {
-        return { state: 'gone', reasons: [`pid ${proc.pid} now belongs to another program (${ident.detail}); the VM's QEMU is gone`] };
-      }
-      let qmp: QmpClient | undefined;
-      try {
-        qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 2000 });
-        const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: 2000 });
-        const state = STATUS_MAP[st.status] ?? (st.running ? 'running' : 'paused');
-        if (st.status === 'io-error') {
-          const io = await ioErrorStop(qmp).catch(() => undefined);
-          return { state, reasons: [`QEMU reports status 'io-error': ${describeIoErrorStop(io)}`] };
-        }
-        return { state, reasons: state === 'running' ? [] : [`QEMU reports status '${st.status}'`] };
-      } catch (e) {
-        if (!(await isOurs(proc))) return { state: 'gone', reasons: [`QEMU process ${proc.pid} exited`] };
-        return { state: 'broken', reasons: [`QEMU process ${proc.pid} is running but QMP did not answer: ${errorMessage(e)}`] };
-      } finally {
-        qmp?.close();
-      }
-    },
-
+    launch: (spec, opts = {}) => launchQemu(qemuBin, spec, { signal: opts.signal, runner: opts.runner ?? options.runner, timeoutMs: options.launchTimeoutMs }),
+    stop: stopQemu,
+    kill: killQemu,
+    status: qemuStatus,
     waitExit,
-
     async resume(proc) {
       const qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000 });
       try {
@@ -553,6 +443,109 @@ export function createQemuDriver(options: QemuDriverOptions = {}): VmmDriver {
       }
     },
   };
+}
+
+/** Checks the VM's files, then starts QEMU daemonized (in its user-net namespace, or after passt, when asked). */
+async function launchQemu(qemuBin: string, spec: LaunchSpec, startOpts: { signal?: AbortSignal; runner?: Runner; timeoutMs?: number }): Promise<VmmProcess> {
+  const s: LaunchSpec = {
+    ...spec,
+    vmDir: resolve(spec.vmDir),
+    runDir: resolve(spec.runDir),
+    kernel: resolve(spec.kernel),
+    initrd: spec.initrd ? resolve(spec.initrd) : undefined,
+    rootDisk: resolve(spec.rootDisk),
+    workDisk: resolve(spec.workDisk),
+    identityDisk: spec.identityDisk ? resolve(spec.identityDisk) : undefined,
+    serialLog: resolve(spec.serialLog),
+  };
+  const qmpSocket = qmpSocketPath(s.runDir, s.id);
+  const pidFile = join(s.vmDir, Files.vmmPid);
+  const files = [['kernel', s.kernel], ['initrd', s.initrd], ['root disk', s.rootDisk], ['work disk', s.workDisk], ['identity disk', s.identityDisk]] as const;
+  for (const [what, file] of files) {
+    if (file && !(await access(file, fsConstants.R_OK).then(() => true, () => false))) {
+      throw new BangerError('not_found', `the VM's ${what} ${file} is missing or unreadable`);
+    }
+  }
+  await mkdir(s.runDir, { recursive: true, mode: 0o700 });
+  await mkdir(s.vmDir, { recursive: true });
+  await mkdir(dirname(s.serialLog), { recursive: true });
+  const argv = qemuArgv(s, { qmpSocket, pidFile }, { tscKhz: s.accel === 'tcg' ? await hostTscKhz() : undefined });
+  if (s.net.mode === 'user' && inNamespace(s.net)) return launchInNamespace(s, s.net, qemuBin, argv, { pidFile, qmpSocket }, startOpts);
+  if (s.net.mode === 'user' && s.net.backend === 'passt' && s.net.egress !== 'none') await startUserNet(s, s.net, startOpts.signal);
+  return startDaemonized(qemuBin, argv, { pidFile, qmpSocket }, startOpts).catch(async (e: unknown) => {
+    await stopPasst(passtOf(qmpSocket));
+    throw e;
+  });
+}
+
+/** ACPI power-down, then SIGKILL once timeoutMs passed without QEMU exiting. */
+async function stopQemu(proc: VmmProcess, { timeoutMs, signal }: { timeoutMs: number; signal?: AbortSignal }): Promise<'graceful' | 'killed' | 'already-gone'> {
+  if (!(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
+  let sent = false;
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 5000, signal }); // waits out a status() holding the monitor
+    await qmp.execute('system_powerdown', undefined, { timeoutMs: 3000 });
+    sent = true;
+  } catch (e) {
+    if (e instanceof BangerError && e.kind === 'aborted') throw e;
+  } finally {
+    // Do not hold the monitor while waiting: status() must still be able to use it.
+    qmp?.close();
+  }
+  if (!sent && !(await isOurs(proc))) return tidyAfter(proc).then(() => 'already-gone' as const);
+  if (sent && (await waitGone(proc, timeoutMs, signal))) {
+    await tidyAfter(proc); // passt and slirp4netns exit with QEMU; this only tidies files
+    return 'graceful';
+  }
+  if (signal?.aborted) throw aborted('stopping the VM', signal);
+  await killQemu(proc);
+  return 'killed';
+}
+
+/** SIGKILL the VM's QEMU if it still runs; then its monitor sockets go too (a killed QEMU leaves them). */
+async function killQemu(proc: VmmProcess): Promise<void> {
+  if (await isOurs(proc)) {
+    try {
+      process.kill(proc.pid, 'SIGKILL');
+    } catch (e) {
+      if (errno(e) !== 'ESRCH') throw new BangerError('host', `cannot kill QEMU pid ${proc.pid}: ${errorMessage(e)}`);
+    }
+    if (!(await waitGone(proc, 10_000))) {
+      throw new BangerError('host', `QEMU pid ${proc.pid} did not exit within 10 s of SIGKILL`);
+    }
+  }
+  await tidyAfter(proc);
+}
+
+/** Once QEMU is gone: its sockets (a QEMU that died by a signal leaves them) and its user-net helpers' files. */
+async function tidyAfter(proc: VmmProcess): Promise<void> {
+  await Promise.all([...socketsOf(proc.qmpSocket).map((f) => rm(f, { force: true })), stopUserNetOf(proc.qmpSocket)]);
+}
+
+/** What QEMU says (query-status), or gone when its process is, or broken when it runs but QMP does not answer. */
+async function qemuStatus(proc: VmmProcess): Promise<{ state: VmmState; reasons: string[] }> {
+  const ident = await identifyPid(proc.pid, proc.qmpSocket);
+  if (ident.id === 'gone') return { state: 'gone', reasons: [`QEMU process ${proc.pid} is not running${ident.detail ? ` (${ident.detail})` : ''}`] };
+  if (ident.id === 'other') {
+    return { state: 'gone', reasons: [`pid ${proc.pid} now belongs to another program (${ident.detail}); the VM's QEMU is gone`] };
+  }
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await QmpClient.connect(proc.qmpSocket, { timeoutMs: 2000 });
+    const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: 2000 });
+    const state = STATUS_MAP[st.status] ?? (st.running ? 'running' : 'paused');
+    if (st.status === 'io-error') {
+      const io = await ioErrorStop(qmp).catch(() => undefined);
+      return { state, reasons: [`QEMU reports status 'io-error': ${describeIoErrorStop(io)}`] };
+    }
+    return { state, reasons: state === 'running' ? [] : [`QEMU reports status '${st.status}'`] };
+  } catch (e) {
+    if (!(await isOurs(proc))) return { state: 'gone', reasons: [`QEMU process ${proc.pid} exited`] };
+    return { state: 'broken', reasons: [`QEMU process ${proc.pid} is running but QMP did not answer: ${errorMessage(e)}`] };
+  } finally {
+    qmp?.close();
+  }
 }
 
 /**
