@@ -369,12 +369,6 @@ mkdir -p -- "$stage"
 cd -- "$stage"
 `;
 
-/** $1 dest, $2 stage, $3 replace (0|1). stdin: a tar of the whole directory (full_copy). */
-const TREE_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3
-${ENTER_STAGE}
-tar -x -f - --no-same-owner
-`;
-
 /**
  * Incremental re-prepare, step 1, in the workspace itself: $1 dest, $2 HEAD's branch ('' = detached), $3 HEAD,
  * then shallow commits to add, then `--`, then ref/sha pairs to set. stdin: a pack of the objects the guest lacks.
@@ -395,7 +389,9 @@ if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; el
  * the base when it differs from HEAD ('' = detached), $8 new branch ('' = none), $9 readOnly (0|1), $10 marker,
  * $11 the host's current branch ('' = detached), $12.. shallow commits.
  * `git update-ref --stdin` commands on stdin, or in the file $refs when it is set (not read for full_copy).
- * FINISH_SCRIPT on its own after full_copy's TREE_SCRIPT; the end of PACKED_SCRIPT otherwise.
+ * The end of FULL_COPY_SCRIPT and of PACKED_SCRIPT. A plain full copy (no --from) keeps the host's index as it is,
+ * unrefreshed, like `tar c | ssh tar x`: the copied stat data never matches the guest's files, so a refresh
+ * re-hashes every file (under TCG that cost more than the copy); git's first command in the guest does it.
  */
 const FINISH_BODY = `dest=$1 stage=$2 replace=$3 fullcopy=$4 head=$5 base=$6 target=$7 newbranch=$8 readonly=$9
 shift 9
@@ -410,7 +406,7 @@ if [ "$fullcopy" = 0 ]; then
   [ -z "\${inbox:-}" ] || rm -rf -- "$inbox"
   if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; else git update-ref --no-deref HEAD "$head"; fi
 fi
-git update-index -q --refresh >/dev/null 2>&1 || :
+[ "$fullcopy" = 1 ] && [ "$base" = "$head" ] || git update-index -q --refresh >/dev/null 2>&1 || :
 if [ "$base" != "$head" ]; then
   before=$(git rev-parse -q --verify refs/stash || :)
   git -c user.name=banger -c user.email=banger@localhost -c commit.gpgsign=false stash push -q -u >/dev/null
@@ -532,7 +528,12 @@ wait "$checkout" || { echo "checking the tree out of the packs failed" >&2; exit
 ${APPLY_DELTA}refs=.git/banger-in/refs inbox=.git/banger-in
 ${FINISH_BODY}`;
 
-const FINISH_SCRIPT = `${PREAMBLE}${FINISH_BODY}`;
+/** full_copy in one guest command: $1 dest, $2 stage, $3 replace (0|1), $4.. FINISH_BODY's. stdin: a tar of the directory. */
+const FULL_COPY_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3
+shift 3
+${ENTER_STAGE}
+tar -x -f - --no-same-owner
+${FINISH_BODY}`;
 
 /** $1 stage. Best-effort removal after a failed prepare. */
 const CLEANUP_SCRIPT = `stage=$1
@@ -748,8 +749,7 @@ async function streamToGuest(
  * then refs and HEAD are set (the host's current branch name, or detached) and the index refreshed: it equals
  * HEAD, so the host's uncommitted edits, deletions, mode changes and untracked files show in the guest as
  * uncommitted changes. Ignored files stay behind. Staged-but-uncommitted changes on the host arrive unstaged; an
- * untracked nested repository arrives as an empty directory. One guest command in all; full_copy needs two
- * (tree, finish).
+ * untracked nested repository arrives as an empty directory. One guest command in all, full_copy's too.
  *
  * full_copy: the repository directory as it is (.git, ignored files and submodules included) as one tar.
  *
@@ -847,17 +847,15 @@ export async function prepareWorkspace(
       ];
       let fin: GuestExecResult;
       if (opts.mode === 'full_copy') {
-        // 1. the directory as it is (the guest checks the path and makes the staging dir first)
+        // The directory as it is, then the finish, in one guest command (it checks the path and makes the staging dir first)
         const tar = startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '.'], { signal });
         onProgress?.({ stage: 'tree' });
         started = true;
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(TREE_SCRIPT, [dest, stagePath, replace]), [tar], tar.stdout, ctx);
+        const command = guestCommand(FULL_COPY_SCRIPT, [dest, stagePath, replace, ...finishArgs(true)]);
+        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', command, [tar], tar.stdout, ctx);
         step('tree', t.result);
         bytesStreamed += t.bytes;
-        // 2. the finish
-        onProgress?.({ stage: 'finish' });
-        fin = await execGuest(exec, what, guestCommand(FINISH_SCRIPT, finishArgs(true)), { signal, stdin: Buffer.alloc(0) });
-        step('finish', fin);
+        fin = t.result;
       } else {
         const tips = [repo.headCommit, baseCommit];
         if (opts.mode === 'full_history') {
