@@ -474,7 +474,7 @@ fi
 /** $1 stage, $2 the commit to check out, $3 incremental (0|1), $4 marker. stdin: APPLY_DELTA's. */
 const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
 cd -- "$stage"
-git -c checkout.workers=0 read-tree --reset -u "$head"
+git -c checkout.workers=1 read-tree --reset -u "$head"
 ${APPLY_DELTA}`;
 
 /**
@@ -487,6 +487,9 @@ ${APPLY_DELTA}`;
  * queued to a second process that reads the index out of the first pack (`read-tree`, no checkout) and checks
  * each pack's paths out (`checkout-index -u`, which records their stat data in the index) while the next pack
  * arrives. The .idx's size and the `end` line are checked, so a stream cut short fails here.
+ * Checkouts run with checkout.workers=1 (no parallel checkout): in a 2-vCPU TCG guest (host load about 4), checking
+ * 10,000 files + 32 MiB out of a pack took 17.9 s and 12.6 s with checkout.workers=0 (a worker a CPU, the blobs
+ * piped to them) against 10.2 s and 8.4 s with 1 (tar -x of the same tree: 8.5 s and 6.1 s).
  */
 const PACKED_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4 head=$5 incremental=0 marker=
 shift 5
@@ -499,7 +502,7 @@ mkfifo .git/banger-in/queue
   while IFS= read -r name; do
     if [ "$first" = 1 ]; then git read-tree "$head" || exit 1; first=0; fi
     if [ -s ".git/banger-in/$name.paths" ]; then
-      git -c checkout.workers=0 checkout-index -f -u -z --stdin < ".git/banger-in/$name.paths" || exit 1
+      git -c checkout.workers=1 checkout-index -f -u -z --stdin < ".git/banger-in/$name.paths" || exit 1
     fi
     rm -f -- ".git/banger-in/$name.paths"
   done
