@@ -391,7 +391,7 @@ if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; el
  * `git update-ref --stdin` commands on stdin, or in the file $refs when it is set (not read for full_copy).
  * The end of FULL_COPY_SCRIPT and of PACKED_SCRIPT. A plain full copy (no --from) keeps the host's index as it is,
  * unrefreshed, like `tar c | ssh tar x`: the copied stat data never matches the guest's files, so a refresh
- * re-hashes every file (under TCG that cost more than the copy); git's first command in the guest does it.
+ * re-hashes every file in the guest (not measured on its own); git's first command in the guest does it.
  */
 const FINISH_BODY = `dest=$1 stage=$2 replace=$3 fullcopy=$4 head=$5 base=$6 target=$7 newbranch=$8 readonly=$9
 shift 9
