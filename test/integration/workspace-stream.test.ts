@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { exportWorkspace, exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
+import { SLICE_BYTES, SLICE_FILES } from '../../src/host/guest/workspace-pack.js';
 import { commitAll, git, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
 import { streamingLocalGuest } from '../support/local-guest.js';
 
@@ -105,6 +106,34 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     const r = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: join(tmp, 'guest-bytes'), mode: 'shallow', readOnly: false });
     expect(r.bytesSent).toBeLessThan(1.5 * big.length);
     expect(r.bytesSent).toBeGreaterThan(0);
+  });
+});
+
+describe('a tree larger than one pack', { timeout: 120_000 }, () => {
+  it.each(['shallow', 'full_history'] as const)('%s: every slice is checked out, the index matches, the history is whole and each byte crosses once', async (mode) => {
+    const host = await gitdir('banger-host-', tmp);
+    // More files than SLICE_FILES and a blob past SLICE_BYTES: several packs, the big one alone.
+    for (let d = 0; d < SLICE_FILES * 2 / 500 + 1; d++) {
+      await mkdir(join(host, `d${d}`));
+      await Promise.all(Array.from({ length: 500 }, (_, f) => writeFile(join(host, `d${d}`, `f${f}.txt`), `file ${d}/${f}\n`)));
+    }
+    await writeFile(join(host, 'same-a.txt'), 'one blob at two paths, in different slices\n');
+    await writeFile(join(host, 'zz-same-b.txt'), 'one blob at two paths, in different slices\n');
+    const big = Buffer.alloc(SLICE_BYTES + 1024);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
+    await writeFile(join(host, 'm-big.bin'), big);
+    await commitAll(host, 'first');
+    await writeFile(join(host, 'd0', 'f0.txt'), 'second commit\n');
+    await commitAll(host, 'second');
+    const dest = join(tmp, `guest-sliced-${mode}`);
+    const r = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: dest, mode, readOnly: false });
+    expect(await treeOf(dest)).toEqual(await treeOf(host));
+    expect((await git(dest, 'status', '--porcelain')).trim()).toBe('');
+    expect((await readdir(join(dest, '.git'))).filter((n) => n.startsWith('banger-in'))).toEqual([]);
+    expect((await readdir(join(dest, '.git', 'objects', 'pack'))).filter((n) => n.endsWith('.pack')).length).toBeGreaterThan(2);
+    await git(dest, 'fsck', '--no-progress');
+    expect((await git(dest, 'rev-list', '--count', 'HEAD')).trim()).toBe(mode === 'shallow' ? '1' : '2');
+    expect(r.bytesSent).toBeLessThan(1.5 * big.length);
   });
 });
 

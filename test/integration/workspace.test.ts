@@ -345,7 +345,7 @@ describe('prepare', { timeout: 30_000 }, () => {
       branchName: 'main',
     });
     expect(Date.parse(r.preparedAt)).not.toBeNaN();
-    expect(exec.calls.length).toBe(2); // history with the tree, finish
+    expect(exec.calls.length).toBe(1); // history, tree and finish in one guest command
     expect((await git(dest, 'rev-parse', 'HEAD')).trim()).toBe(head);
     expect((await git(dest, 'symbolic-ref', '--short', 'HEAD')).trim()).toBe('main');
     expect((await git(dest, 'rev-parse', '--is-shallow-repository')).trim()).toBe('true');
