@@ -6,8 +6,8 @@
  * An entry is `<dir>/<key>/` with `disk.img` (raw ext4, checked with e2fsck when stored) and `entry.json`. The key
  * is a digest of everything that changes what the disk holds: the repository (source path, root, git dir), its
  * HEAD, current branch and refs, the mode and guest path, the image (manifest and work seed), and the contents
- * of a work disk that do not vary between VMs (size, network mode, authorized key, file_sync). What does vary (the
- * VM's identity and git identity) is written into the clone (host/disk/work-disk-clone.ts). full_copy is never cached (it copies ignored files and .git as they are: no key covers them).
+ * of a work disk that do not vary between VMs (size, network mode, authorized key, file_sync). What does vary: the
+ * VM's git identity is written into the clone (host/disk/work-disk-clone.ts), the rest is on its identity disk. full_copy is never cached (it copies ignored files and .git as they are: no key covers them).
  * Entries are evicted least recently used under a byte budget (config workspaceCacheBytes; 0 turns it off).
  */
 import { createHash, randomBytes } from 'node:crypto';
