@@ -10,13 +10,13 @@ import {
   cloneDisk,
   cowRecordPath,
   createWorkDisk,
-  customizeRootDisk,
   growDisk,
   networkdUnit,
   parseSize,
   probeCowStrategies,
   readDiskFile,
 } from '../../src/host/disk/disks.js';
+import { customizeRootDisk } from '../../src/host/disk/identity-disk.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;

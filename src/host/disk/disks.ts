@@ -259,47 +259,6 @@ export function networkdUnit(net: NetworkConfig): string {
 
 export const withNewline = (s: string) => (s.endsWith('\n') ? s : s + '\n');
 
-/**
- * Per-VM changes to a (cloned) root disk, in one debugfs run and without mounting: hostname, the VM's SSH host
- * key, the network configuration (and resolv.conf for static networks). Existing files are replaced.
- */
-export async function customizeRootDisk(
-  disk: string,
-  opts: {
-    hostname: string;
-    hostKey: { privateKey: string; publicKey: string };
-    network: NetworkConfig;
-    runner?: Runner;
-    signal?: AbortSignal;
-  },
-): Promise<{ ms: number }> {
-  const t0 = performance.now();
-  validateIdentity(opts);
-  if (!(await exists(disk))) throw new BangerError('not_found', `root disk ${disk} does not exist`);
-  const tmp = await mkdtemp(join(tmpdir(), 'banger-custom-'));
-  try {
-    const f = (name: string, content: string, mode: number) => {
-      const p = join(tmp, name);
-      return writeFile(p, content, { mode }).then(() => p);
-    };
-    // mkdir onto an existing name corrupts the filesystem (see debugfs.ts): look first.
-    const dirs = ['/etc', '/etc/ssh', '/etc/systemd', '/etc/systemd/network'];
-    const present = await existingPaths(disk, dirs, { runner: opts.runner, signal: opts.signal });
-    const s = new DebugfsScript();
-    for (const d of dirs) if (!present.has(d)) s.mkdir(d).setAttrs(d, S_IFDIR | 0o755);
-    s.replaceFile(await f('hostname', opts.hostname + '\n', 0o644), '/etc/hostname', 0o644);
-    s.replaceFile(await f('key', withNewline(opts.hostKey.privateKey), 0o600), '/etc/ssh/ssh_host_ed25519_key', 0o600);
-    s.replaceFile(await f('key.pub', withNewline(opts.hostKey.publicKey.trim()), 0o644), '/etc/ssh/ssh_host_ed25519_key.pub', 0o644);
-    s.replaceFile(await f('net', networkdUnit(opts.network), 0o644), '/etc/systemd/network/10-banger.network', 0o644);
-    if (opts.network.mode === 'static') {
-      s.replaceFile(await f('resolv', resolvConf(opts.network.dns), 0o644), '/etc/resolv.conf', 0o644);
-    }
-    await runDebugfs(disk, s, { runner: opts.runner, signal: opts.signal });
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
-  }
-  return { ms: performance.now() - t0 };
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Work disk

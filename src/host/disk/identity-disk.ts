@@ -5,11 +5,16 @@
  * serial, extracts it and installs the files into /etc before networkd and sshd start.
  *
  * Written in-process (a few KiB, under a millisecond), so a create neither edits the root disk nor runs debugfs on
- * the work disk: both stay plain copy-on-write clones of what every VM of the image shares.
+ * the work disk: both stay plain copy-on-write clones of what every VM of the image shares. VMs whose root disk is
+ * their own (Firecracker, older images) get the same files written into it instead (customizeRootDisk).
  */
-import { rename, writeFile } from 'node:fs/promises';
+import { mkdtemp, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { BangerError } from '../../errors.js';
-import { gitconfigWithIdentity, networkdUnit, resolvConf, validateIdentity, withNewline, type Identity, type WorkDiskOptions } from './disks.js';
+import type { Runner } from '../exec/runner.js';
+import { DebugfsScript, existingPaths, runDebugfs, S_IFDIR } from './debugfs.js';
+import { gitconfigWithIdentity, networkdUnit, resolvConf, validateIdentity, withNewline, type Identity, type NetworkConfig, type WorkDiskOptions } from './disks.js';
 
 /** The virtio serial the guest looks for (virtio-blk serials are at most 20 bytes). */
 export const IDENTITY_DISK_SERIAL = 'banger-identity';
@@ -73,4 +78,49 @@ function ustarHeader(name: string, size: number, mode: number): Buffer {
   for (const b of h) sum += b;
   put(`${octal(sum, 7)}\0`, 148, 8);
   return h;
+}
+
+/** Where each identity file goes in a root disk (customizeRootDisk). */
+const IDENTITY_IN_ROOT: Record<string, string> = {
+  hostname: '/etc/hostname',
+  ssh_host_ed25519_key: '/etc/ssh/ssh_host_ed25519_key',
+  'ssh_host_ed25519_key.pub': '/etc/ssh/ssh_host_ed25519_key.pub',
+  '10-banger.network': '/etc/systemd/network/10-banger.network',
+  'resolv.conf': '/etc/resolv.conf',
+};
+
+/**
+ * Per-VM changes to a (cloned) root disk, in one debugfs run and without mounting: hostname, the VM's SSH host
+ * key, the network configuration (and resolv.conf for static networks). Existing files are replaced.
+ */
+export async function customizeRootDisk(
+  disk: string,
+  opts: {
+    hostname: string;
+    hostKey: { privateKey: string; publicKey: string };
+    network: NetworkConfig;
+    runner?: Runner;
+    signal?: AbortSignal;
+  },
+): Promise<{ ms: number }> {
+  const t0 = performance.now();
+  const files = identityFiles(opts); // validates
+  if (!(await stat(disk).then(() => true, () => false))) throw new BangerError('not_found', `root disk ${disk} does not exist`);
+  const tmp = await mkdtemp(join(tmpdir(), 'banger-custom-'));
+  try {
+    // mkdir onto an existing name corrupts the filesystem (see debugfs.ts): look first.
+    const dirs = ['/etc', '/etc/ssh', '/etc/systemd', '/etc/systemd/network'];
+    const present = await existingPaths(disk, dirs, { runner: opts.runner, signal: opts.signal });
+    const s = new DebugfsScript();
+    for (const d of dirs) if (!present.has(d)) s.mkdir(d).setAttrs(d, S_IFDIR | 0o755);
+    for (const [name, content, mode] of files) {
+      const host = join(tmp, name);
+      await writeFile(host, content, { mode });
+      s.replaceFile(host, IDENTITY_IN_ROOT[name], mode);
+    }
+    await runDebugfs(disk, s, { runner: opts.runner, signal: opts.signal });
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+  return { ms: performance.now() - t0 };
 }

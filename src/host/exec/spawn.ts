@@ -3,6 +3,7 @@
  * Kept here so that src/host stays the only place that starts processes.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { BangerError } from '../../errors.js';
 
 export interface DetachedOptions {
@@ -67,4 +68,22 @@ export function runInteractive(file: string, args: readonly string[], hint?: str
     child.on('error', (e) => reject(new BangerError('host', `could not run ${file}: ${e.message}`, hint)));
     child.on('exit', (code, sig) => resolve(code ?? (sig ? 128 + 15 : 1)));
   });
+}
+
+/**
+ * Runs a command to completion with these stdin and stdout: a socket or file descriptor is handed to the child, not
+ * copied through this process (a stream that size took a core here). Resolves on exit 0; else throws with `what`
+ * and the end of its stderr.
+ */
+export async function runHandingOver(
+  file: string,
+  args: readonly string[],
+  io: { stdin: Socket | 'ignore'; stdout: Socket | number },
+  what: string,
+): Promise<void> {
+  const child = spawn(file, args, { stdio: [io.stdin, io.stdout, 'pipe'] });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
+  const code = await new Promise<number | null>((res, rej) => child.once('error', rej).once('close', res));
+  if (code !== 0) throw new BangerError('host', `${what} failed (${file} exit ${code}): ${stderr.trim()}`);
 }

@@ -14,11 +14,11 @@
  * (Not `exec:` either way: QEMU 7.2 SIGTERMs the command as soon as it closes the pipe, which could cut a
  * `cat > file` short, and a pipe moves the stream in 64 KiB turns between two processes.)
  */
-import { spawn } from 'node:child_process';
 import { open, rm, stat } from 'node:fs/promises';
 import { createConnection, createServer, type Socket } from 'node:net';
 import { BangerError, errorMessage } from '../../../errors.js';
 import { checkSocketPath, sleep } from '../../exec/wait.js';
+import { runHandingOver } from '../../exec/spawn.js';
 import type { VmmProcess } from '../driver.js';
 import { QmpClient } from './qmp.js';
 
@@ -137,21 +137,12 @@ async function migrateToFile(qmp: QmpClient, opts: SaveStateOptions): Promise<vo
 async function catInto(conn: Socket, file: string): Promise<void> {
   const out = await open(file, 'w', 0o600);
   try {
-    const done = runCat([], { stdin: conn, stdout: out.fd }, `writing the snapshot's state to ${file}`);
+    const done = runHandingOver('cat', [], { stdin: conn, stdout: out.fd }, `writing the snapshot's state to ${file}`);
     conn.destroy(); // cat has its own copy of the socket
     await done;
   } finally {
     await out.close();
   }
-}
-
-/** Runs cat with these stdin and stdout (sockets and fds are handed over, not copied through here); resolves on exit 0. */
-async function runCat(args: string[], io: { stdin: Socket | 'ignore'; stdout: Socket | number }, what: string): Promise<void> {
-  const cat = spawn('cat', args, { stdio: [io.stdin, io.stdout, 'pipe'] });
-  let stderr = '';
-  cat.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
-  const code = await new Promise<number | null>((res, rej) => cat.once('error', rej).once('close', res));
-  if (code !== 0) throw new BangerError('host', `${what} failed (cat exit ${code}): ${stderr.trim()}`);
 }
 
 /** Polls query-migrate until 'completed'; 'failed' or 'cancelled' throws with QEMU's reason. */
@@ -184,7 +175,7 @@ export async function loadQemuState(proc: VmmProcess, opts: { stateFile: string;
   try {
     await qmp.execute('migrate-incoming', { uri: `unix:${sock}` }, { timeoutMs: 10_000 });
     const conn = await connectUnix(sock, 5000, opts.signal);
-    const sent = runCat(['--', opts.stateFile], { stdin: 'ignore', stdout: conn }, `sending the snapshot's state ${opts.stateFile} to QEMU`);
+    const sent = runHandingOver('cat', ['--', opts.stateFile], { stdin: 'ignore', stdout: conn }, `sending the snapshot's state ${opts.stateFile} to QEMU`);
     conn.destroy(); // cat has its own copy of the socket
     await sent;
     await waitRunning(qmp, opts.timeoutMs ?? 120_000, opts.signal);
