@@ -16,11 +16,13 @@ import { fromPromise } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import type { BootOutput, PrepareDisksOutput, StepInput, VmContext } from '../machines/vm.machine.js';
 import { waitForSsh } from '../host/guest/ssh.js';
-import { findFreePort } from '../host/vmm/qemu/qemu.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
-import { findVmm, KERNEL_CMDLINE, launchDisks, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
+import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
+import { agentRefreshIdentity, unixChannel } from '../host/guest/agent.js';
+import { agentSocketPath, findFreePort } from '../host/vmm/qemu/qemu.js';
+import { macForVm } from '../host/net/net.js';
 import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { readManifest } from '../host/image/image.js';
 
@@ -104,6 +106,8 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
       stateBytes: saved.stateBytes,
       timings: saved.timings,
       identityDisk: existsSync(f.identityDisk),
+      net: ctx.spec.net,
+      isolation: ctx.spec.isolation,
     },
   });
   if (p.stop) {
@@ -148,6 +152,7 @@ async function saveWithLayers(
 /** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
 async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+  await assertNetworkRestorable(env, ctx, snap);
   const dir = snapshotDir(env.layout.home, snap.id);
   const f = vmFiles(env.layout, ctx.id);
   await mkdir(f.dir, { recursive: true, mode: 0o700 });
@@ -167,17 +172,35 @@ async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSi
   await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
   const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
   await writeFile(f.knownHosts, `banger-${ctx.id} ${pub}\n`, { mode: 0o600 });
+  const { net, network } = await leaseNetwork(env, ctx, signal);
   if (snap.meta.identityDisk) {
-    // Read by the guest only when it boots again (a stop and start): then it is this fork's, under its own name.
+    // The guest reads it when it boots again (a stop and start), and on a tap restore when asked to (POST /identity).
     const hostKey = { privateKey: await readFile(f.hostKey, 'utf8'), publicKey: pub };
-    await writeIdentityDisk(f.identityDisk, { hostname: ctx.name, hostKey, network: { mode: 'dhcp' }, gitIdentity: snap.meta.gitIdentity });
+    await writeIdentityDisk(f.identityDisk, { hostname: ctx.name, hostKey, network, gitIdentity: snap.meta.gitIdentity });
   }
-  return { net: {} };
+  return { net };
 }
 
-/** Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. */
+/**
+ * A tap VM's fork takes its own lease, MAC and address from its identity disk when the guest agent is asked to
+ * apply it again: that needs the identity disk and an image from builder 5 on.
+ */
+async function assertNetworkRestorable(env: StepEnv, ctx: VmContext, snap: SnapshotRecord): Promise<void> {
+  if (ctx.spec.net !== 'tap') return;
+  const image = await readManifest(env.layout.imageDir(snap.meta.image));
+  if (snap.meta.identityDisk && image.builderVersion >= 5) return;
+  throw new BangerError(
+    'unsupported',
+    `snapshot ${snap.name} is of a tap VM whose image (${snap.meta.image}, builder ${image.builderVersion}) cannot take a fork's own MAC and address`,
+    `rebuild the image (banger image pull ${snap.meta.image} --force), create the VM again and snapshot it; or fork a --net user VM`,
+  );
+}
+
+/**
+ * Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. A
+ * tap fork runs on its own TAP: the guest agent first has the guest apply its identity disk's MAC and address.
+ */
 async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
-  if (ctx.spec.net !== 'user') throw new BangerError('unsupported', 'restoring a snapshot is built for --net user VMs only');
   const f = vmFiles(env.layout, ctx.id);
   const driver = env.driver('qemu');
   // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
@@ -190,14 +213,17 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
     await rm(f.vmmState, { force: true });
   });
   try {
-    const sshPort = await findFreePort();
+    const sshPort = ctx.spec.net === 'user' ? await findFreePort() : undefined;
+    await checkTapLease(env, ctx, signal);
     proc = await launchForRestore(env, ctx, f, sshPort, signal);
     const p = proc;
-    await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, sshPort }));
+    const where = { sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap };
+    await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, ...where }));
     const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
     const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
     await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
-    const target = await sshTargetFor(env, ctx, { sshPort });
+    if (ctx.spec.net === 'tap') await stage(env, ctx.id, 'network.identity', () => refreshGuestNetwork(p.qmpSocket, signal), () => `MAC ${macForVm(ctx.id)}, ${ctx.net?.guestIp} on ${ctx.net?.tap}`);
+    const target = await sshTargetFor(env, ctx, where);
     const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
     // The first command over SSH is the identity: one connection, where a `true` first would cost another.
     const check = forkIdentityCheck(ctx.name);
@@ -210,8 +236,16 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
   }
 }
 
+/** The guest agent, over QEMU's virtio-serial port, has the restored guest apply its identity disk's network. */
+async function refreshGuestNetwork(qmpSocket: string, signal: AbortSignal): Promise<void> {
+  const socket = agentSocketPath(qmpSocket);
+  if (!socket) throw new BangerError('internal', `no guest agent socket beside ${qmpSocket}`);
+  signal.throwIfAborted();
+  await agentRefreshIdentity(unixChannel(socket), 60_000);
+}
+
 /** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */
-async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPort: number, signal: AbortSignal) {
+async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPort: number | undefined, signal: AbortSignal) {
   const imageDir = env.layout.imageDir(ctx.spec.image);
   const image = await readManifest(imageDir);
   const disks = await launchDisks(f);
@@ -227,7 +261,7 @@ async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPor
     vcpus: ctx.spec.vcpus,
     memoryMiB: ctx.spec.memoryMiB,
     accel: ctx.spec.accel,
-    net: { mode: 'user' as const, sshPort, backend: env.config.userNet, egress: ctx.spec.isolation?.egress },
+    net: vmmNet(env, ctx, sshPort),
     serialLog: f.serialLog,
     incoming: true,
   };

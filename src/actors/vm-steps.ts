@@ -302,13 +302,13 @@ async function ensureHostKey(env: StepEnv, ctx: VmContext, f: VmFiles): Promise<
 }
 
 /** A tap VM's lease (its TAP and static address); user networking has none and configures itself by DHCP. */
-async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<{ net: PrepareDisksOutput['net']; network: NetworkConfig }> {
+export async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<{ net: PrepareDisksOutput['net']; network: NetworkConfig }> {
   if (ctx.spec.net !== 'tap') return { net: {}, network: { mode: 'dhcp' } };
   if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not available', 'use --net user, or run the daemon as root');
   const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
   return {
     net: { guestIp: lease.guestIp, tap: lease.tap },
-    network: { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [] },
+    network: { mode: 'static', address: `${lease.guestIp}/${lease.prefix ?? 24}`, gateway: lease.gateway!, dns: lease.dns ?? [], mac: macForVm(ctx.id) },
   };
 }
 
@@ -366,7 +366,7 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
 }
 
 /** For a tap VM: the lease again (it re-creates a vanished TAP), which must be the one the VM was created with. */
-async function checkTapLease(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+export async function checkTapLease(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   if (ctx.spec.net !== 'tap') return;
   if (!env.network) throw new BangerError('unsupported', 'tap networking needs the root helper, which is not reachable', 'start the root helper, or recreate the VM with --net user');
   const lease = await stage(env, ctx.id, 'network.lease', () => env.network!.acquire(ctx, signal), (l) => `${l.tap} ${l.guestIp}`);
@@ -382,6 +382,12 @@ export async function launchDisks(f: VmFiles) {
   const identityDisk = existsSync(f.identityDisk) ? f.identityDisk : undefined;
   if (layers) return { rootDisk: layers.root.file, rootFormat: layers.root.format, workDisk: layers.work.file, workFormat: layers.work.format, identityDisk };
   return { ...(existsSync(f.rootOverlay) ? { rootDisk: f.rootOverlay, rootFormat: 'qcow2' as const } : { rootDisk: f.rootDisk }), workDisk: f.workDisk, identityDisk };
+}
+
+/** The VMM's network: user networking's forwarded SSH port and published ports, or the VM's TAP and MAC. */
+export function vmmNet(env: StepEnv, ctx: VmContext, sshPort: number | undefined) {
+  if (ctx.spec.net === 'user') return { mode: 'user' as const, sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress };
+  return { mode: 'tap' as const, tap: ctx.net!.tap!, mac: macForVm(ctx.id) };
 }
 
 /** Start a new VMM for this VM and record it in vmm.json. */
@@ -403,7 +409,7 @@ async function launchVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver, signal
     vcpus: ctx.spec.vcpus,
     memoryMiB: ctx.spec.memoryMiB,
     accel: ctx.spec.accel,
-    net: ctx.spec.net === 'user' ? { mode: 'user' as const, sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress } : { mode: 'tap' as const, tap: ctx.net!.tap!, mac: macForVm(ctx.id) },
+    net: vmmNet(env, ctx, sshPort),
     serialLog: f.serialLog,
   };
   const proc = await stage(env, ctx.id, 'vmm.launch', () => driver.launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (${ctx.spec.vmm}, ${ctx.spec.accel})`);

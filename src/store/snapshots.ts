@@ -30,6 +30,10 @@ export interface SnapshotMeta {
   timings: Record<string, number>;
   /** The VM had an identity disk: its restores and forks get one of their own (QEMU restores the same devices). */
   identityDisk?: boolean;
+  /** The VM's network (absent: user, as every snapshot was before tap restores): each fork gets its own lease. */
+  net?: VmSpec['net'];
+  /** The VM's isolation policy, which its forks keep (absent: the default). */
+  isolation?: VmSpec['isolation'];
 }
 
 export interface SnapshotRecord {

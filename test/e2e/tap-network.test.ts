@@ -3,6 +3,7 @@
  * runs the root helper as its child, which makes the bridge and the TAP devices; guests get addresses
  * from the SQLite allocator and reach each other over the bridge. Then SIGKILL of the daemon: leases
  * are adopted and nothing leaks, the TAP count is exact, and a bgtap device this daemon did not make is left alone.
+ * A fork of a running tap VM gets its own TAP, MAC and address.
  */
 import { execa } from 'execa';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -56,7 +57,7 @@ describeE2E('tap networking in a network namespace', () => {
     expect(status.tapPool.filter((l: any) => l.vmId !== null)).toEqual([]);
   });
 
-  it('two VMs at once get different addresses and reach each other; SIGKILL of the daemon adopts their leases; delete leaves only the pool', async () => {
+  it('two VMs at once get different addresses and reach each other; SIGKILL of the daemon adopts their leases; a fork gets its own TAP, MAC and address; delete leaves only the pool', async () => {
     const [a, c] = await Promise.all([
       // both opt in to reaching each other: the tap firewall drops VM-to-VM traffic otherwise (isolation-tap.test.ts)
       b.json(['vm', 'create', '--net', 'tap', '--allow-peers', '--name', 'a'], { timeoutMs: 600_000 }),
@@ -91,7 +92,26 @@ describeE2E('tap networking in a network namespace', () => {
     expect(await foreignExists()).toBe(true);
     expect((await b.run(['vm', 'ssh', 'c', '--', 'true'])).exitCode).toBe(0);
 
-    await b.ok(['vm', 'delete', 'a', 'c'], { timeoutMs: 120_000 });
+    // A fork of a running tap VM: its own TAP, MAC and address (applied by the guest agent), the source's policy
+    const fork = await b.json(['vm', 'fork', 'a', '--name-prefix', 'af'], { timeoutMs: 300_000 });
+    const f = fork.forks[0];
+    expect([f.name, f.net, f.state]).toEqual(['af-1', 'tap', 'running']);
+    expect(f.guestIp).toMatch(/^172\.30\.0\.\d+$/);
+    expect([a.guestIp, c.guestIp]).not.toContain(f.guestIp);
+    const inFork = await b.run(['vm', 'ssh', 'af-1', '--', 'sh', '-c', 'hostname; cat /sys/class/net/e*/address; ip -4 -o addr show scope global']);
+    expect(inFork.exitCode, inFork.stderr).toBe(0);
+    const [hostname, mac, addr] = inFork.stdout.trim().split('\n');
+    expect(hostname).toBe('af-1');
+    const qemuMac = /mac=([0-9a-f:]{17})/.exec((await execa('ps', ['-o', 'args=', '-p', String(f.pid)])).stdout)?.[1];
+    expect(mac).toBe(qemuMac);
+    const sourceMac = (await b.run(['vm', 'ssh', 'a', '--', 'sh', '-c', 'cat /sys/class/net/e*/address'])).stdout.trim();
+    expect(sourceMac).not.toBe(mac);
+    expect(addr).toContain(`inet ${f.guestIp}/24`);
+    const peer = await b.run(['vm', 'ssh', 'c', '--', 'bash', '-c', `timeout 10 bash -c 'exec 3<>/dev/tcp/${f.guestIp}/22 && head -c 4 <&3'`]);
+    expect(peer.stdout, peer.stderr).toBe('SSH-'); // allow-peers came with the fork
+    expect((await b.run(['vm', 'ssh', 'a', '--', 'ip', '-4', '-o', 'addr', 'show', 'scope', 'global'])).stdout).toContain(`inet ${a.guestIp}/24`);
+
+    await b.ok(['vm', 'delete', 'a', 'c', 'af-1'], { timeoutMs: 120_000 });
     const final = await b.json(['daemon', 'status']);
     expect(final.tapPool.filter((l: any) => l.vmId !== null)).toEqual([]);
     const left = await waitFor(taps, (t) => t.length === 2, 15_000);

@@ -4,13 +4,13 @@
  * (bash, as the image installs it) against hostile requests.
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
-import { AGENT_LIMITS, agentGet, agentHealth, AnswerParser, firecrackerVsockChannel, parseHealthz, unixChannel } from '../../src/host/guest/agent.js';
+import { AGENT_LIMITS, agentHealth, agentRefreshIdentity, agentRequest, AnswerParser, firecrackerVsockChannel, parseHealthz, unixChannel } from '../../src/host/guest/agent.js';
 import { AGENT_SCRIPT } from '../../src/host/image/agent.js';
 
 const HEALTH = { ok: true, uptimeSeconds: 12.5, load: [0.1, 0, 0], memory: { totalKiB: 1000, availableKiB: 600 }, disk: { '/': { freeBytes: 5, totalBytes: 9 }, '/root': { freeBytes: 7, totalBytes: 10 } }, sessionsRunning: 1 };
@@ -90,7 +90,7 @@ describe('AnswerParser', () => {
   });
 });
 
-describe('agentGet against hostile guests', () => {
+describe('agentRequest against hostile guests', () => {
   it('returns the answer with its own tag, skipping a stale one', async () => {
     const path = await guest((sock, id) => sock.write(Buffer.concat([answer('{"stale":true}', 'someone-else'), answer(JSON.stringify(HEALTH), id)])));
     expect(await agentHealth(unixChannel(path), 5000)).toEqual(HEALTH);
@@ -98,11 +98,11 @@ describe('agentGet against hostile guests', () => {
 
   it('gives up on a silent guest and on one that drips bytes, at the deadline', async () => {
     const silent = await guest(() => {});
-    expect((await failure(agentGet(unixChannel(silent), '/healthz', 300))).kind).toBe('timeout');
+    expect((await failure(agentRequest(unixChannel(silent), 'GET', '/healthz', 300))).kind).toBe('timeout');
     const drip = await guest((sock) => {
       const t = setInterval(() => (sock.destroyed ? clearInterval(t) : sock.write('H')), 20);
     });
-    const e = await failure(agentGet(unixChannel(drip), '/healthz', 300));
+    const e = await failure(agentRequest(unixChannel(drip), 'GET', '/healthz', 300));
     expect(e.kind).toBe('timeout');
     expect(e.message).toContain('did not answer GET /healthz within 300 ms');
   });
@@ -116,12 +116,12 @@ describe('agentGet against hostile guests', () => {
       };
       more();
     });
-    expect((await failure(agentGet(unixChannel(endless), '/healthz', 5000))).message).toMatch(/head is over 8192 bytes/);
+    expect((await failure(agentRequest(unixChannel(endless), 'GET', '/healthz', 5000))).message).toMatch(/head is over 8192 bytes/);
     const garbage = await guest((sock) => sock.write('SSH-2.0-OpenSSH\r\n\r\n'));
-    expect((await failure(agentGet(unixChannel(garbage), '/healthz', 5000))).message).toMatch(/bad status line "SSH-2.0-OpenSSH"/);
+    expect((await failure(agentRequest(unixChannel(garbage), 'GET', '/healthz', 5000))).message).toMatch(/bad status line "SSH-2.0-OpenSSH"/);
     const closes = await guest((sock) => sock.end());
-    expect((await failure(agentGet(unixChannel(closes), '/healthz', 5000))).message).toContain('closed before it answered');
-    expect((await failure(agentGet(unixChannel(join(dir, 'none.sock')), '/healthz', 5000))).message).toContain('ENOENT');
+    expect((await failure(agentRequest(unixChannel(closes), 'GET', '/healthz', 5000))).message).toContain('closed before it answered');
+    expect((await failure(agentRequest(unixChannel(join(dir, 'none.sock')), 'GET', '/healthz', 5000))).message).toContain('ENOENT');
   });
 
   it('parseHealthz refuses an error status, non-JSON, and a body that does not fit', () => {
@@ -169,12 +169,13 @@ describe("Firecracker's CONNECT handshake, when it goes wrong", () => {
 
 describe('the agent script (bash, as in the image)', () => {
   /** The agent serving one connection on its stdin/stdout, as banger-agent@.service runs it. */
-  async function agentSocket(): Promise<string> {
+  async function agentSocket(identityScript?: string): Promise<string> {
     const script = join(dir, 'banger-agent');
     writeFileSync(script, AGENT_SCRIPT, { mode: 0o755 });
     const path = join(dir, `a${++n}.sock`);
+    const env = { ...process.env, BANGER_IDENTITY_SCRIPT: identityScript ?? join(dir, 'no-such-identity-script') };
     const server = createServer((sock) => {
-      const child = spawn('bash', [script], { stdio: ['pipe', 'pipe', 'inherit'] });
+      const child = spawn('bash', [script], { stdio: ['pipe', 'pipe', 'inherit'], env });
       child.stdin.on('error', () => {});
       sock.on('error', () => {});
       sock.pipe(child.stdin);
@@ -236,5 +237,19 @@ describe('the agent script (bash, as in the image)', () => {
     ]);
     expect(got[0].body).toContain('request line too long');
     expect(JSON.parse(got[5].body).ok).toBe(true);
+  }, 30_000);
+
+  it('POST /identity runs the identity script with --refresh and says whether it worked', async () => {
+    const marker = join(dir, 'refreshed');
+    const ok = join(dir, 'identity-ok');
+    writeFileSync(ok, `#!/bin/sh\necho "$@" > ${marker}\n`, { mode: 0o755 });
+    await agentRefreshIdentity(unixChannel(await agentSocket(ok)), 20_000);
+    expect(readFileSync(marker, 'utf8')).toBe('--refresh\n');
+    const failing = join(dir, 'identity-fails');
+    writeFileSync(failing, '#!/bin/sh\nexit 3\n', { mode: 0o755 });
+    const e = await failure(agentRefreshIdentity(unixChannel(await agentSocket(failing)), 20_000));
+    expect(e.message).toMatch(/POST \/identity with HTTP 500: .*--refresh failed/);
+    const got = await exchange(await agentSocket(ok), 'GET /identity HTTP/1.1\r\nX-Banger-Request: g1\r\n\r\n', 1);
+    expect(got.map((a) => [a.status, a.id])).toEqual([[405, 'g1']]);
   }, 30_000);
 });

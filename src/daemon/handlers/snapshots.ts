@@ -1,4 +1,4 @@
-/** vm.snapshot, vm.restore, vm.fork and snapshot.list/show/delete (QEMU, user networking). */
+/** vm.snapshot, vm.restore, vm.fork and snapshot.list/show/delete (QEMU VMs). */
 import { readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
@@ -96,7 +96,8 @@ function startRestore(d: DaemonServices, snap: SnapshotRecord, name: string): st
       diskBytes: snap.meta.diskBytes,
       vmm: 'qemu',
       accel: snap.meta.accel,
-      net: 'user',
+      net: snap.meta.net ?? 'user',
+      isolation: snap.meta.isolation,
       start: true,
       bootTimeoutMs: d.config.bootTimeoutMs,
       stopTimeoutMs: d.config.stopTimeoutMs,

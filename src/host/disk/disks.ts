@@ -229,7 +229,8 @@ export const resolvConf = (dns: string[]) => ['# written by banger', ...dns.map(
 // ---------------------------------------------------------------------------------------------------------------
 // Root disk customisation
 
-export type NetworkConfig = { mode: 'dhcp' } | { mode: 'static'; address: string; gateway: string; dns: string[] };
+/** A static network's `mac`: the NIC's address, set by the guest when it applies its identity on a refresh (a fork). */
+export type NetworkConfig = { mode: 'dhcp' } | { mode: 'static'; address: string; gateway: string; dns: string[]; mac?: string };
 
 const HOSTNAME_RE = /^(?=.{1,253}$)[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$/;
 
@@ -243,6 +244,7 @@ function validateNetwork(net: NetworkConfig): void {
   if (!fam || extra !== undefined || !/^\d{1,3}$/.test(len ?? '') || Number(len) > max) throw bad('address', net.address);
   if (!isIP(net.gateway)) throw bad('gateway', net.gateway);
   for (const d of net.dns) if (!isIP(d)) throw bad('DNS server', d);
+  if (net.mac !== undefined && !/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(net.mac)) throw bad('MAC address', net.mac);
 }
 
 /** The systemd-networkd file banger writes into every guest. */

@@ -34,6 +34,7 @@ export function identityFiles(id: IdentityDiskContent): Array<[string, string, n
     ['10-banger.network', networkdUnit(id.network), 0o644],
   ];
   if (id.network.mode === 'static') files.push(['resolv.conf', resolvConf(id.network.dns), 0o644]);
+  if (id.network.mode === 'static' && id.network.mac) files.push(['mac', id.network.mac + '\n', 0o644]);
   const gi = id.gitIdentity;
   if (gi && (gi.name || gi.email)) files.push(['gitconfig-user', gitconfigWithIdentity('', gi), 0o644]);
   return files;
@@ -104,7 +105,8 @@ export async function customizeRootDisk(
   },
 ): Promise<{ ms: number }> {
   const t0 = performance.now();
-  const files = identityFiles(opts); // validates
+  // validates; `mac` is for a refresh from an identity disk only (a fork's), which a cloned root disk never has
+  const files = identityFiles(opts).filter(([name]) => name in IDENTITY_IN_ROOT);
   if (!(await stat(disk).then(() => true, () => false))) throw new BangerError('not_found', `root disk ${disk} does not exist`);
   const tmp = await mkdtemp(join(tmpdir(), 'banger-custom-'));
   try {

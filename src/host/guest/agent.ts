@@ -103,15 +103,17 @@ export type AgentChannel = (timeoutMs: number) => Promise<Socket>;
 /** The request's tag: the answer must carry it back. */
 export const newRequestId = () => randomBytes(9).toString('base64url');
 
-export function requestBytes(path: string, id: string): Buffer {
-  return Buffer.from(`GET ${path} HTTP/1.1\r\nHost: banger-agent\r\nX-Banger-Request: ${id}\r\n\r\n`, 'latin1');
+export type AgentMethod = 'GET' | 'POST';
+
+export function requestBytes(method: AgentMethod, path: string, id: string): Buffer {
+  return Buffer.from(`${method} ${path} HTTP/1.1\r\nHost: banger-agent\r\nX-Banger-Request: ${id}\r\n\r\n`, 'latin1');
 }
 
 /**
- * One GET to the agent over a fresh connection, answered within `timeoutMs` (connecting included). Answers that
- * carry another request's tag (left over from a client that gave up) are skipped.
+ * One request to the agent over a fresh connection, answered within `timeoutMs` (connecting included). Answers
+ * that carry another request's tag (left over from a client that gave up) are skipped. No request has a body.
  */
-export async function agentGet(channel: AgentChannel, path: string, timeoutMs: number): Promise<AgentAnswer> {
+export async function agentRequest(channel: AgentChannel, method: AgentMethod, path: string, timeoutMs: number): Promise<AgentAnswer> {
   const deadline = Date.now() + timeoutMs;
   const sock = await channel(timeoutMs);
   const id = newRequestId();
@@ -124,7 +126,7 @@ export async function agentGet(channel: AgentChannel, path: string, timeoutMs: n
       if (err) reject(err);
       else resolve(a!);
     };
-    const timer = setTimeout(() => finish(new BangerError('timeout', `the guest agent did not answer GET ${path} within ${timeoutMs} ms`)), Math.max(1, deadline - Date.now()));
+    const timer = setTimeout(() => finish(new BangerError('timeout', `the guest agent did not answer ${method} ${path} within ${timeoutMs} ms`)), Math.max(1, deadline - Date.now()));
     sock.on('data', (chunk: Buffer) => {
       try {
         const mine = parser.push(chunk).find((a) => a.headers['x-banger-request'] === id);
@@ -134,8 +136,8 @@ export async function agentGet(channel: AgentChannel, path: string, timeoutMs: n
       }
     });
     sock.once('error', (e) => finish(new BangerError('host', `the guest agent's channel failed: ${e.message}`)));
-    sock.once('close', () => finish(new BangerError('host', `the guest agent's channel closed before it answered GET ${path}`)));
-    sock.write(requestBytes(path, id));
+    sock.once('close', () => finish(new BangerError('host', `the guest agent's channel closed before it answered ${method} ${path}`)));
+    sock.write(requestBytes(method, path, id));
     sock.resume();
   });
 }
@@ -236,5 +238,14 @@ export function parseHealthz(a: AgentAnswer): Healthz {
 
 /** GET /healthz over `channel`, bounded by `timeoutMs`. */
 export async function agentHealth(channel: AgentChannel, timeoutMs: number): Promise<Healthz> {
-  return parseHealthz(await agentGet(channel, '/healthz', timeoutMs));
+  return parseHealthz(await agentRequest(channel, 'GET', '/healthz', timeoutMs));
+}
+
+/**
+ * POST /identity: the guest applies its identity disk again, network and MAC included (image builder 5 and later).
+ * Resolves once it has; a `host` error with the agent's words otherwise.
+ */
+export async function agentRefreshIdentity(channel: AgentChannel, timeoutMs: number): Promise<void> {
+  const a = await agentRequest(channel, 'POST', '/identity', timeoutMs);
+  if (a.status !== 200) throw new BangerError('host', `the guest agent answered POST /identity with HTTP ${a.status}: ${JSON.stringify(a.body.toString('utf8').slice(0, 200))}`);
 }

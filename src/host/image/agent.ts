@@ -1,5 +1,7 @@
 /**
- * The guest agent: a small bash program in the image that answers `GET /healthz` with this guest's health as JSON.
+ * The guest agent: a small bash program in the image that answers `GET /healthz` with this guest's health as JSON,
+ * and `POST /identity` by applying the identity disk again, network included (a fork restored onto its own TAP takes
+ * its new MAC and address so: the request carries no data, the host-written identity disk does).
  * No runtime is added to the guest for it (bash, coreutils and systemd are there already). It serves HTTP/1.1-style
  * requests one after another on one of two channels, each started by udev when the VMM offers it:
  * - a virtio-serial port named org.banger.agent (QEMU): banger-agent-port.service holds the port open and answers
@@ -16,10 +18,13 @@ export const AGENT_PORT_NAME = 'org.banger.agent';
 export const AGENT_VSOCK_PORT = 10052;
 /** Where the agent lives in the guest. */
 export const AGENT_PATH = '/usr/local/sbin/banger-agent';
+/** The script that applies the identity disk (src/host/image/image.ts), at boot and on POST /identity. */
+export const IDENTITY_PATH = '/usr/local/sbin/banger-identity';
 
 // `$\{` stands for `${` (bash's), which a template literal would take for its own.
 export const AGENT_SCRIPT = String.raw`#!/bin/bash
-# written by banger: the guest agent. GET /healthz answers this guest's health as JSON; nothing else is served.
+# written by banger: the guest agent. GET /healthz answers this guest's health as JSON; POST /identity applies the
+# identity disk again (banger-identity --refresh: hostname, network, MAC); nothing else is served.
 # Requests come one after another, HTTP/1.1-style: on stdin/stdout (a vsock connection) or, with --port DEV, on a
 # virtio-serial port whose host side banger connects to for a request and leaves again.
 set -u
@@ -52,6 +57,14 @@ health() {
   printf -v body '{"ok":true,"uptimeSeconds":%s,"load":[%s,%s,%s],"memory":{"totalKiB":%s,"availableKiB":%s},"disk":{"/":{"freeBytes":%s,"totalBytes":%s},"/root":{"freeBytes":%s,"totalBytes":%s}},"sessionsRunning":%s}' \
     "$up" "$l1" "$l2" "$l3" "$total" "$avail" $(($1 * $2)) $(($3 * $2)) $(($4 * $5)) $(($6 * $5)) "$running"
   reply 200 OK "$body"
+}
+
+refresh_identity() {
+  if "$\{BANGER_IDENTITY_SCRIPT:-${IDENTITY_PATH}}" --refresh </dev/null >/dev/null 2>&1; then
+    reply 200 OK '{"ok":true}'
+  else
+    reply 500 'Internal Server Error' '{"ok":false,"error":"banger-identity --refresh failed: see journalctl -u banger-agent-port"}'
+  fi
 }
 
 # Reads one request from fd $in and answers it on fd $out. Returns 1 at the end of input, or when the client
@@ -89,12 +102,14 @@ one_request() {
     reply 431 'Request Header Fields Too Large' '{"ok":false,"error":"too many or too long header lines"}'
   elif [ "$version" != HTTP/1.1 ] && [ "$version" != HTTP/1.0 ]; then
     reply 400 'Bad Request' '{"ok":false,"error":"not an HTTP/1.x request line"}'
-  elif [ "$method" != GET ]; then
-    reply 405 'Method Not Allowed' '{"ok":false,"error":"only GET is served"}'
-  elif [ "$target" = /healthz ]; then
+  elif [ "$target" = /healthz ] && [ "$method" = GET ]; then
     health
+  elif [ "$target" = /identity ] && [ "$method" = POST ]; then
+    refresh_identity
+  elif [ "$target" = /healthz ] || [ "$target" = /identity ]; then
+    reply 405 'Method Not Allowed' '{"ok":false,"error":"GET /healthz and POST /identity are served"}'
   else
-    reply 404 'Not Found' '{"ok":false,"error":"only /healthz is served"}'
+    reply 404 'Not Found' '{"ok":false,"error":"only /healthz and /identity are served"}'
   fi
 }
 

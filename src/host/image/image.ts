@@ -28,7 +28,7 @@ import { readDiskFile } from '../disk/disks.js';
 import { Cleanups } from '../exec/cleanups.js';
 import { CommandError, run, which, type Runner } from '../exec/runner.js';
 import { ensureFreeSpace } from '../disk/space.js';
-import { AGENT_FILES } from './agent.js';
+import { AGENT_FILES, IDENTITY_PATH } from './agent.js';
 
 /**
  * Bump when the image recipe changes, so cached images are rebuilt.
@@ -36,8 +36,10 @@ import { AGENT_FILES } from './agent.js';
  * 3: the guest agent (src/host/image/agent.ts): GET /healthz on a virtio-serial port or vsock, started by udev.
  * 4: the identity comes from a disk of its own (identity-disk.ts), and sshd neither re-executes itself nor runs PAM
  *    for each connection (a connection under TCG: 1.6 s → 0.5 s).
+ * 5: the guest agent's POST /identity applies the identity disk again, network and MAC included (banger-identity
+ *    --refresh): a fork restored onto a TAP of its own takes its own address.
  */
-export const BUILDER_VERSION = 4;
+export const BUILDER_VERSION = 5;
 
 export const KNOWN_IMAGES = {
   'debian-bookworm': { suite: 'bookworm' },
@@ -532,11 +534,16 @@ export const FSTAB = [
  * hostname, SSH host key, networkd file, resolv.conf for static networks, and the git identity, appended to
  * /root/.gitconfig unless that has a [user] section (a restarted VM keeps what its user set). A VM without an
  * identity disk (its root disk is its own, with the identity written in) is left as it is.
+ *
+ * With --refresh (the guest agent's POST /identity, after a restore onto another TAP) it reads the disk afresh,
+ * past the page cache, and applies the network at once: the MAC, then networkd's addresses and routes.
  */
 export const IDENTITY_SCRIPT = [
   '#!/bin/sh',
-  "# written by banger: install this VM's identity from its identity disk into /etc",
+  "# written by banger: install this VM's identity from its identity disk into /etc (--refresh: and apply it now)",
   'set -eu',
+  'refresh=no',
+  '[ "${1-}" = --refresh ] && refresh=yes',
   'dev=',
   'for d in /sys/block/vd*; do',
   '  if [ "$(cat "$d/serial" 2>/dev/null)" = banger-identity ]; then dev="/dev/${d##*/}"; fi',
@@ -545,6 +552,7 @@ export const IDENTITY_SCRIPT = [
   'src=/run/banger-identity',
   'rm -rf "$src"',
   'mkdir -m 0700 "$src"',
+  'if [ $refresh = yes ]; then blockdev --flushbufs "$dev"; fi',
   'tar -x -f "$dev" -C "$src" --no-same-owner',
   'install -m 0644 "$src/hostname" /etc/hostname',
   'cat /etc/hostname > /proc/sys/kernel/hostname',
@@ -556,6 +564,18 @@ export const IDENTITY_SCRIPT = [
   'if [ -f "$src/gitconfig-user" ] && ! grep -qs "^\\[user\\]" "$gc"; then',
   '  if [ -s "$gc" ] && [ -n "$(tail -c 1 "$gc")" ]; then echo >> "$gc"; fi',
   '  cat "$src/gitconfig-user" >> "$gc"',
+  'fi',
+  'if [ $refresh = yes ]; then',
+  '  nic=',
+  '  for n in /sys/class/net/e*; do if [ -e "$n" ]; then nic="${n##*/}"; fi; done',
+  '  if [ -n "$nic" ] && [ -f "$src/mac" ]; then',
+  '    ip link set dev "$nic" down',
+  '    ip link set dev "$nic" address "$(cat "$src/mac")"',
+  '    ip address flush dev "$nic"',
+  '    ip link set dev "$nic" up',
+  '  fi',
+  '  networkctl reload',
+  '  if [ -n "$nic" ]; then networkctl reconfigure "$nic"; fi',
   'fi',
   'rm -rf "$src"',
   '',
@@ -575,7 +595,7 @@ export const IDENTITY_UNIT = [
   '[Service]',
   'Type=oneshot',
   'RemainAfterExit=yes',
-  'ExecStart=/usr/local/sbin/banger-identity',
+  `ExecStart=${IDENTITY_PATH}`,
   '',
   '[Install]',
   'WantedBy=sysinit.target',
@@ -867,7 +887,7 @@ async function configureTree(tree: string, userPubKey: string): Promise<{ value:
   await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
   await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
   await writeTreeFile(tree, '/etc/default/ssh', SSHD_DEFAULTS);
-  await writeTreeFile(tree, '/usr/local/sbin/banger-identity', IDENTITY_SCRIPT, 0o755);
+  await writeTreeFile(tree, IDENTITY_PATH, IDENTITY_SCRIPT, 0o755);
   await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
   for (const [path, [content, mode]] of Object.entries(AGENT_FILES)) await writeTreeFile(tree, path, content, mode);
   const sshDir = await resolveInTree(tree, '/etc/ssh');
