@@ -2,7 +2,7 @@ import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import type { PrepareResult } from '../../rpc/types.js';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, isAbsolute, join, posix, resolve } from 'node:path';
-import { PassThrough, Transform, Writable, type Readable } from 'node:stream';
+import { PassThrough, Readable, Transform, Writable } from 'node:stream';
 import { execa } from 'execa';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
@@ -362,10 +362,11 @@ if [ -e "$dest" ] || [ -h "$dest" ]; then
 fi
 `;
 
-/** Refuse a taken guest path, clear a stale staging dir, make it anew, enter it. Needs $dest $stage $replace. */
-const ENTER_STAGE = `${DEST_CHECK}
-rm -rf -- "$stage"
-mkdir -p -- "$stage"
+/** Refuse a taken guest path, clear a stale staging dir (ENTER_STAGE: make it anew, enter it). Needs $dest $stage $replace. */
+const CLEAR_STAGE = `${DEST_CHECK}
+if [ -e "$stage" ] || [ -h "$stage" ]; then rm -rf -- "$stage"; fi
+`;
+const ENTER_STAGE = `${CLEAR_STAGE}mkdir -p -- "$stage"
 cd -- "$stage"
 `;
 
@@ -403,7 +404,7 @@ if [ "$fullcopy" = 0 ]; then
   for c in "$@"; do printf '%s\\n' "$c" >> .git/shallow; done
   [ -s .git/shallow ] || rm -f .git/shallow
   git update-ref --stdin < "\${refs:-/dev/stdin}"
-  [ -z "\${inbox:-}" ] || rm -rf -- "$inbox"
+  [ -z "\${inbox:-}" ] || rm -f -- $inbox
   IFS= read -r symref < .git/HEAD || symref=
   if [ -z "$headbranch" ]; then git update-ref --no-deref HEAD "$head"
   elif [ "$symref" != "ref: refs/heads/$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; fi
@@ -454,20 +455,22 @@ fi
 echo "banger-prepared mounted=$mounted"
 `;
 /**
- * The host's working-tree delta on top of a checked-out tree, in $stage. stdin: `<n>\n`, n bytes of
- * NUL-terminated paths the host deleted (or replaced by a directory), then a tar of the host's changed and
- * untracked files. `read` takes the first line byte by byte and `head -c` reads no more than n bytes, so the tar
- * starts where it should. Directories the deletions leave empty go too (git's checkout never has empty directories).
+ * The host's working-tree delta on top of a checked-out tree, in $stage. stdin: `<n> <tar>\n`, n bytes of
+ * NUL-terminated paths the host deleted (or replaced by a directory), then, when tar is 1, a tar of the host's
+ * changed and untracked files. `read` takes the first line byte by byte and `head -c` reads no more than n bytes,
+ * so the tar starts where it should. Directories the deletions leave empty go too (git's checkout never has empty
+ * directories). An empty part starts no process (each costs about 60 ms under TCG).
  */
 const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
-IFS= read -r n
-head -c "$n" > .git/banger-deleted
-if [ -s .git/banger-deleted ]; then
+IFS=' ' read -r n withtar
+case "$n$withtar" in *[!0-9]*|'') echo "malformed delta header" >&2; exit 1 ;; esac
+if [ "$n" -gt 0 ]; then
+  head -c "$n" > .git/banger-deleted
   xargs -0 rm -f -- < .git/banger-deleted
   xargs -0 dirname -z -- < .git/banger-deleted | xargs -0 rmdir -p --ignore-fail-on-non-empty -- 2>/dev/null || :
+  rm -f .git/banger-deleted
 fi
-rm -f .git/banger-deleted
-tar -x -f - --no-same-owner
+[ "$withtar" = 0 ] || tar -x -f - --no-same-owner
 if [ "$incremental" = 1 ]; then
   git update-index -q --refresh >/dev/null 2>&1 || :
   printf '%s\\n' "$marker" > .git/banger-workspace
@@ -485,40 +488,40 @@ ${APPLY_DELTA}`;
  * packs made on the host (see workspace-pack.ts: no index-pack in the guest), each as
  * `<name> <pack bytes> <idx bytes> <paths bytes>\n`, the pack, its .idx and the NUL-terminated paths to check out
  * of it; then `end\n`; then `<n>\n` and n bytes of `git update-ref --stdin` commands; then APPLY_DELTA's stdin.
- * Each pack lands under .git/banger-in and is moved into objects/pack whole (pack first, then its .idx); then its
- * paths go down a fifo to one `checkout-index -u --stdin` (which records their stat data in the index), started
+ * Each pack goes into objects/pack, then its .idx, written aside and moved in whole (git ignores a pack without
+ * one); then its paths go down a fifo to one `checkout-index -u --stdin` (which records their stat data in the index), started
  * after the first pack with the index read from it (`read-tree`, no checkout). It checks a pack's paths out while
- * the next pack arrives; a path whose pack it has not seen yet makes git look in objects/pack again. The .idx's
- * size and the `end` line are checked, so a stream cut short fails here.
+ * the next pack arrives; a path whose pack it has not seen yet makes git look in objects/pack again. A stream cut
+ * short ends without the `end` line and fails here, its staging repository never moved into place.
  * Under TCG each git process costs 0.25-0.5 s before it does anything, so there are as few as the work needs:
- * one checkout for all the packs (not one per pack), no template copy at `init`, which also sets HEAD's branch,
- * and no index refresh (the checkout recorded every file's stat data).
+ * one checkout for all the packs (not one per pack), an `init` that makes the directory, copies no templates and
+ * sets HEAD's branch, and no index refresh (the checkout recorded every file's stat data). The same goes for the
+ * small tools: about 60 ms each.
  * Checkouts run with checkout.workers=1 (no parallel checkout): in a 2-vCPU TCG guest (host load about 4), checking
  * 10,000 files + 32 MiB out of a pack took 17.9 s and 12.6 s with checkout.workers=0 (a worker a CPU, the blobs
  * piped to them) against 10.2 s and 8.4 s with 1 (tar -x of the same tree: 8.5 s and 6.1 s).
  */
 const PACKED_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4 head=$5 incremental=0 marker=
 shift 5
-${ENTER_STAGE}
+${CLEAR_STAGE}
 initbranch=\${11} fmt=
 [ "$format" = sha1 ] || fmt=$format
-git init -q --template= \${initbranch:+-b "$initbranch"} \${fmt:+--object-format="$fmt"} . >/dev/null
-mkdir .git/banger-in
-mkfifo .git/banger-in/paths
+git init -q --template= \${initbranch:+-b "$initbranch"} \${fmt:+--object-format="$fmt"} -- "$stage" >/dev/null
+cd -- "$stage"
+mkfifo .git/banger-paths
 checkout=
 ended=0
 while IFS=' ' read -r name packbytes idxbytes pathbytes; do
   if [ "$name" = end ]; then ended=1; break; fi
   case "$name" in *[!0-9a-f]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
   case "$packbytes$idxbytes$pathbytes" in *[!0-9]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
-  head -c "$packbytes" > ".git/banger-in/pack-$name.pack"
-  head -c "$idxbytes" > ".git/banger-in/pack-$name.idx"
-  [ "$(wc -c < ".git/banger-in/pack-$name.idx")" -eq "$idxbytes" ] || { echo "the history was cut short" >&2; exit 1; }
-  mv -- ".git/banger-in/pack-$name.pack" ".git/banger-in/pack-$name.idx" .git/objects/pack/
+  head -c "$packbytes" > ".git/objects/pack/pack-$name.pack"
+  head -c "$idxbytes" > .git/banger-idx
+  mv -- .git/banger-idx ".git/objects/pack/pack-$name.idx"
   if [ -z "$checkout" ]; then
-    (git read-tree "$head" && exec git -c checkout.workers=1 checkout-index -f -u -z --stdin) < .git/banger-in/paths &
+    (git read-tree "$head" && exec git -c checkout.workers=1 checkout-index -f -u -z --stdin) < .git/banger-paths &
     checkout=$!
-    exec 3> .git/banger-in/paths
+    exec 3> .git/banger-paths
   fi
   head -c "$pathbytes" >&3
 done
@@ -527,9 +530,9 @@ done
 [ -n "$checkout" ] || { echo "no packs came" >&2; exit 1; }
 IFS= read -r n
 case "$n" in *[!0-9]*|'') echo "malformed ref list" >&2; exit 1 ;; esac
-head -c "$n" > .git/banger-in/refs
+head -c "$n" > .git/banger-refs
 wait "$checkout" || { echo "checking the tree out of the packs failed" >&2; exit 1; }
-${APPLY_DELTA}refs=.git/banger-in/refs inbox=.git/banger-in
+${APPLY_DELTA}refs=.git/banger-refs inbox='.git/banger-refs .git/banger-paths'
 ${FINISH_BODY}`;
 
 /** full_copy in one guest command: $1 dest, $2 stage, $3 replace (0|1), $4.. FINISH_BODY's. stdin: a tar of the directory. */
@@ -973,13 +976,15 @@ async function sendPackedTree(
       await removeHostPack(p);
     }
     input.write(Buffer.concat([Buffer.from(`end\n${w.refs.length}\n`), w.refs]));
-    tar = startHostStream('tar -c', 'tar', [...TAR_LIST_ARGS(root)], { signal, input: delta.send });
     stage = 'tree';
     ctx.onProgress?.({ stage });
-    input.write(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]));
-    await appendTo(input, tar.stdout, signal);
-    const t = await tar.done;
-    if (!t.ok) throw new BangerError('host', t.description);
+    input.write(deltaHeader(delta));
+    if (delta.send.length > 0) {
+      tar = startDeltaTar(root, delta, signal);
+      await appendTo(input, tar.stdout, signal);
+      const t = await tar.done;
+      if (!t.ok) throw new BangerError('host', t.description);
+    }
     stage = 'finish';
     ctx.onProgress?.({ stage });
   };
@@ -1005,9 +1010,12 @@ async function sendPackedTree(
   }
 }
 
-/** tar's arguments for the files named NUL-terminated on its stdin, relative to `root`. */
-const TAR_LIST_ARGS = (root: string) =>
-  ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'];
+/** APPLY_DELTA's header: the deleted paths' length and whether a tar follows, then the paths. */
+const deltaHeader = (d: WorktreeDelta) => Buffer.concat([Buffer.from(`${d.deleted.length} ${d.send.length > 0 ? 1 : 0}\n`), d.deleted]);
+
+/** A tar of the delta's changed and untracked files (named NUL-terminated on tar's stdin), relative to `root`. */
+const startDeltaTar = (root: string, d: WorktreeDelta, signal: AbortSignal | undefined) =>
+  startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'], { signal, input: d.send });
 
 /**
  * The HEAD of a workspace at the guest path that an incremental re-prepare may update in place: one banger
@@ -1059,15 +1067,10 @@ async function prepareIncremental(
   const h = await streamToGuest(exec, `${what} (history)`, 'history', guestCommand(INCREMENTAL_HISTORY_SCRIPT, args), [revList, pack], pack.stdout, ctx);
   if (h.result.exitCode !== 0) throw guestStepError(`${what} (history)`, h.result);
   const delta = await worktreeDelta(runner, root, signal);
-  const tar = startHostStream(
-    'tar -c',
-    'tar',
-    ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'],
-    { signal, input: delta.send },
-  );
+  const tar = delta.send.length > 0 ? startDeltaTar(root, delta, signal) : undefined;
   onProgress?.({ stage: 'tree' });
-  const input = prefixed(Buffer.concat([Buffer.from(`${delta.deleted.length}\n`), delta.deleted]), tar.stdout);
-  const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]), [tar], input, ctx);
+  const input = tar ? prefixed(deltaHeader(delta), tar.stdout) : Readable.from([deltaHeader(delta)]);
+  const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]), tar ? [tar] : [], input, ctx);
   if (t.result.exitCode !== 0) throw guestStepError(`${what} (tree)`, t.result);
   return h.bytes + t.bytes;
 }
@@ -1101,7 +1104,14 @@ async function checkFullCopyable(root: string, gitDir: string): Promise<void> {
  * mode-changed, and untracked non-ignored files) and `deleted` (gone from the working tree, or no longer a file:
  * a file that became a directory is deleted here and its new contents are untracked, so they are sent).
  */
-export async function worktreeDelta(runner: Runner, root: string, signal?: AbortSignal): Promise<{ send: Buffer; deleted: Buffer }> {
+export interface WorktreeDelta {
+  /** Changed and untracked files, NUL-terminated. */
+  send: Buffer;
+  /** Files deleted (or replaced by a directory), NUL-terminated. */
+  deleted: Buffer;
+}
+
+export async function worktreeDelta(runner: Runner, root: string, signal?: AbortSignal): Promise<WorktreeDelta> {
   const [changed, untracked] = await Promise.all([
     hostGitPaths(runner, root, ['diff', '--name-status', '--no-renames', '--no-ext-diff', '--ignore-submodules=none', 'HEAD', '--'], signal),
     hostGitPaths(runner, root, ['ls-files', '--others', '--exclude-standard'], signal),
