@@ -10,7 +10,8 @@ import { exec as sshExec } from '../host/guest/ssh.js';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec } from '../host/guest/workspace.js';
+import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec, type LinkCompression } from '../host/guest/workspace.js';
+import { readManifest } from '../host/image/image.js';
 import { withRecordedTemp } from './export-journal.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
@@ -25,10 +26,11 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
         sshExec(target, command, { stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr, signal: opts.signal ?? signal }).then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
       const p = job.params as Record<string, any>;
       if (job.kind === 'prepare') {
+        const compression = await linkCompression(env, ctx.spec.image);
         const prepare = (replace: boolean | undefined) =>
           prepareWorkspace(
             guest,
-            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, replace },
+            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, replace, compression },
             { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
           );
         const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
@@ -41,6 +43,15 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
     },
   };
 }
+
+/** zstd on the link when both ends have it: an image from builder 5 on, and zstd on the host (probed once). */
+async function linkCompression(env: StepEnv, image: string): Promise<LinkCompression> {
+  const m = await readManifest(env.layout.imageDir(image)).catch(() => undefined);
+  if (!m || m.builderVersion < 5) return 'none';
+  hostZstd ??= env.runner('zstd', ['--version'], { reject: false }).then((r) => r.exitCode === 0, () => false);
+  return (await hostZstd) ? 'zstd' : 'none';
+}
+let hostZstd: Promise<boolean> | undefined;
 
 /**
  * Export under config maxPatchBytes and exportTimeoutMs. With `output` the patch streams into that file and

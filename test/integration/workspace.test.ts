@@ -395,6 +395,16 @@ describe('prepare', { timeout: 30_000 }, () => {
     );
   });
 
+  it('full_copy with zstd on the link: the same tree, fewer bytes sent', async () => {
+    const plain = guestPath();
+    const packed = guestPath();
+    const r0 = await prep(localGuest(), { guestPath: plain, mode: 'full_copy' });
+    const r1 = await prep(localGuest(), { guestPath: packed, mode: 'full_copy', compression: 'zstd' });
+    expect(await snapshotTree(packed)).toEqual(await snapshotTree(plain));
+    expect(await snapshotTree(packed)).toEqual(await snapshotTree(host));
+    expect(r1.bytesSent).toBeLessThan(r0.bytesSent / 2);
+  });
+
   it('--from another commit: detached there, with the host changes on top', async () => {
     const dest = guestPath();
     const r = await prep(localGuest(), { guestPath: dest, from: 'HEAD~1' });

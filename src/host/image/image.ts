@@ -37,7 +37,7 @@ import { AGENT_FILES, IDENTITY_PATH } from './agent.js';
  * 4: the identity comes from a disk of its own (identity-disk.ts), and sshd neither re-executes itself nor runs PAM
  *    for each connection (a connection under TCG: 1.6 s → 0.5 s).
  * 5: the guest agent's POST /identity applies the identity disk again, network and MAC included (banger-identity
- *    --refresh): a fork restored onto a TAP of its own takes its own address.
+ *    --refresh): a fork restored onto a TAP of its own takes its own address. zstd, for full_copy's tar on the link.
  */
 export const BUILDER_VERSION = 5;
 
@@ -60,6 +60,7 @@ export const IMAGE_PACKAGES = [
   'linux-image-cloud-amd64',
   'initramfs-tools',
   'e2fsprogs',
+  'zstd',
 ] as const;
 
 export interface ImageManifest {
