@@ -106,6 +106,7 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
       stateBytes: saved.stateBytes,
       timings: saved.timings,
       identityDisk: existsSync(f.identityDisk),
+      builderVersion: (await readManifest(env.layout.imageDir(ctx.spec.image))).builderVersion,
       net: ctx.spec.net,
       isolation: ctx.spec.isolation,
     },
@@ -152,7 +153,6 @@ async function saveWithLayers(
 /** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
 async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
-  await assertNetworkRestorable(env, ctx, snap);
   const dir = snapshotDir(env.layout.home, snap.id);
   const f = vmFiles(env.layout, ctx.id);
   await mkdir(f.dir, { recursive: true, mode: 0o700 });
@@ -182,21 +182,6 @@ async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSi
 }
 
 /**
- * A tap VM's fork takes its own lease, MAC and address from its identity disk when the guest agent is asked to
- * apply it again: that needs the identity disk and an image from builder 5 on.
- */
-async function assertNetworkRestorable(env: StepEnv, ctx: VmContext, snap: SnapshotRecord): Promise<void> {
-  if (ctx.spec.net !== 'tap') return;
-  const image = await readManifest(env.layout.imageDir(snap.meta.image));
-  if (snap.meta.identityDisk && image.builderVersion >= 5) return;
-  throw new BangerError(
-    'unsupported',
-    `snapshot ${snap.name} is of a tap VM whose image (${snap.meta.image}, builder ${image.builderVersion}) cannot take a fork's own MAC and address`,
-    `rebuild the image (banger image pull ${snap.meta.image} --force), create the VM again and snapshot it; or fork a --net user VM`,
-  );
-}
-
-/**
  * Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. A
  * tap fork runs on its own TAP: the guest agent first has the guest apply its identity disk's MAC and address.
  */
@@ -222,14 +207,14 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
     const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
     const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
     await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
-    if (ctx.spec.net === 'tap') await stage(env, ctx.id, 'network.identity', () => refreshGuestNetwork(p.qmpSocket, signal), () => `MAC ${macForVm(ctx.id)}, ${ctx.net?.guestIp} on ${ctx.net?.tap}`);
+    const timeoutMs = () => Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
+    if (ctx.spec.net === 'tap') await stage(env, ctx.id, 'network.identity', () => refreshGuestNetwork(p.qmpSocket, timeoutMs(), signal), () => `MAC ${macForVm(ctx.id)}, ${ctx.net?.guestIp} on ${ctx.net?.tap}`);
     const target = await sshTargetFor(env, ctx, where);
-    const timeoutMs = Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
     // The first command over SSH is the identity: one connection, where a `true` first would cost another.
     const check = forkIdentityCheck(ctx.name);
-    await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs, signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
+    await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs: timeoutMs(), signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
     cleanups.release();
-    return { runtime: { pid: p.pid, control: p.qmpSocket, sshPort, bootedAt: new Date().toISOString() } };
+    return { runtime: { pid: p.pid, control: p.qmpSocket, ...where, bootedAt: new Date().toISOString() } };
   } catch (e) {
     await cleanups.run().catch((ce) => env.log(ctx.id, 'restore.cleanup', 'error', undefined, errorMessage(ce)));
     throw e;
@@ -237,11 +222,26 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
 }
 
 /** The guest agent, over QEMU's virtio-serial port, has the restored guest apply its identity disk's network. */
-async function refreshGuestNetwork(qmpSocket: string, signal: AbortSignal): Promise<void> {
+async function refreshGuestNetwork(qmpSocket: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
   const socket = agentSocketPath(qmpSocket);
   if (!socket) throw new BangerError('internal', `no guest agent socket beside ${qmpSocket}`);
   signal.throwIfAborted();
-  await agentRefreshIdentity(unixChannel(socket), 60_000);
+  const aborted = new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
+  aborted.catch(() => {});
+  await Promise.race([agentRefreshIdentity(unixChannel(socket), Math.min(60_000, timeoutMs)), aborted]);
+}
+
+/**
+ * A fork of a tap VM takes its own lease, MAC and address from its identity disk when the guest agent is asked to
+ * apply it again: that needs the identity disk and an image from builder 5 on. Checked before anything is made.
+ */
+export function assertForkable(s: { name: string; net?: VmContext['spec']['net']; image: string; builderVersion?: number; identityDisk?: boolean }): void {
+  if (s.net !== 'tap' || (s.identityDisk && (s.builderVersion ?? 0) >= 5)) return;
+  throw new BangerError(
+    'unsupported',
+    `${s.name} is a tap VM on image ${s.image} from builder ${s.builderVersion ?? 'before 5'}: its forks could not take their own MAC and address`,
+    `fork a VM created on a rebuilt image (delete the VMs on ${s.image}, then banger image pull ${s.image} --force), or a --net user VM`,
+  );
 }
 
 /** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */

@@ -32,6 +32,8 @@ export interface SnapshotMeta {
   identityDisk?: boolean;
   /** The VM's network (absent: user, as every snapshot was before tap restores): each fork gets its own lease. */
   net?: VmSpec['net'];
+  /** The builder version of the image the VM ran (absent: before builder 5 recorded it). */
+  builderVersion?: number;
   /** The VM's isolation policy, which its forks keep (absent: the default). */
   isolation?: VmSpec['isolation'];
 }

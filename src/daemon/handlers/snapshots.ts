@@ -7,7 +7,9 @@ import type { SnapshotView, VmView } from '../../rpc/types.js';
 import { SnapshotRepo, snapshotDir, type SnapshotRecord } from '../../store/snapshots.js';
 import type { DaemonServices } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
-import { readLayers } from '../../actors/snapshot-steps.js';
+import { assertForkable, readLayers } from '../../actors/snapshot-steps.js';
+import { readManifest } from '../../host/image/image.js';
+import { existsSync } from 'node:fs';
 import { vmFiles } from '../../actors/vm-steps.js';
 
 type SnapshotHandlers = Pick<Handlers, 'vm.snapshot' | 'vm.restore' | 'vm.fork' | 'snapshot.list' | 'snapshot.show' | 'snapshot.delete'>;
@@ -28,6 +30,7 @@ export function snapshotHandlers(d: DaemonServices): SnapshotHandlers {
 
     'vm.fork': async (p, ctx) => {
       const fromVm = d.store.resolveVm(p.source).length > 0;
+      if (fromVm) await assertVmForkable(d, vms.resolveVm(p.source));
       const snap = fromVm ? await takeSnapshot(d, repo, vms, p.source, { stop: false, name: undefined }, ctx) : repo.find(p.source);
       const prefix = validateName('vm', p.namePrefix ?? `${fromVm ? d.store.findVm(p.source).name : snap.name}-fork`);
       const names = Array.from({ length: p.count ?? 1 }, (_, i) => `${prefix}-${i + 1}`);
@@ -54,6 +57,14 @@ export function snapshotHandlers(d: DaemonServices): SnapshotHandlers {
       return { deleted: snap.name };
     },
   };
+}
+
+/** A tap VM is refused before its snapshot is taken (see assertForkable): a snapshot changes its disks for good. */
+async function assertVmForkable(d: DaemonServices, id: string): Promise<void> {
+  const v = d.supervisor.snapshot(id).context;
+  const manifest = await readManifest(d.layout.imageDir(v.spec.image)).catch(() => undefined);
+  const identityDisk = existsSync(vmFiles(d.layout, id).identityDisk);
+  assertForkable({ name: `vm ${v.name}`, net: v.spec.net, image: v.spec.image, builderVersion: manifest?.builderVersion, identityDisk });
 }
 
 /** Live VMs whose last snapshot this is: their next snapshot's layers are rebased onto this one's. */
@@ -83,6 +94,7 @@ async function takeSnapshot(d: DaemonServices, repo: SnapshotRepo, vms: VmAccess
 
 /** A new VM from a snapshot: same image, CPUs and memory, disks on its layers; restored, not booted. */
 function startRestore(d: DaemonServices, snap: SnapshotRecord, name: string): string {
+  assertForkable({ name: `snapshot ${snap.name}`, ...snap.meta });
   d.store.assertNameFree(name);
   const id = newId();
   d.supervisor.create({

@@ -40,10 +40,18 @@ export function identityFiles(id: IdentityDiskContent): Array<[string, string, n
   return files;
 }
 
-/** Writes the identity disk (atomically: a disk that exists is whole). */
+/**
+ * Every identity disk's size (a multiple of it when the files need more): a restored guest keeps the size it saw
+ * at boot, so a fork's disk must be as large as its source's for the guest to read it whole.
+ */
+export const IDENTITY_DISK_BYTES = 64 * 1024;
+
+/** Writes the identity disk (atomically: a disk that exists is whole), zero-padded to IDENTITY_DISK_BYTES. */
 export async function writeIdentityDisk(path: string, id: IdentityDiskContent): Promise<void> {
   const tmp = `${path}.partial`;
-  await writeFile(tmp, ustar(identityFiles(id)), { mode: 0o600 });
+  const archive = ustar(identityFiles(id));
+  const size = Math.ceil(archive.length / IDENTITY_DISK_BYTES) * IDENTITY_DISK_BYTES;
+  await writeFile(tmp, Buffer.concat([archive, Buffer.alloc(size - archive.length)]), { mode: 0o600 });
   await rename(tmp, path);
 }
 

@@ -79,7 +79,7 @@ export interface PrepareOptions {
   replace?: boolean;
   /**
    * How full_copy's tar crosses the link: zstd needs zstd on both ends (the host's tar runs `zstd -1`, the guest's
-   * tar `zstd -d`); absent: none. See LINK_COMPRESSION.
+   * tar `zstd -d`); absent: none. See LinkCompression.
    */
   compression?: LinkCompression;
 }
@@ -473,7 +473,8 @@ echo "banger-prepared mounted=$mounted"
  * NUL-terminated paths the host deleted (or replaced by a directory), then, when tar is 1, a tar of the host's
  * changed and untracked files. `read` takes the first line byte by byte and `head -c` reads no more than n bytes,
  * so the tar starts where it should. Directories the deletions leave empty go too (git's checkout never has empty
- * directories). An empty part starts no process (each costs about 60 ms under TCG).
+ * directories). An empty part starts no process (each costs about 60 ms under TCG). No index refresh: the files
+ * the tar wrote are the only ones whose stat data the index does not have, and git status hashes just those.
  */
 const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
 IFS=' ' read -r n withtar
@@ -485,10 +486,7 @@ if [ "$n" -gt 0 ]; then
   rm -f .git/banger-deleted
 fi
 [ "$withtar" = 0 ] || tar -x -f - --no-same-owner
-if [ "$incremental" = 1 ]; then
-  git update-index -q --refresh >/dev/null 2>&1 || :
-  printf '%s\\n' "$marker" > .git/banger-workspace
-fi
+[ "$incremental" = 0 ] || printf '%s\\n' "$marker" > .git/banger-workspace
 `;
 /** $1 stage, $2 the commit to check out, $3 incremental (0|1), $4 marker. stdin: APPLY_DELTA's. */
 const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
@@ -518,6 +516,7 @@ ${APPLY_DELTA}`;
 const PACKED_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 format=$4 head=$5 incremental=0 marker=
 shift 5
 ${CLEAR_STAGE}
+# FINISH_BODY's 11th argument, after the shift: the host's current branch
 initbranch=\${11} fmt=
 [ "$format" = sha1 ] || fmt=$format
 git init -q --template= \${initbranch:+-b "$initbranch"} \${fmt:+--object-format="$fmt"} -- "$stage" >/dev/null
@@ -556,7 +555,9 @@ ${FINISH_BODY}`;
 const FULL_COPY_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 unzstd=$4
 shift 4
 ${ENTER_STAGE}
-if [ "$unzstd" = 1 ]; then tar -x --zstd -f - --no-same-owner; else tar -x -f - --no-same-owner; fi
+if [ "$unzstd" = 0 ]; then tar -x -f - --no-same-owner
+elif command -v zstd >/dev/null 2>&1; then tar -x --zstd -f - --no-same-owner
+else echo "zstd is not installed in the guest" >&2; exit 127; fi
 ${FINISH_BODY}`;
 
 /** $1 stage. Best-effort removal after a failed prepare. */
@@ -770,12 +771,13 @@ async function streamToGuest(
  * refs/tags and refs/remotes) go over as packs made on the host with their indexes: HEAD's tree in slices, each
  * checked out in the guest (`checkout-index -u` after a `read-tree` of HEAD) while the next arrives, then the
  * rest of the history; then the host's changed and untracked non-ignored files as one tar over the checkout;
- * then refs and HEAD are set (the host's current branch name, or detached) and the index refreshed: it equals
- * HEAD, so the host's uncommitted edits, deletions, mode changes and untracked files show in the guest as
+ * then refs and HEAD are set (the host's current branch name, or detached); the index, with every file's stat
+ * data from the checkout, equals HEAD, so the host's uncommitted edits, deletions, mode changes and untracked files show in the guest as
  * uncommitted changes. Ignored files stay behind. Staged-but-uncommitted changes on the host arrive unstaged; an
  * untracked nested repository arrives as an empty directory. One guest command in all, full_copy's too.
  *
- * full_copy: the repository directory as it is (.git, ignored files and submodules included) as one tar.
+ * full_copy: the repository directory as it is (.git, ignored files and submodules included) as one tar,
+ * zstd-compressed when `compression` says so.
  *
  * from: resolved on the host (never silently HEAD). When it differs from HEAD, the guest stashes the host's
  * uncommitted state (`git stash -u`), checks out `from` (its branch when `from` names a local branch, else
@@ -799,8 +801,54 @@ export async function prepareWorkspace(
   opts: PrepareOptions,
   ctx: PrepareContext = {},
 ): Promise<WorkspacePrepareResult> {
-  const { signal, onProgress } = ctx;
+  const { signal } = ctx;
   const runner = ctx.runner ?? run;
+  const where = checkPrepareOptions(opts);
+  if (signal?.aborted) throw abortError(signal, PREPARE);
+  try {
+    ctx.onProgress?.({ stage: 'inspect' });
+    const repo = await inspectDetails(opts.source, runner, signal, false);
+    await checkModeFits(opts.mode, repo);
+    const base = await resolveBase(runner, repo, where.from, signal);
+    const p: Prepare = { exec, opts, ctx, runner, repo, ...where, ...base, preparedAt: new Date().toISOString(), sourcePath: resolve(opts.source) };
+    try {
+      return opts.mode === 'full_copy' ? await prepareFullCopy(p) : await preparePacked(p);
+    } catch (e) {
+      // Best effort: the staging dir goes away, unless we were aborted (the connection may be gone; the next
+      // prepare of this path removes it anyway) or the path was taken (then we never made one).
+      const taken = e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message);
+      if (!taken && !signal?.aborted) {
+        await exec(guestCommand(CLEANUP_SCRIPT, [p.stagePath]), { signal }).catch(() => {});
+      }
+      throw e;
+    }
+  } catch (e) {
+    if (signal?.aborted) throw abortError(signal, PREPARE);
+    throw e;
+  }
+}
+
+const PREPARE = 'workspace prepare';
+
+/** One prepare, its options checked and its repository inspected. */
+interface Prepare {
+  exec: GuestExec;
+  opts: PrepareOptions;
+  ctx: PrepareContext;
+  runner: Runner;
+  repo: RepoDetails;
+  dest: string;
+  stagePath: string;
+  newBranch?: string;
+  from?: string;
+  baseCommit: string;
+  fromBranch: string | null;
+  preparedAt: string;
+  sourcePath: string;
+}
+
+/** The mode, the guest path (normalized, and the staging dir beside it), the new branch and the base revision. */
+function checkPrepareOptions(opts: PrepareOptions) {
   if (!(WORKSPACE_MODES as readonly string[]).includes(opts.mode)) {
     throw new BangerError('usage', `unknown workspace mode ${JSON.stringify(opts.mode)}`, `use one of ${WORKSPACE_MODES.join(', ')}`);
   }
@@ -809,147 +857,140 @@ export async function prepareWorkspace(
   }
   const dest = normalizeAbsolute(opts.guestPath);
   if (dest === '/') throw new BangerError('usage', 'the guest path cannot be /');
-  const stagePath = posix.join(posix.dirname(dest), `.${posix.basename(dest)}.banger-staging`);
-  const newBranch = opts.branch === undefined ? undefined : validateBranchName(opts.branch);
-  const from = opts.from === undefined ? undefined : validateRevision(opts.from, '--from revision');
-  const what = 'workspace prepare';
-  if (signal?.aborted) throw abortError(signal, what);
+  return {
+    dest,
+    stagePath: posix.join(posix.dirname(dest), `.${posix.basename(dest)}.banger-staging`),
+    newBranch: opts.branch === undefined ? undefined : validateBranchName(opts.branch),
+    from: opts.from === undefined ? undefined : validateRevision(opts.from, '--from revision'),
+  };
+}
 
-  try {
-    onProgress?.({ stage: 'inspect' });
-    const repo = await inspectDetails(opts.source, runner, signal, false);
-    const root = repo.repoRoot;
-    if (opts.mode !== 'full_copy' && repo.submodules.length > 0) {
-      throw new BangerError(
-        'usage',
-        `${root} has submodules (${repo.submodules.join(', ')}); mode ${opts.mode} does not copy them`,
-        'use --mode full_copy, which copies the repository directory as it is, .git and submodules included',
-      );
-    }
-    if (opts.mode === 'full_copy') await checkFullCopyable(root, repo.gitDir);
-
-    // The base: `from` resolved on the host, never silently HEAD.
-    let baseCommit = repo.headCommit;
-    let fromBranch: string | null = null;
-    if (from !== undefined) {
-      const r = await hostGit(runner, root, ['rev-parse', '-q', '--verify', `${from}^{commit}`], { signal, reject: false });
-      if (r.exitCode !== 0 || !r.stdout.trim()) {
-        throw new BangerError('usage', `--from ${JSON.stringify(from)} does not name a commit in ${root}`,
-          'give a branch, a tag or a commit sha that exists in the host repository');
-      }
-      baseCommit = r.stdout.trim();
-      const full = await hostGit(runner, root, ['rev-parse', '--symbolic-full-name', from], { signal, reject: false });
-      const name = full.exitCode === 0 ? full.stdout.trim() : '';
-      if (name.startsWith('refs/heads/') && !name.includes('\n')) fromBranch = name.slice('refs/heads/'.length);
-    }
-    const moving = baseCommit !== repo.headCommit;
-    const target = moving ? fromBranch : repo.currentBranch;
-    const branchName = newBranch ?? target;
-
-    const step = (name: string, r: GuestExecResult) => {
-      if (r.exitCode === 0) return;
-      if (r.exitCode === 10) throw destTakenError(dest, r.stdout.toString('utf8'));
-      if (r.exitCode === 11) {
-        throw new BangerError('conflict', `${what}: ${tail(r.stderr, 30)}`, 'commit or stash the host changes first, or prepare from HEAD (no --from)');
-      }
-      if (r.exitCode === 12) throw new BangerError('conflict', `${what}: ${tail(r.stderr)}`, 'pick another --branch name');
-      throw guestStepError(`${what} (${name})`, r);
-    };
-    const replace = opts.replace ? '1' : '0';
-    let bytesStreamed = 0;
-    let started = false; // the guest staging directory exists (from here on, clean it up on failure)
-    try {
-      const refUpdates: string[] = [];
-      let shallow: string[] = [];
-      const preparedAt = new Date().toISOString();
-      const sourcePath = resolve(opts.source);
-      const marker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt, readOnly: opts.readOnly, branch: newBranch ?? null });
-      // FINISH_BODY's arguments: refs, HEAD and index; the base; the new branch; move into place; read-only
-      const finishArgs = (fullCopy: boolean) => [
-        dest, stagePath, replace, fullCopy ? '1' : '0', repo.headCommit, baseCommit, target ?? '', newBranch ?? '',
-        opts.readOnly ? '1' : '0', marker, repo.currentBranch ?? '', ...shallow,
-      ];
-      let fin: GuestExecResult;
-      if (opts.mode === 'full_copy') {
-        // The directory as it is, then the finish, in one guest command (it checks the path and makes the staging dir first)
-        const zstd = opts.compression === 'zstd';
-        const tar = startHostStream('tar -c', 'tar', ['-c', ...(zstd ? ['-I', 'zstd -1 -q'] : []), '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '.'], { signal });
-        onProgress?.({ stage: 'tree' });
-        started = true;
-        const command = guestCommand(FULL_COPY_SCRIPT, [dest, stagePath, replace, zstd ? '1' : '0', ...finishArgs(true)]);
-        const t = await streamToGuest(exec, `${what} (tree)`, 'tree', command, [tar], tar.stdout, ctx);
-        step('tree', t.result);
-        bytesStreamed += t.bytes;
-        fin = t.result;
-      } else {
-        const tips = [repo.headCommit, baseCommit];
-        if (opts.mode === 'full_history') {
-          const refs = await hostGit(runner, root, ['for-each-ref', '--format=%(objectname) %(refname)', 'refs/heads', 'refs/tags', 'refs/remotes'], { signal });
-          for (const line of refs.stdout.split('\n')) {
-            const m = /^([0-9a-f]{40,64}) (\S+)$/.exec(line);
-            if (!m || m[2].endsWith('/HEAD')) continue;
-            tips.push(m[1]);
-            refUpdates.push(`create ${m[2]} ${m[1]}`);
-          }
-          shallow = await hostShallowList(runner, root, signal);
-        } else {
-          shallow = await commitsWithParents(runner, root, [...new Set(tips)], signal);
-          if (repo.currentBranch) refUpdates.push(`create refs/heads/${repo.currentBranch} ${repo.headCommit}`);
-        }
-        if (moving && fromBranch && !refUpdates.some((u) => u.startsWith(`create refs/heads/${fromBranch} `))) {
-          refUpdates.push(`create refs/heads/${fromBranch} ${baseCommit}`);
-        }
-        // One guest command: the history as packs, the tree checked out of them as they arrive, only what differs
-        // on the host on top, then the finish (the guest checks the path and makes the staging dir first).
-        onProgress?.({ stage: 'history' });
-        started = true;
-        const refs = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
-        const h = await sendPackedTree(exec, { what, dest, stagePath, replace, repo, tips: [...new Set(tips)], noWalk: opts.mode === 'shallow', refs, finish: finishArgs(false) }, ctx, runner);
-        const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, sourcePath, opts.mode, from ?? newBranch ?? (opts.readOnly ? 'ro' : undefined)) : undefined;
-        if (reuse) {
-          const plainMarker = JSON.stringify({ sourcePath, headCommit: repo.headCommit, baseCommit, mode: opts.mode, preparedAt, readOnly: false, branch: null });
-          const sent = await prepareIncremental(exec, { dest, repo, oldHead: reuse, tips: [...new Set(tips)], refUpdates, shallow, marker: plainMarker }, ctx, runner);
-          return {
-            sourcePath, repoRoot: root, repoName: repo.repoName, guestPath: dest, mode: opts.mode, readOnly: false, readOnlyMount: false,
-            headCommit: repo.headCommit, currentBranch: repo.currentBranch, branchName, baseCommit, preparedAt, bytesStreamed: sent, bytesSent: sent, cache: 'off', incremental: true,
-            previousHead: reuse,
-          };
-        }
-        step('history', h.result);
-        bytesStreamed += h.bytes;
-        fin = h.result;
-      }
-      return {
-        sourcePath,
-        repoRoot: root,
-        repoName: repo.repoName,
-        guestPath: dest,
-        mode: opts.mode,
-        readOnly: opts.readOnly,
-        readOnlyMount: /banger-prepared mounted=1/.test(fin.stdout.toString('utf8')),
-        headCommit: repo.headCommit,
-        currentBranch: repo.currentBranch,
-        branchName,
-        baseCommit,
-        preparedAt,
-        bytesStreamed,
-        bytesSent: bytesStreamed,
-        cache: 'off',
-        incremental: false,
-      };
-    } catch (e) {
-      // Best effort: the staging dir goes away, unless we were aborted (the connection may be gone; the next
-      // prepare of this path removes it anyway) or the path was taken (then we never made one).
-      const taken = e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message);
-      if (started && !taken && !signal?.aborted) {
-        await exec(guestCommand(CLEANUP_SCRIPT, [stagePath]), { signal }).catch(() => {});
-      }
-      throw e;
-    }
-  } catch (e) {
-    if (signal?.aborted) throw abortError(signal, what);
-    throw e;
+/** Submodules go only with full_copy, which needs a plain .git directory. */
+async function checkModeFits(mode: WorkspaceMode, repo: RepoDetails): Promise<void> {
+  if (mode !== 'full_copy' && repo.submodules.length > 0) {
+    throw new BangerError(
+      'usage',
+      `${repo.repoRoot} has submodules (${repo.submodules.join(', ')}); mode ${mode} does not copy them`,
+      'use --mode full_copy, which copies the repository directory as it is, .git and submodules included',
+    );
   }
+  if (mode === 'full_copy') await checkFullCopyable(repo.repoRoot, repo.gitDir);
+}
+
+/** The base: `from` resolved on the host, never silently HEAD; and its local branch, when it names one. */
+async function resolveBase(runner: Runner, repo: RepoDetails, from: string | undefined, signal?: AbortSignal) {
+  if (from === undefined) return { baseCommit: repo.headCommit, fromBranch: null };
+  const root = repo.repoRoot;
+  const r = await hostGit(runner, root, ['rev-parse', '-q', '--verify', `${from}^{commit}`], { signal, reject: false });
+  if (r.exitCode !== 0 || !r.stdout.trim()) {
+    throw new BangerError('usage', `--from ${JSON.stringify(from)} does not name a commit in ${root}`,
+      'give a branch, a tag or a commit sha that exists in the host repository');
+  }
+  const full = await hostGit(runner, root, ['rev-parse', '--symbolic-full-name', from], { signal, reject: false });
+  const name = full.exitCode === 0 ? full.stdout.trim() : '';
+  return { baseCommit: r.stdout.trim(), fromBranch: name.startsWith('refs/heads/') && !name.includes('\n') ? name.slice('refs/heads/'.length) : null };
+}
+
+/** A guest command's exit status as the error it stands for (see the scripts' exit codes). */
+function checkStep(p: Prepare, name: string, r: GuestExecResult): void {
+  if (r.exitCode === 0) return;
+  if (r.exitCode === 10) throw destTakenError(p.dest, r.stdout.toString('utf8'));
+  if (r.exitCode === 11) {
+    throw new BangerError('conflict', `${PREPARE}: ${tail(r.stderr, 30)}`, 'commit or stash the host changes first, or prepare from HEAD (no --from)');
+  }
+  if (r.exitCode === 12) throw new BangerError('conflict', `${PREPARE}: ${tail(r.stderr)}`, 'pick another --branch name');
+  throw guestStepError(`${PREPARE} (${name})`, r);
+}
+
+/** The base's branch in the guest: `from`'s when the base moved, else the host's current one. */
+const targetBranch = (p: Prepare) => (p.baseCommit !== p.repo.headCommit ? p.fromBranch : p.repo.currentBranch);
+
+const markerOf = (p: Prepare, o: { readOnly: boolean; branch: string | null }) =>
+  JSON.stringify({ sourcePath: p.sourcePath, headCommit: p.repo.headCommit, baseCommit: p.baseCommit, mode: p.opts.mode, preparedAt: p.preparedAt, ...o });
+
+/** FINISH_BODY's arguments: refs, HEAD and index; the base; the new branch; move into place; read-only. */
+function finishArgs(p: Prepare, fullCopy: boolean, shallow: string[]): string[] {
+  return [
+    p.dest, p.stagePath, p.opts.replace ? '1' : '0', fullCopy ? '1' : '0', p.repo.headCommit, p.baseCommit, targetBranch(p) ?? '', p.newBranch ?? '',
+    p.opts.readOnly ? '1' : '0', markerOf(p, { readOnly: p.opts.readOnly, branch: p.newBranch ?? null }), p.repo.currentBranch ?? '', ...shallow,
+  ];
+}
+
+function resultOf(p: Prepare, fin: GuestExecResult, bytes: number): WorkspacePrepareResult {
+  return {
+    sourcePath: p.sourcePath,
+    repoRoot: p.repo.repoRoot,
+    repoName: p.repo.repoName,
+    guestPath: p.dest,
+    mode: p.opts.mode,
+    readOnly: p.opts.readOnly,
+    readOnlyMount: /banger-prepared mounted=1/.test(fin.stdout.toString('utf8')),
+    headCommit: p.repo.headCommit,
+    currentBranch: p.repo.currentBranch,
+    branchName: p.newBranch ?? targetBranch(p),
+    baseCommit: p.baseCommit,
+    preparedAt: p.preparedAt,
+    bytesStreamed: bytes,
+    bytesSent: bytes,
+    cache: 'off',
+    incremental: false,
+  };
+}
+
+/** full_copy: the directory as it is, then the finish, in one guest command (it checks the path and makes the staging dir first). */
+async function prepareFullCopy(p: Prepare): Promise<WorkspacePrepareResult> {
+  const zstd = p.opts.compression === 'zstd';
+  const args = ['-c', ...(zstd ? ['-I', 'zstd -1 -q'] : []), '-f', '-', '-C', p.repo.repoRoot, ...TAR_AS_ROOT, '.'];
+  const tar = startHostStream('tar -c', 'tar', args, { signal: p.ctx.signal });
+  p.ctx.onProgress?.({ stage: 'tree' });
+  const command = guestCommand(FULL_COPY_SCRIPT, [p.dest, p.stagePath, p.opts.replace ? '1' : '0', zstd ? '1' : '0', ...finishArgs(p, true, [])]);
+  const t = await streamToGuest(p.exec, `${PREPARE} (tree)`, 'tree', command, [tar], tar.stdout, p.ctx);
+  checkStep(p, 'tree', t.result);
+  return resultOf(p, t.result, t.bytes);
+}
+
+/**
+ * shallow and full_history: one guest command with the history as packs, the tree checked out of them as they
+ * arrive, only what differs on the host on top, then the finish (the guest checks the path and makes the
+ * staging dir first). A path that holds this source's plain workspace is updated in place instead (incremental).
+ */
+async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
+  const { runner, repo, opts } = p;
+  const signal = p.ctx.signal;
+  const tips = new Set([repo.headCommit, p.baseCommit]);
+  const refUpdates: string[] = [];
+  if (opts.mode === 'full_history') {
+    for (const { sha, ref } of await hostRefs(runner, repo.repoRoot, signal)) {
+      tips.add(sha);
+      refUpdates.push(`create ${ref} ${sha}`);
+    }
+  } else if (repo.currentBranch) refUpdates.push(`create refs/heads/${repo.currentBranch} ${repo.headCommit}`);
+  const shallow = opts.mode === 'full_history' ? await hostShallowList(runner, repo.repoRoot, signal) : await commitsWithParents(runner, repo.repoRoot, [...tips], signal);
+  if (p.baseCommit !== repo.headCommit && p.fromBranch && !refUpdates.some((u) => u.startsWith(`create refs/heads/${p.fromBranch} `))) {
+    refUpdates.push(`create refs/heads/${p.fromBranch} ${p.baseCommit}`);
+  }
+  p.ctx.onProgress?.({ stage: 'history' });
+  const refs = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
+  const w = { what: PREPARE, dest: p.dest, stagePath: p.stagePath, replace: opts.replace ? '1' : '0', repo, tips: [...tips], noWalk: opts.mode === 'shallow', refs, finish: finishArgs(p, false, shallow) };
+  const h = await sendPackedTree(p.exec, w, p.ctx, runner);
+  const notPlain = p.from ?? p.newBranch ?? (opts.readOnly ? 'ro' : undefined);
+  const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, p.sourcePath, opts.mode, notPlain) : undefined;
+  if (!reuse) {
+    checkStep(p, 'history', h.result);
+    return resultOf(p, h.result, h.bytes);
+  }
+  const marker = markerOf(p, { readOnly: false, branch: null });
+  const sent = await prepareIncremental(p.exec, { dest: p.dest, repo, oldHead: reuse, tips: [...tips], refUpdates, shallow, marker }, p.ctx, runner);
+  return { ...resultOf(p, h.result, sent), readOnly: false, readOnlyMount: false, incremental: true, previousHead: reuse };
+}
+
+/** The host's branches, tags and remote-tracking refs (not the symbolic <remote>/HEAD ones), as full_history sends them. */
+async function hostRefs(runner: Runner, root: string, signal?: AbortSignal): Promise<Array<{ sha: string; ref: string }>> {
+  const r = await hostGit(runner, root, ['for-each-ref', '--format=%(objectname) %(refname)', 'refs/heads', 'refs/tags', 'refs/remotes'], { signal });
+  return r.stdout.split('\n').flatMap((line) => {
+    const m = /^([0-9a-f]{40,64}) (\S+)$/.exec(line);
+    return m && !m[2].endsWith('/HEAD') ? [{ sha: m[1], ref: m[2] }] : [];
+  });
 }
 
 /**
@@ -1033,7 +1074,10 @@ const deltaHeader = (d: WorktreeDelta) => Buffer.concat([Buffer.from(`${d.delete
 
 /** A tar of the delta's changed and untracked files (named NUL-terminated on tar's stdin), relative to `root`. */
 const startDeltaTar = (root: string, d: WorktreeDelta, signal: AbortSignal | undefined) =>
-  startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, '--owner=0', '--group=0', '--numeric-owner', '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'], { signal, input: d.send });
+  startHostStream('tar -c', 'tar', ['-c', '-f', '-', '-C', root, ...TAR_AS_ROOT, '--no-recursion', '--null', '--verbatim-files-from', '-T', '-'], { signal, input: d.send });
+
+/** The host's files go into the guest owned by root, whoever owns them on the host. */
+const TAR_AS_ROOT = ['--owner=0', '--group=0', '--numeric-owner'];
 
 /**
  * The HEAD of a workspace at the guest path that an incremental re-prepare may update in place: one banger

@@ -60,7 +60,7 @@ health() {
 }
 
 refresh_identity() {
-  if "$\{BANGER_IDENTITY_SCRIPT:-${IDENTITY_PATH}}" --refresh </dev/null >/dev/null 2>&1; then
+  if "$\{BANGER_IDENTITY_SCRIPT:-${IDENTITY_PATH}}" --refresh </dev/null 1>&2; then
     reply 200 OK '{"ok":true}'
   else
     reply 500 'Internal Server Error' '{"ok":false,"error":"banger-identity --refresh failed: see journalctl -u banger-agent-port"}'
