@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { run, type Runner } from '../../src/host/exec/runner.js';
 import { BangerError } from '../../src/errors.js';
 import { overlayDisk } from '../../src/host/disk/disks.js';
-import { IDENTITY_DISK_SERIAL, identityFiles, ustar, writeIdentityDisk } from '../../src/host/disk/identity-disk.js';
+import { IDENTITY_DISK_BYTES, IDENTITY_DISK_SERIAL, identityFiles, ustar, writeIdentityDisk } from '../../src/host/disk/identity-disk.js';
 import { generateHostKey } from '../../src/host/guest/keys.js';
 import { IDENTITY_SCRIPT, IDENTITY_UNIT } from '../../src/host/image/image.js';
 
@@ -113,7 +113,11 @@ describe('writeIdentityDisk', () => {
     const files = identityFiles({ hostname: 'vm-2', hostKey, network: { mode: 'dhcp' } });
     expect(ustar(files).equals(ustar(files))).toBe(true);
     await writeIdentityDisk(join(dir, 'a.tar'), { hostname: 'vm-2', hostKey, network: { mode: 'dhcp' } });
-    expect((await readFile(join(dir, 'a.tar'))).equals(ustar(files))).toBe(true);
+    const disk = await readFile(join(dir, 'a.tar'));
+    // the archive, then zeros up to the fixed size a fork's disk must share with its source's
+    expect(disk.length).toBe(IDENTITY_DISK_BYTES);
+    expect(disk.subarray(0, ustar(files).length).equals(ustar(files))).toBe(true);
+    expect(disk.subarray(ustar(files).length).every((b) => b === 0)).toBe(true);
   });
 
   it('refuses a bad hostname or network with a usage error, and writes nothing', async () => {
