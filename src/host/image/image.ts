@@ -37,7 +37,8 @@ import { AGENT_FILES, IDENTITY_PATH } from './agent.js';
  * 4: the identity comes from a disk of its own (identity-disk.ts), and sshd neither re-executes itself nor runs PAM
  *    for each connection (a connection under TCG: 1.6 s → 0.5 s).
  * 5: the guest agent's POST /identity applies the identity disk again, network and MAC included (banger-identity
- *    --refresh): a fork restored onto a TAP of its own takes its own address. zstd, for full_copy's tar on the link.
+ *    --refresh): a fork restored onto a TAP of its own takes its own address. zstd, for full_copy's tar on the link;
+ *    sshd is restarted whatever stops it (SSHD_UNIT_DROPIN).
  */
 export const BUILDER_VERSION = 5;
 
@@ -522,6 +523,23 @@ export const SSHD_DROPIN = [
 /** /etc/default/ssh: sshd forks without re-executing itself for each connection (-r), as costly as PAM under TCG. */
 export const SSHD_DEFAULTS = '# written by banger\nSSHD_OPTS=-r\n';
 
+/**
+ * SSH is the only way in, so sshd is started again whatever made it stop, without a start limit. Debian's unit
+ * gives up after an exit status of 255; one guest in some forty boots here (a tap VM, first boot of a new image, a
+ * loaded host) had ssh.service fail twice early in boot and never answer, cause not found.
+ */
+export const SSHD_UNIT_DROPIN = [
+  '# written by banger',
+  '[Unit]',
+  'StartLimitIntervalSec=0',
+  '',
+  '[Service]',
+  'Restart=always',
+  'RestartSec=1',
+  'RestartPreventExitStatus=',
+  '',
+].join('\n');
+
 export const FSTAB = [
   '# written by banger: vda is the root disk, the work disk (label banger-work) is /root',
   '/dev/vda / ext4 defaults,noatime 0 1',
@@ -889,6 +907,7 @@ async function configureTree(tree: string, userPubKey: string): Promise<{ value:
   await writeTreeFile(tree, '/etc/resolv.conf', '# banger writes this file for VMs with a static network\n');
   await writeTreeFile(tree, '/etc/ssh/sshd_config.d/banger.conf', SSHD_DROPIN);
   await writeTreeFile(tree, '/etc/default/ssh', SSHD_DEFAULTS);
+  await writeTreeFile(tree, '/etc/systemd/system/ssh.service.d/banger.conf', SSHD_UNIT_DROPIN);
   await writeTreeFile(tree, IDENTITY_PATH, IDENTITY_SCRIPT, 0o755);
   await writeTreeFile(tree, '/etc/systemd/system/banger-identity.service', IDENTITY_UNIT);
   for (const [path, [content, mode]] of Object.entries(AGENT_FILES)) await writeTreeFile(tree, path, content, mode);
