@@ -225,10 +225,7 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
 async function refreshGuestNetwork(qmpSocket: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
   const socket = agentSocketPath(qmpSocket);
   if (!socket) throw new BangerError('internal', `no guest agent socket beside ${qmpSocket}`);
-  signal.throwIfAborted();
-  const aborted = new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
-  aborted.catch(() => {});
-  await Promise.race([agentRefreshIdentity(unixChannel(socket), Math.min(60_000, timeoutMs)), aborted]);
+  await agentRefreshIdentity(unixChannel(socket), Math.min(60_000, timeoutMs), signal);
 }
 
 /**

@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec, type LinkCompression } from '../host/guest/workspace.js';
 import { readManifest } from '../host/image/image.js';
+import { which } from '../host/exec/runner.js';
 import { withRecordedTemp } from './export-journal.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
@@ -44,14 +45,12 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
   };
 }
 
-/** zstd on the link when both ends have it: an image from builder 5 on, and zstd on the host (probed once). */
+/** zstd on the link when both ends have it: an image from builder 5 on, and zstd on the host's PATH. */
 async function linkCompression(env: StepEnv, image: string): Promise<LinkCompression> {
   const m = await readManifest(env.layout.imageDir(image)).catch(() => undefined);
   if (!m || m.builderVersion < 5) return 'none';
-  hostZstd ??= env.runner('zstd', ['--version'], { reject: false }).then((r) => r.exitCode === 0, () => false);
-  return (await hostZstd) ? 'zstd' : 'none';
+  return (await which('zstd')) ? 'zstd' : 'none';
 }
-let hostZstd: Promise<boolean> | undefined;
 
 /**
  * Export under config maxPatchBytes and exportTimeoutMs. With `output` the patch streams into that file and

@@ -96,6 +96,16 @@ describe('agentRequest against hostile guests', () => {
     expect(await agentHealth(unixChannel(path), 5000)).toEqual(HEALTH);
   });
 
+  it('stops waiting on a silent guest when the signal aborts, long before the deadline', async () => {
+    const silent = await guest(() => {});
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 50);
+    const t0 = Date.now();
+    const e = await failure(agentRequest(unixChannel(silent), 'POST', '/identity', 30_000, ac.signal));
+    expect(e.kind).toBe('aborted');
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+
   it('gives up on a silent guest and on one that drips bytes, at the deadline', async () => {
     const silent = await guest(() => {});
     expect((await failure(agentRequest(unixChannel(silent), 'GET', '/healthz', 300))).kind).toBe('timeout');

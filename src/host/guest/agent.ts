@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { createConnection, type Socket } from 'node:net';
 import { z } from 'zod';
 import { BangerError } from '../../errors.js';
+import { aborted } from '../exec/wait.js';
 
 /** Caps on what the guest may send back. */
 export const AGENT_LIMITS = {
@@ -110,17 +111,22 @@ export function requestBytes(method: AgentMethod, path: string, id: string): Buf
 }
 
 /**
- * One request to the agent over a fresh connection, answered within `timeoutMs` (connecting included). Answers
- * that carry another request's tag (left over from a client that gave up) are skipped. No request has a body.
+ * One request to the agent over a fresh connection, answered within `timeoutMs` (connecting included) unless
+ * `signal` aborts it first. Answers that carry another request's tag (left over from a client that gave up) are
+ * skipped. No request has a body.
  */
-export async function agentRequest(channel: AgentChannel, method: AgentMethod, path: string, timeoutMs: number): Promise<AgentAnswer> {
+export async function agentRequest(channel: AgentChannel, method: AgentMethod, path: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentAnswer> {
   const deadline = Date.now() + timeoutMs;
+  if (signal?.aborted) throw aborted(`${method} ${path} to the guest agent`, signal);
   const sock = await channel(timeoutMs);
   const id = newRequestId();
   return new Promise<AgentAnswer>((resolve, reject) => {
     const parser = new AnswerParser();
+    const onAbort = () => finish(aborted(`${method} ${path} to the guest agent`, signal));
+    signal?.addEventListener('abort', onAbort, { once: true });
     const finish = (err: Error | undefined, a?: AgentAnswer) => {
       clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
       sock.removeAllListeners('data');
       sock.destroy();
       if (err) reject(err);
@@ -245,7 +251,7 @@ export async function agentHealth(channel: AgentChannel, timeoutMs: number): Pro
  * POST /identity: the guest applies its identity disk again, network and MAC included (image builder 5 and later).
  * Resolves once it has; a `host` error with the agent's words otherwise.
  */
-export async function agentRefreshIdentity(channel: AgentChannel, timeoutMs: number): Promise<void> {
-  const a = await agentRequest(channel, 'POST', '/identity', timeoutMs);
+export async function agentRefreshIdentity(channel: AgentChannel, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+  const a = await agentRequest(channel, 'POST', '/identity', timeoutMs, signal);
   if (a.status !== 200) throw new BangerError('host', `the guest agent answered POST /identity with HTTP ${a.status}: ${JSON.stringify(a.body.toString('utf8').slice(0, 200))}`);
 }
