@@ -10,7 +10,7 @@ import { exec as sshExec } from '../host/guest/ssh.js';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec, type LinkCompression } from '../host/guest/workspace.js';
+import { exportWorkspaceToFile, partialPathFor, prepareWorkspace, type GuestExec, type LinkCompression, type ResumePoint } from '../host/guest/workspace.js';
 import { readManifest } from '../host/image/image.js';
 import { which } from '../host/exec/runner.js';
 import { withRecordedTemp } from './export-journal.js';
@@ -28,16 +28,16 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
       const p = job.params as Record<string, any>;
       if (job.kind === 'prepare') {
         const compression = await linkCompression(env, ctx.spec.image);
-        const prepare = (replace: boolean | undefined) =>
+        const prepare = (how: { replace?: boolean; resume?: ResumePoint; resumeWhen?: Promise<boolean> }) =>
           prepareWorkspace(
             guest,
-            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, replace, compression },
+            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, ...how, compression },
             { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
           );
         const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
         const vm = { id: vmId, spec: ctx.spec, workDisk: vmFiles(env.layout, vmId).workDisk };
         const io = { guest, signal, progress: (stage: string, detail?: string) => progress({ stage, detail }) };
-        const { previousHead: _internal, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
+        const { previousHead: _head, resumePoint: _resume, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
         return { ...result, vmId };
       }
       return runExport(guest, env, p, signal);

@@ -12,7 +12,7 @@ import { run, type Runner } from '../host/exec/runner.js';
 import { cowRecordPath } from '../host/disk/disks.js';
 import { readFile } from 'node:fs/promises';
 import { snapshotWorkDisk, WorkspaceCache, workspaceCacheKey, type CacheKey } from '../host/guest/workspace-cache.js';
-import type { GuestExec, WorkspaceMode, WorkspacePrepareResult } from '../host/guest/workspace.js';
+import type { GuestExec, ResumePoint, WorkspaceMode, WorkspacePrepareResult } from '../host/guest/workspace.js';
 import { BangerError, errorMessage } from '../errors.js';
 
 export function workspaceCacheOf(layout: Layout, config: Pick<Config, 'workspaceCacheBytes'>, runner: Runner = run): WorkspaceCache {
@@ -76,29 +76,36 @@ export async function fullCopyWarning(workDisk: string): Promise<string | undefi
 
 /**
  * A prepare into a VM made with `--workspace` for this very workspace (same key), the first one only: reports
- * "hit" when the VM's work disk came from the cache and the guest's workspace checked out (the re-prepare found it
- * at the key's HEAD, so only the delta crossed); otherwise "miss", and the freshly prepared work disk is stored.
- * Every other prepare is "off". `prepare(replace)` runs the prepare itself.
+ * "hit" when the VM's work disk came from the cache and the guest's workspace checked out (the prepare resumed
+ * from the entry's resume point, or re-prepared incrementally from the key's HEAD: only the delta crossed);
+ * otherwise "miss", and the freshly prepared work disk is stored with its resume point. Every other prepare is
+ * "off". `prepare(how)` runs the prepare itself. On a cached disk the resume starts while the key is checked
+ * again (the repository may have moved since the create) and goes ahead only when it still matches.
  */
 export async function prepareThroughCache(
   env: { layout: Layout; config: Config; runner: Runner },
   vm: { id: string; spec: VmSpec; workDisk: string },
   w: WorkspaceRequest & { plain: boolean; replace?: boolean },
   io: { guest: GuestExec; signal: AbortSignal; progress: (stage: string, detail?: string) => void },
-  prepare: (replace: boolean | undefined) => Promise<WorkspacePrepareResult>,
+  prepare: (how: { replace?: boolean; resume?: ResumePoint; resumeWhen?: Promise<boolean> }) => Promise<WorkspacePrepareResult>,
 ): Promise<WorkspacePrepareResult> {
   const ws = vm.spec.workspace;
-  const k = ws && w.plain && !cacheConsumed.has(vm.id) ? await vmWorkspaceKey(env, vm.spec, w, io.signal) : undefined;
-  if (!ws || !k?.key || k.key !== ws.key) return { ...(await prepare(w.replace)), cache: 'off' };
-  cacheConsumed.add(vm.id);
+  if (!ws || !w.plain || cacheConsumed.has(vm.id)) return { ...(await prepare({ replace: w.replace })), cache: 'off' };
+  const cache = workspaceCacheOf(env.layout, env.config, env.runner);
+  const keyed = vmWorkspaceKey(env, vm.spec, w, io.signal);
+  const resume = ws.cachedDisk ? (await cache.peek(ws.key))?.resume : undefined;
   let r: WorkspacePrepareResult;
   try {
-    r = await prepare(w.replace);
+    r = await prepare({ replace: w.replace, resume, resumeWhen: keyed.then((k) => k.key === ws.key, () => false) });
   } catch (e) {
     // A cached disk whose workspace does not check out (the path holds something else): start over, as a miss.
-    if (!(ws.cachedDisk && e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message))) throw e;
-    r = await prepare(true);
+    const taken = e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message);
+    if (!(ws.cachedDisk && taken && (await keyed).key === ws.key)) throw e;
+    r = await prepare({ replace: true });
   }
+  const k = await keyed;
+  if (k.key !== ws.key) return { ...r, cache: 'off' };
+  cacheConsumed.add(vm.id);
   const hit = !!ws.cachedDisk && r.incremental && r.previousHead === k.parts.headCommit;
   const warnings = [...(r.warnings ?? [])];
   if (hit) {
@@ -108,8 +115,7 @@ export async function prepareThroughCache(
   }
   io.progress('cache', 'storing the prepared work disk');
   try {
-    const cache = workspaceCacheOf(env.layout, env.config, env.runner);
-    await cache.store(k.key, k.parts, (dst) => snapshotWorkDisk(io.guest, vm.workDisk, dst, { runner: env.runner, signal: io.signal }), io.signal);
+    await cache.store(k.key, k.parts, (dst) => snapshotWorkDisk(io.guest, vm.workDisk, dst, { runner: env.runner, signal: io.signal }), { signal: io.signal, resume: r.resumePoint });
   } catch (e) {
     warnings.push(`the workspace cache could not store this work disk: ${errorMessage(e)}`);
   }

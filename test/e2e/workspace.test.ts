@@ -115,10 +115,17 @@ describeE2E('workspaces against a real guest', () => {
     const repo = join(tmp, 'app'); // the first test's VM stored its freshly prepared work disk
     const listed = await b.json(['cache', 'list']);
     expect(listed.entries.map((e: { sourcePath: string }) => e.sourcePath)).toContain(repo);
-    // new uncommitted work on the host since: the key is the same (HEAD, refs), the delta differs
+    // new uncommitted work on the host since: the key is the same (HEAD, refs), the delta differs. The hit turns
+    // the cached delta into this one: a file changed again, one new, one no longer there, a deleted file back
+    // (checked out of HEAD again), a mode change, a file become a directory
     writeFileSync(join(repo, 'keep.txt'), 'keep\nsecond\nnewer uncommitted\n');
     writeFileSync(join(repo, 'later.txt'), 'untracked later\n');
     rmSync(join(repo, 'new.txt'));
+    await git(repo, 'checkout', '--', 'gone.txt');
+    chmodSync(join(repo, 'run.sh'), 0o644);
+    rmSync(join(repo, 'README.md'));
+    mkdirSync(join(repo, 'README.md'));
+    writeFileSync(join(repo, 'README.md', 'inner.txt'), 'a file where a file was\n');
     const created = await b.json(['vm', 'create', '--name', 'hit', '--workspace', repo], { timeoutMs: 590_000 });
     expect(created.workspace).toMatchObject({ cache: 'hit', incremental: true, guestPath: '/root/repo', headCommit: await git(repo, 'rev-parse', 'HEAD') });
     const fresh = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/fresh' });
@@ -128,6 +135,9 @@ describeE2E('workspaces against a real guest', () => {
     expect(hitTree).toEqual(await guestTree(b, 'ws', '/root/fresh'));
     expect(hitTree['later.txt']).toBeDefined();
     expect(hitTree['new.txt']).toBeUndefined();
+    expect(hitTree['gone.txt']).toBeDefined();
+    expect(hitTree['README.md/inner.txt']).toBeDefined();
+    expect(hitTree['run.sh']).toMatch(/^644 /);
     const status = (vm: string, path: string) => b.ok(['vm', 'ssh', vm, '--', 'git', '-C', path, 'status', '--porcelain']).then((r) => r.stdout);
     expect(await status('hit', '/root/repo')).toBe(await status('ws', '/root/fresh'));
     // the clone is this VM's, not the cached one's: its hostname and git identity

@@ -75,6 +75,8 @@ const result = (over: Partial<WorkspacePrepareResult> = {}): WorkspacePrepareRes
 });
 
 const request = { source: '', mode: 'shallow' as const, guestPath: '/root/repo', plain: true };
+/** A resume point as a prepare returns it: the marker it wrote and the delta it laid over HEAD. */
+const point = { marker: '{"headCommit":"x"}', delta: { send: Buffer.from('a.txt\0b\xff.txt\0', 'latin1'), deleted: Buffer.from('gone\0') } };
 
 async function keyFor(): Promise<string> {
   const k = await vmWorkspaceKey(env, spec(), { ...request, source: repo });
@@ -92,13 +94,19 @@ describe('prepareThroughCache', { timeout: 60_000 }, () => {
 
     const key = await keyFor();
     const g = scriptedGuest();
-    const miss = await prepareThroughCache(env, { id: 'vm1', spec: spec({ key }), workDisk }, { ...request, source: repo }, io(g.guest), async () => result());
+    const missCalls: Array<{ resumeWhen?: Promise<boolean> }> = [];
+    const miss = await prepareThroughCache(env, { id: 'vm1', spec: spec({ key }), workDisk }, { ...request, source: repo }, io(g.guest), async (how) => {
+      missCalls.push(how);
+      return result({ resumePoint: point });
+    });
+    expect(missCalls).toEqual([{ replace: undefined, resume: undefined, resumeWhen: expect.any(Promise) }]);
     expect(miss.cache).toBe('miss');
     expect(miss.warnings).toBeUndefined();
     expect(g.commands.map((c) => (c.includes('fsfreeze -f') ? 'freeze' : c.includes('fsfreeze -u') ? 'thaw' : c))).toEqual(['freeze', 'thaw']);
     const entries = await workspaceCacheOf(env.layout, env.config).list();
     expect(entries.map((e) => e.key)).toEqual([key]);
     expect(entries[0].parts.headCommit).toBe(head);
+    expect(entries[0].resume).toEqual(point);
 
     const again = await prepareThroughCache(env, { id: 'vm1', spec: spec({ key }), workDisk }, { ...request, source: repo }, io(g.guest), async () => result());
     expect(again.cache).toBe('off');
@@ -112,7 +120,13 @@ describe('prepareThroughCache', { timeout: 60_000 }, () => {
     await sh('cp', [workDisk, clone]);
     await writeFile(cowRecordPath(clone), 'sparse-copy\n');
     const vm = { id: 'vm2', spec: spec({ key, cachedDisk }), workDisk: clone };
-    const hit = await prepareThroughCache(env, vm, { ...request, source: repo }, io, async () => result({ incremental: true, previousHead: head, bytesSent: 40 }));
+    const given: Array<{ resume?: unknown; resumeWhen?: Promise<boolean> }> = [];
+    const hit = await prepareThroughCache(env, vm, { ...request, source: repo }, io, async (how) => {
+      given.push(how);
+      return result({ incremental: true, previousHead: head, bytesSent: 40 });
+    });
+    expect(given).toEqual([{ replace: undefined, resume: point, resumeWhen: expect.any(Promise) }]);
+    expect(await given[0].resumeWhen).toBe(true); // the key still matches: the resume may go ahead
     expect(hit.cache).toBe('hit');
     expect(hit.warnings?.[0]).toMatch(/copied in full/);
 
@@ -121,7 +135,7 @@ describe('prepareThroughCache', { timeout: 60_000 }, () => {
 
     // the cached workspace is not there as expected (the path holds something else): replaced, a miss
     const calls: Array<boolean | undefined> = [];
-    const retried = await prepareThroughCache(env, { ...vm, id: 'vm4' }, { ...request, source: repo }, io, async (replace) => {
+    const retried = await prepareThroughCache(env, { ...vm, id: 'vm4' }, { ...request, source: repo }, io, async ({ replace }) => {
       calls.push(replace);
       if (!replace) throw new BangerError('conflict', 'guest path /root/repo already holds a git repository (HEAD x)');
       return result();
@@ -130,7 +144,12 @@ describe('prepareThroughCache', { timeout: 60_000 }, () => {
     expect(retried.cache).toBe('miss');
 
     // another mode is another key: the VM made for shallow does not count a full_history prepare
-    const other = await prepareThroughCache(env, { ...vm, id: 'vm5' }, { ...request, source: repo, mode: 'full_history' }, io, async () => result());
+    let otherWhen: Promise<boolean> | undefined;
+    const other = await prepareThroughCache(env, { ...vm, id: 'vm5' }, { ...request, source: repo, mode: 'full_history' }, io, async (how) => {
+      otherWhen = how.resumeWhen;
+      return result();
+    });
     expect(other.cache).toBe('off');
+    expect(await otherWhen).toBe(false); // offered the entry's resume point, told not to use it
   });
 });

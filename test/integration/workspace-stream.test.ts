@@ -171,6 +171,69 @@ describe('incremental re-prepare', { timeout: 90_000 }, () => {
   });
 });
 
+describe('resume (the workspace cache\'s hit)', { timeout: 90_000 }, () => {
+  /** A cached work disk's workspace: what a prepare with every kind of change left, copied whole; and the host's new delta. */
+  async function cachedWorkspace(name: string) {
+    const host = await hostRepo();
+    await changeEverything(host); // the delta the cached workspace holds, files become directories and back
+    const cached = join(tmp, `${name}-cached`);
+    const first = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: cached, mode: 'shallow', readOnly: false });
+    const clone = join(tmp, `${name}-clone`);
+    await promisify(execFile)('cp', ['-a', cached, clone]);
+    // the host's work since: all of that undone, other changes made
+    await git(host, 'reset', '-q', '--hard');
+    await git(host, 'clean', '-fdq');
+    await writeFile(join(host, 'keep.txt'), 'changed at the hit\n');
+    await unlink(join(host, 'run.sh'));
+    await writeFile(join(host, 'edit.txt'), 'after\n'); // the same change as before
+    await mkdir(join(host, 'brand'));
+    await writeFile(join(host, 'brand', 'new.txt'), 'untracked at the hit\n');
+    const fresh = join(tmp, `${name}-fresh`);
+    await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: fresh, mode: 'shallow', readOnly: false });
+    return { host, clone, fresh, point: first.resumePoint! };
+  }
+  const counting = (commands: string[]): GuestExec => (c, o) => (commands.push(c), streamingLocalGuest()(c, o));
+  const status = (dir: string) => git(dir, 'status', '--porcelain=v1', '--untracked-files=all');
+
+  it('from one delta over HEAD to another in one guest command: the tree and status equal a fresh prepare\'s', async () => {
+    const { host, clone, fresh, point } = await cachedWorkspace('resume');
+    expect(point.marker).toContain(host);
+    const commands: string[] = [];
+    const r = await prepareWorkspace(counting(commands), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: point });
+    expect(commands).toHaveLength(1);
+    expect(r).toMatchObject({ incremental: true, previousHead: r.headCommit });
+    expect(r.bytesSent).toBeLessThan(12 * 1024); // the lists and one tar record (10 KiB) of the new files
+    expect(await treeOf(clone)).toEqual(await treeOf(fresh));
+    expect(await status(clone)).toBe(await status(fresh));
+    expect((await git(clone, 'diff', '--cached', '--name-only')).trim()).toBe('');
+    // and it resumes from there in turn: the result's own resume point
+    expect(r.resumePoint?.marker).toBe((await readFile(join(clone, '.git', 'banger-workspace'), 'utf8')).trim());
+  });
+
+  it('a workspace that is not the one the resume point names (another marker): nothing touched, a normal re-prepare instead', async () => {
+    const { host, clone, fresh, point } = await cachedWorkspace('mismatch');
+    const commands: string[] = [];
+    const r = await prepareWorkspace(counting(commands), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: { ...point, marker: point.marker.replace('"preparedAt":"', '"preparedAt":"1') } });
+    expect(commands.length).toBeGreaterThan(1);
+    expect(r.incremental).toBe(true);
+    expect(await treeOf(clone)).toEqual(await treeOf(fresh));
+  });
+
+  it('resumeWhen false (the caller\'s check failed): declined before the guest changes anything, a normal re-prepare instead; a repository that fails inspection fails as such', async () => {
+    const { host, clone, fresh, point } = await cachedWorkspace('declined');
+    const commands: string[] = [];
+    const r = await prepareWorkspace(counting(commands), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: point, resumeWhen: Promise.resolve(false) });
+    expect(commands.length).toBeGreaterThan(1);
+    expect(await treeOf(clone)).toEqual(await treeOf(fresh));
+    expect(r.resumePoint?.marker).not.toBe(point.marker);
+    const notRepo = await tempDir('banger-not-repo-', tmp);
+    const err = await prepareWorkspace(streamingLocalGuest(), { source: notRepo, guestPath: clone, mode: 'shallow', readOnly: false, resume: r.resumePoint }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(/is not a git repository/);
+    expect(await treeOf(clone)).toEqual(await treeOf(fresh));
+  });
+});
+
 describe('export to a file, bounded', { timeout: 120_000 }, () => {
   async function guestRepoWithWork(): Promise<string> {
     const dir = await hostRepo();

@@ -16,7 +16,7 @@ import { join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
 import { shellQuote } from '../exec/shell.js';
-import type { GuestExec, WorkspaceMode } from './workspace.js';
+import type { GuestExec, ResumePoint, WorkspaceMode } from './workspace.js';
 
 export const CACHE_FORMAT = 1;
 const KEY_RE = /^[0-9a-f]{64}$/;
@@ -104,9 +104,15 @@ export interface CacheEntry {
   createdAt: string;
   lastUsedAt: string;
   hits: number;
+  /** What the prepare left in the disk's workspace, so a hit sends only the difference (absent: a full re-prepare). */
+  resume?: ResumePoint;
 }
 
-type StoredEntry = Omit<CacheEntry, 'disk' | 'bytes'>;
+/** entry.json: the entry without its disk's path and size, the resume point's path lists in base64. */
+type StoredEntry = Omit<CacheEntry, 'disk' | 'bytes' | 'resume'> & { resume?: { marker: string; send: string; deleted: string } };
+
+/** A resume point is kept only while its path lists are small (a huge untracked tree is re-prepared instead). */
+const MAX_RESUME_BYTES = 1 << 20;
 
 export class WorkspaceCache {
   constructor(
@@ -143,16 +149,22 @@ export class WorkspaceCache {
       const st = await stat(join(d, 'disk.img'));
       // A hit is checked: the entry names its own key, the key is its parts' digest, the disk is whole.
       if (stored.key !== key || sha(JSON.stringify(stored.parts)) !== key || st.size !== stored.sizeBytes) return undefined;
-      return { ...stored, disk: join(d, 'disk.img'), bytes: st.blocks * 512 };
+      const { resume, ...rest } = stored;
+      const delta = resume && { send: Buffer.from(resume.send, 'base64'), deleted: Buffer.from(resume.deleted, 'base64') };
+      return { ...rest, disk: join(d, 'disk.img'), bytes: st.blocks * 512, ...(resume && delta ? { resume: { marker: resume.marker, delta } } : {}) };
     } catch {
       return undefined;
     }
   }
 
+  /** The entry for `key` when there is a sound one, untouched. */
+  async peek(key: string): Promise<CacheEntry | undefined> {
+    return this.enabled ? this.read(key) : undefined;
+  }
+
   /** The entry for `key` when there is a sound one; marks it used. */
   async lookup(key: string): Promise<CacheEntry | undefined> {
-    if (!this.enabled) return undefined;
-    const e = await this.read(key);
+    const e = await this.peek(key);
     if (!e) return undefined;
     const touched = { ...e, lastUsedAt: new Date().toISOString(), hits: e.hits + 1 };
     await this.writeEntry(join(this.dir, key), touched);
@@ -160,7 +172,8 @@ export class WorkspaceCache {
   }
 
   private async writeEntry(d: string, e: CacheEntry): Promise<void> {
-    const { disk: _d, bytes: _b, ...stored } = e;
+    const { disk: _d, bytes: _b, resume, ...rest } = e;
+    const stored: StoredEntry = { ...rest, ...(resume ? { resume: { marker: resume.marker, send: resume.delta.send.toString('base64'), deleted: resume.delta.deleted.toString('base64') } } : {}) };
     const tmp = join(d, `.entry.${randomBytes(4).toString('hex')}.json`);
     await writeFile(tmp, JSON.stringify(stored, null, 2) + '\n', { mode: 0o600 });
     await rename(tmp, join(d, 'entry.json'));
@@ -169,9 +182,11 @@ export class WorkspaceCache {
   /**
    * Store a work disk under `key`: `copy(path)` writes it, e2fsck checks it (and replays the journal of a frozen
    * snapshot), then the entry appears whole (a rename) and older entries are evicted to the budget. Replaces an
-   * entry of the same key.
+   * entry of the same key. `resume` is what the prepare left in the disk's workspace.
    */
-  async store(key: string, parts: CacheKeyParts, copy: (path: string) => Promise<void>, signal?: AbortSignal): Promise<CacheEntry> {
+  async store(key: string, parts: CacheKeyParts, copy: (path: string) => Promise<void>, opts: { signal?: AbortSignal; resume?: ResumePoint } = {}): Promise<CacheEntry> {
+    const { signal } = opts;
+    const resume = opts.resume && opts.resume.delta.send.length + opts.resume.delta.deleted.length <= MAX_RESUME_BYTES ? opts.resume : undefined;
     const final = this.entryDir(key);
     if (sha(JSON.stringify(parts)) !== key) throw new BangerError('internal', 'workspace cache: the key does not match its parts');
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
@@ -186,7 +201,7 @@ export class WorkspaceCache {
       }
       const st = await stat(disk);
       const now = new Date().toISOString();
-      const entry: CacheEntry = { key, parts, disk: join(final, 'disk.img'), sizeBytes: st.size, bytes: st.blocks * 512, createdAt: now, lastUsedAt: now, hits: 0 };
+      const entry: CacheEntry = { key, parts, disk: join(final, 'disk.img'), sizeBytes: st.size, bytes: st.blocks * 512, createdAt: now, lastUsedAt: now, hits: 0, ...(resume ? { resume } : {}) };
       await this.writeEntry(partial, entry);
       await rm(final, { recursive: true, force: true });
       await rename(partial, final);

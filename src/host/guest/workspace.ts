@@ -82,6 +82,23 @@ export interface PrepareOptions {
    * tar `zstd -d`); absent: none. See LinkCompression.
    */
   compression?: LinkCompression;
+  /**
+   * Where a plain prepare of this same source, HEAD and mode left the guest path, when the caller knows the path
+   * holds exactly that (the workspace cache's hit: a work disk cloned from one stored right after that prepare).
+   * The guest checks the marker; on a match only the difference between the two deltas crosses, in one guest
+   * command that starts no git process unless files must come back from HEAD. Otherwise a normal prepare runs.
+   * That command starts at once, while the host inspects the repository; with `resumeWhen` it changes nothing
+   * until the caller's own check (run alongside) resolves true.
+   */
+  resume?: ResumePoint;
+  resumeWhen?: Promise<boolean>;
+}
+
+/** What a plain prepare left at the guest path: HEAD's tree with the host's delta over it, and its marker. */
+export interface ResumePoint {
+  /** The content of the workspace's .git/banger-workspace (one line of JSON, preparedAt included). */
+  marker: string;
+  delta: WorktreeDelta;
 }
 
 /**
@@ -111,6 +128,8 @@ export type WorkspacePrepareResult = Omit<PrepareResult, 'vmId'> & {
   vmId?: string;
   /** An incremental re-prepare: the guest workspace's HEAD before it (the workspace cache checks a hit with it). */
   previousHead?: string;
+  /** A plain prepare's resume point (stored with a cached work disk). */
+  resumePoint?: ResumePoint;
 };
 
 export interface ExportOptions {
@@ -476,18 +495,39 @@ echo "banger-prepared mounted=$mounted"
  * directories). An empty part starts no process (each costs about 60 ms under TCG). No index refresh: the files
  * the tar wrote are the only ones whose stat data the index does not have, and git status hashes just those.
  */
-const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
-IFS=' ' read -r n withtar
-case "$n$withtar" in *[!0-9]*|'') echo "malformed delta header" >&2; exit 1 ;; esac
-if [ "$n" -gt 0 ]; then
+const REMOVE_N_PATHS = `if [ "$n" -gt 0 ]; then
   head -c "$n" > .git/banger-deleted
-  xargs -0 rm -f -- < .git/banger-deleted
+  xargs -0 rm -rf -- < .git/banger-deleted
   xargs -0 dirname -z -- < .git/banger-deleted | xargs -0 rmdir -p --ignore-fail-on-non-empty -- 2>/dev/null || :
   rm -f .git/banger-deleted
 fi
-[ "$withtar" = 0 ] || tar -x -f - --no-same-owner
+`;
+const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
+IFS=' ' read -r n withtar
+case "$n$withtar" in *[!0-9]*|'') echo "malformed delta header" >&2; exit 1 ;; esac
+${REMOVE_N_PATHS}[ "$withtar" = 0 ] || tar -x -f - --no-same-owner
 [ "$incremental" = 0 ] || printf '%s\\n' "$marker" > .git/banger-workspace
 `;
+/**
+ * From one delta over HEAD to another, in the workspace a plain prepare left (ResumePoint): $1 dest, $2 the marker
+ * it must hold (else exit 13, nothing touched). stdin: `<n> <r> <tar 0|1>\n`, the new marker's line, n bytes of
+ * NUL-terminated paths to remove (with the directories they leave empty), r bytes of paths to check out of the
+ * index again (HEAD's files the old delta had changed or deleted), then, when tar is 1, a tar of the new delta's
+ * files. stdin's end before the first line also exits 13 untouched (the host declined). No git process unless
+ * r > 0; no walk of the tree.
+ */
+const RESUME_SCRIPT = `${PREAMBLE}dest=$1 expected=$2
+cd -- "$dest" 2>/dev/null || exit 13
+IFS= read -r have < .git/banger-workspace 2>/dev/null || exit 13
+[ "$have" = "$expected" ] || exit 13
+IFS=' ' read -r n restore withtar || exit 13
+case "$n$restore$withtar" in *[!0-9]*|'') echo "malformed resume header" >&2; exit 1 ;; esac
+IFS= read -r marker || { echo "malformed resume header" >&2; exit 1; }
+${REMOVE_N_PATHS}[ "$restore" = 0 ] || head -c "$restore" | git checkout-index -f -u -z --stdin
+[ "$withtar" = 0 ] || tar -x -f - --no-same-owner
+printf '%s\\n' "$marker" > .git/banger-workspace
+`;
+
 /** $1 stage, $2 the commit to check out, $3 incremental (0|1), $4 marker. stdin: APPLY_DELTA's. */
 const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
 cd -- "$stage"
@@ -808,10 +848,12 @@ export async function prepareWorkspace(
   if (signal?.aborted) throw abortError(signal, PREPARE);
   try {
     ctx.onProgress?.({ stage: 'inspect' });
-    const repo = await inspectDetails(opts.source, runner, signal, false);
-    await checkModeFits(opts.mode, repo);
-    const base = await resolveBase(runner, repo, where.from, signal);
-    const p: Prepare = { exec, opts, ctx, runner, repo, ...where, ...base, preparedAt: new Date().toISOString(), sourcePath: resolve(opts.source) };
+    const prepared = preparation(exec, opts, ctx, runner, where);
+    const plainNow = !opts.replace && !opts.readOnly && where.from === undefined && where.newBranch === undefined && opts.mode !== 'full_copy';
+    const resumed = opts.resume && plainNow ? resumeWorkspace(exec, where.dest, opts.resume, prepared, opts.resumeWhen ?? Promise.resolve(true), ctx) : undefined;
+    const r = await resumed; // settles after `prepared` (it waits for it)
+    if (r) return r;
+    const p = await prepared;
     try {
       return opts.mode === 'full_copy' ? await prepareFullCopy(p) : await preparePacked(p);
     } catch (e) {
@@ -830,6 +872,14 @@ export async function prepareWorkspace(
 }
 
 const PREPARE = 'workspace prepare';
+
+/** The repository inspected, the mode checked against it and the base resolved: all a prepare needs from the host first. */
+async function preparation(exec: GuestExec, opts: PrepareOptions, ctx: PrepareContext, runner: Runner, where: ReturnType<typeof checkPrepareOptions>): Promise<Prepare> {
+  const repo = await inspectDetails(opts.source, runner, ctx.signal, false);
+  await checkModeFits(opts.mode, repo);
+  const base = await resolveBase(runner, repo, where.from, ctx.signal);
+  return { exec, opts, ctx, runner, repo, ...where, ...base, preparedAt: new Date().toISOString(), sourcePath: resolve(opts.source) };
+}
 
 /** One prepare, its options checked and its repository inspected. */
 interface Prepare {
@@ -958,6 +1008,7 @@ async function prepareFullCopy(p: Prepare): Promise<WorkspacePrepareResult> {
 async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
   const { runner, repo, opts } = p;
   const signal = p.ctx.signal;
+  const notPlain = p.from ?? p.newBranch ?? (opts.readOnly ? 'ro' : undefined);
   const tips = new Set([repo.headCommit, p.baseCommit]);
   const refUpdates: string[] = [];
   if (opts.mode === 'full_history') {
@@ -974,15 +1025,16 @@ async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
   const refs = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
   const w = { what: PREPARE, dest: p.dest, stagePath: p.stagePath, replace: opts.replace ? '1' : '0', repo, tips: [...tips], noWalk: opts.mode === 'shallow', refs, finish: finishArgs(p, false, shallow) };
   const h = await sendPackedTree(p.exec, w, p.ctx, runner);
-  const notPlain = p.from ?? p.newBranch ?? (opts.readOnly ? 'ro' : undefined);
   const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, p.sourcePath, opts.mode, notPlain) : undefined;
+  const plainMarker = markerOf(p, { readOnly: false, branch: null });
   if (!reuse) {
     checkStep(p, 'history', h.result);
-    return resultOf(p, h.result, h.bytes);
+    const resumePoint = notPlain === undefined && h.delta ? { marker: plainMarker, delta: h.delta } : undefined;
+    return { ...resultOf(p, h.result, h.bytes), ...(resumePoint ? { resumePoint } : {}) };
   }
-  const marker = markerOf(p, { readOnly: false, branch: null });
-  const sent = await prepareIncremental(p.exec, { dest: p.dest, repo, oldHead: reuse, tips: [...tips], refUpdates, shallow, marker }, p.ctx, runner);
-  return { ...resultOf(p, h.result, sent), readOnly: false, readOnlyMount: false, incremental: true, previousHead: reuse };
+  const i = await prepareIncremental(p.exec, { dest: p.dest, repo, oldHead: reuse, tips: [...tips], refUpdates, shallow, marker: plainMarker }, p.ctx, runner);
+  const resumePoint = { marker: plainMarker, delta: i.delta };
+  return { ...resultOf(p, h.result, i.bytes), readOnly: false, readOnlyMount: false, incremental: true, previousHead: reuse, resumePoint };
 }
 
 /** The host's branches, tags and remote-tracking refs (not the symbolic <remote>/HEAD ones), as full_history sends them. */
@@ -1007,7 +1059,7 @@ async function sendPackedTree(
   w: { what: string; dest: string; stagePath: string; replace: string; repo: RepoDetails; tips: string[]; noWalk: boolean; refs: Buffer; finish: string[] },
   ctx: PrepareContext,
   runner: Runner,
-): Promise<{ bytes: number; result: GuestExecResult }> {
+): Promise<{ bytes: number; result: GuestExecResult; delta?: WorktreeDelta }> {
   const root = w.repo.repoRoot;
   const stop = new AbortController();
   const signal = ctx.signal ? AbortSignal.any([ctx.signal, stop.signal]) : stop.signal;
@@ -1015,8 +1067,10 @@ async function sendPackedTree(
   const packs: Array<Promise<HostPack | undefined>> = [];
   let tar: HostStream | undefined;
   let stage = 'history';
-  const feed = async () => {
+  let sentDelta: WorktreeDelta | undefined;
+  const feeder = feederOf('sending the history and the tree', input, stop, () => tar?.kill(), async () => {
     const [plan, delta] = await Promise.all([checkoutPlan(root, w.repo.headCommit, signal), worktreeDelta(runner, root, signal)]);
+    sentDelta = delta;
     const rest = restOfHistory(root, w.tips, plan.sent, { noWalk: w.noWalk, signal });
     rest.catch(() => {});
     // Each pack is built while the one before it crosses the link.
@@ -1047,25 +1101,14 @@ async function sendPackedTree(
     }
     stage = 'finish';
     ctx.onProgress?.({ stage });
-  };
-  let finished = false;
-  const done = feed().then(
-    () => ({ ok: true, description: '' }),
-    (e: unknown) => ({ ok: false, description: `sending the history and the tree failed: ${errorMessage(e)}` }),
-  ).finally(() => {
-    finished = true;
-    input.end(); // the guest always sees the end of its stdin (a short stream fails its size checks)
   });
-  const feeder: HostStream = {
-    label: 'feeder', stdout: input, done, running: () => !finished,
-    kill: () => { stop.abort(); tar?.kill(); },
-  };
   const command = guestCommand(PACKED_SCRIPT, [w.dest, w.stagePath, w.replace, w.repo.objectFormat, w.repo.headCommit, ...w.finish]);
   try {
-    return await streamToGuest(exec, `${w.what} (history)`, () => stage, command, [feeder], input, ctx);
+    const sent = await streamToGuest(exec, `${w.what} (history)`, () => stage, command, [feeder], input, ctx);
+    return { ...sent, delta: sentDelta };
   } finally {
     stop.abort();
-    await done;
+    await feeder.done;
     for (const p of packs) await removeHostPack(await p.catch(() => undefined));
   }
 }
@@ -1106,14 +1149,14 @@ function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMo
  * reachable from its HEAD), then the tree reset to the new HEAD (git writes only the files that differ),
  * untracked non-ignored files removed, and the host's delta on top. Ignored files in the guest (build output)
  * stay. Not atomic: an interrupted update leaves a valid repository part-way; --replace is the full reset.
- * Returns the bytes sent.
+ * Returns the bytes sent and the delta laid over HEAD.
  */
 async function prepareIncremental(
   exec: GuestExec,
   w: { dest: string; repo: RepoDetails; oldHead: string; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
   ctx: PrepareContext,
   runner: Runner,
-): Promise<number> {
+): Promise<{ bytes: number; delta: WorktreeDelta }> {
   const { signal, onProgress } = ctx;
   const what = 'workspace prepare (incremental)';
   const root = w.repo.repoRoot;
@@ -1135,7 +1178,101 @@ async function prepareIncremental(
   const input = tar ? prefixed(deltaHeader(delta), tar.stdout) : Readable.from([deltaHeader(delta)]);
   const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]), tar ? [tar] : [], input, ctx);
   if (t.result.exitCode !== 0) throw guestStepError(`${what} (tree)`, t.result);
-  return h.bytes + t.bytes;
+  return { bytes: h.bytes + t.bytes, delta };
+}
+
+/**
+ * The workspace cache's hit: the guest path `dest` holds what a plain prepare of this source at this HEAD left
+ * (`from`), so one guest command (RESUME_SCRIPT) turns its delta into the host's current one. It starts at once
+ * (the guest checks the marker) while the host inspects the repository, waits for `when`, lists its delta and
+ * plans; then the header and the tar follow on its stdin. Undefined, with nothing changed in the guest, when
+ * `from` is not this HEAD's, `when` is false, or the guest's marker differs (a normal prepare follows).
+ */
+async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint, prepared: Promise<Prepare>, when: Promise<boolean>, ctx: PrepareContext): Promise<WorkspacePrepareResult | undefined> {
+  const stop = new AbortController();
+  const signal = ctx.signal ? AbortSignal.any([ctx.signal, stop.signal]) : stop.signal;
+  const input = new PassThrough();
+  let sent: { p: Prepare; marker: string; delta: WorktreeDelta } | undefined;
+  let tar: HostStream | undefined;
+  const feeder = feederOf('sending the delta', input, stop, () => tar?.kill(), async () => {
+    const [p, go] = await Promise.all([prepared, when]);
+    const was = parseMarker(from.marker);
+    if (!go || was?.headCommit !== p.repo.headCommit || was.sourcePath !== p.sourcePath || was.mode !== p.opts.mode) return;
+    const root = p.repo.repoRoot;
+    const delta = await worktreeDelta(p.runner, root, signal);
+    const plan = await resumePlan(p.runner, root, from.delta, delta, signal);
+    const marker = markerOf(p, { readOnly: false, branch: null });
+    const withTar = delta.send.length > 0;
+    input.write(Buffer.concat([Buffer.from(`${plan.remove.length} ${plan.restore.length} ${withTar ? 1 : 0}\n${marker}\n`), plan.remove, plan.restore]));
+    sent = { p, marker, delta };
+    if (!withTar) return;
+    tar = startDeltaTar(root, delta, signal);
+    await appendTo(input, tar.stdout, signal);
+    const t = await tar.done;
+    if (!t.ok) throw new BangerError('host', t.description);
+  });
+  const command = guestCommand(RESUME_SCRIPT, [dest, from.marker]);
+  try {
+    const t = await streamToGuest(exec, `${PREPARE} (resume)`, 'tree', command, [feeder], input, ctx);
+    if (t.result.exitCode === 13 || !sent) return undefined;
+    if (t.result.exitCode !== 0) throw guestStepError(`${PREPARE} (resume)`, t.result);
+    const { p, marker, delta } = sent;
+    return { ...resultOf(p, t.result, t.bytes), incremental: true, previousHead: p.repo.headCommit, resumePoint: { marker, delta } };
+  } catch (e) {
+    if (!sent) await prepared; // the inspection's error, when it failed, is the one to report
+    throw e;
+  } finally {
+    stop.abort();
+    await feeder.done;
+  }
+}
+
+/**
+ * `feed` writing into `input` as a HostStream for streamToGuest: its failure is the stream's, and `input` always
+ * ends (a short stream fails the guest's size checks). `kill` stops it and whatever process it runs.
+ */
+function feederOf(what: string, input: PassThrough, stop: AbortController, killChild: () => void, feed: () => Promise<void>): HostStream {
+  let finished = false;
+  const done = feed().then(
+    () => ({ ok: true, description: '' }),
+    (e: unknown) => ({ ok: false, description: `${what} failed: ${errorMessage(e)}` }),
+  ).finally(() => {
+    finished = true;
+    input.end();
+  });
+  return { label: 'feeder', stdout: input, done, running: () => !finished, kill: () => { stop.abort(); killChild(); } };
+}
+
+function parseMarker(marker: string): Record<string, unknown> | undefined {
+  try {
+    const m = JSON.parse(marker) as unknown;
+    return m && typeof m === 'object' ? (m as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * From HEAD with delta `old` over it to HEAD with `now`: every path `old` touched and `now` does not send, and
+ * every path `now` deletes, is removed (`now`'s files then come in its tar, replacing what is there); those of
+ * HEAD's files that `old` touched and `now` leaves alone are checked out of the index again. NUL-terminated lists,
+ * as RESUME_SCRIPT reads them.
+ */
+async function resumePlan(runner: Runner, root: string, old: WorktreeDelta, now: WorktreeDelta, signal?: AbortSignal): Promise<{ remove: Buffer; restore: Buffer }> {
+  const key = (b: Buffer) => b.toString('latin1');
+  const touchedBefore = [...splitNul(old.send), ...splitNul(old.deleted)];
+  const sentNow = new Set(splitNul(now.send).map(key));
+  const decidedNow = new Set([...sentNow, ...splitNul(now.deleted).map(key)]);
+  // a file the tar writes again needs no removal first (tar replaces it), unless it is deleted from the index too
+  const remove = new Map([...touchedBefore.filter((b) => !sentNow.has(key(b))), ...splitNul(now.deleted)].map((b) => [key(b), b]));
+  const candidates = touchedBefore.filter((b) => !decidedNow.has(key(b)));
+  let restore: Buffer[] = [];
+  if (candidates.length > 0) {
+    const inHead = new Set((await hostGitPaths(runner, root, ['ls-tree', '-r', '--name-only', '--full-tree', 'HEAD'], signal)).map((l) => key(unquoteGitPath(l))));
+    restore = [...new Map(candidates.filter((b) => inHead.has(key(b))).map((b) => [key(b), b])).values()];
+  }
+  const nulList = (bs: Iterable<Buffer>) => Buffer.concat([...bs].flatMap((b) => [b, Buffer.from([0])]));
+  return { remove: nulList(remove.values()), restore: nulList(restore) };
 }
 
 function destTakenError(dest: string, stdout: string): BangerError {
