@@ -37,7 +37,9 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
         const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
         const vm = { id: vmId, spec: ctx.spec, workDisk: vmFiles(env.layout, vmId).workDisk };
         const io = { guest, signal, progress: (stage: string, detail?: string) => progress({ stage, detail }) };
-        const { previousHead: _head, resumePoint: _resume, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
+        const { previousHead: _head, resumePoint: _resume, resumed, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
+        const how = resumed ? 'resumed from the cached workspace' : result.incremental ? 'updated in place' : 'fresh';
+        env.log(vmId, 'workspace.prepare', 'info', undefined, `cache ${result.cache}, ${how}, ${result.bytesSent} bytes sent`);
         return { ...result, vmId };
       }
       return runExport(guest, env, p, signal);

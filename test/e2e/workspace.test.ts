@@ -131,6 +131,9 @@ describeE2E('workspaces against a real guest', () => {
     const fresh = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/fresh' });
     expect(fresh).toMatchObject({ cache: 'off', incremental: false });
     expect(created.workspace.bytesSent).toBeLessThan(fresh.bytesSent);
+    // one guest command from the entry's resume point, not a re-prepare: the VM's lifecycle log says which
+    const logs = (await b.json(['vm', 'logs', 'hit'])) as Array<{ stage: string; message?: string | null }>;
+    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).map((l) => l.message)).toEqual([`cache hit, resumed from the cached workspace, ${created.workspace.bytesSent} bytes sent`]);
     const hitTree = await guestTree(b, 'hit', '/root/repo');
     expect(hitTree).toEqual(await guestTree(b, 'ws', '/root/fresh'));
     expect(hitTree['later.txt']).toBeDefined();

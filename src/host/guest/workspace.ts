@@ -130,6 +130,8 @@ export type WorkspacePrepareResult = Omit<PrepareResult, 'vmId'> & {
   previousHead?: string;
   /** A plain prepare's resume point (stored with a cached work disk). */
   resumePoint?: ResumePoint;
+  /** The prepare went from `resume` (one guest command), not a full or incremental one. */
+  resumed?: boolean;
 };
 
 export interface ExportOptions {
@@ -1217,7 +1219,7 @@ async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint,
     if (t.result.exitCode === 13 || !sent) return undefined;
     if (t.result.exitCode !== 0) throw guestStepError(`${PREPARE} (resume)`, t.result);
     const { p, marker, delta } = sent;
-    return { ...resultOf(p, t.result, t.bytes), incremental: true, previousHead: p.repo.headCommit, resumePoint: { marker, delta } };
+    return { ...resultOf(p, t.result, t.bytes), incremental: true, previousHead: p.repo.headCommit, resumePoint: { marker, delta }, resumed: true };
   } catch (e) {
     if (!sent) await prepared; // the inspection's error, when it failed, is the one to report
     throw e;
