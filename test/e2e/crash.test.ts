@@ -72,11 +72,17 @@ async function kill9(pid: number, what: string): Promise<void> {
 async function killDaemonWhen(b: Banger, label: string, cond: () => Promise<boolean>, cmd?: Promise<CliResult>, timeoutMs = 120_000): Promise<void> {
   let ended: CliResult | undefined;
   void cmd?.then((r) => (ended = r));
-  await until(label, async () => {
-    if (await cond()) return true;
-    if (ended) throw new Error(`the command ended (exit ${ended.exitCode}) before ${label}: ${ended.stderr.trim()}`);
-    return undefined;
-  }, timeoutMs);
+  try {
+    await until(label, async () => {
+      if (await cond()) return true;
+      if (ended) throw new Error(`the command ended (exit ${ended.exitCode}) before ${label}: ${ended.stderr.trim()}`);
+      return undefined;
+    }, timeoutMs);
+  } catch (e) {
+    // what the daemon was doing instead: every VM's state and error, and its log
+    const vms = await rpc(b, 'vm.list').then((l: any[]) => JSON.stringify(l.map((v) => [v.name, v.state, v.error])), (x: Error) => `vm.list failed: ${x.message}`);
+    throw new Error(`${(e as Error).message}\nVMs: ${vms}\n--- daemon.log ---\n${logTail(b)}`);
+  }
   await kill9(b.daemonPid()!, 'the daemon');
   killed.push(`daemon: ${label}`);
 }
