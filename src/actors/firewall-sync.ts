@@ -8,7 +8,8 @@
  */
 import { errorMessage } from '../errors.js';
 import { DEFAULT_POLICY, type FirewallVm } from '../host/net/firewall-rules.js';
-import type { VmContext } from '../machines/vm.machine.js';
+import { macForVm } from '../host/net/net.js';
+import type { VmContext, VmSpec } from '../machines/vm.machine.js';
 import type { RootHelper } from './root-helper.js';
 
 /** The firewall entry of a tap VM that has its TAP and address, else undefined. */
@@ -17,7 +18,12 @@ export function firewallEntryOf(c: VmContext): FirewallVm | undefined {
   const tap = c.runtime?.tap ?? c.net?.tap;
   const ip = c.runtime?.guestIp ?? c.net?.guestIp;
   if (!tap || !ip) return undefined;
-  return { tap, ip, ...(c.spec.isolation ?? DEFAULT_POLICY) };
+  return firewallEntry(c.id, c.spec, tap, ip);
+}
+
+/** A VM's firewall entry: its TAP, its address, the MAC banger gave its NIC, and its isolation policy. */
+export function firewallEntry(vmId: string, spec: Pick<VmSpec, 'isolation'>, tap: string, ip: string): FirewallVm {
+  return { tap, ip, mac: macForVm(vmId), ...(spec.isolation ?? DEFAULT_POLICY) };
 }
 
 /** Register every live tap VM again; stale TAPs (`forget`) are cleared. Failures are logged, one line each. */

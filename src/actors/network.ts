@@ -8,7 +8,7 @@ import { BangerError } from '../errors.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
 import { gatewayAddress, hostAddresses, intToIp, ipToInt, parseCidr } from '../host/net/net.js';
-import { DEFAULT_POLICY } from '../host/net/firewall-rules.js';
+import { firewallEntry } from './firewall-sync.js';
 import type { NetworkProvider } from './vm-steps.js';
 import type { RootHelper } from './root-helper.js';
 import type { TapPool } from './tap-pool.js';
@@ -62,7 +62,7 @@ export function makeNetwork(helper: RootHelper, pool: TapPool, store: Store, con
       const guestIp = store.leaseAddress(ctx.id, candidates);
       if (!guestIp) throw new BangerError('conflict', `no free address left in ${config.subnet}`, 'delete a VM, or set a larger "subnet" in config.json');
       // Isolation before the guest can send anything (see firewall-sync.ts).
-      await helper.request('firewall.set', { tap, ip: guestIp, ...(ctx.spec.isolation ?? DEFAULT_POLICY) });
+      await helper.request('firewall.set', { ...firewallEntry(ctx.id, ctx.spec, tap, guestIp) });
       return { tap, guestIp, gateway, prefix: c.prefix, dns: config.nat ? hostNameservers() : [] };
     },
     async release(vmId) {

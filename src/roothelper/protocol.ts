@@ -5,7 +5,7 @@ import { BangerError } from '../errors.js';
 import type { JailResult } from '../host/vmm/firecracker/firecracker.js';
 import type { FirewallStatus } from '../host/net/firewall.js';
 import { ancestors, unsafeBecause } from '../host/install/ownership.js';
-import { TAP_NAME_RE, parseCidr } from '../host/net/net.js';
+import { TAP_NAME_RE, UNICAST_MAC_RE, parseCidr } from '../host/net/net.js';
 
 /**
  * The root helper's wire protocol and the rules every argument must pass before anything runs as root.
@@ -64,6 +64,10 @@ const tapName = z
   .string({ error: typeError('a string') })
   .regex(TAP_NAME_RE, { error: (i) => `${JSON.stringify(i.input)} is not a banger TAP name ("bgtap" + 1-10 of [0-9a-z], 15 characters at most)` });
 
+const macSchema = z
+  .string({ error: typeError('a string') })
+  .regex(UNICAST_MAC_RE, { error: (i) => `${describe(i.input)} is not a unicast MAC (six lowercase hex pairs joined by ":")` });
+
 const ipv4Schema = z.string({ error: typeError('a string') }).refine((v) => /^(\d{1,3})(\.\d{1,3}){3}$/.test(v) && !cidrError(`${v}/32`), {
   error: (i) => `${describe(i.input)} is not an IPv4 address`,
 });
@@ -119,10 +123,11 @@ export const verbSchemas = {
   }),
   /** Remove an exited instance's chroot (it holds hard links to the VM's disks): the caller's jails only. */
   'firecracker.unjail': z.strictObject({ id: firecrackerIdSchema }),
-  // The firewall: a VM is its TAP, its address and its policy; nothing else is taken from the request.
+  // The firewall: a VM is its TAP, its address, its MAC and its policy; nothing else is taken from the request.
   'firewall.set': z.strictObject({
     tap: tapName,
     ip: ipv4Schema,
+    mac: macSchema,
     egress: z.enum(['internet', 'none'], { error: (i) => `must be "internet" or "none", got ${describe(i.input)}` }),
     allowPeers: z.boolean({ error: typeError('a boolean') }),
     allow: z.array(allowCidrSchema, { error: typeError('an array of IPv4 CIDRs') }).max(64, { error: 'has more than 64 CIDRs' }),

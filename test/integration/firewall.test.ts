@@ -45,15 +45,19 @@ async function forgetNeighbours(ns: string): Promise<void> {
   await ip(ns, 'neigh', 'flush', 'dev', 'eth0');
 }
 
+/** The guests' NIC MACs, as banger gives each VM its own. */
+const MACS: Record<string, string> = { [TAP1]: '02:bf:00:00:00:01', [TAP2]: '02:bf:00:00:00:02' };
+
 async function guest(ns: string, tap: string, addr: string): Promise<void> {
   await ip(H, 'link', 'add', tap, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns);
+  await ip(ns, 'link', 'set', 'eth0', 'address', MACS[tap]);
   await ip(H, 'link', 'set', tap, 'master', 'banger0', 'up');
   await ip(ns, 'addr', 'add', `${addr}/24`, 'dev', 'eth0');
   await ip(ns, 'link', 'set', 'eth0', 'up');
   await ip(ns, 'route', 'add', 'default', 'via', '172.30.0.1');
 }
 
-const vm = (tap: string, addr: string, extra: Partial<FirewallVm> = {}): FirewallVm => ({ tap, ip: addr, egress: 'internet', allowPeers: false, allow: [], ...extra });
+const vm = (tap: string, addr: string, extra: Partial<FirewallVm> = {}): FirewallVm => ({ tap, ip: addr, mac: MACS[tap], egress: 'internet', allowPeers: false, allow: [], ...extra });
 
 const reason = isRoot ? '' : inCi ? '' : 'needs root to create network namespaces (run as root, or with CI=true where root is required)';
 
@@ -121,6 +125,23 @@ describe.skipIf(!isRoot && !inCi)(`tap firewall in private namespaces${reason ? 
     await ip(G1, 'addr', 'flush', 'dev', 'eth0');
     await ip(G1, 'addr', 'add', '172.30.0.2/24', 'dev', 'eth0');
     await ip(G1, 'route', 'add', 'default', 'via', '172.30.0.1');
+    expect(await reads(G1, '198.51.100.2', 7001)).toBe('out');
+  }, 60_000);
+
+  it('a guest that claims another VM\'s MAC is cut off (it could otherwise take that VM\'s frames from the bridge)', async () => {
+    await applyFirewall([vm(TAP1, '172.30.0.2'), vm(TAP2, '172.30.0.3')], [], { netns: H });
+    expect(await reads(G1, '198.51.100.2', 7001)).toBe('out');
+    const claim = async (mac: string) => {
+      await ip(G1, 'link', 'set', 'eth0', 'address', mac);
+      await forgetNeighbours(G1);
+      await ip(H, 'neigh', 'flush', 'dev', 'banger0');
+    };
+    try {
+      await claim(MACS[TAP2]);
+      expect(await reads(G1, '198.51.100.2', 7001)).toBeNull();
+    } finally {
+      await claim(MACS[TAP1]);
+    }
     expect(await reads(G1, '198.51.100.2', 7001)).toBe('out');
   }, 60_000);
 

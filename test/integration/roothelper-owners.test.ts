@@ -196,7 +196,7 @@ describe.skipIf(!isRoot && !inCi)('the root helper, as a second unprivileged use
       { id: 8, verb: 'firecracker.jail', args: jailArgs, refused: /vmDir ".*" is not inside the state directory/ },
       { id: 9, verb: 'firecracker.jail', args: { ...jailArgs, uid: a.uid, gid: a.gid }, refused: /unknown fields "uid", "gid"/ },
       { id: 10, verb: 'bridge.ensure', args: { name: 'banger0', cidr: '10.0.0.1/16', nat: true }, refused: /unknown fields "name", "cidr", "nat"/ },
-      { id: 11, verb: 'firewall.set', args: { tap: tapA, ip: '172.30.0.2', egress: 'internet', allowPeers: true, allow: [] }, refused: /TAP ".*" is not this owner's/ },
+      { id: 11, verb: 'firewall.set', args: { tap: tapA, ip: '172.30.0.2', mac: '02:00:00:00:00:01', egress: 'internet', allowPeers: true, allow: [] }, refused: /TAP ".*" is not this owner's/ },
       { id: 12, verb: 'firewall.clear', args: { tap: tapA }, refused: /TAP ".*" is not this owner's/ },
       { id: 13, verb: 'firewall.status', args: {} },
     ];

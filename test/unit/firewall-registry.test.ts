@@ -24,7 +24,7 @@ function fakeHost(taps: string[]) {
   return { runner, scripts, taps };
 }
 
-const vm = (n: number): FirewallVm => ({ tap: `bgtapab${n}`, ip: `172.30.0.${n + 1}`, egress: 'internet', allowPeers: false, allow: [] });
+const vm = (n: number): FirewallVm => ({ tap: `bgtapab${n}`, ip: `172.30.0.${n + 1}`, mac: `02:00:00:00:00:0${n}`, egress: 'internet', allowPeers: false, allow: [] });
 
 describe('Firewall (the helper registry)', () => {
   it('installs with the first VM, rewrites on each change, removes with the last', async () => {

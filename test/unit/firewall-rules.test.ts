@@ -6,6 +6,7 @@ import { parseArgs } from '../../src/roothelper/protocol.js';
 const vm = (n: number, extra: Partial<FirewallVm> = {}): FirewallVm => ({
   tap: `bgtapab${n}`,
   ip: `172.30.0.${n + 1}`,
+  mac: `02:00:00:00:00:0${n}`,
   egress: 'internet',
   allowPeers: false,
   allow: [],
@@ -75,9 +76,11 @@ describe('renderFirewall', () => {
     expect(renderFirewall({ vms: [vm(1), vm(2)], dns: [] })).toBe(text);
   });
 
-  it('anti-spoofing: a TAP sends only its own IPv4 and ARP; unregistered TAPs and IPv6 are cut off', () => {
+  it('anti-spoofing: a TAP sends only its own MAC, IPv4 and ARP; unregistered TAPs and IPv6 are cut off', () => {
+    expect(() => renderFirewall({ vms: [vm(1, { mac: '02:00:00:00:00:01 accept' })], dns: [] })).toThrow(/is not a unicast MAC/);
     const pre = chain(renderFirewall({ vms: [vm(1)], dns: [] }), 'prerouting', true);
     expect(pre.slice(1)).toEqual([
+      'iifname "bgtapab1" ether saddr != 02:00:00:00:00:01 drop',
       'iifname "bgtapab1" ether type ip ip saddr != 172.30.0.2 drop',
       'iifname "bgtapab1" ether type arp arp saddr ip != 172.30.0.2 drop',
       'iifname "bgtapab1" ether type { ip, arp } accept',
@@ -117,13 +120,16 @@ describe('normalizeAllowCidr', () => {
 
 describe('root helper firewall verbs', () => {
   it('take a TAP, an address and a policy, nothing else', () => {
-    const ok = { tap: 'bgtapab1', ip: '172.30.0.2', egress: 'internet', allowPeers: false, allow: ['10.0.0.0/8'] };
+    const ok = { tap: 'bgtapab1', ip: '172.30.0.2', mac: '02:1a:2b:3c:4d:5e', egress: 'internet', allowPeers: false, allow: ['10.0.0.0/8'] };
     expect(parseArgs('firewall.set', ok)).toEqual(ok);
     expect(() => parseArgs('firewall.set', { ...ok, uid: 0 })).toThrow(/unknown field "uid"/);
     expect(() => parseArgs('firewall.set', { ...ok, bridge: 'banger0' })).toThrow(/unknown field "bridge"/);
     expect(() => parseArgs('firewall.set', { ...ok, tap: 'eth0' })).toThrow(/tap "eth0" is not a banger TAP name/);
     expect(() => parseArgs('firewall.set', { ...ok, ip: '172.30.0.256' })).toThrow(/ip the string "172.30.0.256" is not an IPv4 address/);
     expect(() => parseArgs('firewall.set', { ...ok, egress: 'all' })).toThrow(/egress must be "internet" or "none"/);
+    expect(() => parseArgs('firewall.set', { ...ok, mac: '03:1a:2b:3c:4d:5e' })).toThrow(/mac the string "03:1a:2b:3c:4d:5e" is not a unicast MAC/);
+    expect(() => parseArgs('firewall.set', { ...ok, mac: '02:1a:2b:3c:4d:5e drop' })).toThrow(/is not a unicast MAC/);
+    expect(() => parseArgs('firewall.set', { ...ok, mac: undefined })).toThrow(/mac/);
     expect(() => parseArgs('firewall.set', { ...ok, allow: ['10.0.0.0/8 } accept'] })).toThrow(/is not an IPv4 CIDR/);
     expect(() => parseArgs('firewall.set', { ...ok, allow: Array(65).fill('10.0.0.0/8') })).toThrow(/more than 64/);
     expect(parseArgs('firewall.clear', { tap: 'bgtapab1' })).toEqual({ tap: 'bgtapab1' });

@@ -3,7 +3,7 @@ import { firewallResync } from '../../src/actors/firewall-sync.js';
 import type { RootHelper } from '../../src/actors/root-helper.js';
 import type { FirewallVm } from '../../src/host/net/firewall-rules.js';
 
-const vm = (n: number): FirewallVm => ({ tap: `bgtapab${n}`, ip: `172.30.0.${n + 1}`, egress: 'internet', allowPeers: false, allow: [] });
+const vm = (n: number): FirewallVm => ({ tap: `bgtapab${n}`, ip: `172.30.0.${n + 1}`, mac: `02:00:00:00:00:0${n}`, egress: 'internet', allowPeers: false, allow: [] });
 
 /** A helper whose verbs are recorded in order; each answers after a macrotask, so two syncs could interleave. */
 function fakeHelper() {

@@ -16,7 +16,7 @@
  * banger bridge (`banger*`) and TAP (`bgtap*`) is covered, so a TAP that no VM registered is cut off.
  */
 import { BangerError } from '../../errors.js';
-import { TAP_NAME_RE, ipToInt, parseCidr } from './net.js';
+import { TAP_NAME_RE, UNICAST_MAC_RE, ipToInt, parseCidr } from './net.js';
 
 /** The table name, in both the `inet` and the `bridge` family. */
 export const FIREWALL_TABLE = 'banger';
@@ -36,6 +36,8 @@ export const DEFAULT_POLICY: IsolationPolicy = { egress: 'internet', allowPeers:
 export interface FirewallVm extends IsolationPolicy {
   tap: string;
   ip: string;
+  /** The guest NIC's MAC: frames from its TAP with another source MAC are dropped (no claiming a neighbour's). */
+  mac: string;
 }
 
 export interface FirewallInput {
@@ -75,6 +77,7 @@ export function normalizeAllowCidr(cidr: string): string {
 function checkVm(vm: FirewallVm): void {
   if (!TAP_NAME_RE.test(vm.tap)) throw new BangerError('invalid_params', `firewall: ${JSON.stringify(vm.tap)} is not a banger TAP name`);
   ipToInt(vm.ip);
+  if (!UNICAST_MAC_RE.test(vm.mac)) throw new BangerError('invalid_params', `firewall: ${JSON.stringify(vm.mac)} is not a unicast MAC`);
   for (const a of vm.allow) normalizeAllowCidr(a);
 }
 
@@ -131,6 +134,7 @@ export function renderFirewall(input: FirewallInput): string {
     '  chain prerouting {',
     '    type filter hook prerouting priority filter; policy accept;',
     ...vms.flatMap((vm) => [
+      `    iifname "${vm.tap}" ether saddr != ${vm.mac} drop`,
       `    iifname "${vm.tap}" ether type ip ip saddr != ${vm.ip} drop`,
       `    iifname "${vm.tap}" ether type arp arp saddr ip != ${vm.ip} drop`,
       `    iifname "${vm.tap}" ether type { ip, arp } accept`,

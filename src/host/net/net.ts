@@ -388,6 +388,9 @@ export async function removeNat(bridge: string, opts: NetOptions = {}): Promise<
 // ---------------------------------------------------------------------------------------------------------
 // Pure helpers: MACs and addresses
 
+/** A MAC as banger writes them: six lowercase hex pairs, unicast (the low bit of the first byte clear). */
+export const UNICAST_MAC_RE = /^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$/;
+
 /** A deterministic, locally administered, unicast MAC for a VM: `02:` and five bytes of sha256(id). */
 export function macForVm(id: string): string {
   const h = createHash('sha256').update(`banger-mac:${id}`).digest();
