@@ -7,6 +7,7 @@ import { chmod, lstat, mkdir, readdir, readFile, readlink, rename, rm, symlink, 
 import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { Readable, Transform } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { exportWorkspace, exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
@@ -95,6 +96,32 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     // the index is HEAD's (staged changes arrive unstaged) and its stat data is fresh: status hashes nothing
     expect((await git(dest, 'diff', '--cached', '--name-only')).trim()).toBe('');
     await git(dest, 'fsck', '--no-progress');
+  });
+
+  it('a stream cut after the delta\'s tar (a whole archive, but no end line) fails, and nothing is put in place', async () => {
+    const host = await hostRepo();
+    await changeEverything(host);
+    const dest = join(tmp, 'cut-delta');
+    // the guest's stdin loses its last 4 bytes (the "end\n" after the delta): tar alone would not notice
+    const cut: GuestExec = (command, opts = {}) => {
+      if (!(opts.stdin instanceof Readable)) return streamingLocalGuest()(command, opts);
+      const held: Buffer[] = [];
+      const short = new Transform({
+        transform(chunk: Buffer, _e, cb) {
+          held.push(chunk);
+          const all = Buffer.concat(held.splice(0));
+          const keep = all.subarray(Math.max(0, all.length - 4));
+          held.push(Buffer.from(keep));
+          cb(null, all.subarray(0, all.length - keep.length));
+        },
+      });
+      opts.stdin.pipe(short);
+      return streamingLocalGuest()(command, { ...opts, stdin: short });
+    };
+    const err = await prepareWorkspace(cut, { source: host, guestPath: dest, mode: 'shallow', readOnly: false }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(/the delta was cut short/);
+    await expect(lstat(dest)).rejects.toThrow(/ENOENT/);
   });
 
   it('bytesSent: the file contents cross once (a 4 MiB file does not count twice)', async () => {

@@ -492,7 +492,7 @@ echo "banger-prepared mounted=$mounted"
 /**
  * The host's working-tree delta on top of a checked-out tree, in $stage. stdin: `<n> <tar>\n`, n bytes of
  * NUL-terminated paths the host deleted (or replaced by a directory), then, when tar is 1, a tar of the host's
- * changed and untracked files. `read` takes the first line byte by byte and `head -c` reads no more than n bytes,
+ * changed and untracked files, then `end\n` (DELTA_END). `read` takes the first line byte by byte and `head -c` reads no more than n bytes,
  * so the tar starts where it should. Directories the deletions leave empty go too (git's checkout never has empty
  * directories). An empty part starts no process (each costs about 60 ms under TCG). No index refresh: the files
  * the tar wrote are the only ones whose stat data the index does not have, and git status hashes just those.
@@ -504,18 +504,26 @@ const REMOVE_N_PATHS = `if [ "$n" -gt 0 ]; then
   rm -f .git/banger-deleted
 fi
 `;
+/**
+ * The `end` line after a delta: GNU tar reads whole 10 KiB records and stops at the one that ends the archive (the
+ * host's tar pads to records), so the line comes next; a stream cut anywhere before it fails here, even at a tar
+ * header, where tar itself would end without complaint.
+ */
+const DELTA_END = `IFS= read -r trailer || trailer=
+[ "$trailer" = end ] || { echo "the delta was cut short" >&2; exit 1; }
+`;
 const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
 IFS=' ' read -r n withtar
 case "$n$withtar" in *[!0-9]*|'') echo "malformed delta header" >&2; exit 1 ;; esac
 ${REMOVE_N_PATHS}[ "$withtar" = 0 ] || tar -x -f - --no-same-owner
-[ "$incremental" = 0 ] || printf '%s\\n' "$marker" > .git/banger-workspace
+${DELTA_END}[ "$incremental" = 0 ] || printf '%s\\n' "$marker" > .git/banger-workspace
 `;
 /**
  * From one delta over HEAD to another, in the workspace a plain prepare left (ResumePoint): $1 dest, $2 the marker
  * it must hold (else exit 13, nothing touched). stdin: `<n> <r> <tar 0|1>\n`, the new marker's line, n bytes of
  * NUL-terminated paths to remove (with the directories they leave empty), r bytes of paths to check out of the
  * index again (HEAD's files the old delta had changed or deleted), then, when tar is 1, a tar of the new delta's
- * files. stdin's end before the first line also exits 13 untouched (the host declined). No git process unless
+ * files, then `end\n`. stdin's end before the first line also exits 13 untouched (the host declined). No git process unless
  * r > 0; no walk of the tree.
  */
 const RESUME_SCRIPT = `${PREAMBLE}dest=$1 expected=$2
@@ -527,7 +535,7 @@ case "$n$restore$withtar" in *[!0-9]*|'') echo "malformed resume header" >&2; ex
 IFS= read -r marker || { echo "malformed resume header" >&2; exit 1; }
 ${REMOVE_N_PATHS}[ "$restore" = 0 ] || head -c "$restore" | git checkout-index -f -u -z --stdin
 [ "$withtar" = 0 ] || tar -x -f - --no-same-owner
-printf '%s\\n' "$marker" > .git/banger-workspace
+${DELTA_END}printf '%s\\n' "$marker" > .git/banger-workspace
 `;
 
 /** $1 stage, $2 the commit to check out, $3 incremental (0|1), $4 marker. stdin: APPLY_DELTA's. */
@@ -1063,14 +1071,10 @@ async function sendPackedTree(
   runner: Runner,
 ): Promise<{ bytes: number; result: GuestExecResult; delta?: WorktreeDelta }> {
   const root = w.repo.repoRoot;
-  const stop = new AbortController();
-  const signal = ctx.signal ? AbortSignal.any([ctx.signal, stop.signal]) : stop.signal;
-  const input = new PassThrough();
   const packs: Array<Promise<HostPack | undefined>> = [];
-  let tar: HostStream | undefined;
   let stage = 'history';
   let sentDelta: WorktreeDelta | undefined;
-  const feeder = feederOf('sending the history and the tree', input, stop, () => tar?.kill(), async () => {
+  const feed: Feed = async (input, signal, started) => {
     const [plan, delta] = await Promise.all([checkoutPlan(root, w.repo.headCommit, signal), worktreeDelta(runner, root, signal)]);
     sentDelta = delta;
     const rest = restOfHistory(root, w.tips, plan.sent, { noWalk: w.noWalk, signal });
@@ -1094,25 +1098,62 @@ async function sendPackedTree(
     input.write(Buffer.concat([Buffer.from(`end\n${w.refs.length}\n`), w.refs]));
     stage = 'tree';
     ctx.onProgress?.({ stage });
-    input.write(deltaHeader(delta));
-    if (delta.send.length > 0) {
-      tar = startDeltaTar(root, delta, signal);
-      await appendTo(input, tar.stdout, signal);
-      const t = await tar.done;
-      if (!t.ok) throw new BangerError('host', t.description);
-    }
+    await appendDelta(input, deltaHeader(delta), root, delta, signal, started);
     stage = 'finish';
     ctx.onProgress?.({ stage });
-  });
+  };
   const command = guestCommand(PACKED_SCRIPT, [w.dest, w.stagePath, w.replace, w.repo.objectFormat, w.repo.headCommit, ...w.finish]);
   try {
-    const sent = await streamToGuest(exec, `${w.what} (history)`, () => stage, command, [feeder], input, ctx);
+    const sent = await withFeeder('sending the history and the tree', ctx.signal, feed, (feeder, input) =>
+      streamToGuest(exec, `${w.what} (history)`, () => stage, command, [feeder], input, ctx));
     return { ...sent, delta: sentDelta };
   } finally {
-    stop.abort();
-    await feeder.done;
     for (const p of packs) await removeHostPack(await p.catch(() => undefined));
   }
+}
+
+/** What a feeder does: write into `input` (the guest command's stdin), under `signal`; `started` learns of a host process it runs. */
+type Feed = (input: PassThrough, signal: AbortSignal, started: (child: HostStream) => void) => Promise<void>;
+
+/**
+ * Run `use` with a feeder (a HostStream for streamToGuest) that writes `feed`'s output into the guest's input as
+ * the guest command runs. The feeder's failure is the stream's (`what` failed); the input always ends (a short
+ * stream fails the guest's checks); killing it aborts `feed` and the process it started. After `use`, it is
+ * stopped and awaited: nothing is left running on the host.
+ */
+async function withFeeder<T>(what: string, signal: AbortSignal | undefined, feed: Feed, use: (feeder: HostStream, input: PassThrough) => Promise<T>): Promise<T> {
+  const stop = new AbortController();
+  const feedSignal = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
+  const input = new PassThrough();
+  let child: HostStream | undefined;
+  let finished = false;
+  const done = feed(input, feedSignal, (c) => (child = c)).then(
+    () => ({ ok: true, description: '' }),
+    (e: unknown) => ({ ok: false, description: `${what} failed: ${errorMessage(e)}` }),
+  ).finally(() => {
+    finished = true;
+    input.end();
+  });
+  const feeder: HostStream = { label: 'feeder', stdout: input, done, running: () => !finished, kill: () => { stop.abort(); child?.kill(); } };
+  try {
+    return await use(feeder, input);
+  } finally {
+    stop.abort();
+    await done;
+  }
+}
+
+/** Into `input`: `header`, a tar of the delta's files when it has any (`started` learns of it), then `end\n` (DELTA_END). */
+async function appendDelta(input: PassThrough, header: Buffer, root: string, delta: WorktreeDelta, signal: AbortSignal, started: (child: HostStream) => void): Promise<void> {
+  input.write(header);
+  if (delta.send.length > 0) {
+    const tar = startDeltaTar(root, delta, signal);
+    started(tar);
+    await appendTo(input, tar.stdout, signal);
+    const t = await tar.done;
+    if (!t.ok) throw new BangerError('host', t.description);
+  }
+  input.write('end\n');
 }
 
 /** APPLY_DELTA's header: the deleted paths' length and whether a tar follows, then the paths. */
@@ -1175,10 +1216,10 @@ async function prepareIncremental(
   const h = await streamToGuest(exec, `${what} (history)`, 'history', guestCommand(INCREMENTAL_HISTORY_SCRIPT, args), [revList, pack], pack.stdout, ctx);
   if (h.result.exitCode !== 0) throw guestStepError(`${what} (history)`, h.result);
   const delta = await worktreeDelta(runner, root, signal);
-  const tar = delta.send.length > 0 ? startDeltaTar(root, delta, signal) : undefined;
   onProgress?.({ stage: 'tree' });
-  const input = tar ? prefixed(deltaHeader(delta), tar.stdout) : Readable.from([deltaHeader(delta)]);
-  const t = await streamToGuest(exec, `${what} (tree)`, 'tree', guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]), tar ? [tar] : [], input, ctx);
+  const command = guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]);
+  const feed: Feed = (input, feedSignal, started) => appendDelta(input, deltaHeader(delta), root, delta, feedSignal, started);
+  const t = await withFeeder('sending the delta', signal, feed, (feeder, input) => streamToGuest(exec, `${what} (tree)`, 'tree', command, [feeder], input, ctx));
   if (t.result.exitCode !== 0) throw guestStepError(`${what} (tree)`, t.result);
   return { bytes: h.bytes + t.bytes, delta };
 }
@@ -1191,12 +1232,8 @@ async function prepareIncremental(
  * `from` is not this HEAD's, `when` is false, or the guest's marker differs (a normal prepare follows).
  */
 async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint, prepared: Promise<Prepare>, when: Promise<boolean>, ctx: PrepareContext): Promise<WorkspacePrepareResult | undefined> {
-  const stop = new AbortController();
-  const signal = ctx.signal ? AbortSignal.any([ctx.signal, stop.signal]) : stop.signal;
-  const input = new PassThrough();
   let sent: { p: Prepare; marker: string; delta: WorktreeDelta } | undefined;
-  let tar: HostStream | undefined;
-  const feeder = feederOf('sending the delta', input, stop, () => tar?.kill(), async () => {
+  const feed: Feed = async (input, signal, started) => {
     const [p, go] = await Promise.all([prepared, when]);
     const was = parseMarker(from.marker);
     if (!go || was?.headCommit !== p.repo.headCommit || was.sourcePath !== p.sourcePath || was.mode !== p.opts.mode) return;
@@ -1204,18 +1241,13 @@ async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint,
     const delta = await worktreeDelta(p.runner, root, signal);
     const plan = await resumePlan(p.runner, root, from.delta, delta, signal);
     const marker = markerOf(p, { readOnly: false, branch: null });
-    const withTar = delta.send.length > 0;
-    input.write(Buffer.concat([Buffer.from(`${plan.remove.length} ${plan.restore.length} ${withTar ? 1 : 0}\n${marker}\n`), plan.remove, plan.restore]));
     sent = { p, marker, delta };
-    if (!withTar) return;
-    tar = startDeltaTar(root, delta, signal);
-    await appendTo(input, tar.stdout, signal);
-    const t = await tar.done;
-    if (!t.ok) throw new BangerError('host', t.description);
-  });
+    const header = `${plan.remove.length} ${plan.restore.length} ${delta.send.length > 0 ? 1 : 0}\n${marker}\n`;
+    await appendDelta(input, Buffer.concat([Buffer.from(header), plan.remove, plan.restore]), root, delta, signal, started);
+  };
   const command = guestCommand(RESUME_SCRIPT, [dest, from.marker]);
   try {
-    const t = await streamToGuest(exec, `${PREPARE} (resume)`, 'tree', command, [feeder], input, ctx);
+    const t = await withFeeder('sending the delta', ctx.signal, feed, (feeder, input) => streamToGuest(exec, `${PREPARE} (resume)`, 'tree', command, [feeder], input, ctx));
     if (t.result.exitCode === 13 || !sent) return undefined;
     if (t.result.exitCode !== 0) throw guestStepError(`${PREPARE} (resume)`, t.result);
     const { p, marker, delta } = sent;
@@ -1223,26 +1255,7 @@ async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint,
   } catch (e) {
     if (!sent) await prepared; // the inspection's error, when it failed, is the one to report
     throw e;
-  } finally {
-    stop.abort();
-    await feeder.done;
   }
-}
-
-/**
- * `feed` writing into `input` as a HostStream for streamToGuest: its failure is the stream's, and `input` always
- * ends (a short stream fails the guest's size checks). `kill` stops it and whatever process it runs.
- */
-function feederOf(what: string, input: PassThrough, stop: AbortController, killChild: () => void, feed: () => Promise<void>): HostStream {
-  let finished = false;
-  const done = feed().then(
-    () => ({ ok: true, description: '' }),
-    (e: unknown) => ({ ok: false, description: `${what} failed: ${errorMessage(e)}` }),
-  ).finally(() => {
-    finished = true;
-    input.end();
-  });
-  return { label: 'feeder', stdout: input, done, running: () => !finished, kill: () => { stop.abort(); killChild(); } };
 }
 
 function parseMarker(marker: string): Record<string, unknown> | undefined {
@@ -1334,14 +1347,6 @@ export async function worktreeDelta(runner: Runner, root: string, signal?: Abort
   // A path removed from the index but still present is both: deleted first, then sent.
   for (const path of untracked) add('send', path);
   return { send: Buffer.concat(send), deleted: Buffer.concat(deleted) };
-}
-
-/** A stream of `head`, then everything `rest` produces. */
-function prefixed(head: Buffer, rest: Readable): Readable {
-  const out = new PassThrough();
-  out.write(head);
-  rest.pipe(out);
-  return out;
 }
 
 /** The host's own shallow boundary (a shallow host clone stays shallow in the guest). */
