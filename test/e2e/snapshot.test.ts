@@ -52,6 +52,10 @@ describeE2E('snapshots and forks against a real guest', () => {
     expect(r.forks.every((v: { state: string }) => v.state === 'running')).toBe(true);
     expect((await b.json(['vm', 'show', 'src'])).state).toBe('running');
     expect(r.snapshot.stateBytes).toBeGreaterThan(0);
+    // a name that is neither a VM nor a snapshot: the error names both
+    const none = await b.run(['vm', 'fork', 'nosuch']);
+    expect(none.exitCode).toBe(1);
+    expect(none.stderr).toMatch(/no VM and no snapshot named "nosuch"/);
   });
 
   it('both forks see the file in /dev/shm (memory) and the repository, and have their own hostnames', async () => {

@@ -31,7 +31,7 @@ export function snapshotHandlers(d: DaemonServices): SnapshotHandlers {
     'vm.fork': async (p, ctx) => {
       const fromVm = d.store.resolveVm(p.source).length > 0;
       if (fromVm) await assertVmForkable(d, vms.resolveVm(p.source));
-      const snap = fromVm ? await takeSnapshot(d, repo, vms, p.source, { stop: false, name: undefined }, ctx) : repo.find(p.source);
+      const snap = fromVm ? await takeSnapshot(d, repo, vms, p.source, { stop: false, name: undefined }, ctx) : findForkSource(repo, p.source);
       const prefix = validateName('vm', p.namePrefix ?? `${fromVm ? d.store.findVm(p.source).name : snap.name}-fork`);
       const names = Array.from({ length: p.count ?? 1 }, (_, i) => `${prefix}-${i + 1}`);
       for (const n of names) validateName('vm', n);
@@ -140,4 +140,14 @@ async function snapshotView(d: DaemonServices, repo: SnapshotRepo, s: SnapshotRe
     chain: s.meta.chain,
     users: repo.users(s.id),
   };
+}
+
+/** A snapshot to fork from, when `source` names no VM: the error names both kinds. */
+function findForkSource(repo: SnapshotRepo, source: string) {
+  try {
+    return repo.find(source);
+  } catch (e) {
+    if (!(e instanceof BangerError && e.kind === 'not_found')) throw e;
+    throw new BangerError('not_found', `no VM and no snapshot named ${JSON.stringify(source)}`, 'banger vm list and banger snapshot list show what can be forked');
+  }
 }
