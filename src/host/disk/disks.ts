@@ -382,6 +382,31 @@ export async function createWorkDisk(path: string, opts: WorkDiskOptions): Promi
   const t0 = performance.now();
   const runner = opts.runner ?? run;
   const signal = opts.signal;
+  const { label, sync } = await checkWorkDiskOptions(path, opts);
+  const partial = `${path}.partial`;
+  const tmp = await mkdtemp(join(tmpdir(), 'banger-work-'));
+  await rm(partial, { force: true });
+  try {
+    await runner('truncate', ['-s', String(opts.sizeBytes), partial], { signal });
+    await runner(
+      'mkfs.ext4',
+      ['-F', '-q', '-L', label, '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', partial],
+      { signal },
+    );
+    const plan = await planWorkDisk(tmp, opts, sync, runner);
+    await runDebugfs(partial, await debugfsScriptOf(plan, tmp), { runner, signal });
+    await rename(partial, path);
+  } catch (e) {
+    await rm(partial, { force: true });
+    throw e;
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+  return { ms: performance.now() - t0 };
+}
+
+/** The size, the label, a free path, the seed and every file_sync source: checked before anything is made. */
+async function checkWorkDiskOptions(path: string, opts: WorkDiskOptions) {
   const label = opts.label ?? 'banger-work';
   if (!Number.isSafeInteger(opts.sizeBytes) || opts.sizeBytes < 16 * 2 ** 20) {
     throw new BangerError('usage', `work disk size ${opts.sizeBytes} is too small`, 'give at least 16M');
@@ -397,74 +422,59 @@ export async function createWorkDisk(path: string, opts: WorkDiskOptions): Promi
       throw new BangerError('not_found', `file_sync source ${e.host} does not exist`, `create ${e.host} or remove it from file_sync in the config`);
     }
   }
+  return { label, sync };
+}
 
-  const partial = `${path}.partial`;
-  const tmp = await mkdtemp(join(tmpdir(), 'banger-work-'));
-  await rm(partial, { force: true });
-  try {
-    await runner('truncate', ['-s', String(opts.sizeBytes), partial], { signal });
-    await runner(
-      'mkfs.ext4',
-      ['-F', '-q', '-L', label, '-E', 'lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0', partial],
-      { signal },
-    );
+/** What goes on the disk: the seed's contents (dumped into `tmp`), authorized_keys, the git identity, file_sync. */
+async function planWorkDisk(tmp: string, opts: WorkDiskOptions, sync: Array<{ host: string; rel: string }>, runner: Runner): Promise<Plan> {
+  const seedDir = join(tmp, 'seed');
+  await rdumpDir(opts.seedImage, '/', seedDir, { runner, signal: opts.signal });
+  const plan = new Plan();
+  await plan.addTree(seedDir, '', 'work seed', (_name, rel) => rel === 'lost+found');
 
-    // The seed's contents, dumped to the host (small: the image's /root).
-    const seedDir = join(tmp, 'seed');
-    await rdumpDir(opts.seedImage, '/', seedDir, { runner, signal });
-    const plan = new Plan();
-    await plan.addTree(seedDir, '', 'work seed', (_name, rel) => rel === 'lost+found');
+  const ssh = plan.entries.get('.ssh');
+  if (ssh && ssh.kind !== 'dir') throw new BangerError('invalid_state', 'the work seed has a /root/.ssh that is not a directory');
+  plan.set('.ssh', { kind: 'dir', mode: 0o700 }, 'authorized_keys');
+  const ak = join(tmp, 'authorized_keys');
+  await writeFile(ak, withNewline(opts.authorizedKeys.trim()), { mode: 0o600 });
+  plan.set('.ssh/authorized_keys', { kind: 'file', host: ak, mode: 0o600 }, 'authorized_keys');
 
-    // authorized_keys
-    const ssh = plan.entries.get('.ssh');
-    if (ssh && ssh.kind !== 'dir') throw new BangerError('invalid_state', 'the work seed has a /root/.ssh that is not a directory');
-    plan.set('.ssh', { kind: 'dir', mode: 0o700 }, 'authorized_keys');
-    const ak = join(tmp, 'authorized_keys');
-    await writeFile(ak, withNewline(opts.authorizedKeys.trim()), { mode: 0o600 });
-    plan.set('.ssh/authorized_keys', { kind: 'file', host: ak, mode: 0o600 }, 'authorized_keys');
-
-    // git identity, appended to the seed's .gitconfig if it has one
-    const gi = opts.gitIdentity;
-    if (gi && (gi.name || gi.email)) {
-      const old = plan.entries.get('.gitconfig');
-      const text = gitconfigWithIdentity(old?.kind === 'file' ? await readFile(old.host, 'utf8') : '', gi);
-      const gc = join(tmp, 'gitconfig');
-      await writeFile(gc, text, { mode: 0o644 });
-      plan.set('.gitconfig', { kind: 'file', host: gc, mode: old?.kind === 'file' ? old.mode : 0o644 }, 'git identity');
-    }
-
-    // file_sync
-    for (const e of sync) await plan.addPath(e.host, e.rel, `file_sync ${e.host}`, true);
-
-    // One debugfs script. Sorted paths put every directory before its contents.
-    let refs = 0;
-    const hostRef = async (p: string): Promise<string> => {
-      if (isDebugfsSafe(p)) return p;
-      const ref = join(tmp, `ref-${refs++}`);
-      await symlink(p, ref); // debugfs `write` follows it
-      return ref;
-    };
-    const s = new DebugfsScript();
-    // The disk's root is the guest's /root: 0700 as on Debian (mkfs -d always makes the seed's root 0755, so the
-    // seed cannot carry this).
-    s.setAttrs('/', S_IFDIR | 0o700);
-    for (const rel of [...plan.entries.keys()].sort()) {
-      const e = plan.entries.get(rel)!;
-      const g = '/' + rel;
-      if (!isDebugfsSafe(g)) throw new BangerError('usage', `cannot write ${JSON.stringify(g)} into the work disk: debugfs cannot express names with a double quote or a newline`, 'rename the file');
-      if (e.kind === 'dir') s.mkdir(g).setAttrs(g, S_IFDIR | e.mode);
-      else if (e.kind === 'file') s.write(await hostRef(e.host), g).setAttrs(g, S_IFREG | e.mode);
-      else s.symlink(g, e.target).sif(g, 'uid', 0).sif(g, 'gid', 0);
-    }
-    await runDebugfs(partial, s, { runner, signal });
-    await rename(partial, path);
-  } catch (e) {
-    await rm(partial, { force: true });
-    throw e;
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
+  // the git identity, appended to the seed's .gitconfig if it has one
+  const gi = opts.gitIdentity;
+  if (gi && (gi.name || gi.email)) {
+    const old = plan.entries.get('.gitconfig');
+    const text = gitconfigWithIdentity(old?.kind === 'file' ? await readFile(old.host, 'utf8') : '', gi);
+    const gc = join(tmp, 'gitconfig');
+    await writeFile(gc, text, { mode: 0o644 });
+    plan.set('.gitconfig', { kind: 'file', host: gc, mode: old?.kind === 'file' ? old.mode : 0o644 }, 'git identity');
   }
-  return { ms: performance.now() - t0 };
+
+  for (const e of sync) await plan.addPath(e.host, e.rel, `file_sync ${e.host}`, true);
+  return plan;
+}
+
+/** One debugfs script for the whole plan, all root:root with modes kept. Sorted paths put every directory before its contents. */
+async function debugfsScriptOf(plan: Plan, tmp: string): Promise<DebugfsScript> {
+  let refs = 0;
+  const hostRef = async (p: string): Promise<string> => {
+    if (isDebugfsSafe(p)) return p;
+    const ref = join(tmp, `ref-${refs++}`);
+    await symlink(p, ref); // debugfs `write` follows it
+    return ref;
+  };
+  const s = new DebugfsScript();
+  // The disk's root is the guest's /root: 0700 as on Debian (mkfs -d always makes the seed's root 0755, so the
+  // seed cannot carry this).
+  s.setAttrs('/', S_IFDIR | 0o700);
+  for (const rel of [...plan.entries.keys()].sort()) {
+    const e = plan.entries.get(rel)!;
+    const g = '/' + rel;
+    if (!isDebugfsSafe(g)) throw new BangerError('usage', `cannot write ${JSON.stringify(g)} into the work disk: debugfs cannot express names with a double quote or a newline`, 'rename the file');
+    if (e.kind === 'dir') s.mkdir(g).setAttrs(g, S_IFDIR | e.mode);
+    else if (e.kind === 'file') s.write(await hostRef(e.host), g).setAttrs(g, S_IFREG | e.mode);
+    else s.symlink(g, e.target).sif(g, 'uid', 0).sif(g, 'gid', 0);
+  }
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -189,13 +189,10 @@ const short = (s: string) => (s.length > 60 ? `${s.slice(0, 57)}...` : s);
 
 function execOn(client: Client, target: SshTarget | undefined, command: string, opts: ExecOptions): Promise<ExecResult> {
   const { signal } = opts;
+  const what = `running \`${short(command)}\``;
   return new Promise<ExecResult>((resolve, reject) => {
     let channel: ClientChannel | undefined;
     let stdinStream: Readable | undefined;
-    let exitCode: number | null | undefined;
-    let exitSignal: string | undefined;
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
     let settled = false;
 
     const cleanup = () => {
@@ -204,6 +201,12 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
       client.removeListener('close', onClientClose);
       client.removeListener('error', onClientError);
       if (stdinStream && channel) stdinStream.unpipe(channel);
+    };
+    const done = (r: ExecResult) => {
+      if (settled) return;
+      settled = true;
+      cleanup();
+      resolve(r);
     };
     // Given up on (abort, timeout) or broken: the channel closes, the connection stays (it may be shared).
     const fail = (e: unknown) => {
@@ -218,16 +221,11 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
       reject(e);
     };
     const onAbort = () => fail(abortedError(`ssh ${short(command)}`, signal));
-    const onClientClose = () =>
-      fail(new BangerError('host', `SSH connection closed before \`${short(command)}\` finished`));
-    const onClientError = (e: Error) => fail(wrapSshError(target, e, `running \`${short(command)}\``));
-    const timer =
-      opts.timeoutMs !== undefined
-        ? setTimeout(
-            () => fail(new BangerError('timeout', `ssh \`${short(command)}\` did not finish within ${opts.timeoutMs} ms`)),
-            opts.timeoutMs,
-          )
-        : undefined;
+    const onClientClose = () => fail(new BangerError('host', `SSH connection closed before \`${short(command)}\` finished`));
+    const onClientError = (e: Error) => fail(wrapSshError(target, e, what));
+    const timer = opts.timeoutMs !== undefined
+      ? setTimeout(() => fail(new BangerError('timeout', `ssh \`${short(command)}\` did not finish within ${opts.timeoutMs} ms`)), opts.timeoutMs)
+      : undefined;
 
     signal?.addEventListener('abort', onAbort, { once: true });
     client.on('close', onClientClose);
@@ -235,40 +233,50 @@ function execOn(client: Client, target: SshTarget | undefined, command: string, 
 
     try {
       client.exec(command, (e, ch) => {
-        if (e) return fail(wrapSshError(target, e, `running \`${short(command)}\``));
-        if (settled) {
-          ch.close();
-          return;
-        }
+        if (e) return fail(wrapSshError(target, e, what));
+        if (settled) return void ch.close();
         channel = ch;
-        ch.on('exit', (code: number | null, sig?: string) => {
-          exitCode = code;
-          exitSignal = sig ?? undefined;
+        stdinStream = superviseChannel(ch, opts, {
+          broken: (ce) => fail(wrapSshError(target, ce, what)),
+          stdinFailed: (se) => fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se })),
+          done,
         });
-        ch.on('error', (ce: Error) => {
-          // Writing stdin to a command that already exited is not the command's failure.
-          if (exitCode === undefined) fail(wrapSshError(target, ce, `running \`${short(command)}\``));
-        });
-        // Always consume stdout and stderr, or the channel's 'close' never comes.
-        if (opts.stdout) ch.pipe(opts.stdout, { end: false });
-        else ch.on('data', (c: Buffer) => out.push(c));
-        if (opts.stderr) ch.stderr.pipe(opts.stderr, { end: false });
-        else ch.stderr.on('data', (c: Buffer) => err.push(c));
-        ch.on('close', () => {
-          if (settled) return;
-          settled = true;
-          cleanup();
-          resolve({ exitCode: exitStatus(exitCode, exitSignal), signal: exitSignal, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
-        });
-        stdinStream = feedStdin(ch, opts.stdin, (se) =>
-          fail(new BangerError('host', `stdin for \`${short(command)}\` failed: ${se.message}`, undefined, { cause: se })),
-        );
       });
     } catch (e) {
-      fail(wrapSshError(target, e, `running \`${short(command)}\``));
-      return;
+      fail(wrapSshError(target, e, what));
     }
   });
+}
+
+/**
+ * A started command's channel: its exit status, its output (to the caller's streams, or collected), its stdin
+ * fed; `done` at the channel's close with the result, `broken` on a channel error before the command exited.
+ * Returns the stream feeding stdin (unpiped when the exec is given up on).
+ */
+function superviseChannel(
+  ch: ClientChannel,
+  opts: ExecOptions,
+  on: { broken: (e: Error) => void; stdinFailed: (e: Error) => void; done: (r: ExecResult) => void },
+): Readable | undefined {
+  let exitCode: number | null | undefined;
+  let exitSignal: string | undefined;
+  const out: Buffer[] = [];
+  const err: Buffer[] = [];
+  ch.on('exit', (code: number | null, sig?: string) => {
+    exitCode = code;
+    exitSignal = sig ?? undefined;
+  });
+  ch.on('error', (ce: Error) => {
+    // Writing stdin to a command that already exited is not the command's failure.
+    if (exitCode === undefined) on.broken(ce);
+  });
+  // Always consume stdout and stderr, or the channel's 'close' never comes.
+  if (opts.stdout) ch.pipe(opts.stdout, { end: false });
+  else ch.on('data', (c: Buffer) => out.push(c));
+  if (opts.stderr) ch.stderr.pipe(opts.stderr, { end: false });
+  else ch.stderr.on('data', (c: Buffer) => err.push(c));
+  ch.on('close', () => on.done({ exitCode: exitStatus(exitCode, exitSignal), signal: exitSignal, stdout: Buffer.concat(out), stderr: Buffer.concat(err) }));
+  return feedStdin(ch, opts.stdin, on.stdinFailed);
 }
 
 /** The remote exit status; 128+N when killed by signal N, 255 when the server reported neither. */
