@@ -16,6 +16,9 @@ import { which } from '../host/exec/runner.js';
 import { withRecordedTemp } from './export-journal.js';
 
 export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
+  // The marker each VM's last plain prepare wrote at each guest path: the next prepare there updates it in place
+  // in one guest command (the guest checks it still holds that marker). Lost with the daemon: then as usual.
+  const lastMarkers = new Map<string, string>();
   return {
     async run(vmId, job, { signal, progress }) {
       await testStageDelay(job.kind, signal); // test hook, see fault-injection.ts
@@ -28,16 +31,20 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
       const p = job.params as Record<string, any>;
       if (job.kind === 'prepare') {
         const compression = await linkCompression(env, ctx.spec.image);
+        const at = `${vmId}\n${p.guestPath}`;
+        const lastMarker = lastMarkers.get(at);
+        lastMarkers.delete(at); // whatever happens now, the guest path may hold something else after it
         const prepare = (how: { replace?: boolean; resume?: ResumePoint; resumeWhen?: Promise<boolean> }) =>
           prepareWorkspace(
             guest,
-            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, ...how, compression },
+            { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, ...how, compression, lastMarker },
             { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
           );
         const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
         const vm = { id: vmId, spec: ctx.spec, workDisk: vmFiles(env.layout, vmId).workDisk };
         const io = { guest, signal, progress: (stage: string, detail?: string) => progress({ stage, detail }) };
-        const { previousHead: _head, resumePoint: _resume, resumed, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
+        const { previousHead: _head, resumePoint, resumed, ...result } = await prepareThroughCache(env, vm, w, io, prepare);
+        if (resumePoint) lastMarkers.set(at, resumePoint.marker);
         const how = resumed ? 'resumed from the cached workspace' : result.incremental ? 'updated in place' : 'fresh';
         env.log(vmId, 'workspace.prepare', 'info', undefined, `cache ${result.cache}, ${how}, ${result.bytesSent} bytes sent`);
         return { ...result, vmId };

@@ -198,6 +198,39 @@ describe('incremental re-prepare', { timeout: 90_000 }, () => {
   });
 });
 
+describe('re-prepare from the marker the daemon remembers', { timeout: 90_000 }, () => {
+  it('one guest command when the guest still holds it; the usual way when it does not; never over the guest\'s own commits', async () => {
+    const host = await hostRepo();
+    const dest = join(tmp, 'remembered');
+    const first = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: dest, mode: 'shallow', readOnly: false });
+    await changeEverything(host);
+    await commitAll(host, 'second');
+    await writeFile(join(host, 'keep.txt'), 'uncommitted again\n');
+    await writeFile(join(dest, 'guest-junk.txt'), 'junk\n'); // the guest's leftovers go, as in any re-prepare
+    const commands: string[] = [];
+    const counting: GuestExec = (c, o) => (commands.push(c), streamingLocalGuest()(c, o));
+    const second = await prepareWorkspace(counting, { source: host, guestPath: dest, mode: 'shallow', readOnly: false, lastMarker: first.resumePoint!.marker });
+    expect(commands).toHaveLength(1);
+    expect(second).toMatchObject({ incremental: true, previousHead: first.headCommit });
+    await rm(join(host, 'dir'), { recursive: true, force: true });
+    expect(await treeOf(dest, ['ignored.log'])).toEqual(await treeOf(host, ['ignored.log']));
+    await git(dest, 'fsck', '--no-progress');
+    // a stale marker (not what the guest holds): the usual first command, then the update
+    commands.length = 0;
+    await writeFile(join(host, 'keep.txt'), 'and again\n');
+    const third = await prepareWorkspace(counting, { source: host, guestPath: dest, mode: 'shallow', readOnly: false, lastMarker: first.resumePoint!.marker });
+    expect(commands.length).toBeGreaterThan(1);
+    expect(await readFile(join(dest, 'keep.txt'), 'utf8')).toBe('and again\n');
+    // the guest committed: its marker still matches, its HEAD does not; refused as before, the commit kept
+    await git(dest, '-c', 'user.name=g', '-c', 'user.email=g@x', 'commit', '-qam', 'guest work');
+    const guestHead = (await git(dest, 'rev-parse', 'HEAD')).trim();
+    const err = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: dest, mode: 'shallow', readOnly: false, lastMarker: third.resumePoint!.marker }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(/already holds a git repository/);
+    expect((await git(dest, 'rev-parse', 'HEAD')).trim()).toBe(guestHead);
+  });
+});
+
 describe('resume (the workspace cache\'s hit)', { timeout: 90_000 }, () => {
   /** A cached work disk's workspace: what a prepare with every kind of change left, copied whole; and the host's new delta. */
   async function cachedWorkspace(name: string) {

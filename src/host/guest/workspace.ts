@@ -92,6 +92,12 @@ export interface PrepareOptions {
    */
   resume?: ResumePoint;
   resumeWhen?: Promise<boolean>;
+  /**
+   * The marker this path's last prepare wrote, as the caller remembers it (the daemon, per VM and path). When it
+   * names a plain workspace of this source and mode, the in-place update runs at once, in one guest command that
+   * first checks the guest still holds that marker at that HEAD; otherwise (or when it does not) as usual.
+   */
+  lastMarker?: string;
 }
 
 /** What a plain prepare left at the guest path: HEAD's tree with the host's delta over it, and its marker. */
@@ -406,21 +412,6 @@ cd -- "$stage"
 `;
 
 /**
- * Incremental re-prepare, step 1, in the workspace itself: $1 dest, $2 HEAD's branch ('' = detached), $3 HEAD,
- * then shallow commits to add, then `--`, then ref/sha pairs to set. stdin: a pack of the objects the guest lacks.
- */
-const INCREMENTAL_HISTORY_SCRIPT = `${PREAMBLE}dest=$1 headbranch=$2 head=$3
-shift 3
-cd -- "$dest"
-git index-pack --stdin >/dev/null
-while [ "$#" -gt 0 ] && [ "$1" != -- ]; do printf '%s\\n' "$1" >> .git/shallow; shift; done
-[ ! -f .git/shallow ] || { sort -u .git/shallow > .git/shallow.new && mv .git/shallow.new .git/shallow; }
-[ "$#" -eq 0 ] || shift
-while [ "$#" -ge 2 ]; do git update-ref "$1" "$2"; shift 2; done
-if [ -n "$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; else git update-ref --no-deref HEAD "$head"; fi
-`;
-
-/**
  * $1 dest, $2 stage, $3 replace, $4 full_copy (0|1), $5 host HEAD sha, $6 base sha, $7 branch to check out at
  * the base when it differs from HEAD ('' = detached), $8 new branch ('' = none), $9 readOnly (0|1), $10 marker,
  * $11 the host's current branch ('' = detached), $12.. shallow commits.
@@ -538,9 +529,45 @@ ${REMOVE_N_PATHS}[ "$restore" = 0 ] || head -c "$restore" | git checkout-index -
 ${DELTA_END}printf '%s\\n' "$marker" > .git/banger-workspace
 `;
 
-/** $1 stage, $2 the commit to check out, $3 incremental (0|1), $4 marker. stdin: APPLY_DELTA's. */
-const DELTA_SCRIPT = `${PREAMBLE}stage=$1 head=$2 incremental=$3 marker=$4
-cd -- "$stage"
+/** One pack as the host made it, with its index, into objects/pack (the idx written aside and moved in whole: git ignores a pack without one). */
+const RECEIVE_PACK = `case "$name" in *[!0-9a-f]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
+  case "$packbytes$idxbytes$pathbytes" in *[!0-9]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
+  head -c "$packbytes" > ".git/objects/pack/pack-$name.pack"
+  head -c "$idxbytes" > .git/banger-idx
+  mv -- .git/banger-idx ".git/objects/pack/pack-$name.idx"`;
+
+/**
+ * An in-place re-prepare in one guest command, in the workspace itself: $1 dest, $2 the marker it must hold and $3
+ * the HEAD it must be at (else exit 13, nothing touched: the guest's own commits are never reset away), $4 the new
+ * HEAD, $5 its branch ('' = detached), $6 the new marker, then shallow commits to add, `--`, and ref/sha pairs to
+ * set. stdin: the packs of the objects the guest lacks as PACKED_SCRIPT
+ * takes them (no paths), `end\n`, then APPLY_DELTA's stdin. The tree is reset to the new HEAD (git writes only the
+ * files that differ), untracked non-ignored files go, and the delta goes on top. No index-pack: the host made the
+ * pack's index.
+ */
+const INCREMENTAL_SCRIPT = `${PREAMBLE}dest=$1 expected=$2 oldhead=$3 head=$4 headbranch=$5 marker=$6 incremental=1
+shift 6
+cd -- "$dest" 2>/dev/null || exit 13
+IFS= read -r have < .git/banger-workspace 2>/dev/null || exit 13
+[ "$have" = "$expected" ] || exit 13
+IFS= read -r now < .git/HEAD || exit 13
+case "$now" in
+  'ref: '*) if [ -f ".git/\${now#ref: }" ]; then IFS= read -r now < ".git/\${now#ref: }"; else now=$(git rev-parse -q --verify HEAD || :); fi ;;
+esac
+[ "$now" = "$oldhead" ] || exit 13
+ended=0
+while IFS=' ' read -r name packbytes idxbytes pathbytes; do
+  if [ "$name" = end ]; then ended=1; break; fi
+  ${RECEIVE_PACK}
+done
+[ "$ended" = 1 ] || { echo "the history was cut short" >&2; exit 1; }
+while [ "$#" -gt 0 ] && [ "$1" != -- ]; do printf '%s\\n' "$1" >> .git/shallow; shift; done
+[ ! -f .git/shallow ] || { sort -u .git/shallow > .git/shallow.new && mv .git/shallow.new .git/shallow; }
+[ "$#" -eq 0 ] || shift
+[ "$#" -eq 0 ] || { while [ "$#" -ge 2 ]; do printf 'update %s %s\\n' "$1" "$2"; shift 2; done | git update-ref --stdin; }
+IFS= read -r symref < .git/HEAD || symref=
+if [ -z "$headbranch" ]; then git update-ref --no-deref HEAD "$head"
+elif [ "$symref" != "ref: refs/heads/$headbranch" ]; then git symbolic-ref HEAD "refs/heads/$headbranch"; fi
 git -c checkout.workers=1 read-tree --reset -u "$head"
 ${APPLY_DELTA}`;
 
@@ -577,11 +604,7 @@ checkout=
 ended=0
 while IFS=' ' read -r name packbytes idxbytes pathbytes; do
   if [ "$name" = end ]; then ended=1; break; fi
-  case "$name" in *[!0-9a-f]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
-  case "$packbytes$idxbytes$pathbytes" in *[!0-9]*|'') echo "malformed pack header" >&2; exit 1 ;; esac
-  head -c "$packbytes" > ".git/objects/pack/pack-$name.pack"
-  head -c "$idxbytes" > .git/banger-idx
-  mv -- .git/banger-idx ".git/objects/pack/pack-$name.idx"
+  ${RECEIVE_PACK}
   if [ -z "$checkout" ]; then
     (git read-tree "$head" && exec git -c checkout.workers=1 checkout-index -f -u -z --stdin) < .git/banger-paths &
     checkout=$!
@@ -1031,20 +1054,29 @@ async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
   if (p.baseCommit !== repo.headCommit && p.fromBranch && !refUpdates.some((u) => u.startsWith(`create refs/heads/${p.fromBranch} `))) {
     refUpdates.push(`create refs/heads/${p.fromBranch} ${p.baseCommit}`);
   }
+  const plainMarker = markerOf(p, { readOnly: false, branch: null });
+  const inPlace = (old: { head: string; marker: string }) => prepareIncremental(p.exec, { dest: p.dest, repo, old, tips: [...tips], refUpdates, shallow, marker: plainMarker }, p.ctx, runner);
+  const known = opts.lastMarker && !opts.replace ? reusableMarker(opts.lastMarker, p.sourcePath, opts.mode, notPlain) : undefined;
+  const updated = known ? await inPlace(known) : undefined;
+  if (known && updated) return incrementalResult(p, updated, known.head, plainMarker);
   p.ctx.onProgress?.({ stage: 'history' });
   const refs = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
   const w = { what: PREPARE, dest: p.dest, stagePath: p.stagePath, replace: opts.replace ? '1' : '0', repo, tips: [...tips], noWalk: opts.mode === 'shallow', refs, finish: finishArgs(p, false, shallow) };
   const h = await sendPackedTree(p.exec, w, p.ctx, runner);
   const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, p.sourcePath, opts.mode, notPlain) : undefined;
-  const plainMarker = markerOf(p, { readOnly: false, branch: null });
   if (!reuse) {
     checkStep(p, 'history', h.result);
     const resumePoint = notPlain === undefined && h.delta ? { marker: plainMarker, delta: h.delta } : undefined;
     return { ...resultOf(p, h.result, h.bytes), ...(resumePoint ? { resumePoint } : {}) };
   }
-  const i = await prepareIncremental(p.exec, { dest: p.dest, repo, oldHead: reuse, tips: [...tips], refUpdates, shallow, marker: plainMarker }, p.ctx, runner);
-  const resumePoint = { marker: plainMarker, delta: i.delta };
-  return { ...resultOf(p, h.result, i.bytes), readOnly: false, readOnlyMount: false, incremental: true, previousHead: reuse, resumePoint };
+  const i = await inPlace(reuse);
+  if (!i) throw new BangerError('conflict', `${PREPARE}: the workspace at ${p.dest} changed while it was being updated`, 'prepare again');
+  return incrementalResult(p, i, reuse.head, plainMarker);
+}
+
+function incrementalResult(p: Prepare, i: { bytes: number; delta: WorktreeDelta }, previousHead: string, marker: string): WorkspacePrepareResult {
+  const r = resultOf(p, { exitCode: 0, stdout: Buffer.alloc(0), stderr: Buffer.alloc(0) }, i.bytes);
+  return { ...r, readOnly: false, readOnlyMount: false, incremental: true, previousHead, resumePoint: { marker, delta: i.delta } };
 }
 
 /** The host's branches, tags and remote-tracking refs (not the symbolic <remote>/HEAD ones), as full_history sends them. */
@@ -1167,61 +1199,70 @@ const startDeltaTar = (root: string, d: WorktreeDelta, signal: AbortSignal | und
 const TAR_AS_ROOT = ['--owner=0', '--group=0', '--numeric-owner'];
 
 /**
- * The HEAD of a workspace at the guest path that an incremental re-prepare may update in place: one banger
+ * The HEAD and marker of a workspace at the guest path that an incremental re-prepare may update in place: one banger
  * prepared from the same source in the same mode, plain (no --from, --branch or read-only, then or now), whose
  * HEAD has not moved since. `stdout` is DEST_CHECK's ("repo <sha>", "marker <json>"). Otherwise undefined.
  */
-function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): string | undefined {
-  if (notPlainNow !== undefined || mode === 'full_copy') return undefined;
+function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): { head: string; marker: string } | undefined {
   const text = stdout.toString('utf8');
   const head = /^repo ([0-9a-f]{40,64})$/m.exec(text)?.[1];
   const json = /^marker (\{.*\})$/m.exec(text)?.[1];
   if (!head || !json) return undefined;
-  let m: Record<string, unknown>;
-  try {
-    m = JSON.parse(json) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
-  const plain = m.readOnly === false && m.branch === null && m.baseCommit === m.headCommit;
-  return plain && m.sourcePath === sourcePath && m.mode === mode && m.headCommit === head ? head : undefined;
+  const r = reusableMarker(json, sourcePath, mode, notPlainNow);
+  return r?.head === head ? r : undefined;
+}
+
+/** The HEAD a marker was written at, when it names a plain workspace of this source and mode (and this prepare is plain too). */
+function reusableMarker(marker: string, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): { head: string; marker: string } | undefined {
+  if (notPlainNow !== undefined || mode === 'full_copy') return undefined;
+  const m = parseMarker(marker);
+  const plain = m?.readOnly === false && m.branch === null && m.baseCommit === m.headCommit;
+  const ok = plain && m.sourcePath === sourcePath && m.mode === mode && typeof m.headCommit === 'string' && /^[0-9a-f]{40,64}$/.test(m.headCommit);
+  return ok ? { head: m.headCommit as string, marker } : undefined;
 }
 
 /**
- * Update a workspace in place: a pack of only the objects the guest lacks (the new tips' objects, not those
- * reachable from its HEAD), then the tree reset to the new HEAD (git writes only the files that differ),
- * untracked non-ignored files removed, and the host's delta on top. Ignored files in the guest (build output)
- * stay. Not atomic: an interrupted update leaves a valid repository part-way; --replace is the full reset.
- * Returns the bytes sent and the delta laid over HEAD.
+ * Update a workspace in place, in one guest command (INCREMENTAL_SCRIPT) that first checks the workspace still
+ * holds `old.marker`: a pack of only the objects the guest lacks (the new tips' objects, not those reachable
+ * from its HEAD, made with its index on the host), then the tree reset to the new HEAD (git writes only the files
+ * that differ), untracked non-ignored files removed, and the host's delta on top. Ignored files in the guest
+ * (build output) stay. Not atomic: an interrupted update leaves a valid repository part-way, with the old marker
+ * (so the next prepare redoes it); --replace is the full reset. Returns the bytes sent and the delta laid over
+ * HEAD, or undefined when the marker was not there (nothing touched).
  */
 async function prepareIncremental(
   exec: GuestExec,
-  w: { dest: string; repo: RepoDetails; oldHead: string; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
+  w: { dest: string; repo: RepoDetails; old: { head: string; marker: string }; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
   ctx: PrepareContext,
   runner: Runner,
-): Promise<{ bytes: number; delta: WorktreeDelta }> {
-  const { signal, onProgress } = ctx;
-  const what = 'workspace prepare (incremental)';
+): Promise<{ bytes: number; delta: WorktreeDelta } | undefined> {
   const root = w.repo.repoRoot;
-  const noWalk = w.shallow.length > 0 && w.refUpdates.length <= 1 ? ['--no-walk'] : []; // shallow mode: no history walk
-  const revList = startHostStream('git rev-list', 'git', ['-C', root, 'rev-list', '--objects', ...noWalk, '--stdin'], {
-    signal,
-    input: Buffer.from([...w.tips, `^${w.oldHead}`].join('\n') + '\n'),
-  });
-  const pack = startHostStream('git pack-objects', 'git', ['-C', root, 'pack-objects', '--stdout', '-q'], { signal, pipeStdin: true });
-  revList.stdout.pipe(pack.stdin!);
-  onProgress?.({ stage: 'history' });
+  const noWalk = w.shallow.length > 0 && w.refUpdates.length <= 1; // shallow mode: no history walk
+  let stage = 'history';
+  let sentDelta: WorktreeDelta | undefined;
+  const feed: Feed = async (input, signal, started) => {
+    const [lines, delta] = await Promise.all([restOfHistory(root, [...w.tips, `^${w.old.head}`], new Set(), { noWalk, signal }), worktreeDelta(runner, root, signal)]);
+    sentDelta = delta;
+    const pack = lines.length > 0 ? await packObjects(root, lines, signal) : undefined;
+    try {
+      if (pack) await appendPack(input, pack, Buffer.alloc(0), signal);
+    } finally {
+      await removeHostPack(pack);
+    }
+    input.write('end\n');
+    stage = 'tree';
+    ctx.onProgress?.({ stage });
+    await appendDelta(input, deltaHeader(delta), root, delta, signal, started);
+  };
+  ctx.onProgress?.({ stage });
   const refs = w.refUpdates.flatMap((u) => u.split(' ').slice(1, 3));
-  const args = [w.dest, w.repo.currentBranch ?? '', w.repo.headCommit, ...w.shallow, '--', ...refs];
-  const h = await streamToGuest(exec, `${what} (history)`, 'history', guestCommand(INCREMENTAL_HISTORY_SCRIPT, args), [revList, pack], pack.stdout, ctx);
-  if (h.result.exitCode !== 0) throw guestStepError(`${what} (history)`, h.result);
-  const delta = await worktreeDelta(runner, root, signal);
-  onProgress?.({ stage: 'tree' });
-  const command = guestCommand(DELTA_SCRIPT, [w.dest, w.repo.headCommit, '1', w.marker]);
-  const feed: Feed = (input, feedSignal, started) => appendDelta(input, deltaHeader(delta), root, delta, feedSignal, started);
-  const t = await withFeeder('sending the delta', signal, feed, (feeder, input) => streamToGuest(exec, `${what} (tree)`, 'tree', command, [feeder], input, ctx));
-  if (t.result.exitCode !== 0) throw guestStepError(`${what} (tree)`, t.result);
-  return { bytes: h.bytes + t.bytes, delta };
+  const args = [w.dest, w.old.marker, w.old.head, w.repo.headCommit, w.repo.currentBranch ?? '', w.marker, ...w.shallow, '--', ...refs];
+  const what = `${PREPARE} (incremental)`;
+  const t = await withFeeder('sending the new objects and the delta', ctx.signal, feed, (feeder, input) =>
+    streamToGuest(exec, what, () => stage, guestCommand(INCREMENTAL_SCRIPT, args), [feeder], input, ctx));
+  if (t.result.exitCode === 13) return undefined;
+  if (t.result.exitCode !== 0) throw guestStepError(what, t.result);
+  return { bytes: t.bytes, delta: sentDelta! };
 }
 
 /**
