@@ -93,14 +93,18 @@ export async function prepareThroughCache(
   if (!ws || !w.plain || cacheConsumed.has(vm.id)) return { ...(await prepare({ replace: w.replace })), cache: 'off' };
   const cache = workspaceCacheOf(env.layout, env.config, env.runner);
   const keyed = vmWorkspaceKey(env, vm.spec, w, io.signal);
+  const matches = keyed.then((k) => k.key === ws.key, () => false);
   const resume = ws.cachedDisk ? (await cache.peek(ws.key))?.resume : undefined;
   let r: WorkspacePrepareResult;
   try {
-    r = await prepare({ replace: w.replace, resume, resumeWhen: keyed.then((k) => k.key === ws.key, () => false) });
+    r = await prepare({ replace: w.replace, resume, resumeWhen: matches });
   } catch (e) {
     // A cached disk whose workspace does not check out (the path holds something else): start over, as a miss.
     const taken = e instanceof BangerError && e.kind === 'conflict' && /^guest path /.test(e.message);
-    if (!(ws.cachedDisk && taken && (await keyed).key === ws.key)) throw e;
+    if (!(ws.cachedDisk && taken && (await matches))) {
+      if (await matches) cacheConsumed.add(vm.id); // the one cache-participating prepare ran, and failed
+      throw e;
+    }
     r = await prepare({ replace: true });
   }
   const k = await keyed;

@@ -272,11 +272,65 @@ describe('resume (the workspace cache\'s hit)', { timeout: 90_000 }, () => {
 
   it('a workspace that is not the one the resume point names (another marker): nothing touched, a normal re-prepare instead', async () => {
     const { host, clone, fresh, point } = await cachedWorkspace('mismatch');
+    const before = await treeOf(clone);
     const commands: string[] = [];
-    const r = await prepareWorkspace(counting(commands), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: { ...point, marker: point.marker.replace('"preparedAt":"', '"preparedAt":"1') } });
+    let afterFirst: Record<string, string> | undefined;
+    const watching: GuestExec = async (c, o) => {
+      commands.push(c);
+      const r = await streamingLocalGuest()(c, o);
+      if (commands.length === 1) afterFirst = await treeOf(clone);
+      return r;
+    };
+    const r = await prepareWorkspace(watching, { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: { ...point, marker: point.marker.replace('"preparedAt":"', '"preparedAt":"1') } });
     expect(commands.length).toBeGreaterThan(1);
+    expect(afterFirst).toEqual(before); // the resume command changed nothing
     expect(r.incremental).toBe(true);
     expect(await treeOf(clone)).toEqual(await treeOf(fresh));
+  });
+
+  it('a parent the old delta made a symlink: its target\'s files are not removed through it', async () => {
+    const host = await gitdir('banger-host-', tmp);
+    await mkdir(join(host, 'lib'));
+    await mkdir(join(host, 'vendor'));
+    await writeFile(join(host, 'lib', 'f'), 'lib\n');
+    await writeFile(join(host, 'vendor', 'f'), 'vendor\n');
+    await commitAll(host, 'base');
+    await rm(join(host, 'lib'), { recursive: true });
+    await symlink('vendor', join(host, 'lib')); // the delta: lib/f deleted, the link lib sent
+    const cached = join(tmp, 'symlinked-cached');
+    const first = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: cached, mode: 'shallow', readOnly: false });
+    const clone = join(tmp, 'symlinked-clone');
+    await promisify(execFile)('cp', ['-a', cached, clone]);
+    const r = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: first.resumePoint });
+    expect(r.resumed).toBe(true);
+    expect(await readFile(join(clone, 'vendor', 'f'), 'utf8')).toBe('vendor\n');
+    expect(await treeOf(clone)).toEqual(await treeOf(cached));
+  });
+
+  it('a resume cut short leaves the path marked interrupted: the next prepare neither resumes nor updates it, and says so', async () => {
+    const { host, clone, point } = await cachedWorkspace('cut-resume');
+    const dropEnd: GuestExec = (command, opts = {}) => {
+      if (!(opts.stdin instanceof Readable)) return streamingLocalGuest()(command, opts);
+      const held: Buffer[] = [];
+      const short = new Transform({
+        transform(chunk: Buffer, _e, cb) {
+          held.push(chunk);
+          const all = Buffer.concat(held.splice(0));
+          const keep = all.subarray(Math.max(0, all.length - 4));
+          held.push(Buffer.from(keep));
+          cb(null, all.subarray(0, all.length - keep.length));
+        },
+      });
+      opts.stdin.pipe(short);
+      return streamingLocalGuest()(command, { ...opts, stdin: short });
+    };
+    const cut = await prepareWorkspace(dropEnd, { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: point }).catch((e) => e);
+    expect(cut.message).toMatch(/the delta was cut short/);
+    expect((await readFile(join(clone, '.git', 'banger-workspace'), 'utf8')).trim()).toBe('interrupted');
+    const again = await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: point }).catch((e) => e);
+    expect(again).toBeInstanceOf(BangerError);
+    expect(again.message).toMatch(/last update was cut short/);
+    expect(again.hint).toMatch(/--replace/);
   });
 
   it('resumeWhen false (the caller\'s check failed): declined before the guest changes anything, a normal re-prepare instead; a repository that fails inspection fails as such', async () => {

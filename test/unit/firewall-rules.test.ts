@@ -83,6 +83,7 @@ describe('renderFirewall', () => {
       'iifname "bgtapab1" ether saddr != 02:00:00:00:00:01 drop',
       'iifname "bgtapab1" ether type ip ip saddr != 172.30.0.2 drop',
       'iifname "bgtapab1" ether type arp arp saddr ip != 172.30.0.2 drop',
+      'iifname "bgtapab1" ether type arp arp saddr ether != 02:00:00:00:00:01 drop',
       'iifname "bgtapab1" ether type { ip, arp } accept',
       'iifname "bgtap*" drop',
     ]);

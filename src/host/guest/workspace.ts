@@ -500,6 +500,14 @@ fi
  * host's tar pads to records), so the line comes next; a stream cut anywhere before it fails here, even at a tar
  * header, where tar itself would end without complaint.
  */
+/**
+ * Written over the marker before an in-place change begins (resume, incremental): a change cut short leaves this,
+ * which no marker matches, so the next prepare neither resumes nor updates from a state it does not know; it
+ * names the path as interrupted, and --replace starts over.
+ */
+const INTERRUPTED = 'interrupted';
+const MARK_INTERRUPTED = `printf '%s\\n' ${INTERRUPTED} > .git/banger-workspace
+`;
 const DELTA_END = `IFS= read -r trailer || trailer=
 [ "$trailer" = end ] || { echo "the delta was cut short" >&2; exit 1; }
 `;
@@ -524,7 +532,7 @@ IFS= read -r have < .git/banger-workspace 2>/dev/null || exit 13
 IFS=' ' read -r n restore withtar || exit 13
 case "$n$restore$withtar" in *[!0-9]*|'') echo "malformed resume header" >&2; exit 1 ;; esac
 IFS= read -r marker || { echo "malformed resume header" >&2; exit 1; }
-${REMOVE_N_PATHS}[ "$restore" = 0 ] || head -c "$restore" | git checkout-index -f -u -z --stdin
+${MARK_INTERRUPTED}${REMOVE_N_PATHS}[ "$restore" = 0 ] || head -c "$restore" | git checkout-index -f -u -z --stdin
 [ "$withtar" = 0 ] || tar -x -f - --no-same-owner
 ${DELTA_END}printf '%s\\n' "$marker" > .git/banger-workspace
 `;
@@ -555,7 +563,7 @@ case "$now" in
   'ref: '*) if [ -f ".git/\${now#ref: }" ]; then IFS= read -r now < ".git/\${now#ref: }"; else now=$(git rev-parse -q --verify HEAD || :); fi ;;
 esac
 [ "$now" = "$oldhead" ] || exit 13
-ended=0
+${MARK_INTERRUPTED}ended=0
 while IFS=' ' read -r name packbytes idxbytes pathbytes; do
   if [ "$name" = end ]; then ended=1; break; fi
   ${RECEIVE_PACK}
@@ -1280,7 +1288,7 @@ async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint,
     if (!go || was?.headCommit !== p.repo.headCommit || was.sourcePath !== p.sourcePath || was.mode !== p.opts.mode) return;
     const root = p.repo.repoRoot;
     const delta = await worktreeDelta(p.runner, root, signal);
-    const plan = await resumePlan(p.runner, root, from.delta, delta, signal);
+    const plan = await resumePlan(p.runner, root, p.repo.headCommit, from.delta, delta, signal);
     const marker = markerOf(p, { readOnly: false, branch: null });
     sent = { p, marker, delta };
     const header = `${plan.remove.length} ${plan.restore.length} ${delta.send.length > 0 ? 1 : 0}\n${marker}\n`;
@@ -1314,17 +1322,22 @@ function parseMarker(marker: string): Record<string, unknown> | undefined {
  * HEAD's files that `old` touched and `now` leaves alone are checked out of the index again. NUL-terminated lists,
  * as RESUME_SCRIPT reads them.
  */
-async function resumePlan(runner: Runner, root: string, old: WorktreeDelta, now: WorktreeDelta, signal?: AbortSignal): Promise<{ remove: Buffer; restore: Buffer }> {
+async function resumePlan(runner: Runner, root: string, head: string, old: WorktreeDelta, now: WorktreeDelta, signal?: AbortSignal): Promise<{ remove: Buffer; restore: Buffer }> {
   const key = (b: Buffer) => b.toString('latin1');
   const touchedBefore = [...splitNul(old.send), ...splitNul(old.deleted)];
   const sentNow = new Set(splitNul(now.send).map(key));
   const decidedNow = new Set([...sentNow, ...splitNul(now.deleted).map(key)]);
+  // Deleted before and not sent: not there. Never removed again: a parent the old delta made a symlink would
+  // take the removal elsewhere (lib/f deleted, lib -> vendor sent: `rm lib/f` is vendor/f).
+  const sentBefore = new Set(splitNul(old.send).map(key));
+  const absent = new Set(splitNul(old.deleted).map(key).filter((k) => !sentBefore.has(k)));
   // a file the tar writes again needs no removal first (tar replaces it), unless it is deleted from the index too
-  const remove = new Map([...touchedBefore.filter((b) => !sentNow.has(key(b))), ...splitNul(now.deleted)].map((b) => [key(b), b]));
+  const toRemove = [...touchedBefore.filter((b) => !sentNow.has(key(b))), ...splitNul(now.deleted)];
+  const remove = new Map(toRemove.filter((b) => !absent.has(key(b))).map((b) => [key(b), b]));
   const candidates = touchedBefore.filter((b) => !decidedNow.has(key(b)));
   let restore: Buffer[] = [];
   if (candidates.length > 0) {
-    const inHead = new Set((await hostGitPaths(runner, root, ['ls-tree', '-r', '--name-only', '--full-tree', 'HEAD'], signal)).map((l) => key(unquoteGitPath(l))));
+    const inHead = new Set((await hostGitPaths(runner, root, ['ls-tree', '-r', '--name-only', '--full-tree', head], signal)).map((l) => key(unquoteGitPath(l))));
     restore = [...new Map(candidates.filter((b) => inHead.has(key(b))).map((b) => [key(b), b])).values()];
   }
   const nulList = (bs: Iterable<Buffer>) => Buffer.concat([...bs].flatMap((b) => [b, Buffer.from([0])]));
@@ -1332,6 +1345,9 @@ async function resumePlan(runner: Runner, root: string, old: WorktreeDelta, now:
 }
 
 function destTakenError(dest: string, stdout: string): BangerError {
+  if (new RegExp(`^marker ${INTERRUPTED}$`, 'm').test(stdout)) {
+    return new BangerError('conflict', `guest path ${dest} holds a workspace whose last update was cut short`, 'prepare it again with --replace (it is deleted first)');
+  }
   const m = /repo (\S+)/.exec(stdout);
   const what = m ? `already holds a git repository (HEAD ${m[1]})` : 'exists and is not an empty directory';
   return new BangerError('conflict', `guest path ${dest} ${what}`, 'choose another --guest-path, or replace it (it is deleted first)');

@@ -137,6 +137,7 @@ export function renderFirewall(input: FirewallInput): string {
       `    iifname "${vm.tap}" ether saddr != ${vm.mac} drop`,
       `    iifname "${vm.tap}" ether type ip ip saddr != ${vm.ip} drop`,
       `    iifname "${vm.tap}" ether type arp arp saddr ip != ${vm.ip} drop`,
+      `    iifname "${vm.tap}" ether type arp arp saddr ether != ${vm.mac} drop`,
       `    iifname "${vm.tap}" ether type { ip, arp } accept`,
     ]),
     `    iifname ${TAPS} drop`,
