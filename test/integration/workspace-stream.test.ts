@@ -84,6 +84,25 @@ async function changeEverything(dir: string): Promise<void> {
   await writeFile(join(dir, 'ignored.log'), 'stays behind\n');
 }
 
+/** A local guest whose streamed stdin loses its last 4 bytes: the `end\n` after a delta. */
+function endDroppingGuest(): GuestExec {
+  return (command, opts = {}) => {
+    if (!(opts.stdin instanceof Readable)) return streamingLocalGuest()(command, opts);
+    const held: Buffer[] = [];
+    const short = new Transform({
+      transform(chunk: Buffer, _e, cb) {
+        held.push(chunk);
+        const all = Buffer.concat(held.splice(0));
+        const keep = all.subarray(Math.max(0, all.length - 4));
+        held.push(Buffer.from(keep));
+        cb(null, all.subarray(0, all.length - keep.length));
+      },
+    });
+    opts.stdin.pipe(short);
+    return streamingLocalGuest()(command, { ...opts, stdin: short });
+  };
+}
+
 describe('prepare sends the tree once', { timeout: 60_000 }, () => {
   it.each(['shallow', 'full_history'] as const)('%s: the guest tree equals the host working tree through every kind of change', async (mode) => {
     const host = await hostRepo();
@@ -103,21 +122,7 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     await changeEverything(host);
     const dest = join(tmp, 'cut-delta');
     // the guest's stdin loses its last 4 bytes (the "end\n" after the delta): tar alone would not notice
-    const cut: GuestExec = (command, opts = {}) => {
-      if (!(opts.stdin instanceof Readable)) return streamingLocalGuest()(command, opts);
-      const held: Buffer[] = [];
-      const short = new Transform({
-        transform(chunk: Buffer, _e, cb) {
-          held.push(chunk);
-          const all = Buffer.concat(held.splice(0));
-          const keep = all.subarray(Math.max(0, all.length - 4));
-          held.push(Buffer.from(keep));
-          cb(null, all.subarray(0, all.length - keep.length));
-        },
-      });
-      opts.stdin.pipe(short);
-      return streamingLocalGuest()(command, { ...opts, stdin: short });
-    };
+    const cut = endDroppingGuest();
     const err = await prepareWorkspace(cut, { source: host, guestPath: dest, mode: 'shallow', readOnly: false }).catch((e) => e);
     expect(err).toBeInstanceOf(BangerError);
     expect(err.message).toMatch(/the delta was cut short/);
@@ -309,21 +314,7 @@ describe('resume (the workspace cache\'s hit)', { timeout: 90_000 }, () => {
 
   it('a resume cut short leaves the path marked interrupted: the next prepare neither resumes nor updates it, and says so', async () => {
     const { host, clone, point } = await cachedWorkspace('cut-resume');
-    const dropEnd: GuestExec = (command, opts = {}) => {
-      if (!(opts.stdin instanceof Readable)) return streamingLocalGuest()(command, opts);
-      const held: Buffer[] = [];
-      const short = new Transform({
-        transform(chunk: Buffer, _e, cb) {
-          held.push(chunk);
-          const all = Buffer.concat(held.splice(0));
-          const keep = all.subarray(Math.max(0, all.length - 4));
-          held.push(Buffer.from(keep));
-          cb(null, all.subarray(0, all.length - keep.length));
-        },
-      });
-      opts.stdin.pipe(short);
-      return streamingLocalGuest()(command, { ...opts, stdin: short });
-    };
+    const dropEnd = endDroppingGuest();
     const cut = await prepareWorkspace(dropEnd, { source: host, guestPath: clone, mode: 'shallow', readOnly: false, resume: point }).catch((e) => e);
     expect(cut.message).toMatch(/the delta was cut short/);
     expect((await readFile(join(clone, '.git', 'banger-workspace'), 'utf8')).trim()).toBe('interrupted');
