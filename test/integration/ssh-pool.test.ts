@@ -7,18 +7,19 @@ import { createServer } from 'node:net';
 import ssh2 from 'ssh2';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { CHANNELS_PER_CONNECTION, SshPool } from '../../src/host/guest/pool.js';
+import { newEd25519KeyPair } from '../../src/host/guest/keys.js';
 import type { SshTarget } from '../../src/host/guest/ssh.js';
 
-const { Server, utils } = ssh2;
+const { Server } = ssh2;
 const MAX_SESSIONS = 10;
-const hostKey = utils.generateKeyPairSync('ed25519');
-const clientKey = utils.generateKeyPairSync('ed25519');
+const hostKey = newEd25519KeyPair('host');
+const clientKey = newEd25519KeyPair('client');
 let server: InstanceType<typeof Server>;
 let port = 0;
 let connections = 0;
 
 beforeAll(async () => {
-  server = new Server({ hostKeys: [hostKey.private] }, (conn) => {
+  server = new Server({ hostKeys: [hostKey.privateKey] }, (conn) => {
     connections++;
     let open = 0;
     conn.on('authentication', (ctx) => (ctx.method === 'publickey' ? ctx.accept() : ctx.reject(['publickey'])));
@@ -49,7 +50,7 @@ afterAll(() => server.close());
 
 it(`20 commands at once all run, ${CHANNELS_PER_CONNECTION} channels per connection at most`, async () => {
   const pool = new SshPool();
-  const target: SshTarget = { host: '127.0.0.1', port, privateKey: Buffer.from(clientKey.private), hostPublicKey: hostKey.public, label: 'pool-test' };
+  const target: SshTarget = { host: '127.0.0.1', port, privateKey: Buffer.from(clientKey.privateKey), hostPublicKey: hostKey.publicKey, label: 'pool-test' };
   try {
     const runs = Array.from({ length: 20 }, (_, i) => pool.exec('vm1#1', target, `sleep 0.5; echo ${i}`, { timeoutMs: 20_000 }));
     const results = await Promise.all(runs);

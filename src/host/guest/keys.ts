@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { chmod, link, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import ssh2 from 'ssh2';
@@ -24,11 +24,15 @@ export interface KeyOptions {
 }
 
 /** Reads a private key and derives its public line (the OpenSSH private key format carries the public blob). */
-function publicLineFromPrivate(privateKey: Buffer, comment: string): string {
+function publicLineFromPrivate(privateKey: Buffer, path: string, comment: string): string {
   const parsed = utils.parseKey(privateKey);
   const key = Array.isArray(parsed) ? parsed[0] : parsed;
   if (!key || key instanceof Error) {
-    throw new BangerError('invalid_state', `banger's SSH private key could not be read: ${key instanceof Error ? key.message : 'no key'}`);
+    throw new BangerError(
+      'invalid_state',
+      `banger's SSH private key ${path} could not be read: ${key instanceof Error ? key.message : 'no key'}`,
+      `move it aside and banger makes a new one (running VMs keep the old key in their authorized_keys)`,
+    );
   }
   return `${key.type} ${key.getPublicSSH().toString('base64')} ${comment}`;
 }
@@ -75,7 +79,7 @@ export async function ensureUserKey(keysDir: string, _opts: KeyOptions = {}): Pr
     privateKey = await readFile(privateKeyPath);
   }
 
-  const publicKey = publicLineFromPrivate(privateKey, 'banger');
+  const publicKey = publicLineFromPrivate(privateKey, privateKeyPath, 'banger');
   const onDisk = await readFile(publicKeyPath, 'utf8').catch(() => '');
   if (!samePublicKey(onDisk, publicKey)) {
     const tmpPub = `${publicKeyPath}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
@@ -105,12 +109,42 @@ export interface HostKey {
 /**
  * A fresh ed25519 key pair in OpenSSH formats (the private key as ssh-keygen writes it, the public key as one
  * `ssh-ed25519 AAAA... comment` line), made in-process: about 1 ms, against a process spawn for ssh-keygen.
+ * Node makes the key; the encoding is ours, because ssh2's generator strips leading zero bytes from the public
+ * key and so writes an unreadable key about once in 256 (mscdex/ssh2#1390).
  */
 export function newEd25519KeyPair(comment: string): { privateKey: string; publicKey: string } {
-  const pair = utils.generateKeyPairSync('ed25519', { comment });
-  const publicKey = pair.public.trim();
-  parsePublicKey(publicKey); // sanity
-  return { privateKey: pair.private.endsWith('\n') ? pair.private : pair.private + '\n', publicKey };
+  const jwk = generateKeyPairSync('ed25519').privateKey.export({ format: 'jwk' });
+  return openSshEd25519(Buffer.from(jwk.d!, 'base64url'), Buffer.from(jwk.x!, 'base64url'), comment);
+}
+
+/** Encodes an ed25519 key (32-byte seed and public key) as OpenSSH writes it: PROTOCOL.key, unencrypted. */
+export function openSshEd25519(seed: Buffer, pub: Buffer, comment: string): { privateKey: string; publicKey: string } {
+  if (seed.length !== 32 || pub.length !== 32) throw new Error('an ed25519 seed and public key are 32 bytes each');
+  const blob = sshStrings('ssh-ed25519', pub);
+  const check = randomBytes(4);
+  const secret = Buffer.concat([check, check, sshStrings('ssh-ed25519', pub, Buffer.concat([seed, pub]), comment)]);
+  const padding = Buffer.from(Array.from({ length: (8 - (secret.length % 8)) % 8 }, (_, i) => i + 1));
+  const body = Buffer.concat([
+    Buffer.from('openssh-key-v1\0'),
+    sshStrings('none', 'none', ''),
+    uint32(1),
+    sshStrings(blob, Buffer.concat([secret, padding])),
+  ]);
+  const lines = body.toString('base64').match(/.{1,70}/g)!;
+  const privateKey = ['-----BEGIN OPENSSH PRIVATE KEY-----', ...lines, '-----END OPENSSH PRIVATE KEY-----', ''].join('\n');
+  return { privateKey, publicKey: `ssh-ed25519 ${blob.toString('base64')} ${comment}` };
+}
+
+function uint32(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(n);
+  return b;
+}
+
+/** SSH wire strings: each a uint32 length and its bytes. */
+function sshStrings(...values: (string | Buffer)[]): Buffer {
+  const fields = values.map((v) => (typeof v === 'string' ? Buffer.from(v) : v));
+  return Buffer.concat(fields.flatMap((bytes) => [uint32(bytes.length), bytes]));
 }
 
 /** A fresh ed25519 SSH host key for one VM. */
