@@ -11,7 +11,7 @@ import { Readable, Transform } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import { exportWorkspace, exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
-import { SLICE_BYTES, SLICE_FILES } from '../../src/host/guest/workspace-pack.js';
+import { checkoutPlan, SLICE_BYTES, SLICE_FILES, SMALL_BLOB } from '../../src/host/guest/workspace-pack.js';
 import { commitAll, git, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
 import { streamingLocalGuest } from '../support/local-guest.js';
 
@@ -166,6 +166,25 @@ describe('a tree larger than one pack', { timeout: 120_000 }, () => {
     await git(dest, 'fsck', '--no-progress');
     expect((await git(dest, 'rev-list', '--count', 'HEAD')).trim()).toBe(mode === 'shallow' ? '1' : '2');
     expect(r.bytesSent).toBeLessThan(1.5 * big.length);
+  });
+
+  it('the plan sends the small files first, in path order, then the big ones largest first; each object once', async () => {
+    const host = await gitdir('banger-host-', tmp);
+    await writeFile(join(host, 'a-big.bin'), Buffer.alloc(SMALL_BLOB * 3, 1));
+    await writeFile(join(host, 'b-bigger.bin'), Buffer.alloc(SMALL_BLOB * 5, 2));
+    await writeFile(join(host, 'c.txt'), 'small\n');
+    await mkdir(join(host, 'd'));
+    await writeFile(join(host, 'd', 'e.txt'), 'small too\n');
+    await writeFile(join(host, 'd', 'same-as-c.txt'), 'small\n');
+    const head = await commitAll(host, 'plan');
+    const { slices, sent } = await checkoutPlan(host, head);
+    const paths = slices.flatMap((s) => s.paths.toString('utf8').split('\0').filter(Boolean));
+    expect(paths).toEqual(['c.txt', 'd/e.txt', 'd/same-as-c.txt', 'b-bigger.bin', 'a-big.bin']);
+    const ids = slices.flatMap((s) => s.ids);
+    expect(new Set(ids).size).toBe(ids.length);
+    expect(new Set(ids)).toEqual(sent);
+    const commitAndTrees = [head, ...(await Promise.all(['HEAD^{tree}', 'HEAD:d'].map((r) => git(host, 'rev-parse', r)))).map((t) => t.trim())];
+    expect(slices[0].ids).toEqual(expect.arrayContaining(commitAndTrees));
   });
 });
 

@@ -44,13 +44,64 @@ export interface CheckoutSlice {
 /** A slice closes at this many blob bytes or this many files, whichever comes first. */
 export const SLICE_BYTES = 4 * 2 ** 20;
 export const SLICE_FILES = 2500;
+/**
+ * Blobs at most this big go first. Under TCG the guest checks a small file out in about 0.5 ms, longer than the
+ * link takes to carry it (7 MB/s: 3.5 KB); a big one crosses the link more slowly than it is written. So the small
+ * files go first and the guest checks them out while the big ones cross: in path order, then the big ones,
+ * largest first, so the last to be written is the smallest. In path order alone, a 32 MiB file at the top of a
+ * 10,000-file tree held the whole checkout back until it had arrived (issue 13).
+ */
+export const SMALL_BLOB = 64 * 2 ** 10;
+
+interface TreeEntry {
+  type: string;
+  id: string;
+  size: number;
+  path: Buffer;
+}
 
 /**
- * HEAD's tree cut into slices in path order: the first slice also carries the commit and every tree (the guest
- * reads the index from them before checking anything out). A blob at several paths goes in the first slice
- * that names it. `sent` is every object id the slices carry.
+ * HEAD's tree cut into slices, small files first (SMALL_BLOB): the first slice also carries the commit and every
+ * tree (the guest reads the index from them before checking anything out). A blob at several paths goes in the
+ * first slice that names it. `sent` is every object id the slices carry.
  */
 export async function checkoutPlan(root: string, commit: string, signal?: AbortSignal): Promise<{ slices: CheckoutSlice[]; sent: Set<string> }> {
+  const [entries, tree] = await Promise.all([
+    lsTree(root, commit, signal),
+    execa('git', ['-C', root, 'rev-parse', '--verify', `${commit}^{tree}`], { cancelSignal: signal, env: GIT_ENV, extendEnv: true }),
+  ]);
+  const sent = new Set<string>([commit, tree.stdout.trim()]);
+  const first: string[] = [...sent];
+  for (const e of entries) {
+    if (e.type !== 'tree' || sent.has(e.id)) continue;
+    first.push(e.id);
+    sent.add(e.id);
+  }
+  // gitlinks are left out: the modes that check out a tree refuse submodules
+  const blobs = entries.filter((e) => e.type === 'blob');
+  const small = blobs.filter((e) => e.size <= SMALL_BLOB);
+  const big = blobs.filter((e) => e.size > SMALL_BLOB).sort((a, b) => b.size - a.size);
+  const slices: CheckoutSlice[] = [];
+  let cur: { ids: string[]; paths: Buffer[]; bytes: number; files: number } = { ids: first, paths: [], bytes: 0, files: 0 };
+  const close = () => {
+    slices.push({ ids: cur.ids, paths: Buffer.concat(cur.paths) });
+    cur = { ids: [], paths: [], bytes: 0, files: 0 };
+  };
+  for (const blob of [...small, ...big]) {
+    if (!sent.has(blob.id)) {
+      cur.ids.push(blob.id);
+      sent.add(blob.id);
+      cur.bytes += blob.size;
+    }
+    cur.paths.push(blob.path, Buffer.from([0]));
+    if (++cur.files >= SLICE_FILES || cur.bytes >= SLICE_BYTES) close();
+  }
+  if (cur.ids.length > 0 || cur.paths.length > 0 || slices.length === 0) close();
+  return { slices, sent };
+}
+
+/** `git ls-tree -r -t -l` of a commit: every tree and blob, with its size (0 for trees). */
+async function lsTree(root: string, commit: string, signal?: AbortSignal): Promise<TreeEntry[]> {
   const r = await execa('git', ['-C', root, 'ls-tree', '-r', '-t', '-z', '-l', '--full-tree', commit], {
     cancelSignal: signal, env: GIT_ENV, extendEnv: true, reject: false, encoding: 'buffer', maxBuffer: 2 ** 30,
   });
@@ -58,16 +109,8 @@ export async function checkoutPlan(root: string, commit: string, signal?: AbortS
     if (signal?.aborted) throw signal.reason;
     throw new BangerError('host', `git ls-tree failed (exit ${r.exitCode ?? r.signal}): ${Buffer.from(r.stderr as Uint8Array).toString('utf8').trim()}`);
   }
-  const tree = await execa('git', ['-C', root, 'rev-parse', '--verify', `${commit}^{tree}`], { cancelSignal: signal, env: GIT_ENV, extendEnv: true });
-  const sent = new Set<string>([commit, tree.stdout.trim()]);
-  const first: string[] = [...sent];
-  const slices: CheckoutSlice[] = [];
-  let cur: { ids: string[]; paths: Buffer[]; bytes: number; files: number } = { ids: first, paths: [], bytes: 0, files: 0 };
-  const close = () => {
-    slices.push({ ids: cur.ids, paths: Buffer.concat(cur.paths) });
-    cur = { ids: [], paths: [], bytes: 0, files: 0 };
-  };
   const out = Buffer.from(r.stdout as Uint8Array);
+  const entries: TreeEntry[] = [];
   for (let start = 0; start < out.length; ) {
     let end = out.indexOf(0, start);
     if (end < 0) end = out.length;
@@ -76,22 +119,9 @@ export async function checkoutPlan(root: string, commit: string, signal?: AbortS
     const tab = entry.indexOf(9);
     // "<mode> <type> <id> <size, padded>\t<path>"
     const [, type, id, size] = entry.subarray(0, tab).toString('latin1').split(/ +/);
-    if (type === 'tree') {
-      if (!sent.has(id)) first.push(id);
-      sent.add(id);
-      continue;
-    }
-    if (type !== 'blob') continue; // gitlinks: the modes that check out a tree refuse submodules
-    if (!sent.has(id)) {
-      cur.ids.push(id);
-      sent.add(id);
-      cur.bytes += Number(size) || 0;
-    }
-    cur.paths.push(entry.subarray(tab + 1), Buffer.from([0]));
-    if (++cur.files >= SLICE_FILES || cur.bytes >= SLICE_BYTES) close();
+    entries.push({ type, id, size: Number(size) || 0, path: entry.subarray(tab + 1) });
   }
-  if (cur.ids.length > 0 || cur.paths.length > 0 || slices.length === 0) close();
-  return { slices, sent };
+  return entries;
 }
 
 /**

@@ -580,15 +580,25 @@ git -c checkout.workers=1 read-tree --reset -u "$head"
 ${APPLY_DELTA}`;
 
 /**
+ * PACKED_SCRIPT's checkout, in the background: one `checkout-index --stdin` for every slice, fed the paths of each
+ * slice whose pack is in (its number arrives on the fifo .git/banger-slices once the pack and the path file are
+ * written). The receiving loop never waits for the checkout: a fifo of paths would hold 64 KiB, and with the small
+ * files first the checkout runs seconds behind the link.
+ */
+const CHECKOUT_SLICES = `(while IFS= read -r n; do
+      cat -- ".git/banger-paths-$n" || { : > .git/banger-relay-failed; exit 1; }
+    done < .git/banger-slices | { git read-tree "$head" && exec git -c checkout.workers=1 checkout-index -f -u -z --stdin; })`;
+
+/**
  * A fresh shallow/full_history prepare in one guest command: $1 dest, $2 stage, $3 replace (0|1), $4 object
  * format, $5 the commit to check out, $6.. FINISH_BODY's arguments. stdin (not read when the path is taken):
  * packs made on the host (see workspace-pack.ts: no index-pack in the guest), each as
  * `<name> <pack bytes> <idx bytes> <paths bytes>\n`, the pack, its .idx and the NUL-terminated paths to check out
  * of it; then `end\n`; then `<n>\n` and n bytes of `git update-ref --stdin` commands; then APPLY_DELTA's stdin.
  * Each pack goes into objects/pack, then its .idx, written aside and moved in whole (git ignores a pack without
- * one); then its paths go down a fifo to one `checkout-index -u --stdin` (which records their stat data in the index), started
- * after the first pack with the index read from it (`read-tree`, no checkout). It checks a pack's paths out while
- * the next pack arrives; a path whose pack it has not seen yet makes git look in objects/pack again. A stream cut
+ * one); then its paths go to one `checkout-index -u --stdin` (CHECKOUT_SLICES; it records their stat data in the
+ * index), started after the first pack with the index read from it (`read-tree`, no checkout). It checks a pack's
+ * paths out while the next packs arrive; a path whose pack it has not seen yet makes git look in objects/pack again. A stream cut
  * short among the packs ends without the `end` line and fails here, its staging repository never moved into
  * place. (The delta's tar after it has no such check: GNU tar may end cleanly on a stream cut at a header.)
  * Under TCG each git process costs 0.06-0.2 s before it does anything, so there are as few as the work needs:
@@ -607,18 +617,21 @@ initbranch=\${11} fmt=
 [ "$format" = sha1 ] || fmt=$format
 git init -q --template= \${initbranch:+-b "$initbranch"} \${fmt:+--object-format="$fmt"} -- "$stage" >/dev/null
 cd -- "$stage"
-mkfifo .git/banger-paths
+mkfifo .git/banger-slices
 checkout=
 ended=0
+slice=0
 while IFS=' ' read -r name packbytes idxbytes pathbytes; do
   if [ "$name" = end ]; then ended=1; break; fi
   ${RECEIVE_PACK}
+  head -c "$pathbytes" > ".git/banger-paths-$slice"
   if [ -z "$checkout" ]; then
-    (git read-tree "$head" && exec git -c checkout.workers=1 checkout-index -f -u -z --stdin) < .git/banger-paths &
+    ${CHECKOUT_SLICES} &
     checkout=$!
-    exec 3> .git/banger-paths
+    exec 3> .git/banger-slices
   fi
-  head -c "$pathbytes" >&3
+  echo "$slice" >&3
+  slice=$((slice + 1))
 done
 [ -z "$checkout" ] || exec 3>&-
 [ "$ended" = 1 ] || { echo "the history was cut short" >&2; exit 1; }
@@ -626,8 +639,8 @@ done
 IFS= read -r n
 case "$n" in *[!0-9]*|'') echo "malformed ref list" >&2; exit 1 ;; esac
 head -c "$n" > .git/banger-refs
-wait "$checkout" || { echo "checking the tree out of the packs failed" >&2; exit 1; }
-${APPLY_DELTA}refs=.git/banger-refs inbox='.git/banger-refs .git/banger-paths'
+wait "$checkout" && [ ! -e .git/banger-relay-failed ] || { echo "checking the tree out of the packs failed" >&2; exit 1; }
+${APPLY_DELTA}refs=.git/banger-refs inbox='.git/banger-refs .git/banger-slices .git/banger-paths-*'
 ${FINISH_BODY}`;
 
 /**
