@@ -1,9 +1,21 @@
+import { getCiphers } from 'node:crypto';
 import { createConnection } from 'node:net';
 import { constants as osConstants } from 'node:os';
 import type { Readable } from 'node:stream';
 import ssh2, { type ClientChannel, type ConnectConfig } from 'ssh2';
 import { BangerError, errorMessage } from '../../errors.js';
 import { parsePublicKey } from './keys.js';
+
+/**
+ * chacha20-poly1305 first, as OpenSSH's own client has it; ssh2 puts AES-GCM first, which suits the host but not a
+ * TCG guest, whose sshd decrypts AES-GCM through emulated AES-NI and carry-less multiplies. Side by side into one
+ * 2-vCPU guest, `tar c | ssh tar x` of a 10,000-file repository (81 MB), OpenSSH's client with each cipher, two
+ * runs of three: chacha20-poly1305 13.2, 10.8, 12.8 and 10.1, 11.7, 10.9 s; aes128-gcm 14.7, 12.8, 15.4 and 10.4,
+ * 11.8, 12.0 s (about 10% on average, never slower). The rest of ssh2's list follows.
+ */
+const CIPHERS: NonNullable<ConnectConfig['algorithms']>['cipher'] = getCiphers().includes('chacha20-poly1305')
+  ? { remove: 'chacha20-poly1305@openssh.com', prepend: 'chacha20-poly1305@openssh.com', append: [] }
+  : undefined;
 
 const { Client } = ssh2;
 export type Client = InstanceType<typeof Client>;
@@ -129,7 +141,10 @@ export function connect(target: SshTarget, opts: ConnectOptions = {}): Promise<C
         presented = Buffer.isBuffer(key) ? key : Buffer.from(String(key));
         return false;
       },
-      ...(algorithms ? { algorithms: { serverHostKey: algorithms as NonNullable<ConnectConfig['algorithms']>['serverHostKey'] } } : {}),
+      algorithms: {
+        cipher: CIPHERS,
+        ...(algorithms ? { serverHostKey: algorithms as NonNullable<ConnectConfig['algorithms']>['serverHostKey'] } : {}),
+      },
     };
     try {
       client.connect(config);
