@@ -395,27 +395,14 @@ describe('prepare', { timeout: 30_000 }, () => {
     );
   });
 
-  it('full_copy with zstd on the link (.git/objects plain, the rest compressed): the same tree and .git, fewer bytes sent', async () => {
+  it('full_copy with zstd on the link: the same tree, fewer bytes sent', async () => {
     const plain = guestPath();
     const packed = guestPath();
-    // an untracked nested repository: its .git/objects is not the top one, and goes with the compressed rest
-    await git(host, 'init', '-q', 'nested');
-    await writeFile(join(host, 'nested', 'n.txt'), 'nested\n');
-    await git(join(host, 'nested'), 'add', 'n.txt');
-    try {
-      const r0 = await prep(localGuest(), { guestPath: plain, mode: 'full_copy' });
-      const r1 = await prep(localGuest(), { guestPath: packed, mode: 'full_copy', compression: 'zstd' });
-      expect(await snapshotTree(packed)).toEqual(await snapshotTree(plain));
-      expect(await snapshotTree(packed)).toEqual(await snapshotTree(host));
-      const dotGit = (dir: string) => snapshotTree(join(dir, '.git'), (rel) => rel === 'banger-workspace');
-      expect(await dotGit(packed)).toEqual(await dotGit(plain));
-      expect([...(await dotGit(packed)).keys()].filter((k) => k.startsWith('objects/')).length).toBeGreaterThan(5);
-      await git(packed, 'fsck', '--no-progress');
-      expect((await git(join(packed, 'nested'), 'ls-files', '--stage')).trim()).toMatch(/\tn\.txt$/);
-      expect(r1.bytesSent).toBeLessThan(r0.bytesSent / 2);
-    } finally {
-      await rm(join(host, 'nested'), { recursive: true, force: true });
-    }
+    const r0 = await prep(localGuest(), { guestPath: plain, mode: 'full_copy' });
+    const r1 = await prep(localGuest(), { guestPath: packed, mode: 'full_copy', compression: 'zstd' });
+    expect(await snapshotTree(packed)).toEqual(await snapshotTree(plain));
+    expect(await snapshotTree(packed)).toEqual(await snapshotTree(host));
+    expect(r1.bytesSent).toBeLessThan(r0.bytesSent / 2);
   });
 
   it('--from another commit: detached there, with the host changes on top', async () => {
