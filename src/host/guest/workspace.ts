@@ -598,9 +598,9 @@ const CHECKOUT_SLICES = `(while IFS= read -r n; do
  * Each pack goes into objects/pack, then its .idx, written aside and moved in whole (git ignores a pack without
  * one); then its paths go to one `checkout-index -u --stdin` (CHECKOUT_SLICES; it records their stat data in the
  * index), started after the first pack with the index read from it (`read-tree`, no checkout). It checks a pack's
- * paths out while the next packs arrive; a path whose pack it has not seen yet makes git look in objects/pack again. A stream cut
- * short among the packs ends without the `end` line and fails here, its staging repository never moved into
- * place. (The delta's tar after it has no such check: GNU tar may end cleanly on a stream cut at a header.)
+ * paths out while the next packs arrive; a path whose pack it has not seen yet makes git look in objects/pack
+ * again. A stream cut short among the packs ends without the `end` line and fails here, its staging repository
+ * never moved into place. (The delta's tar after it has no such check: GNU tar may end cleanly on a stream cut at a header.)
  * Under TCG each git process costs 0.06-0.2 s before it does anything, so there are as few as the work needs:
  * one checkout for all the packs (not one per pack), an `init` that makes the directory, copies no templates and
  * sets HEAD's branch, and no index refresh (the checkout recorded every file's stat data). The same goes for the
