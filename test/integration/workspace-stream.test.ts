@@ -129,6 +129,21 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     await expect(lstat(dest)).rejects.toThrow(/ENOENT/);
   });
 
+  it.each([
+    ['a plain tar, cut before its end line', 'none', /the tree was cut short/],
+    ["zstd's frame, cut before its checksum", 'zstd', /premature end/],
+  ] as const)('full_copy: %s, fails, and nothing is put in place', async (_what, compression, message) => {
+    const host = await hostRepo();
+    const dest = join(tmp, `cut-full-copy-${compression}`);
+    const err = await prepareWorkspace(endDroppingGuest(), { source: host, guestPath: dest, mode: 'full_copy', readOnly: false, compression }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(message);
+    await expect(lstat(dest)).rejects.toThrow(/ENOENT/);
+    const whole = join(tmp, `whole-full-copy-${compression}`);
+    await prepareWorkspace(streamingLocalGuest(), { source: host, guestPath: whole, mode: 'full_copy', readOnly: false, compression });
+    expect(await treeOf(whole)).toEqual(await treeOf(host));
+  });
+
   it('bytesSent: the file contents cross once (a 4 MiB file does not count twice)', async () => {
     const host = await gitdir('banger-host-', tmp);
     const big = Buffer.alloc(4 * 2 ** 20);

@@ -496,11 +496,6 @@ const REMOVE_N_PATHS = `if [ "$n" -gt 0 ]; then
 fi
 `;
 /**
- * The `end` line after a delta: GNU tar reads whole 10 KiB records and stops at the one that ends the archive (the
- * host's tar pads to records), so the line comes next; a stream cut anywhere before it fails here, even at a tar
- * header, where tar itself would end without complaint.
- */
-/**
  * Written over the marker before an in-place change begins (resume, incremental): a change cut short leaves this,
  * which no marker matches, so the next prepare neither resumes nor updates from a state it does not know; it
  * names the path as interrupted, and --replace starts over.
@@ -508,9 +503,16 @@ fi
 const INTERRUPTED = 'interrupted';
 const MARK_INTERRUPTED = `printf '%s\\n' ${INTERRUPTED} > .git/banger-workspace
 `;
-const DELTA_END = `IFS= read -r trailer || trailer=
-[ "$trailer" = end ] || { echo "the delta was cut short" >&2; exit 1; }
+/**
+ * The `end` line after a tar: GNU tar reads whole 10 KiB records and stops at the one that ends the archive (the
+ * host's tar pads to records), so the line comes next; a stream cut anywhere before it fails here, even at a tar
+ * header, where tar itself would end without complaint.
+ */
+const endLine = (what: string) => `IFS= read -r trailer || trailer=
+[ "$trailer" = end ] || { echo "${what} was cut short" >&2; exit 1; }
 `;
+const DELTA_END = endLine('the delta');
+const TREE_END = endLine('the tree');
 const APPLY_DELTA = `[ "$incremental" = 0 ] || git clean -fdq
 IFS=' ' read -r n withtar
 case "$n$withtar" in *[!0-9]*|'') echo "malformed delta header" >&2; exit 1 ;; esac
@@ -645,13 +647,14 @@ ${FINISH_BODY}`;
 
 /**
  * full_copy in one guest command: $1 dest, $2 stage, $3 replace (0|1), $4 zstd (0|1), $5.. FINISH_BODY's. stdin: a
- * tar of the directory, compressed with zstd when $4 is 1.
+ * tar of the directory, then `end\n` (TREE_END); or, when $4 is 1, the tar through zstd and nothing after it (zstd
+ * reads to the end of its input, and its frame's checksum already fails a stream cut short).
  */
 const FULL_COPY_SCRIPT = `${PREAMBLE}dest=$1 stage=$2 replace=$3 unzstd=$4
 shift 4
 ${ENTER_STAGE}
 if [ "$unzstd" = 0 ]; then tar -x -f - --no-same-owner
-elif command -v zstd >/dev/null 2>&1; then tar -x --zstd -f - --no-same-owner
+${TREE_END}elif command -v zstd >/dev/null 2>&1; then tar -x --zstd -f - --no-same-owner
 else echo "zstd is not installed in the guest" >&2; exit 127; fi
 ${FINISH_BODY}`;
 
@@ -1042,14 +1045,25 @@ function resultOf(p: Prepare, fin: GuestExecResult, bytes: number): WorkspacePre
   };
 }
 
-/** full_copy: the directory as it is, then the finish, in one guest command (it checks the path and makes the staging dir first). */
+/**
+ * full_copy: the directory as it is, then the finish, in one guest command (it checks the path and makes the
+ * staging dir first). The plain tar's `end` line goes only after the host's tar exited well.
+ */
 async function prepareFullCopy(p: Prepare): Promise<WorkspacePrepareResult> {
   const zstd = p.opts.compression === 'zstd';
   const args = ['-c', ...(zstd ? ['-I', 'zstd -1 -q'] : []), '-f', '-', '-C', p.repo.repoRoot, ...TAR_AS_ROOT, '.'];
-  const tar = startHostStream('tar -c', 'tar', args, { signal: p.ctx.signal });
+  const feed: Feed = async (input, signal, started) => {
+    const tar = startHostStream('tar -c', 'tar', args, { signal });
+    started(tar);
+    await appendTo(input, tar.stdout, signal);
+    const t = await tar.done;
+    if (!t.ok) throw new BangerError('host', t.description);
+    if (!zstd) input.write('end\n');
+  };
   p.ctx.onProgress?.({ stage: 'tree' });
   const command = guestCommand(FULL_COPY_SCRIPT, [p.dest, p.stagePath, p.opts.replace ? '1' : '0', zstd ? '1' : '0', ...finishArgs(p, true, [])]);
-  const t = await streamToGuest(p.exec, `${PREPARE} (tree)`, 'tree', command, [tar], tar.stdout, p.ctx);
+  const t = await withFeeder('sending the tree', p.ctx.signal, feed, (feeder, input) =>
+    streamToGuest(p.exec, `${PREPARE} (tree)`, 'tree', command, [feeder], input, p.ctx));
   checkStep(p, 'tree', t.result);
   return resultOf(p, t.result, t.bytes);
 }
