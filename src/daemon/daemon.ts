@@ -196,7 +196,9 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: Da
   await clearExportLeftovers(layout, log).catch((e) => log(`clearing export leftovers: ${(e as Error).message}`));
   const inspector = opts.inspectPort === undefined ? undefined : await serveInspector(opts.inspectPort);
   const infra = tap && { rootHelper: tap.rootHelper.logic, tapPool: tap.tapPool.logic };
-  const supervisor: Supervisor = new Supervisor(stepEnv, makeJobRunners(() => supervisor, stepEnv), { infra, inspect: inspector?.inspect });
+  const jobRunners = makeJobRunners(() => supervisor, stepEnv);
+  const supervisor: Supervisor = new Supervisor(stepEnv, jobRunners, { infra, inspect: inspector?.inspect });
+  supervisor.onTransition((t) => t.actor.startsWith('vm:') && t.to === 'deleted' && jobRunners.forget(t.vmId));
   const restored = supervisor.start();
   log(`daemon ${process.pid} started; restored ${restored.restored} VM actor(s)${restored.errors.length ? `; errors: ${restored.errors.join('; ')}` : ''}${inspector ? `; inspector on 127.0.0.1:${inspector.port}` : ''}`);
   // Address leases of VMs that no longer exist are freed.

@@ -2,7 +2,7 @@
 import { BangerError } from '../errors.js';
 import type { Supervisor } from '../actors/supervisor.js';
 import { sshTargetFor, vmFiles, type StepEnv } from '../actors/vm-steps.js';
-import { prepareThroughCache } from './workspace-cache.js';
+import { forgetCacheUse, prepareThroughCache } from './workspace-cache.js';
 import { resolve } from 'node:path';
 import type { JobRunners } from '../actors/workspace-jobs.js';
 import { testStageDelay } from '../actors/fault-injection.js';
@@ -15,11 +15,16 @@ import { readManifest } from '../host/image/image.js';
 import { which } from '../host/exec/runner.js';
 import { withRecordedTemp } from './export-journal.js';
 
-export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners {
+/** The job runners, and `forget`, which drops what they keep about a VM once it is deleted. */
+export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners & { forget(vmId: string): void } {
   // The marker each VM's last plain prepare wrote at each guest path: the next prepare there updates it in place
   // in one guest command (the guest checks it still holds that marker). Lost with the daemon: then as usual.
   const lastMarkers = new Map<string, string>();
   return {
+    forget(vmId) {
+      for (const at of lastMarkers.keys()) if (at.startsWith(`${vmId}\n`)) lastMarkers.delete(at);
+      forgetCacheUse(vmId);
+    },
     async run(vmId, job, { signal, progress }) {
       await testStageDelay(job.kind, signal); // test hook, see fault-injection.ts
       const snap = sup().snapshot(vmId);

@@ -128,3 +128,8 @@ export async function prepareThroughCache(
 
 /** VMs whose one cache-participating prepare has run (later prepares into them are "off"). */
 const cacheConsumed = new Set<string>();
+
+/** A deleted VM leaves cacheConsumed. */
+export function forgetCacheUse(vmId: string): void {
+  cacheConsumed.delete(vmId);
+}
