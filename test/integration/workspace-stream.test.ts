@@ -144,6 +144,21 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     expect(await treeOf(whole)).toEqual(await treeOf(host));
   });
 
+  it("a slice whose paths the relay cannot read fails the prepare (the checkout alone would end well), and nothing is put in place", async () => {
+    const host = await hostRepo();
+    const bin = join(tmp, 'failing-cat');
+    await mkdir(bin, { recursive: true });
+    // `cat` of a slice's path file fails; every other cat is the real one
+    await writeFile(join(bin, 'cat'), '#!/bin/sh\nfor a in "$@"; do case "$a" in *banger-paths-*) exit 1 ;; esac; done\nexec /bin/cat "$@"\n');
+    await chmod(join(bin, 'cat'), 0o755);
+    const guest: GuestExec = (command, opts) => streamingLocalGuest()(`PATH='${bin}':"$PATH"; export PATH; ${command}`, opts);
+    const dest = join(tmp, 'relay-failed');
+    const err = await prepareWorkspace(guest, { source: host, guestPath: dest, mode: 'shallow', readOnly: false }).catch((e) => e);
+    expect(err).toBeInstanceOf(BangerError);
+    expect(err.message).toMatch(/checking the tree out of the packs failed/);
+    await expect(lstat(dest)).rejects.toThrow(/ENOENT/);
+  });
+
   it('bytesSent: the file contents cross once (a 4 MiB file does not count twice)', async () => {
     const host = await gitdir('banger-host-', tmp);
     const big = Buffer.alloc(4 * 2 ** 20);

@@ -602,7 +602,7 @@ const CHECKOUT_SLICES = `(while IFS= read -r n; do
  * index), started after the first pack with the index read from it (`read-tree`, no checkout). It checks a pack's
  * paths out while the next packs arrive; a path whose pack it has not seen yet makes git look in objects/pack
  * again. A stream cut short among the packs ends without the `end` line and fails here, its staging repository
- * never moved into place. (The delta's tar after it has no such check: GNU tar may end cleanly on a stream cut at a header.)
+ * never moved into place; the delta's tar after it has its own `end` line (DELTA_END).
  * Under TCG each git process costs 0.06-0.2 s before it does anything, so there are as few as the work needs:
  * one checkout for all the packs (not one per pack), an `init` that makes the directory, copies no templates and
  * sets HEAD's branch, and no index refresh (the checkout recorded every file's stat data). The same goes for the
