@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { Readable, Transform } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
+import { shellQuote } from '../../src/host/exec/shell.js';
 import { exportWorkspace, exportWorkspaceToFile, prepareWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
 import { checkoutPlan, SLICE_BYTES, SLICE_FILES, SMALL_BLOB } from '../../src/host/guest/workspace-pack.js';
 import { commitAll, git, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
@@ -151,7 +152,7 @@ describe('prepare sends the tree once', { timeout: 60_000 }, () => {
     // `cat` of a slice's path file fails; every other cat is the real one
     await writeFile(join(bin, 'cat'), '#!/bin/sh\nfor a in "$@"; do case "$a" in *banger-paths-*) exit 1 ;; esac; done\nexec /bin/cat "$@"\n');
     await chmod(join(bin, 'cat'), 0o755);
-    const guest: GuestExec = (command, opts) => streamingLocalGuest()(`PATH='${bin}':"$PATH"; export PATH; ${command}`, opts);
+    const guest: GuestExec = (command, opts) => streamingLocalGuest()(`PATH=${shellQuote([bin])}:"$PATH"; export PATH; ${command}`, opts);
     const dest = join(tmp, 'relay-failed');
     const err = await prepareWorkspace(guest, { source: host, guestPath: dest, mode: 'shallow', readOnly: false }).catch((e) => e);
     expect(err).toBeInstanceOf(BangerError);
