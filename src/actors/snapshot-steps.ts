@@ -21,7 +21,7 @@ import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } fr
 import { Cleanups } from '../host/exec/cleanups.js';
 import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
 import { agentRefreshIdentity, unixChannel } from '../host/guest/agent.js';
-import { agentSocketPath, findFreePort } from '../host/vmm/qemu/qemu.js';
+import { agentSocketPath, findFreePort, liveBulkSocket } from '../host/vmm/qemu/qemu.js';
 import { macForVm } from '../host/net/net.js';
 import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { readManifest } from '../host/image/image.js';
@@ -84,6 +84,7 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
   await rm(dir, { recursive: true, force: true });
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const base = (await readLayers(f))?.base;
+  const bulkPort = liveBulkSocket(proc.qmpSocket) !== undefined; // before the save: a VM saved with --stop quits in it
   const { kept, saved } = await saveWithLayers(env, ctx, { proc, f, dir, base, snapshotId: p.snapshotId, stop: p.stop }, signal);
   await copyFile(f.hostKey, join(dir, 'host_key'));
   await copyFile(f.hostKeyPub, join(dir, 'host_key.pub'));
@@ -106,6 +107,7 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
       stateBytes: saved.stateBytes,
       timings: saved.timings,
       identityDisk: existsSync(f.identityDisk),
+      bulkPort,
       builderVersion: (await readManifest(env.layout.imageDir(ctx.spec.image))).builderVersion,
       net: ctx.spec.net,
       isolation: ctx.spec.isolation,
@@ -260,6 +262,7 @@ async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPor
     accel: ctx.spec.accel,
     net: vmmNet(env, ctx, sshPort),
     serialLog: f.serialLog,
+    bulkPort: snapshotOf(env, ctx.spec.restore!.snapshotId).meta.bulkPort === true,
     incoming: true,
   };
   return stage(env, ctx.id, 'vmm.launch', () => env.driver('qemu').launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`);

@@ -30,6 +30,8 @@ export interface SnapshotMeta {
   timings: Record<string, number>;
   /** The VM had an identity disk: its restores and forks get one of their own (QEMU restores the same devices). */
   identityDisk?: boolean;
+  /** The VM's QEMU had the bulk port, so its restores must have it too (absent: saved before the port existed). */
+  bulkPort?: boolean;
   /** The VM's network (absent: user, as every snapshot was before tap restores): each fork gets its own lease. */
   net?: VmSpec['net'];
   /** The builder version of the image the VM ran (absent: before builder 5 recorded it). */

@@ -133,7 +133,7 @@ describeE2E('workspaces against a real guest', () => {
     expect(created.workspace.bytesSent).toBeLessThan(fresh.bytesSent);
     // one guest command from the entry's resume point, not a re-prepare: the VM's lifecycle log says which
     const logs = (await b.json(['vm', 'logs', 'hit'])) as Array<{ stage: string; message?: string | null }>;
-    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).map((l) => l.message)).toEqual([`cache hit, resumed from the cached workspace, ${created.workspace.bytesSent} bytes sent`]);
+    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).map((l) => l.message)).toEqual([`cache hit, resumed from the cached workspace, ${created.workspace.bytesSent} bytes sent over virtio-serial`]);
     const hitTree = await guestTree(b, 'hit', '/root/repo');
     expect(hitTree).toEqual(await guestTree(b, 'ws', '/root/fresh'));
     expect(hitTree['later.txt']).toBeDefined();
@@ -185,6 +185,27 @@ describeE2E('workspaces against a real guest', () => {
     const guest = await guestTree(b, 'ws', dest);
     if (mode === 'full_copy') delete guest['secret.env']; // ignored: in the guest, never in a patch
     expect(hostTree(copy)).toEqual(guest);
+  });
+
+  it('the stream goes over the bulk port; while a guest process holds the port, the same prepare goes over SSH and gives the same tree', async () => {
+    const repo = await makeRepo(tmp, 'channels');
+    const lastPrepareLog = async () => {
+      const logs = (await call('vm.logs', { vm: 'ws' })) as Array<{ stage: string; message?: string | null }>;
+      return logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).at(-1)?.message;
+    };
+    const viaPort = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/via-port' });
+    expect(await lastPrepareLog()).toBe(`cache off, fresh, ${viaPort.bytesSent} bytes sent over virtio-serial`);
+    // the port opens once at a time: a guest process holding it leaves the wrapper nothing, and the host falls back
+    await b.ok(['vm', 'ssh', 'ws', '--', 'sh', '-c', 'exec 3< /dev/virtio-ports/org.banger.bulk; setsid sleep 600 <&3 > /dev/null 2>&1 3<&- &']);
+    try {
+      const viaSsh = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/via-ssh' });
+      expect(await lastPrepareLog()).toBe(`cache off, fresh, ${viaSsh.bytesSent} bytes sent over ssh`);
+    } finally {
+      await b.ok(['vm', 'ssh', 'ws', '--', 'pkill', '-x', 'sleep']);
+    }
+    expect(await guestTree(b, 'ws', '/root/via-ssh')).toEqual(await guestTree(b, 'ws', '/root/via-port'));
+    const again = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/via-port-again' });
+    expect(await lastPrepareLog()).toBe(`cache off, fresh, ${again.bytesSent} bytes sent over virtio-serial`);
   });
 
   it('three prepares sent at once run one after another, and an export queued behind a prepare sees the finished import', async () => {

@@ -29,6 +29,16 @@ describe('qemuArgv', () => {
     expect(values(argv, '-device')).toEqual(expect.arrayContaining(['virtio-serial-device', 'virtserialport,chardev=agent0,name=org.banger.agent']));
   });
 
+  it('adds the bulk port on the same virtio-serial device, unless a restore of a snapshot from before it says not to', () => {
+    const argv = qemuArgv(base, files);
+    expect(values(argv, '-chardev')).toContain('socket,id=bulk0,path=/run/b/abc123.bulk,server=on,wait=off');
+    expect(values(argv, '-device')).toContain('virtserialport,chardev=bulk0,name=org.banger.bulk');
+    expect(values(argv, '-device').filter((d) => d === 'virtio-serial-device')).toHaveLength(1);
+    const old = qemuArgv({ ...base, bulkPort: false, incoming: true }, files);
+    expect(old.join(' ')).not.toContain('bulk');
+    expect(values(old, '-device')).toContain('virtserialport,chardev=agent0,name=org.banger.agent');
+  });
+
   it('user net through passt (config userNet "passt"): a stream netdev on passt\'s socket, no hostfwd', () => {
     const argv = qemuArgv({ ...base, net: { mode: 'user', sshPort: 2222, backend: 'passt' } }, files);
     expect(values(argv, '-netdev')).toEqual([`stream,id=n0,server=off,addr.type=unix,addr.path=${base.runDir}/abc123.passt`]);
@@ -67,7 +77,11 @@ describe('qemuArgv', () => {
     expect(values(argv, '-initrd')).toEqual([base.initrd]);
     expect(values(argv, '-append')).toEqual([base.cmdline]);
     expect(values(argv, '-serial')).toEqual(['chardev:serial0']);
-    expect(values(argv, '-chardev')).toEqual([`file,id=serial0,path=${base.serialLog},append=on`, 'socket,id=agent0,path=/run/b/abc123.agent,server=on,wait=off']);
+    expect(values(argv, '-chardev')).toEqual([
+      `file,id=serial0,path=${base.serialLog},append=on`,
+      'socket,id=agent0,path=/run/b/abc123.agent,server=on,wait=off',
+      'socket,id=bulk0,path=/run/b/abc123.bulk,server=on,wait=off',
+    ]);
     expect(values(argv, '-display')).toEqual(['none']);
     for (const f of ['-nodefaults', '-no-user-config', '-daemonize', '-no-reboot']) expect(argv).toContain(f);
     expect(values(argv, '-pidfile')).toEqual([files.pidFile]);

@@ -23,6 +23,11 @@ export interface LaunchSpec {
   workFormat?: 'raw' | 'qcow2';
   /** The VM's identity disk (src/host/disk/identity-disk.ts), read-only, serial banger-identity (QEMU only). */
   identityDisk?: string;
+  /**
+   * QEMU: the bulk port beside the guest agent's (src/host/guest/bulk.ts). Default true; false restores a snapshot
+   * saved before the port existed (QEMU loads a state only into the same set of ports).
+   */
+  bulkPort?: boolean;
   /** QEMU: start with `-incoming defer`, waiting for a saved state (a snapshot's) instead of booting. */
   incoming?: boolean;
   vcpus: number;

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { access, constants as fsConstants, mkdir, mkdtemp, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { release, tmpdir } from 'node:os';
@@ -12,6 +13,7 @@ import { passtFiles, passtNetdev, startPasst, stopPasst } from '../../net/passt.
 import { nsForwards, prepareNamespace, startUserNs, stopUserNs, userNsFiles, wrapInNamespace } from '../../net/usernet-ns.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { AGENT_PORT_NAME } from '../../image/agent.js';
+import { BULK_PORT_NAME } from '../../guest/bulk.js';
 import { IDENTITY_DISK_SERIAL } from '../../disk/identity-disk.js';
 import type { IoErrorStop, LaunchSpec, VmmDriver, VmmExit, VmmProcess, VmmState } from '../driver.js';
 
@@ -44,9 +46,23 @@ export function agentSocketPath(qmpSocket: string): string | undefined {
   return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.agent` : undefined;
 }
 
-/** Every socket a VM's QEMU serves in the run dir (QMP, events, agent): removed before a launch and after a kill. */
+/**
+ * The host side of the bulk port (src/host/guest/bulk.ts): `<runDir>/<id>.bulk`. A workspace's stream goes into
+ * the guest through it instead of through SSH, so the guest does not decrypt it.
+ */
+export function bulkSocketPath(qmpSocket: string): string | undefined {
+  return qmpSocket.endsWith('.qmp') ? `${qmpSocket.slice(0, -4)}.bulk` : undefined;
+}
+
+/** The bulk port's socket when the VM's QEMU has one (QEMU made it at launch), else undefined. */
+export function liveBulkSocket(qmpSocket: string): string | undefined {
+  const sock = bulkSocketPath(qmpSocket);
+  return sock && existsSync(sock) ? sock : undefined;
+}
+
+/** Every socket a VM's QEMU serves in the run dir (QMP, events, agent, bulk): removed before a launch and after a kill. */
 function socketsOf(qmpSocket: string): string[] {
-  return [qmpSocket, eventsSocketPath(qmpSocket), agentSocketPath(qmpSocket)].filter((f): f is string => !!f);
+  return [qmpSocket, eventsSocketPath(qmpSocket), agentSocketPath(qmpSocket), bulkSocketPath(qmpSocket)].filter((f): f is string => !!f);
 }
 
 /** Escapes a value for QEMU's comma-separated option syntax (`,` is written `,,`). */
@@ -138,6 +154,15 @@ export function qemuArgv(spec: LaunchSpec, files: QemuFiles, opts: { tscKhz?: nu
       '-device', 'virtio-serial-device',
       '-device', `virtserialport,chardev=agent0,name=${AGENT_PORT_NAME}`,
     );
+    // The bulk port, on the same virtio-serial device. A restore must launch the devices its snapshot was saved
+    // with (QEMU refuses a different set of ports), so a snapshot from before the port restores without it.
+    const bulk = bulkSocketPath(files.qmpSocket);
+    if (bulk && spec.bulkPort !== false) {
+      args.push(
+        '-chardev', `socket,id=bulk0,path=${qemuOptEscape(checkSocketPath(assertPath('bulk socket', bulk)))},server=on,wait=off`,
+        '-device', `virtserialport,chardev=bulk0,name=${BULK_PORT_NAME}`,
+      );
+    }
   }
   args.push('-qmp', qmpArg(checkSocketPath(assertPath('QMP socket', files.qmpSocket))));
   const ev = files.eventsSocket === undefined ? eventsSocketPath(files.qmpSocket) : files.eventsSocket;
