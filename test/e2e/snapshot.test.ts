@@ -95,6 +95,13 @@ describeE2E('snapshots and forks against a real guest', () => {
     expect(readFileSync(join(tmp, 'f-2.patch'), 'utf8')).not.toContain('from-f1');
   });
 
+  it('a fork, restored with the bulk port its snapshot was saved with, takes a prepare\'s stream over that port', async () => {
+    const prep = await b.json(['vm', 'workspace', 'prepare', 'f-2', '--source', repo, '--guest-path', '/root/again']);
+    const logs = (await b.json(['vm', 'logs', 'f-2'])) as Array<{ stage: string; message?: string | null }>;
+    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).at(-1)?.message).toBe(`cache off, fresh, ${prep.bytesSent} bytes sent over virtio-serial`);
+    expect((await b.ok(['vm', 'ssh', 'f-2', '--', 'git', '-C', '/root/again', 'rev-parse', 'HEAD'])).stdout.trim()).toBe(head);
+  });
+
   it('the snapshot cannot be deleted while the forks use it; deleting the source VM leaves the forks working', async () => {
     const refused = await b.run(['snapshot', 'delete', snapshotName]);
     expect(refused.exitCode).not.toBe(0);
