@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 /**
  * Snapshots and forks against a real guest: ONE source VM boots (with a workspace and a file in /dev/shm, which lives
  * in memory); it is forked twice while running. Both forks see the file and the repository; a write in one does not
@@ -96,7 +97,9 @@ describeE2E('snapshots and forks against a real guest', () => {
   });
 
   it('a fork, restored with the bulk port its snapshot was saved with, takes a prepare\'s stream over that port', async () => {
+    writeFileSync(join(repo, 'large.bin'), randomBytes(300 * 1024)); // untracked: it goes too, and makes the stream big enough
     const prep = await b.json(['vm', 'workspace', 'prepare', 'f-2', '--source', repo, '--guest-path', '/root/again']);
+    rmSync(join(repo, 'large.bin'));
     const logs = (await b.json(['vm', 'logs', 'f-2'])) as Array<{ stage: string; message?: string | null }>;
     expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).at(-1)?.message).toBe(`cache off, fresh, ${prep.bytesSent} bytes sent over virtio-serial`);
     expect((await b.ok(['vm', 'ssh', 'f-2', '--', 'git', '-C', '/root/again', 'rev-parse', 'HEAD'])).stdout.trim()).toBe(head);

@@ -16,7 +16,8 @@
  * 4. The wrapper checks the token line and execs the command with the port as its stdin.
  * Until the host writes the token it has consumed nothing of the input, so whenever the wrapper gives up first
  * (no port, the port held by another guest process, an old guest, no ready within READY_TIMEOUT_MS) the command
- * runs over SSH's stdin as before. One stream per port at a time; a second runs over SSH.
+ * runs over SSH's stdin as before. So does an input under BULK_MIN_BYTES, and a second stream while the port
+ * carries one.
  */
 import { randomBytes } from 'node:crypto';
 import { createConnection, type Socket } from 'node:net';
@@ -31,6 +32,11 @@ export const BULK_PORT_NAME = 'org.banger.bulk';
 /** How long the guest may take from the command's start to `ready` before the stream goes over SSH instead. */
 const READY_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 3_000;
+/**
+ * A smaller input (a cache hit's delta, a re-prepare's few files) goes over SSH: the port's handshake costs the
+ * guest a round trip and two more processes, more than SSH's decryption of so little.
+ */
+const BULK_MIN_BYTES = 256 * 1024;
 
 /** $1 the token, $2 the command (a shell command line, as SSH would run it). */
 const BULK_WRAPPER = `port=/dev/virtio-ports/${BULK_PORT_NAME}
@@ -57,23 +63,54 @@ export function withBulkInput(exec: GuestExec, socketPath: string, used: (c: Inp
     if (!isStream(input) || busy.has(socketPath) || opts.signal?.aborted) return exec(command, opts);
     busy.add(socketPath);
     try {
+      const head = await peek(input, BULK_MIN_BYTES);
+      if (head.ended) return viaSsh(head.bytes);
       const sock = await connectOrUndefined(socketPath);
-      if (!sock) return viaSsh();
+      if (!sock) return viaSsh(input);
       try {
         const r = await overPort(exec, command, opts, input, sock);
         if (r) used('virtio-serial');
-        return r ?? viaSsh();
+        return r ?? viaSsh(input);
       } finally {
         sock.destroy();
       }
     } finally {
       busy.delete(socketPath);
     }
-    function viaSsh() {
+    function viaSsh(stdin: Readable | Buffer) {
       used('ssh');
-      return exec(command, opts);
+      return exec(command, { ...opts, stdin });
     }
   };
+}
+
+/**
+ * The first `atLeast` bytes of `input`, put back for whoever reads it next; or all of it, when it ends sooner.
+ * Rejects when the stream fails or closes first (its consumer has given up).
+ */
+function peek(input: Readable, atLeast: number): Promise<{ bytes: Buffer; ended: boolean }> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let n = 0;
+    const onReadable = () => {
+      let c: Buffer | null;
+      while (n < atLeast && (c = input.read()) !== null) {
+        chunks.push(c);
+        n += c.length;
+      }
+      if (n >= atLeast) finish(false);
+    };
+    const onEnd = () => finish(true);
+    const onFail = (e?: Error) => (stop(), reject(e ?? new BangerError('aborted', 'the input closed before it was sent')));
+    const stop = () => input.off('readable', onReadable).off('end', onEnd).off('error', onFail).off('close', onFail);
+    const finish = (ended: boolean) => {
+      stop();
+      const bytes = Buffer.concat(chunks);
+      if (!ended) input.unshift(bytes);
+      resolve({ bytes, ended });
+    };
+    input.on('readable', onReadable).on('end', onEnd).on('error', onFail).on('close', onFail);
+  });
 }
 
 const isStream = (s: unknown): s is Readable => typeof s === 'object' && s !== null && typeof (s as Readable).pipe === 'function';
@@ -81,7 +118,7 @@ const isStream = (s: unknown): s is Readable => typeof s === 'object' && s !== n
 /** The command over SSH with its stdin from the port; undefined when the guest gave up before the stream started. */
 async function overPort(exec: GuestExec, command: string, opts: NonNullable<Parameters<GuestExec>[1]>, input: Readable, sock: Socket): Promise<GuestExecResult | undefined> {
   const token = randomBytes(16).toString('hex');
-  const run = exec(shellQuote(['sh', '-c', BULK_WRAPPER, 'banger', token, command]), { ...opts, stdin: '' });
+  const run = exec(shellQuote(['sh', '-c', BULK_WRAPPER, 'banger', token, command]), { ...opts, stdin: undefined });
   const settled = run.then(() => undefined, () => undefined);
   const ready = await Promise.race([readyLine(sock, token, opts.signal), settled.then(() => false)]);
   if (!ready) {
