@@ -19,7 +19,7 @@ import { waitForSsh } from '../host/guest/ssh.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
-import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
+import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshKey, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
 import { agentRefreshIdentity, unixChannel } from '../host/guest/agent.js';
 import { agentSocketPath, findFreePort, liveBulkSocket } from '../host/vmm/qemu/qemu.js';
 import { macForVm } from '../host/net/net.js';
@@ -214,7 +214,7 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
     const target = await sshTargetFor(env, ctx, where);
     // The first command over SSH is the identity: one connection, where a `true` first would cost another.
     const check = forkIdentityCheck(ctx.name);
-    await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs: timeoutMs(), signal, check }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
+    await stage(env, ctx.id, 'ssh.identity', () => waitForSsh(target, { timeoutMs: timeoutMs(), signal, check, keep: (c) => env.ssh.adopt(sshKey(ctx.id, p.pid), target, c) }), () => `SSH up; hostname ${ctx.name}, clock, RNG set`);
     cleanups.release();
     return { runtime: { pid: p.pid, control: p.qmpSocket, ...where, bootedAt: new Date().toISOString() } };
   } catch (e) {

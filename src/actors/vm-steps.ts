@@ -14,6 +14,7 @@ import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext,
 import { run, which, type Runner } from '../host/exec/runner.js';
 import { generateHostKey, type UserKey } from '../host/guest/keys.js';
 import { waitForSsh, type SshTarget } from '../host/guest/ssh.js';
+import type { SshPool } from '../host/guest/pool.js';
 import { capWhile, readTail, rotatedPath } from '../host/guest/serial.js';
 import { passtFiles, stopPasst } from '../host/net/passt.js';
 import { checkHostPortsFree, startPortProxies } from '../host/net/publish.js';
@@ -48,9 +49,14 @@ export interface StepEnv {
   userKey(): Promise<UserKey>;
   driver(kind: VmContext['spec']['vmm']): VmmDriver;
   network?: NetworkProvider;
+  /** The daemon's SSH connections to running guests, keyed by sshKey(): shared by boot, workspace jobs and guest commands. */
+  ssh: SshPool;
   /** Lifecycle log: every stage with its duration. */
   log(vmId: string, stage: string, status: 'start' | 'done' | 'error' | 'info', ms?: number, message?: string): void;
 }
+
+/** A VM's key in the SSH pool: its id and its VMM's pid, so a restarted VM never gets the old process's connections. */
+export const sshKey = (vmId: string, pid: number): string => `${vmId}#${pid}`;
 
 /** Run one named stage, logging its start, its end and how long it took. */
 export async function stage<T>(env: StepEnv, vmId: string, name: string, fn: () => Promise<T>, doneMessage?: (r: T) => string | undefined): Promise<T> {
@@ -428,7 +434,7 @@ async function waitForGuest(env: StepEnv, ctx: VmContext, driver: VmmDriver, p: 
     await stage(env, ctx.id, 'guest.console', () => waitForLoginPrompt(f.serialLog, deadline, { signal, isAlive: () => alive(driver, p) }));
   }
   await stage(env, ctx.id, 'ssh.wait', () =>
-    waitForSsh(target, { timeoutMs, signal, isAlive: () => alive(driver, p) }).catch(async (e) => {
+    waitForSsh(target, { timeoutMs, signal, isAlive: () => alive(driver, p), keep: (c) => env.ssh.adopt(sshKey(ctx.id, p.pid), target, c) }).catch(async (e) => {
       const up = await alive(driver, p);
       const why = up ? `the guest did not answer SSH within ${Math.round(timeoutMs / 1000)} s` : 'the VMM exited during boot';
       throw new BangerError('timeout', `${why}: ${errorMessage(e)}\n--- serial console (last lines) ---\n${await serialTail(f.serialLog)}`, `see ${f.serialLog}`);

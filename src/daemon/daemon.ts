@@ -18,6 +18,7 @@ import { makeHandlers, type HandlerDeps } from './handlers.js';
 import { createPoolVm } from './handlers/vms.js';
 import { warmGuest } from './handlers/guest.js';
 import { WarmPool } from './warm-pool.js';
+import { SshPool } from '../host/guest/pool.js';
 import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js';
 import { RootHelper } from '../actors/root-helper.js';
 import { TapPool } from '../actors/tap-pool.js';
@@ -137,6 +138,7 @@ function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: 
     runner: run,
     userKey: () => (keyPromise ??= ensureUserKey(layout.keysDir, { runner: run })),
     network,
+    ssh: new SshPool(),
     driver: (kind) => {
       const d = drivers[kind];
       if (!d) throw new BangerError('unsupported', `the ${kind} VMM driver is not available in this daemon`, 'use --vmm qemu');
@@ -206,7 +208,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: Da
   if (tap) startTapNetworking(tap, supervisor, config, restored.errors.length === 0, log);
   const deps: HandlerDeps = { version: buildInfo().version, commit: buildInfo().commit, drivers, log };
   const warmPool: WarmPool = new WarmPool(config, supervisor, { create: (kind, key): Promise<void> => createPoolVm(services, deps, kind, key), warm: (id): Promise<void> => warmGuest(services, id) }, log);
-  const services = { layout, config, store, supervisor, inspector, ...tap, warmPool, startedAt: Date.now(), stop: () => handle.stop() };
+  const services = { layout, config, store, supervisor, ssh: stepEnv.ssh, inspector, ...tap, warmPool, startedAt: Date.now(), stop: () => handle.stop() };
   const server = new RpcServer(makeHandlers(services, deps), log);
   const handle: DaemonHandle = { ...services, server, stop: stopper(() => handle, log) };
   await server.listen(layout.socket);

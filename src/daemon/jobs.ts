@@ -1,12 +1,11 @@
 /** Runs workspace jobs (prepare/export) against a running VM over SSH, their streamed input over the bulk port where the VM has one. */
 import { BangerError } from '../errors.js';
 import type { Supervisor } from '../actors/supervisor.js';
-import { sshTargetFor, vmFiles, type StepEnv } from '../actors/vm-steps.js';
+import { sshKey, sshTargetFor, vmFiles, type StepEnv } from '../actors/vm-steps.js';
 import { forgetCacheUse, prepareThroughCache } from './workspace-cache.js';
 import { resolve } from 'node:path';
 import type { JobRunners } from '../actors/workspace-jobs.js';
 import { testStageDelay } from '../actors/fault-injection.js';
-import { exec as sshExec } from '../host/guest/ssh.js';
 import { withBulkInput, type InputChannel } from '../host/guest/bulk.js';
 import { liveBulkSocket } from '../host/vmm/qemu/qemu.js';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -34,7 +33,9 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
       if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} is not running`);
       const target = await sshTargetFor(env, ctx, ctx.runtime);
       const overSsh: GuestExec = (command, opts = {}) =>
-        sshExec(target, command, { stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr, signal: opts.signal ?? signal }).then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
+        env.ssh
+          .exec(sshKey(vmId, ctx.runtime!.pid), target, command, { stdin: opts.stdin, stdout: opts.stdout, stderr: opts.stderr, signal: opts.signal ?? signal })
+          .then((r) => ({ exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr }));
       const channels = new Set<InputChannel>();
       const bulk = liveBulkSocket(ctx.runtime.control);
       const guest = bulk ? withBulkInput(overSsh, bulk, (c) => channels.add(c)) : overSsh;

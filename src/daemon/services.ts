@@ -12,6 +12,7 @@ import type { Layout } from '../paths.js';
 import type { Store } from '../store/repo.js';
 import type { InspectorServer } from './inspector.js';
 import type { WarmPool } from './warm-pool.js';
+import type { SshPool } from '../host/guest/pool.js';
 
 /** The supervisor calls the handlers make. */
 export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'runJob'>;
@@ -21,6 +22,8 @@ export interface DaemonServices {
   config: Config;
   store: Store;
   supervisor: VmSupervisor;
+  /** SSH connections to running guests (the step environment's: boot hands over its first). */
+  ssh: SshPool;
   /** The root helper (TAP devices, bridge), when this daemon has one. */
   rootHelper?: Pick<RootHelper, 'reachable' | 'state' | 'request'>;
   tapPool?: Pick<TapPool, 'leases'>;

@@ -1,6 +1,7 @@
 /**
  * The pooled SSH connections against a real SSH server (ssh2's, on loopback) that refuses channels past 10 per
  * connection as sshd's default MaxSessions does: 20 commands at once all run, on ceil(20 / 8) connections; stdin, exit statuses and a death by signal come through.
+ * The boot's SSH wait hands its connection to the pool, so the first command after a boot opens none.
  */
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
@@ -8,7 +9,7 @@ import ssh2 from 'ssh2';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { CHANNELS_PER_CONNECTION, SshPool } from '../../src/host/guest/pool.js';
 import { newEd25519KeyPair } from '../../src/host/guest/keys.js';
-import type { SshTarget } from '../../src/host/guest/ssh.js';
+import { waitForSsh, type SshTarget } from '../../src/host/guest/ssh.js';
 
 const { Server } = ssh2;
 const MAX_SESSIONS = 10;
@@ -63,6 +64,24 @@ it(`20 commands at once all run, ${CHANNELS_PER_CONNECTION} channels per connect
     expect((await pool.exec('vm1#1', target, 'exit 7')).exitCode).toBe(7);
     const killed = await pool.exec('vm1#1', target, 'kill -TERM $$');
     expect([killed.exitCode, killed.signal]).toEqual([143, 'SIGTERM']);
+  } finally {
+    pool.closeAll();
+  }
+});
+
+it('the connection that proved SSH up is adopted: the next command on that VM opens none; a new VMM pid dials again', async () => {
+  const pool = new SshPool();
+  const target: SshTarget = { host: '127.0.0.1', port, privateKey: Buffer.from(clientKey.privateKey), hostPublicKey: hostKey.publicKey, label: 'adopt-test' };
+  try {
+    const before = connections;
+    await waitForSsh(target, { timeoutMs: 10_000, keep: (c) => pool.adopt('vm2#1', target, c) });
+    expect(connections).toBe(before + 1);
+    expect((await pool.exec('vm2#1', target, 'echo reused')).stdout.toString()).toBe('reused\n');
+    expect(connections).toBe(before + 1);
+    await waitForSsh(target, { timeoutMs: 10_000 }); // without keep: closed, not pooled
+    expect(connections).toBe(before + 2);
+    expect((await pool.exec('vm2#2', target, 'echo fresh')).stdout.toString()).toBe('fresh\n'); // the VM restarted
+    expect(connections).toBe(before + 3);
   } finally {
     pool.closeAll();
   }

@@ -8,9 +8,9 @@
 import { readFile } from 'node:fs/promises';
 import { Writable, type Readable } from 'node:stream';
 import { BangerError } from '../../errors.js';
-import { vmFiles } from '../../actors/vm-steps.js';
+import { sshKey, vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
-import { SshPool } from '../../host/guest/pool.js';
+import type { SshPool } from '../../host/guest/pool.js';
 import type { SshTarget } from '../../host/guest/ssh.js';
 import { listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
 import { shellQuote, quoteArg } from '../../host/exec/shell.js';
@@ -52,7 +52,7 @@ export function guestAccess(d: DaemonServices): GuestAccess {
   const existing = pools.get(d);
   if (existing) return existing;
   const { resolveVm, view } = vmAccess(d);
-  const pool = new SshPool();
+  const pool = d.ssh;
   const attached: GuestAccess['attached'] = new Map();
   const access: GuestAccess = {
     pool,
@@ -75,7 +75,7 @@ export function guestAccess(d: DaemonServices): GuestAccess {
         throw new BangerError('invalid_state', `vm ${v.name} is ${v.state}, not running: commands and sessions need a running guest`, `banger vm start ${v.name}`);
       }
       const target = await targetOf(d, id, v.name, rt);
-      const key = `${id}#${rt.pid}`;
+      const key = sshKey(id, rt.pid);
       const exec: Guest['exec'] = (command, opts) => pool.exec(key, target, command, opts);
       const runIt: GuestRun = (command, opts = {}) => exec(command, { stdin: opts.stdin, timeoutMs: opts.timeoutMs ?? 60_000 });
       return { vmId: id, vmName: v.name, run: runIt, exec };

@@ -28,6 +28,13 @@ export class SshPool {
     }
   }
 
+  /** Keeps a connection already open to the VM (the one that proved SSH up at boot) as its first. */
+  adopt(vmId: string, target: SshTarget, client: Client): void {
+    const address = `${vmId}|${target.host}:${target.port}#`;
+    this.forgetOthers(vmId, address);
+    this.cache.put(`${address}0`, client);
+  }
+
   /** Forget (and close) every connection to this VM, e.g. when it stops. */
   drop(vmId: string): void {
     this.forgetOthers(vmId, undefined);

@@ -325,6 +325,8 @@ export interface WaitForSshOptions {
   bannerTimeoutMs?: number;
   /** Checked before every attempt; false ends the wait at once (the VM process died). */
   isAlive?: () => boolean | Promise<boolean>;
+  /** Takes the connection that proved SSH up, to keep (else it is closed). */
+  keep?: (client: Client) => void;
   /** What must exit 0 for SSH to count as up (default `true`), e.g. a first step that needs no connection of its own. */
   check?: { command: string; stdin?: () => string };
   onAttempt?: (info: { attempt: number; error?: unknown; elapsedMs: number }) => void;
@@ -360,15 +362,20 @@ export async function waitForSsh(target: SshTarget, opts: WaitForSshOptions): Pr
       // itself and holds it open while the guest has no sshd, so a full handshake attempt would just hang.)
       await sshBanner(target.host, target.port, Math.min(bound, opts.bannerTimeoutMs ?? 3000), signal);
       const client = await connect(target, { signal, timeoutMs: bound });
+      let kept = false;
       try {
         const r = await exec(client, opts.check?.command ?? 'true', { stdin: opts.check?.stdin?.(), signal, timeoutMs: bound });
         if (r.exitCode === 0) {
           opts.onAttempt?.({ attempt, elapsedMs: Date.now() - start });
+          if (opts.keep) {
+            opts.keep(client);
+            kept = true;
+          }
           return { attempts: attempt, elapsedMs: Date.now() - start };
         }
         error = new Error(`${opts.check ? 'the check' : '`true`'} exited with status ${r.exitCode}: ${r.stderr.toString('utf8').trim()}`);
       } finally {
-        client.end();
+        if (!kept) client.end();
       }
     } catch (e) {
       if (e instanceof HostKeyMismatchError) throw e;
@@ -443,9 +450,17 @@ export class SshConnectionCache {
   private readonly conns = new Map<string, Promise<Client>>();
 
   get(key: string, target: SshTarget, opts: ConnectOptions = {}): Promise<Client> {
-    const existing = this.conns.get(key);
-    if (existing) return existing;
-    const p = connect(target, opts).then(
+    return this.conns.get(key) ?? this.hold(key, connect(target, opts));
+  }
+
+  /** Keeps an open connection under `key` (closing the one it replaces). */
+  put(key: string, client: Client): void {
+    this.drop(key);
+    void this.hold(key, Promise.resolve(client));
+  }
+
+  private hold(key: string, connecting: Promise<Client>): Promise<Client> {
+    const p = connecting.then(
       (client) => {
         client.once('close', () => {
           if (this.conns.get(key) === p) this.conns.delete(key);
