@@ -8,6 +8,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
+import { createConnection } from 'node:net';
+import { once } from 'node:events';
 import { createWorkDisk } from '../src/host/disk/disks.js';
 import { workDiskFromTemplate } from '../src/host/disk/work-disk-template.js';
 import { generateHostKey } from '../src/host/guest/keys.js';
@@ -397,11 +399,16 @@ async function benchPrepareRates() {
         await guest('rm -rf /root/r* && sync');
       }
       const comp = await compressionRates(repo, ssh, guest, dest, timed);
+      const overPort = await portRates(repo, join(b.run, `${vm.id}.bulk`), ssh, dest, timed);
       const re = await rePrepareAfterTenChanges(client, vm.id, repo, dest(), git, timed);
       console.log(`  ${label}`);
       line('git archive HEAD | ssh tar -x (median)', ms(median(t.archive)));
       for (const [name, v] of Object.entries(comp)) {
         line(`git archive | ${name} | ssh ${name} -d | tar -x`, `${ms(v)} (archive raw / this: ${(median(t.archive) / v).toFixed(2)})`);
+      }
+      for (const [name, v] of Object.entries(overPort)) {
+        const via = name === 'none' ? 'bulk port' : `${name} | bulk port | ${name} -d`;
+        line(`git archive | ${via} | tar -x`, `${ms(v)} (archive raw / this: ${(median(t.archive) / v).toFixed(2)})`);
       }
       line('re-prepare after 10 changed files (bytesSent)', `${ms(re.time)} (${re.bytes} bytes)`);
       line('re-prepare after a new commit of them (bytesSent)', `${ms(re.commitTime)} (${re.commitBytes} bytes)`);
@@ -446,6 +453,43 @@ async function compressionRates(
   for (const [name, c, d] of variants) {
     const to = dest();
     out[name] = await timed(() => execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c} | ${shellQuote([...ssh, `mkdir -p ${to} && ${d} | tar -x -C ${to}`])}`]), `archive | ${name}`);
+  }
+  return out;
+}
+
+/**
+ * The same archive over the VM's bulk port instead of SSH (as banger streams a large input), with no compression,
+ * zstd -1 and lz4: which, if any, pays once the guest decrypts nothing. Uses compressionRates' binaries in /tmp.
+ */
+async function portRates(
+  repo: string,
+  bulkSocket: string,
+  ssh: string[],
+  dest: () => string,
+  timed: (f: () => Promise<unknown>, what?: string) => Promise<number>,
+): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  const port = '/dev/virtio-ports/org.banger.bulk';
+  const variants: Array<[string, string, string]> = [
+    ['none', 'cat', `tar -x -C "$to" < ${port}`],
+    ['zstd -1', 'zstd -1 -q -c', `/tmp/zstd -d -q -c < ${port} | tar -x -C "$to"`],
+    ['lz4', 'lz4 -1 -q -c', `/tmp/lz4 -d -q -c < ${port} | tar -x -C "$to"`],
+  ];
+  for (const [name, c, receive] of variants) {
+    const to = dest();
+    out[name] = await timed(async () => {
+      // connected first: a guest that opens the port with no host side reads EOF at once
+      const sock = createConnection(bulkSocket);
+      await once(sock, 'connect');
+      const received = execa(ssh[0], [...ssh.slice(1), `to=${to}; mkdir -p "$to" && ${receive}`]);
+      const sent = execa('sh', ['-c', `git -C ${shellQuote([repo])} archive HEAD | ${c}`], { buffer: false });
+      sent.stdout!.pipe(sock);
+      try {
+        await Promise.all([sent, received]);
+      } finally {
+        sock.destroy();
+      }
+    }, `archive | ${name} over the port`);
   }
   return out;
 }
