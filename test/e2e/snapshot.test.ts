@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 /**
  * Snapshots and forks against a real guest: ONE source VM boots (with a workspace and a file in /dev/shm, which lives
  * in memory); it is forked twice while running. Both forks see the file and the repository; a write in one does not
@@ -6,6 +5,7 @@ import { randomBytes } from 'node:crypto';
  * the snapshot cannot be deleted while the forks use it (the refusal names them); deleting the source VM leaves the
  * forks working.
  */
+import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';

@@ -33,8 +33,9 @@ export const BULK_PORT_NAME = 'org.banger.bulk';
 const READY_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 3_000;
 /**
- * A smaller input (a cache hit's delta, a re-prepare's few files) goes over SSH: the port's handshake costs the
- * guest a round trip and two more processes, more than SSH's decryption of so little.
+ * A smaller input (a cache hit's delta, a re-prepare's few files) goes over SSH, sparing the guest the handshake's
+ * two processes: so little gains nothing from the port (a cache hit's prepare of 20 KB over a pooled connection:
+ * 0.82, 0.88 and 0.92 s over SSH in three runs, 0.88 and 1.01 s over the port in two).
  */
 const BULK_MIN_BYTES = 256 * 1024;
 
