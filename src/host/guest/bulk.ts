@@ -45,7 +45,7 @@ const BULK_WRAPPER = `port=/dev/virtio-ports/${BULK_PORT_NAME}
 exec 3<>"$port"
 printf 'ready %s\\n' "$1" >&3
 IFS= read -r line <&3 || exit 75
-[ "$line" = "$1" ] || { echo "banger: the bulk port carried something else before the stream" >&2; exit 75; }
+[ "$line" = "$1" ] || { echo "banger: the bulk port carried something else before the stream (left by an earlier, cut-off one); nothing was changed: run the prepare again" >&2; exit 75; }
 exec sh -c "$2" 0<&3 3<&-`;
 
 /** Which way a command's input went. */
