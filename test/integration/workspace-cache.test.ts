@@ -82,6 +82,11 @@ describe('the cache key', { timeout: 60_000 }, () => {
     expect((await keyOf()).key).toBe(base);
     const fc = await workspaceCacheKey(input({ mode: 'full_copy' }));
     expect(fc.key).toBeNull();
+    const empty = join(tmp, 'empty');
+    await mkdir(empty);
+    expect(await workspaceCacheKey(input({ source: empty }))).toMatchObject({ key: null, why: expect.stringMatching(/is not a git repository/) });
+    await git(empty, 'init', '-q');
+    expect(await workspaceCacheKey(input({ source: empty }))).toMatchObject({ key: null, why: expect.stringMatching(/has no commits yet/) });
 
     await writeFile(join(repo, 'b.txt'), 'b\n');
     await git(repo, 'add', '-A');

@@ -13,16 +13,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
 import {
   exportWorkspace,
-  inspectRepo,
   prepareWorkspace,
   validateBranchName,
   validateGuestPath,
   validateRefName,
   validateRevision,
-  unquoteGitPath,
   type GuestExec,
   type PrepareOptions,
 } from '../../src/host/guest/workspace.js';
+import { inspectRepo, unquoteGitPath } from '../../src/host/guest/host-repo.js';
+import { run, type Runner } from '../../src/host/exec/runner.js';
 import { shellQuote } from '../../src/host/exec/shell.js';
 import { commitAll, git, gitBuffer, gitdir, isolateGitConfig, tempDir } from '../support/git.js';
 
@@ -249,16 +249,32 @@ function prep(exec: GuestExec, over: Partial<PrepareOptions> = {}) {
 // ---------------------------------------------------------------------------------------------------------
 
 describe('inspectRepo', { timeout: 30_000 }, () => {
-  it('reports root, name, HEAD, branch, submodules and dirtiness', async () => {
+  it('reports root, name, HEAD, branch, git dir, object format and submodules', async () => {
     const info = await inspectRepo(join(host, 'src'));
     expect(info).toEqual({
       repoRoot: host,
       repoName: host.split('/').pop(),
       headCommit: head,
       currentBranch: 'main',
+      gitDir: join(host, '.git'),
+      objectFormat: 'sha1',
+      shallowFile: '../.git/shallow',
       submodules: [],
-      dirty: true,
     });
+  });
+
+  it('asks git once for the head, and step by step gets the same where that one cannot answer', async () => {
+    const calls: string[][] = [];
+    const counting: Runner = (file, args, opts) => (calls.push([...args]), run(file, args, opts));
+    const once = await inspectRepo(join(host, 'src'), { runner: counting });
+    expect(calls.map((a) => a[2])).toEqual(['rev-parse', '-c']); // the head, then ls-files --stage
+    const refusing: Runner = (file, args, opts) => (args.includes('--symbolic-full-name') ? Promise.resolve({ exitCode: 128, stdout: '', stderr: 'unknown option' }) : run(file, args, opts));
+    expect(await inspectRepo(join(host, 'src'), { runner: refusing })).toEqual(once);
+    // a newline in the path: the one answer's lines cannot be told apart, so it goes step by step
+    const odd = await gitdir('banger-repo-\nline-', scratch);
+    await writeFile(join(odd, 'f'), 'x');
+    const sha = await commitAll(odd, 'one');
+    expect(await inspectRepo(odd)).toMatchObject({ repoRoot: odd, headCommit: sha, currentBranch: 'main', gitDir: join(odd, '.git') });
   });
 
   it('does not touch the host index', async () => {
@@ -272,7 +288,7 @@ describe('inspectRepo', { timeout: 30_000 }, () => {
     await writeFile(join(dir, 'f'), 'x');
     const sha = await commitAll(dir, 'one');
     await git(dir, 'checkout', '-q', '--detach');
-    expect(await inspectRepo(dir)).toMatchObject({ currentBranch: null, headCommit: sha, dirty: false });
+    expect(await inspectRepo(dir)).toMatchObject({ currentBranch: null, headCommit: sha });
   });
 
   it('refuses a directory that is not a repository, and an empty repository', async () => {

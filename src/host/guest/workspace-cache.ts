@@ -16,6 +16,7 @@ import { join, resolve } from 'node:path';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
 import { shellQuote } from '../exec/shell.js';
+import { hostGit, readRepoHead } from './host-repo.js';
 import type { GuestExec, ResumePoint, WorkspaceMode } from './workspace.js';
 
 export const CACHE_FORMAT = 1;
@@ -56,28 +57,27 @@ export async function workspaceCacheKey(input: CacheKeyInput, opts: { runner?: R
   if (input.mode === 'full_copy') return { key: null, why: 'full_copy is not cached (it copies ignored files and .git as they are)' };
   const runner = opts.runner ?? run;
   const sourcePath = resolve(input.source);
-  const git = (args: string[]) => runner('git', ['-C', sourcePath, ...args], { signal: opts.signal, reject: false, env: { GIT_OPTIONAL_LOCKS: '0', LC_ALL: 'C' } });
-  const [top, dir, head, branch, refs, shallow] = await Promise.all([
-    git(['rev-parse', '--show-toplevel']),
-    git(['rev-parse', '--absolute-git-dir']),
-    git(['rev-parse', '-q', '--verify', 'HEAD^{commit}']),
-    git(['symbolic-ref', '-q', '--short', 'HEAD']),
-    git(['for-each-ref', '--format=%(objectname) %(refname)', 'refs/heads', 'refs/tags', 'refs/remotes']),
-    git(['rev-parse', '--git-path', 'shallow']),
-  ]);
-  if (top.exitCode !== 0 || dir.exitCode !== 0) return { key: null, why: `${sourcePath} is not a git working tree` };
-  if (head.exitCode !== 0) return { key: null, why: `${sourcePath} has no commits` };
-  const shallowText = shallow.exitCode === 0 ? await readFile(resolve(sourcePath, shallow.stdout.trim()), 'utf8').catch(() => '') : '';
+  const read = await Promise.all([
+    readRepoHead(sourcePath, runner, opts.signal),
+    hostGit(runner, sourcePath, ['for-each-ref', '--format=%(objectname) %(refname)', 'refs/heads', 'refs/tags', 'refs/remotes'], { signal: opts.signal, reject: false }),
+  ]).catch((e: unknown) => {
+    if (opts.signal?.aborted) throw e;
+    return errorMessage(e); // not a repository, no commit yet: nothing to key
+  });
+  if (typeof read === 'string') return { key: null, why: read };
+  const [head, refs] = read;
+  if (refs.exitCode !== 0) return { key: null, why: `git for-each-ref failed in ${sourcePath}: ${refs.stderr.trim()}` };
+  const shallowText = await readFile(resolve(sourcePath, head.shallowFile), 'utf8').catch(() => '');
   const manifest = await readFile(join(input.image.dir, 'manifest.json')).catch(() => undefined);
   const seed = await stat(join(input.image.dir, input.image.workSeed)).catch(() => undefined);
   if (!manifest || !seed) return { key: null, why: `image ${input.image.name} is incomplete` };
   const parts: CacheKeyParts = {
     format: CACHE_FORMAT,
     sourcePath,
-    repoRoot: top.stdout.trim(),
-    gitDir: dir.stdout.trim(),
-    headCommit: head.stdout.trim(),
-    currentBranch: branch.exitCode === 0 && branch.stdout.trim() ? branch.stdout.trim() : null,
+    repoRoot: head.repoRoot,
+    gitDir: head.gitDir,
+    headCommit: head.headCommit,
+    currentBranch: head.currentBranch,
     refs: sha(`${refs.stdout}\n--shallow--\n${shallowText}`),
     mode: input.mode,
     guestPath: input.guestPath,

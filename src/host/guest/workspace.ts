@@ -7,6 +7,7 @@ import { execa } from 'execa';
 import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
 import { shellQuote } from '../exec/shell.js';
+import { HOST_GIT_ENV, hostGit, hostGitPaths, inspectRepo, unquoteGitPath, worktreeDelta, type RepoInfo, type WorktreeDelta } from './host-repo.js';
 import { appendPack, appendTo, checkoutPlan, packObjects, removeHostPack, restOfHistory, type HostPack } from './workspace-pack.js';
 
 /**
@@ -50,19 +51,6 @@ export interface GuestExec {
 
 export const WORKSPACE_MODES = ['shallow', 'full_history', 'full_copy'] as const;
 export type WorkspaceMode = (typeof WORKSPACE_MODES)[number];
-
-export interface RepoInfo {
-  /** Absolute, symlinks resolved (git's --show-toplevel). */
-  repoRoot: string;
-  repoName: string;
-  headCommit: string;
-  /** null when HEAD is detached. */
-  currentBranch: string | null;
-  /** Paths of gitlinks (mode 160000) in the index. */
-  submodules: string[];
-  /** Uncommitted changes or untracked, non-ignored files. */
-  dirty: boolean;
-}
 
 export interface PrepareOptions {
   /** Host directory inside the repository; resolved against the process's cwd when relative. */
@@ -235,64 +223,6 @@ export function validateRevision(r: unknown, what = 'revision'): string {
   return r;
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Host side: inspecting the repository
-
-/** Environment for every host git: never take optional locks (status would otherwise rewrite the index). */
-const HOST_GIT_ENV = { GIT_OPTIONAL_LOCKS: '0', LC_ALL: 'C' };
-
-/** What prepare needs besides RepoInfo (prepare skips `git status`: its `dirty` is then always false). */
-interface RepoDetails extends RepoInfo {
-  gitDir: string;
-  objectFormat: string;
-}
-
-async function hostGit(
-  runner: Runner,
-  cwd: string,
-  args: string[],
-  opts: { signal?: AbortSignal; reject?: boolean; input?: string } = {},
-) {
-  return runner('git', ['-C', cwd, ...args], {
-    signal: opts.signal,
-    env: HOST_GIT_ENV,
-    reject: opts.reject,
-    input: opts.input,
-  });
-}
-
-/**
- * Paths from git, byte-exact whatever the runner's encoding: with core.quotePath=true, git prints every path
- * that is not plain printable ASCII as a C-style quoted string ("\303\274", "\n"), so each line is ASCII.
- */
-async function hostGitPaths(runner: Runner, cwd: string, args: string[], signal?: AbortSignal): Promise<string[]> {
-  const r = await hostGit(runner, cwd, ['-c', 'core.quotePath=true', ...args], { signal });
-  return r.stdout.split('\n').filter((l) => l !== '');
-}
-
-const C_ESCAPES: Record<string, number> = { a: 7, b: 8, t: 9, n: 10, v: 11, f: 12, r: 13, '"': 34, '\\': 92 };
-
-/** Undo git's C-style path quoting (quote_c_style) into the path's bytes. */
-export function unquoteGitPath(s: string): Buffer {
-  if (!(s.length >= 2 && s.startsWith('"') && s.endsWith('"'))) return Buffer.from(s, 'utf8');
-  const out: number[] = [];
-  for (let i = 1; i < s.length - 1; i++) {
-    const ch = s[i];
-    if (ch !== '\\') {
-      for (const b of Buffer.from(ch, 'utf8')) out.push(b);
-      continue;
-    }
-    const next = s[++i];
-    if (next >= '0' && next <= '7') {
-      out.push(parseInt(s.slice(i, i + 3), 8) & 0xff);
-      i += 2;
-    } else {
-      out.push(C_ESCAPES[next] ?? next.charCodeAt(0));
-    }
-  }
-  return Buffer.from(out);
-}
-
 function splitNul(buf: Buffer): Buffer[] {
   const out: Buffer[] = [];
   let start = 0;
@@ -305,74 +235,6 @@ function splitNul(buf: Buffer): Buffer[] {
     if (i > start) out.push(buf.subarray(start, i));
     start = i + 1;
   }
-}
-
-/** Inspect a host repository: root, name, HEAD, current branch, submodules, dirtiness. Read-only. */
-export async function inspectRepo(
-  source: string,
-  opts: { runner?: Runner; signal?: AbortSignal } = {},
-): Promise<RepoInfo> {
-  const d = await inspectDetails(source, opts.runner ?? run, opts.signal, true);
-  return {
-    repoRoot: d.repoRoot,
-    repoName: d.repoName,
-    headCommit: d.headCommit,
-    currentBranch: d.currentBranch,
-    submodules: d.submodules,
-    dirty: d.dirty,
-  };
-}
-
-async function inspectDetails(source: string, runner: Runner, signal: AbortSignal | undefined, withDirty: boolean): Promise<RepoDetails> {
-  const abs = resolve(source);
-  const st = await stat(abs).catch(() => undefined);
-  if (!st) throw new BangerError('not_found', `${abs} does not exist`, 'pass --source a directory inside a git repository');
-  if (!st.isDirectory()) {
-    throw new BangerError('usage', `${abs} is not a directory`, 'pass --source a directory inside a git repository');
-  }
-  const top = await hostGit(runner, abs, ['rev-parse', '--show-toplevel'], { signal, reject: false });
-  if (top.exitCode !== 0 || top.stdout.trim() === '') {
-    const why = top.stderr.trim();
-    if (/not a git repository/i.test(why) || why === '') {
-      throw new BangerError(
-        'usage',
-        `${abs} is not a git repository`,
-        'run it inside a git checkout, or pass --source a directory inside one (git init makes one)',
-      );
-    }
-    throw new BangerError('usage', `${abs} is not a usable git working tree: ${why.split('\n').pop()}`,
-      'banger copies a git working tree (not a bare repository)');
-  }
-  const repoRoot = top.stdout.replace(/\n$/, '');
-  const head = await hostGit(runner, repoRoot, ['rev-parse', '-q', '--verify', 'HEAD^{commit}'], { signal, reject: false });
-  if (head.exitCode !== 0) {
-    throw new BangerError('usage', `${repoRoot} has no commits yet`, 'commit something first: the guest gets the repository at a commit');
-  }
-  const [branch, gitDir, format, stage, status] = await Promise.all([
-    hostGit(runner, repoRoot, ['symbolic-ref', '-q', '--short', 'HEAD'], { signal, reject: false }),
-    hostGit(runner, repoRoot, ['rev-parse', '--absolute-git-dir'], { signal }),
-    hostGit(runner, repoRoot, ['rev-parse', '--show-object-format'], { signal, reject: false }),
-    hostGitPaths(runner, repoRoot, ['ls-files', '--stage'], signal),
-    withDirty ? hostGit(runner, repoRoot, ['status', '--porcelain', '--untracked-files=normal'], { signal }) : undefined,
-  ]);
-  const submodules: string[] = [];
-  for (const line of stage) {
-    // "<mode> <sha> <stage>\t<path>"
-    if (!line.startsWith('160000 ')) continue;
-    const p = unquoteGitPath(line.slice(line.indexOf('\t') + 1)).toString('utf8');
-    if (!submodules.includes(p)) submodules.push(p);
-  }
-  const fmt = format.stdout.trim();
-  return {
-    repoRoot,
-    repoName: basename(repoRoot),
-    headCommit: head.stdout.trim(),
-    currentBranch: branch.exitCode === 0 && branch.stdout.trim() ? branch.stdout.trim() : null,
-    submodules,
-    dirty: status ? status.stdout.trim().length > 0 : false,
-    gitDir: gitDir.stdout.trim(),
-    objectFormat: fmt === 'sha256' ? 'sha256' : 'sha1',
-  };
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -932,7 +794,7 @@ const PREPARE = 'workspace prepare';
 
 /** The repository inspected, the mode checked against it and the base resolved: all a prepare needs from the host first. */
 async function preparation(exec: GuestExec, opts: PrepareOptions, ctx: PrepareContext, runner: Runner, where: ReturnType<typeof checkPrepareOptions>): Promise<Prepare> {
-  const repo = await inspectDetails(opts.source, runner, ctx.signal, false);
+  const repo = await inspectRepo(opts.source, { runner, signal: ctx.signal });
   await checkModeFits(opts.mode, repo);
   const base = await resolveBase(runner, repo, where.from, ctx.signal);
   return { exec, opts, ctx, runner, repo, ...where, ...base, preparedAt: new Date().toISOString(), sourcePath: resolve(opts.source) };
@@ -944,7 +806,7 @@ interface Prepare {
   opts: PrepareOptions;
   ctx: PrepareContext;
   runner: Runner;
-  repo: RepoDetails;
+  repo: RepoInfo;
   dest: string;
   stagePath: string;
   newBranch?: string;
@@ -974,7 +836,7 @@ function checkPrepareOptions(opts: PrepareOptions) {
 }
 
 /** Submodules go only with full_copy, which needs a plain .git directory. */
-async function checkModeFits(mode: WorkspaceMode, repo: RepoDetails): Promise<void> {
+async function checkModeFits(mode: WorkspaceMode, repo: RepoInfo): Promise<void> {
   if (mode !== 'full_copy' && repo.submodules.length > 0) {
     throw new BangerError(
       'usage',
@@ -986,7 +848,7 @@ async function checkModeFits(mode: WorkspaceMode, repo: RepoDetails): Promise<vo
 }
 
 /** The base: `from` resolved on the host, never silently HEAD; and its local branch, when it names one. */
-async function resolveBase(runner: Runner, repo: RepoDetails, from: string | undefined, signal?: AbortSignal) {
+async function resolveBase(runner: Runner, repo: RepoInfo, from: string | undefined, signal?: AbortSignal) {
   if (from === undefined) return { baseCommit: repo.headCommit, fromBranch: null };
   const root = repo.repoRoot;
   const r = await hostGit(runner, root, ['rev-parse', '-q', '--verify', `${from}^{commit}`], { signal, reject: false });
@@ -1133,7 +995,7 @@ async function hostRefs(runner: Runner, root: string, signal?: AbortSignal): Pro
  */
 async function sendPackedTree(
   exec: GuestExec,
-  w: { what: string; dest: string; stagePath: string; replace: string; repo: RepoDetails; tips: string[]; noWalk: boolean; refs: Buffer; finish: string[] },
+  w: { what: string; dest: string; stagePath: string; replace: string; repo: RepoInfo; tips: string[]; noWalk: boolean; refs: Buffer; finish: string[] },
   ctx: PrepareContext,
   runner: Runner,
 ): Promise<{ bytes: number; result: GuestExecResult; delta?: WorktreeDelta }> {
@@ -1267,7 +1129,7 @@ function reusableMarker(marker: string, sourcePath: string, mode: WorkspaceMode,
  */
 async function prepareIncremental(
   exec: GuestExec,
-  w: { dest: string; repo: RepoDetails; old: { head: string; marker: string }; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
+  w: { dest: string; repo: RepoInfo; old: { head: string; marker: string }; tips: string[]; refUpdates: string[]; shallow: string[]; marker: string },
   ctx: PrepareContext,
   runner: Runner,
 ): Promise<{ bytes: number; delta: WorktreeDelta } | undefined> {
@@ -1303,18 +1165,20 @@ async function prepareIncremental(
 /**
  * The workspace cache's hit: the guest path `dest` holds what a plain prepare of this source at this HEAD left
  * (`from`), so one guest command (RESUME_SCRIPT) turns its delta into the host's current one. It starts at once
- * (the guest checks the marker) while the host inspects the repository, waits for `when`, lists its delta and
- * plans; then the header and the tar follow on its stdin. Undefined, with nothing changed in the guest, when
+ * (the guest checks the marker) while the host inspects the repository, lists its delta while `when` is decided,
+ * and plans; then the header and the tar follow on its stdin. Undefined, with nothing changed in the guest, when
  * `from` is not this HEAD's, `when` is false, or the guest's marker differs (a normal prepare follows).
  */
 async function resumeWorkspace(exec: GuestExec, dest: string, from: ResumePoint, prepared: Promise<Prepare>, when: Promise<boolean>, ctx: PrepareContext): Promise<WorkspacePrepareResult | undefined> {
   let sent: { p: Prepare; marker: string; delta: WorktreeDelta } | undefined;
   const feed: Feed = async (input, signal, started) => {
-    const [p, go] = await Promise.all([prepared, when]);
+    const p = await prepared;
     const was = parseMarker(from.marker);
-    if (!go || was?.headCommit !== p.repo.headCommit || was.sourcePath !== p.sourcePath || was.mode !== p.opts.mode) return;
+    if (!was || was.headCommit !== p.repo.headCommit || was.sourcePath !== p.sourcePath || was.mode !== p.opts.mode) return;
     const root = p.repo.repoRoot;
-    const delta = await worktreeDelta(p.runner, root, signal);
+    // the delta while `when` is decided (a hit waits for both; when it is false, the delta goes unused)
+    const [go, delta] = await Promise.all([when, worktreeDelta(p.runner, root, signal)]);
+    if (!go) return;
     const plan = await resumePlan(p.runner, root, p.repo.headCommit, from.delta, delta, signal);
     const marker = markerOf(p, { readOnly: false, branch: null });
     sent = { p, marker, delta };
@@ -1396,41 +1260,6 @@ async function checkFullCopyable(root: string, gitDir: string): Promise<void> {
       'run `git repack -a -d` and remove objects/info/alternates, or use --mode shallow or full_history',
     );
   }
-}
-
-/**
- * How the host's working tree differs from HEAD, as NUL-terminated path lists: `send` (changed, added, type- or
- * mode-changed, and untracked non-ignored files) and `deleted` (gone from the working tree, or no longer a file:
- * a file that became a directory is deleted here and its new contents are untracked, so they are sent).
- */
-export interface WorktreeDelta {
-  /** Changed and untracked files, NUL-terminated. */
-  send: Buffer;
-  /** Files deleted (or replaced by a directory), NUL-terminated. */
-  deleted: Buffer;
-}
-
-export async function worktreeDelta(runner: Runner, root: string, signal?: AbortSignal): Promise<WorktreeDelta> {
-  const [changed, untracked] = await Promise.all([
-    hostGitPaths(runner, root, ['diff', '--name-status', '--no-renames', '--no-ext-diff', '--ignore-submodules=none', 'HEAD', '--'], signal),
-    hostGitPaths(runner, root, ['ls-files', '--others', '--exclude-standard'], signal),
-  ]);
-  const send: Buffer[] = [];
-  const deleted: Buffer[] = [];
-  const seen = { send: new Set<string>(), deleted: new Set<string>() };
-  const nul = Buffer.from([0]);
-  const add = (to: 'send' | 'deleted', path: string) => {
-    if (seen[to].has(path)) return; // unmerged entries can be listed once per stage
-    seen[to].add(path);
-    (to === 'send' ? send : deleted).push(unquoteGitPath(path), nul);
-  };
-  for (const line of changed) {
-    const tab = line.indexOf('\t');
-    add(line.slice(0, tab) === 'D' ? 'deleted' : 'send', line.slice(tab + 1));
-  }
-  // A path removed from the index but still present is both: deleted first, then sent.
-  for (const path of untracked) add('send', path);
-  return { send: Buffer.concat(send), deleted: Buffer.concat(deleted) };
 }
 
 /** The host's own shallow boundary (a shallow host clone stays shallow in the guest). */
