@@ -40,13 +40,6 @@ async function makeRepo(root: string, name: string): Promise<string> {
   return dir;
 }
 
-/** A committed 300 KiB random file: enough input for the bulk port (a smaller one goes over SSH). */
-async function commitLargeBlob(repo: string): Promise<void> {
-  writeFileSync(join(repo, 'large.bin'), randomBytes(300 * 1024));
-  await git(repo, 'add', 'large.bin');
-  await git(repo, 'commit', '-qm', 'large');
-}
-
 /** The message of ws's last prepare in its lifecycle log: `cache …, N bytes sent over <channel>`. */
 async function lastPrepareLog(call: (m: 'vm.logs', p: { vm: string }) => Promise<unknown>): Promise<string | undefined> {
   const logs = (await call('vm.logs', { vm: 'ws' })) as Array<{ stage: string; message?: string | null }>;
@@ -146,7 +139,7 @@ describeE2E('workspaces against a real guest', () => {
     expect(created.workspace.bytesSent).toBeLessThan(fresh.bytesSent);
     // one guest command from the entry's resume point, not a re-prepare: the VM's lifecycle log says which
     const logs = (await b.json(['vm', 'logs', 'hit'])) as Array<{ stage: string; message?: string | null }>;
-    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).map((l) => l.message)).toEqual([`cache hit, resumed from the cached workspace, ${created.workspace.bytesSent} bytes sent over ssh`]); // too little for the bulk port
+    expect(logs.filter((l) => l.stage === 'workspace.prepare' && l.message?.startsWith('cache ')).map((l) => l.message)).toEqual([`cache hit, resumed from the cached workspace, ${created.workspace.bytesSent} bytes sent over virtio-serial`]);
     const hitTree = await guestTree(b, 'hit', '/root/repo');
     expect(hitTree).toEqual(await guestTree(b, 'ws', '/root/fresh'));
     expect(hitTree['later.txt']).toBeDefined();
@@ -167,7 +160,6 @@ describeE2E('workspaces against a real guest', () => {
 
   it.each(['shallow', 'full_history', 'full_copy'] as const)('round trip (%s): the patch from headCommit applied on a copy of the host repo gives exactly the guest tree; export mutates nothing', async (mode) => {
     const repo = await makeRepo(tmp, `rich-${mode}`);
-    await commitLargeBlob(repo);
     const dest = `/root/rich-${mode}`;
     const prep = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: dest, mode });
     expect(await lastPrepareLog(call)).toBe(`cache off, fresh, ${prep.bytesSent} bytes sent over virtio-serial`);
@@ -204,10 +196,9 @@ describeE2E('workspaces against a real guest', () => {
 
   it('the stream goes over the bulk port; while a guest process holds the port, the same prepare goes over SSH and gives the same tree', async () => {
     const repo = await makeRepo(tmp, 'channels');
-    await commitLargeBlob(repo);
     const viaPort = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/via-port' });
     expect(await lastPrepareLog(call)).toBe(`cache off, fresh, ${viaPort.bytesSent} bytes sent over virtio-serial`);
-    // the port opens once at a time: a guest process holding it leaves the wrapper nothing, and the host falls back
+    // the port opens once at a time: a guest process holding it leaves the prologue nothing, and the host falls back
     await b.ok(['vm', 'ssh', 'ws', '--', 'sh', '-c', 'exec 3< /dev/virtio-ports/org.banger.bulk; setsid sleep 600 <&3 > /dev/null 2>&1 3<&- &']);
     try {
       const viaSsh = await call('vm.workspace.prepare', { vm: 'ws', source: repo, guestPath: '/root/via-ssh' });

@@ -9,21 +9,19 @@
  *
  * The command itself still runs over SSH (its exit status, stdout and stderr come back there); only its stdin
  * moves. The handshake, so that nothing is lost and nothing stale is read:
- * 1. The host connects to the port's socket, then starts the command inside BULK_WRAPPER.
- * 2. The wrapper opens the port and writes `ready <token>`. The host reads that (at most a line; a guest that
+ * 1. The host connects to the port's socket, then starts the command over SSH at once, after bulkPrologue.
+ * 2. The prologue opens the port and writes `ready <token>`. The host reads that (at most a line; a guest that
  *    sends anything else is not listened to further).
  * 3. The host writes `<token>` on a line, then the stream, then closes the socket (the guest reads EOF).
- * 4. The wrapper checks the token line and execs the command with the port as its stdin.
- * Until the host writes the token it has consumed nothing of the input, so whenever the wrapper gives up first
+ * 4. The prologue checks the token line and runs the command with the port as its stdin.
+ * Until the host writes the token it has consumed nothing of the input, so whenever the prologue gives up first
  * (no port, the port held by another guest process, an old guest, no ready within READY_TIMEOUT_MS) the command
- * runs over SSH's stdin as before. So does an input under BULK_MIN_BYTES, and a second stream while the port
- * carries one.
+ * runs over SSH's stdin as before. So does a second stream while the port carries one.
  */
 import { randomBytes } from 'node:crypto';
 import { createConnection, type Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import { BangerError } from '../../errors.js';
-import { shellQuote } from '../exec/shell.js';
 import type { GuestExec, GuestExecResult } from './workspace.js';
 
 /** The port's name, as the guest sees it in /dev/virtio-ports/. */
@@ -33,20 +31,19 @@ export const BULK_PORT_NAME = 'org.banger.bulk';
 const READY_TIMEOUT_MS = 15_000;
 const CONNECT_TIMEOUT_MS = 3_000;
 /**
- * A smaller input (a cache hit's delta, a re-prepare's few files) goes over SSH, sparing the guest the handshake's
- * two processes: so little gains nothing from the port (a cache hit's prepare of 20 KB over a pooled connection:
- * 0.82, 0.88 and 0.92 s over SSH in three runs, 0.88 and 1.01 s over the port in two).
+ * Put in front of the command, in the same shell (the login shell SSH runs it in), so choosing the input costs the
+ * guest no process of its own: under TCG each one costs it about 60 ms. The token is hex, so it goes into the text
+ * as it is.
  */
-const BULK_MIN_BYTES = 256 * 1024;
-
-/** $1 the token, $2 the command (a shell command line, as SSH would run it). */
-const BULK_WRAPPER = `port=/dev/virtio-ports/${BULK_PORT_NAME}
-[ -c "$port" ] || exit 75
-exec 3<>"$port"
-printf 'ready %s\\n' "$1" >&3
-IFS= read -r line <&3 || exit 75
-[ "$line" = "$1" ] || { echo "banger: the bulk port carried something else before the stream (left by an earlier, cut-off one); nothing was changed: run the prepare again" >&2; exit 75; }
-exec sh -c "$2" 0<&3 3<&-`;
+const bulkPrologue = (token: string) => `[ -c /dev/virtio-ports/${BULK_PORT_NAME} ] || exit 75
+exec 3<>/dev/virtio-ports/${BULK_PORT_NAME} || exit 75
+printf 'ready %s\\n' ${token} >&3
+IFS= read -r banger_answer <&3 || exit 75
+case $banger_answer in
+  ${token}) exec 0<&3 3<&- ;;
+  *) echo "banger: the bulk port carried something else before the stream (left by an earlier, cut-off one); nothing was changed: run the prepare again" >&2; exit 75 ;;
+esac
+`;
 
 /** Which way a command's input went. */
 export type InputChannel = 'virtio-serial' | 'ssh';
@@ -63,70 +60,34 @@ export function withBulkInput(exec: GuestExec, socketPath: string, used: (c: Inp
     const input = opts.stdin;
     if (!isStream(input) || busy.has(socketPath) || opts.signal?.aborted) return exec(command, opts);
     busy.add(socketPath);
+    const sock = await connectOrUndefined(socketPath);
     try {
-      const head = await peek(input, BULK_MIN_BYTES);
-      if (head.ended) return viaSsh(head.bytes);
-      const sock = await connectOrUndefined(socketPath);
-      if (!sock) return viaSsh(input);
-      try {
-        const r = await overPort(exec, command, opts, input, sock);
-        if (r) used('virtio-serial');
-        return r ?? viaSsh(input);
-      } finally {
-        sock.destroy();
-      }
+      const r = sock ? await overPort(exec, command, opts, input, sock) : undefined;
+      used(r ? 'virtio-serial' : 'ssh');
+      return r ?? (await exec(command, opts));
     } finally {
+      sock?.destroy();
       busy.delete(socketPath);
-    }
-    function viaSsh(stdin: Readable | Buffer) {
-      used('ssh');
-      return exec(command, { ...opts, stdin });
     }
   };
 }
 
-/**
- * The first `atLeast` bytes of `input`, put back for whoever reads it next; or all of it, when it ends sooner.
- * Rejects when the stream fails or closes first (its consumer has given up).
- */
-function peek(input: Readable, atLeast: number): Promise<{ bytes: Buffer; ended: boolean }> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let n = 0;
-    const onReadable = () => {
-      let c: Buffer | null;
-      while (n < atLeast && (c = input.read()) !== null) {
-        chunks.push(c);
-        n += c.length;
-      }
-      if (n >= atLeast) finish(false);
-    };
-    const onEnd = () => finish(true);
-    const onFail = (e?: Error) => (stop(), reject(e ?? new BangerError('aborted', 'the input closed before it was sent')));
-    const stop = () => input.off('readable', onReadable).off('end', onEnd).off('error', onFail).off('close', onFail);
-    const finish = (ended: boolean) => {
-      stop();
-      const bytes = Buffer.concat(chunks);
-      if (!ended) input.unshift(bytes);
-      resolve({ bytes, ended });
-    };
-    input.on('readable', onReadable).on('end', onEnd).on('error', onFail).on('close', onFail);
-  });
-}
-
 const isStream = (s: unknown): s is Readable => typeof s === 'object' && s !== null && typeof (s as Readable).pipe === 'function';
 
-/** The command over SSH with its stdin from the port; undefined when the guest gave up before the stream started. */
+/**
+ * The command over SSH, started at once after bulkPrologue, its stdin from the port. When the guest gave up before
+ * the stream started: undefined, none of `input` used.
+ */
 async function overPort(exec: GuestExec, command: string, opts: NonNullable<Parameters<GuestExec>[1]>, input: Readable, sock: Socket): Promise<GuestExecResult | undefined> {
   const token = randomBytes(16).toString('hex');
-  const run = exec(shellQuote(['sh', '-c', BULK_WRAPPER, 'banger', token, command]), { ...opts, stdin: undefined });
+  const run = exec(bulkPrologue(token) + command, { ...opts, stdin: undefined });
   const settled = run.then(() => undefined, () => undefined);
   const ready = await Promise.race([readyLine(sock, token, opts.signal), settled.then(() => false)]);
   if (!ready) {
     sock.destroy(); // the guest reads EOF and gives up, if it has not already
     const r = await run;
     if (opts.signal?.aborted) return r;
-    if (r.exitCode === 0) throw new BangerError('internal', 'the bulk wrapper exited 0 without a stream');
+    if (r.exitCode === 0) throw new BangerError('internal', 'the bulk prologue exited 0 without a stream');
     return undefined;
   }
   sock.write(`${token}\n`);
