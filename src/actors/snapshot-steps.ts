@@ -24,6 +24,7 @@ import { agentRefreshIdentity, unixChannel } from '../host/guest/agent.js';
 import { agentSocketPath, findFreePort, liveBulkSocket } from '../host/vmm/qemu/qemu.js';
 import { macForVm } from '../host/net/net.js';
 import { writeIdentityDisk } from '../host/disk/identity-disk.js';
+import { CACHED_BASE_NAME } from '../host/disk/disks.js';
 import { readManifest } from '../host/image/image.js';
 
 /**
@@ -40,7 +41,7 @@ export async function readLayers(f: VmFiles): Promise<VmLayers | undefined> {
   }
 }
 
-async function writeLayers(f: VmFiles, layers: VmLayers): Promise<void> {
+export async function writeLayers(f: VmFiles, layers: VmLayers): Promise<void> {
   const tmp = join(f.dir, `layers.json.${randomBytes(3).toString('hex')}`);
   await writeFile(tmp, JSON.stringify(layers));
   await rename(tmp, join(f.dir, 'layers.json'));
@@ -145,6 +146,9 @@ async function saveWithLayers(
     kept = { root: { file: `root.${frozen.root.format}`, format: frozen.root.format }, work: { file: `work.${frozen.work.format}`, format: frozen.work.format } };
     await keep(frozen.root, kept.root.file, baseMeta?.root);
     await keep(frozen.work, kept.work.file, baseMeta?.work);
+    // a work overlay on a cached disk names that disk's link relative: it goes with the overlay
+    const cachedBase = join(o.f.dir, CACHED_BASE_NAME);
+    if (!baseMeta && frozen.work.file === o.f.workOverlay && existsSync(cachedBase)) await linkOrCopy(cachedBase, join(o.dir, CACHED_BASE_NAME));
   };
   const save = () =>
     saveQemuState(o.proc, { stateFile: join(o.dir, 'state.bin'), migSocket: join(env.layout.run, `${ctx.id}.mig`), newLayers, after: o.stop ? 'quit' : 'resume', signal, onFrozen });
@@ -158,7 +162,7 @@ async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSi
   const dir = snapshotDir(env.layout.home, snap.id);
   const f = vmFiles(env.layout, ctx.id);
   await mkdir(f.dir, { recursive: true, mode: 0o700 });
-  const work = join(f.dir, 'work.qcow2');
+  const work = f.workOverlay;
   const overlay = async (backing: SnapshotLayer, dst: string) => {
     if (existsSync(dst)) return;
     const partial = `${dst}.partial`;

@@ -23,7 +23,7 @@ import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
-import { cloneDisk, createWorkDisk, growDisk, overlayDisk, type NetworkConfig } from '../host/disk/disks.js';
+import { cloneDisk, createWorkDisk, growDisk, overlayDisk, overlayOnCachedDisk, type NetworkConfig } from '../host/disk/disks.js';
 import { customizeRootDisk, writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { workDiskFromTemplate } from '../host/disk/work-disk-template.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
@@ -31,7 +31,7 @@ import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
 import { macForVm } from '../host/net/net.js';
 import { testStageDelay } from './fault-injection.js';
-import { makeSnapshotSteps, readLayers } from './snapshot-steps.js';
+import { makeSnapshotSteps, readLayers, writeLayers } from './snapshot-steps.js';
 
 export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
 
@@ -80,7 +80,10 @@ export interface VmFiles {
   rootOverlay: string;
   /** The VM's identity disk (hostname, host key, network, git identity) for the image to apply at boot. */
   identityDisk: string;
+  /** A raw work disk: a clone of the image's template, a fresh one, or a copy of a cached one. */
   workDisk: string;
+  /** A qcow2 work disk: an overlay on a cached disk linked beside it (QEMU), or on a snapshot's layer (a fork). */
+  workOverlay: string;
   serialLog: string;
   hostKey: string;
   hostKeyPub: string;
@@ -96,6 +99,7 @@ export function vmFiles(layout: Layout, id: string): VmFiles {
     rootOverlay: join(dir, 'root.qcow2'),
     identityDisk: join(dir, 'identity.tar'),
     workDisk: join(dir, Files.workDisk),
+    workOverlay: join(dir, 'work.qcow2'),
     serialLog: join(dir, Files.serialLog),
     hostKey: join(dir, Files.hostKey),
     hostKeyPub: join(dir, `${Files.hostKey}.pub`),
@@ -342,23 +346,25 @@ const vmGitIdentity = (env: StepEnv, ctx: VmContext) => ctx.spec.gitIdentity ?? 
 /**
  * The VM's work disk: from the workspace cache when the create names a cached disk (a failed clone is a miss),
  * else a clone of the image's work disk template, else (file_sync configured: its files are read at each create) a
- * fresh one. A VM with an identity disk gets its git identity from there, except on a cached disk, which has the
- * cached VM's.
+ * fresh one. A VM with an identity disk gets its git identity from there (a cached disk carries none), and a
+ * cached disk as an overlay (workOverlayOnCached); a failed overlay is a copy instead.
  */
 async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   const f = vmFiles(env.layout, ctx.id);
-  if (existsSync(f.workDisk)) {
+  if (existsSync(f.workDisk) || existsSync(f.workOverlay)) {
+    if (existsSync(f.workOverlay) && !(await readLayers(f))) await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: f.workOverlay, format: 'qcow2' } });
     env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
     return;
   }
   const image = await imageOf(env, ctx.spec.image);
   const seedImage = join(image.dir, image.workSeed);
   const cached = ctx.spec.workspace?.cachedDisk;
-  const onIdentityDisk = existsSync(f.identityDisk) && !cached;
+  const onIdentityDisk = existsSync(f.identityDisk);
   const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), onIdentityDisk ? undefined : vmGitIdentity(env, ctx)]));
   if (cached) {
-    const made = await stage(env, ctx.id, 'workDisk.fromCache', () => cloneWorkDisk(cached, f.workDisk, { gitIdentity: git, seedImage, runner: env.runner, signal }), (s) => `strategy=${s}`)
-      .then(() => true, () => false);
+    const clone = () => cloneWorkDisk(cached, f.workDisk, { gitIdentity: git, seedImage, runner: env.runner, signal });
+    const fromCache = onIdentityDisk ? () => workOverlayOnCached(env, f, cached, image.dir, signal).catch(clone) : clone;
+    const made = await stage(env, ctx.id, 'workDisk.fromCache', fromCache, (s) => `strategy=${s}`).then(() => true, () => false);
     if (made) return;
   }
   const common = { sizeBytes: ctx.spec.diskBytes, seedImage, authorizedKeys: key.publicKey + '\n', gitIdentity: git, runner: env.runner, signal };
@@ -369,6 +375,18 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
     return;
   }
   await stage(env, ctx.id, 'workDisk', () => createWorkDisk(f.workDisk, { ...common, fileSync }), () => `size=${ctx.spec.diskBytes}, fresh (file_sync)`);
+}
+
+/**
+ * A QEMU VM's work disk as a qcow2 overlay on the cached disk, linked into its directory (overlayOnCachedDisk):
+ * constant time where a copy costs the disk's data. Its git identity comes from its identity disk (a cached disk
+ * carries none). Recorded as the VM's layers, so the VMM, snapshots and `vm show` find it.
+ */
+async function workOverlayOnCached(env: StepEnv, f: VmFiles, cached: string, templateDir: string, signal: AbortSignal) {
+  if (!(await which('qemu-img', env.runner))) throw new BangerError('unsupported', 'qemu-img is not installed');
+  const strategy = await overlayOnCachedDisk(cached, f.workOverlay, { templateDir, runner: env.runner, signal });
+  await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: f.workOverlay, format: 'qcow2' } });
+  return strategy;
 }
 
 /** For a tap VM: the lease again (it re-creates a vanished TAP), which must be the one the VM was created with. */
@@ -534,7 +552,7 @@ async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal
   const want = ctx.pendingSet;
   if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
     const f = vmFiles(env.layout, ctx.id);
-    if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a stack of snapshot layers, which banger does not grow`, 'create a new VM with a larger --disk instead');
+    if (await readLayers(f)) throw new BangerError('unsupported', `vm ${ctx.name}'s work disk is a qcow2 overlay (on a snapshot's layers or a cached disk), which banger does not grow`, 'create a new VM with a larger --disk instead');
     await stage(env, ctx.id, 'workDisk.grow', () => growDisk(f.workDisk, want.diskBytes!, { runner: env.runner, signal }), () => `size=${want.diskBytes}`);
   }
 }

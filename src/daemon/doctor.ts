@@ -184,17 +184,18 @@ async function cowChecks(d: DaemonServices): Promise<Check[]> {
 }
 
 /**
- * How a workspace cache hit clones the cached work disk, strategy by strategy: reflink when the filesystem has it,
- * else a full (sparse) copy, which the create or prepare output warns about. No qcow2 overlay: the clone gets the
- * new VM's identity written into it with debugfs, which needs a raw image.
+ * How a workspace cache hit gets the cached work disk, strategy by strategy: a QEMU VM on an image with an identity
+ * disk, a qcow2 overlay on a hard link of it (constant time); else a reflink where the filesystem has it, else a
+ * full (sparse) copy, which the create or prepare output warns about.
  */
 function workspaceCloneChecks(probed: Awaited<ReturnType<typeof probeCowStrategies>>): Check[] {
   const reflink = probed.find((c) => c.strategy === 'reflink');
   const copy = probed.find((c) => c.strategy === 'sparse-copy');
+  const overlay = probed.find((c) => c.strategy === 'qcow2-overlay');
   return [
-    { name: 'workspace.reflink', status: reflink?.ok ? 'ok' : 'warn', detail: reflink?.ok ? 'workspace cache hits clone the cached work disk instantly' : `not available: ${reflink?.why ?? 'not probed'}` },
-    { name: 'workspace.qcow2-overlay', status: 'warn', detail: 'not used for work disks: a hit writes the new VM\'s identity into its clone with debugfs, which needs a raw image' },
-    { name: 'workspace.full-copy', status: copy?.ok ? 'ok' : 'fail', detail: copy?.ok ? `the fallback${reflink?.ok ? '' : ' in use here'}: a hit copies the cached disk\'s data (the prepare output warns)` : `cannot copy disks: ${copy?.why ?? 'not probed'}` },
+    { name: 'workspace.qcow2-overlay', status: overlay?.ok ? 'ok' : 'warn', detail: overlay?.ok ? 'QEMU VMs on images with an identity disk: a hard link of the cached work disk under a qcow2 overlay, constant time' : `not available: ${overlay?.why ?? 'not probed'}` },
+    { name: 'workspace.reflink', status: reflink?.ok ? 'ok' : 'warn', detail: reflink?.ok ? 'workspace cache hits of other VMs (Firecracker, older images) clone the cached work disk instantly' : `not available: ${reflink?.why ?? 'not probed'}` },
+    { name: 'workspace.full-copy', status: copy?.ok ? 'ok' : 'fail', detail: copy?.ok ? `the fallback${reflink?.ok ? '' : ' in use here'} where there is no overlay: a hit copies the cached disk\'s data (the prepare output warns)` : `cannot copy disks: ${copy?.why ?? 'not probed'}` },
   ];
 }
 

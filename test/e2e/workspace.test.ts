@@ -117,7 +117,7 @@ describeE2E('workspaces against a real guest', () => {
     expect(toStdout.stdout).toBe(readFileSync(patchFile, 'utf8'));
   });
 
-  it('a VM created for a workspace already cached (vm create --workspace) starts from a clone of the cached work disk: the tree equals a fresh prepare\'s, file by file with modes, and only the host\'s delta crossed', async () => {
+  it('a VM created for a workspace already cached (vm create --workspace) starts from the cached work disk (a qcow2 overlay on a hard link of it): the tree equals a fresh prepare\'s, file by file with modes, and only the host\'s delta crossed', async () => {
     const repo = join(tmp, 'app'); // the first test's VM stored its freshly prepared work disk
     const listed = await b.json(['cache', 'list']);
     expect(listed.entries.map((e: { sourcePath: string }) => e.sourcePath)).toContain(repo);
@@ -155,7 +155,17 @@ describeE2E('workspaces against a real guest', () => {
     // another mode is another key: a miss
     const other = await b.json(['vm', 'workspace', 'prepare', 'hit', '--source', repo, '--guest-path', '/root/hist', '--mode', 'full_history']);
     expect(other.cache).toBe('off'); // a running VM's later prepares do not use the cache
+    // its work disk is a qcow2 overlay on a hard link of the cached disk: nothing was copied, so nothing to warn of
+    const disk = logs.find((l) => l.stage === 'workDisk.fromCache' && l.message?.startsWith('strategy='));
+    expect(disk?.message).toBe('strategy=qcow2-overlay');
+    expect(created.workspace.warnings ?? []).toEqual([]);
+    // a snapshot takes that link along: with the cache emptied and the VM gone, its fork still has the workspace
+    const forked = await b.json(['vm', 'fork', 'hit', '--name-prefix', 'hitfork'], { timeoutMs: 590_000 });
+    await b.ok(['cache', 'prune']);
     await b.ok(['vm', 'delete', 'hit']);
+    expect(await guestTree(b, 'hitfork-1', '/root/repo')).toEqual(hitTree);
+    await b.ok(['vm', 'delete', 'hitfork-1']);
+    await b.ok(['snapshot', 'delete', forked.snapshot.name]);
   });
 
   it.each(['shallow', 'full_history', 'full_copy'] as const)('round trip (%s): the patch from headCommit applied on a copy of the host repo gives exactly the guest tree; export mutates nothing', async (mode) => {

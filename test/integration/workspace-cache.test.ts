@@ -4,14 +4,14 @@
  * Real git, mkfs.ext4, e2fsck and debugfs; no guest.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WorkspaceCache, workspaceCacheKey, type CacheKeyInput, type CacheKeyParts } from '../../src/host/guest/workspace-cache.js';
-import { cloneWorkDisk } from '../../src/host/disk/work-disk-clone.js';
-import { readDiskFile } from '../../src/host/disk/disks.js';
+import { cloneWorkDisk, stripGitIdentity } from '../../src/host/disk/work-disk-clone.js';
+import { CACHED_BASE_NAME, DEFAULT_IDENTITY_NOTE, overlayOnCachedDisk, readDiskFile, withoutGitIdentity } from '../../src/host/disk/disks.js';
 
 const sh = promisify(execFile);
 const gitEnv = { ...process.env, GIT_AUTHOR_NAME: 't', GIT_AUTHOR_EMAIL: 't@x', GIT_COMMITTER_NAME: 't', GIT_COMMITTER_EMAIL: 't@x', GIT_CONFIG_NOSYSTEM: '1', HOME: '/nonexistent' };
@@ -199,4 +199,36 @@ describe('cloneWorkDisk', { timeout: 60_000 }, () => {
     expect(fsck).toBe(0);
   });
 
+  it('a stored disk carries no git identity: the [user] section and the default note go, the rest stays', async () => {
+    expect(withoutGitIdentity(`[core]\n\tpager = cat\n${DEFAULT_IDENTITY_NOTE}\n[user]\n\tname = vm\n\temail = e@x\n[alias]\n\tst = status\n`)).toBe('[core]\n\tpager = cat\n[alias]\n\tst = status\n');
+    expect(withoutGitIdentity('[User]\n\tname = vm\n')).toBe('');
+    const disk = join(tmp, 'stored.img');
+    await ext4(disk, 32, { '.gitconfig': '[core]\n\tpager = cat\n[user]\n\tname = old-vm\n', 'repo/kept.txt': 'workspace\n' });
+    await stripGitIdentity(disk);
+    expect(await readDiskFile(disk, '/.gitconfig')).toBe('[core]\n\tpager = cat\n');
+    expect(await readDiskFile(disk, '/repo/kept.txt')).toBe('workspace\n');
+  });
+});
+
+describe('overlayOnCachedDisk', { timeout: 60_000 }, () => {
+  it('links the cached disk beside a qcow2 overlay that names it relative, from one template per size', async () => {
+    const cached = join(tmp, 'entry', 'disk.img');
+    await mkdir(join(tmp, 'entry'));
+    await ext4(cached, 32, { 'repo/kept.txt': 'workspace\n' });
+    const templates = join(tmp, 'templates');
+    const vmDir = join(tmp, 'vm-a');
+    await mkdir(vmDir);
+    expect(await overlayOnCachedDisk(cached, join(vmDir, 'work.qcow2'), { templateDir: templates })).toBe('qcow2-overlay');
+    const base = join(vmDir, CACHED_BASE_NAME);
+    expect((await stat(base)).ino).toBe((await stat(cached)).ino); // a hard link: nothing copied
+    const info = JSON.parse((await sh('qemu-img', ['info', '--output=json', join(vmDir, 'work.qcow2')])).stdout);
+    expect(info).toMatchObject({ format: 'qcow2', 'backing-filename': CACHED_BASE_NAME, 'backing-filename-format': 'raw', 'virtual-size': (await stat(cached)).size });
+    // the chain opens from the VM's directory, and the cached disk's data shows through
+    const chain = JSON.parse((await sh('qemu-img', ['info', '--output=json', '--backing-chain', join(vmDir, 'work.qcow2')])).stdout);
+    expect(chain.map((i: { filename: string }) => i.filename)).toEqual([join(vmDir, 'work.qcow2'), base]);
+    // evicting the entry leaves the VM's disk whole
+    await rm(join(tmp, 'entry'), { recursive: true });
+    expect((await stat(base)).size).toBeGreaterThan(0);
+    expect(await readdir(templates)).toHaveLength(1);
+  });
 });

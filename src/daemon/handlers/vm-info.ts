@@ -21,7 +21,7 @@ export function vmInfoHandlers(d: DaemonServices): InfoHandlers {
     'vm.show': async (p) => {
       const id = resolveVm(p.vm);
       const f = vmFiles(layout, id);
-      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(f.workDisk), rootDiskAllocatedBytes: allocated(existsSync(f.rootOverlay) ? f.rootOverlay : f.rootDisk), ...(await guestFields(d, id)) };
+      return { ...view(id), dir: f.dir, serialLog: f.serialLog, workDiskAllocatedBytes: allocated(existsSync(f.workOverlay) ? f.workOverlay : f.workDisk), rootDiskAllocatedBytes: allocated(existsSync(f.rootOverlay) ? f.rootOverlay : f.rootDisk), ...(await guestFields(d, id)) };
     },
 
     'vm.events': async (p) => store.events(resolveVm(p.vm)),

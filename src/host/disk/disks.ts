@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { isIP } from 'node:net';
-import { copyFile, lstat, mkdir, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, link, lstat, mkdir, mkdtemp, readFile, readdir, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, posix } from 'node:path';
 import { BangerError } from '../../errors.js';
@@ -149,7 +149,7 @@ export async function probeCowStrategies(
     await rm(probe, { recursive: true, force: true });
   }
   const qemuImg = await which('qemu-img', runner);
-  const overlayUse = 'QEMU VMs get a qcow2 overlay on the image (constant time, any filesystem) when the image applies its identity from an identity disk (built by banger ≥ 4); Firecracker and other images use reflink, else a sparse copy';
+  const overlayUse = 'QEMU VMs get a qcow2 overlay on the image (constant time, any filesystem) when the image applies its identity from an identity disk (built by banger ≥ 4), and one on a hard link of the cached work disk when they are made for a cached workspace; Firecracker and other images use reflink, else a sparse copy';
   out.push(
     qemuImg
       ? { strategy: 'qcow2-overlay', ok: true, why: `qemu-img found (${qemuImg}): ${overlayUse}` }
@@ -173,32 +173,56 @@ export type RootDiskStrategy = 'qcow2-overlay' | CowStrategy;
  */
 export async function overlayDisk(backing: string, dst: string, opts: Ctx & { templateDir: string }): Promise<'qcow2-overlay'> {
   if (await exists(dst)) return 'qcow2-overlay';
-  const template = await overlayTemplate(backing, opts.templateDir, opts);
-  const partial = `${dst}.partial`;
+  if (!isAbsolute(backing)) throw new BangerError('invalid_params', `backing file ${backing} must be an absolute path`);
+  const st = await stat(backing).catch(() => undefined);
+  if (!st?.isFile()) throw new BangerError('not_found', `disk image ${backing} does not exist`, 'pull or import the image again');
+  const key = createHash('sha256').update(`${backing}\0${st.ino}\0${st.size}\0${st.mtimeMs}`).digest('hex').slice(0, 24);
+  await copyOf(await overlayTemplate(backing, st.size, join(opts.templateDir, `.root-overlay-${key}.qcow2`), opts), dst);
+  return 'qcow2-overlay';
+}
+
+/** The name a cached work disk's link has beside its overlay (the overlay names it relative, see overlayOnCachedDisk). */
+export const CACHED_BASE_NAME = 'work.base.img';
+
+/**
+ * A QEMU VM's work disk from the workspace cache in constant time: a hard link of the cached disk `cached` in the
+ * overlay's directory (so evicting the entry frees nothing the VM still reads, and nothing is copied) and a qcow2
+ * overlay `dst` on it. The overlay names its backing file relative (CACHED_BASE_NAME), so a snapshot that takes
+ * both files into its own directory needs no rebase. Its template lives in `templateDir`, one per disk size.
+ * Throws where no hard link can be made (another filesystem): the caller copies instead.
+ */
+export async function overlayOnCachedDisk(cached: string, dst: string, opts: Ctx & { templateDir: string }): Promise<'qcow2-overlay'> {
+  const base = join(dirname(dst), CACHED_BASE_NAME);
+  await rm(base, { force: true });
+  await link(cached, base);
+  const { size } = await stat(base);
+  await rm(dst, { force: true });
+  await copyOf(await overlayTemplate(CACHED_BASE_NAME, size, join(opts.templateDir, `.work-overlay-${size}.qcow2`), opts), dst);
+  return 'qcow2-overlay';
+}
+
+/** `template`, made once by qemu-img: a qcow2 of `size` bytes over the raw `backing` (a path, or a name relative to the overlay). */
+async function overlayTemplate(backing: string, size: number, template: string, opts: Ctx): Promise<string> {
+  if (await exists(template)) return template;
+  await mkdir(dirname(template), { recursive: true, mode: 0o700 });
+  const partial = `${template}.${process.pid}.${randomBytes(4).toString('hex')}.partial`;
   try {
-    await copyFile(template, partial);
-    await rename(partial, dst);
-    return 'qcow2-overlay';
+    // -u: qemu-img does not open the backing file; its size is given instead.
+    await (opts.runner ?? run)('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, '-u', partial, String(size)], { signal: opts.signal });
+    await rename(partial, template);
+    return template;
   } catch (e) {
     await rm(partial, { force: true });
     throw e;
   }
 }
 
-async function overlayTemplate(backing: string, dir: string, opts: Ctx): Promise<string> {
-  if (!isAbsolute(backing)) throw new BangerError('invalid_params', `backing file ${backing} must be an absolute path`);
-  const st = await stat(backing).catch(() => undefined);
-  if (!st?.isFile()) throw new BangerError('not_found', `disk image ${backing} does not exist`, 'pull or import the image again');
-  const key = createHash('sha256').update(`${backing}\0${st.ino}\0${st.size}\0${st.mtimeMs}`).digest('hex').slice(0, 24);
-  const template = join(dir, `.root-overlay-${key}.qcow2`);
-  if (await exists(template)) return template;
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  const partial = `${template}.${process.pid}.${randomBytes(4).toString('hex')}.partial`;
+/** A copy of `template` at `dst`, made at `dst.partial` and renamed, so `dst` is never half-made. */
+async function copyOf(template: string, dst: string): Promise<void> {
+  const partial = `${dst}.partial`;
   try {
-    // -u: qemu-img does not open the backing file (it was just stat'ed); its size is given instead.
-    await (opts.runner ?? run)('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, '-u', partial, String(st.size)], { signal: opts.signal });
-    await rename(partial, template);
-    return template;
+    await copyFile(template, partial);
+    await rename(partial, dst);
   } catch (e) {
     await rm(partial, { force: true });
     throw e;
@@ -338,6 +362,20 @@ function validateGuestRel(guest: string): string {
 /** The comment above a default identity in the guest's .gitconfig. */
 export const DEFAULT_IDENTITY_NOTE =
   '# Set by banger because the host has no git identity (git config --global user.name / user.email): replace it with yours.';
+
+/**
+ * `text` (a .gitconfig) without its [user] section and the default identity's note: what a workspace cache entry
+ * keeps, so that each VM made from it gets its own identity (the guest appends it at boot from its identity disk).
+ */
+export function withoutGitIdentity(text: string): string {
+  const out: string[] = [];
+  let inUser = false;
+  for (const line of text.split(/(?<=\n)/)) {
+    if (/^\s*\[/.test(line)) inUser = /^\s*\[user\]\s*$/i.test(line);
+    if (!inUser && line.trimEnd() !== DEFAULT_IDENTITY_NOTE) out.push(line);
+  }
+  return out.join('');
+}
 
 /** A git config value, quoted when needed. */
 /** The work disk's /root/.gitconfig: the seed's (`prev`) with the git identity appended as [user]. */

@@ -17,9 +17,11 @@ import { BangerError, errorMessage } from '../../errors.js';
 import { run, type Runner } from '../exec/runner.js';
 import { shellQuote } from '../exec/shell.js';
 import { hostGit, readRepoHead } from './host-repo.js';
+import { stripGitIdentity } from '../disk/work-disk-clone.js';
 import type { GuestExec, ResumePoint, WorkspaceMode } from './workspace.js';
 
-export const CACHE_FORMAT = 1;
+/** 2: an entry's disk carries no git identity (each VM made from it gets its own; entries of format 1 do not match). */
+export const CACHE_FORMAT = 2;
 const KEY_RE = /^[0-9a-f]{64}$/;
 
 export interface CacheKeyInput {
@@ -263,7 +265,10 @@ echo frozen
 `;
 const THAW_SCRIPT = 'fsfreeze -u /root 2>/dev/null || :';
 
-/** Copy a running VM's work disk to `dst` while the guest holds /root frozen (reflink where it can, else sparse). */
+/**
+ * Copy a running VM's work disk to `dst` while the guest holds /root frozen (reflink where it can, else sparse),
+ * then take the VM's git identity out of the copy's /root/.gitconfig (stripGitIdentity).
+ */
 export async function snapshotWorkDisk(
   guest: GuestExec,
   workDisk: string,
@@ -282,4 +287,5 @@ export async function snapshotWorkDisk(
       throw new BangerError('host', `workspace cache: could not thaw the guest's /root (it thaws itself within 120 s): ${errorMessage(e)}`);
     });
   }
+  await stripGitIdentity(dst, { runner, signal: opts.signal });
 }
