@@ -23,7 +23,7 @@ import { formatPublish } from '../rpc/publish.js';
 import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
-import { cloneDisk, createWorkDisk, growDisk, overlayDisk, overlayOnCachedDisk, type NetworkConfig } from '../host/disk/disks.js';
+import { CACHED_BASE_NAME, cloneDisk, createWorkDisk, growDisk, overlayDisk, overlayOnCachedDisk, type NetworkConfig } from '../host/disk/disks.js';
 import { customizeRootDisk, writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { workDiskFromTemplate } from '../host/disk/work-disk-template.js';
 import { readManifest, type ImageManifest } from '../host/image/image.js';
@@ -352,7 +352,7 @@ const vmGitIdentity = (env: StepEnv, ctx: VmContext) => ctx.spec.gitIdentity ?? 
 async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   const f = vmFiles(env.layout, ctx.id);
   if (existsSync(f.workDisk) || existsSync(f.workOverlay)) {
-    if (existsSync(f.workOverlay) && !(await readLayers(f))) await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: f.workOverlay, format: 'qcow2' } });
+    if (existsSync(f.workOverlay) && !(await readLayers(f))) await writeLayers(f, overlayLayers(f));
     env.log(ctx.id, 'workDisk', 'info', undefined, 'work disk already exists; kept');
     return;
   }
@@ -384,10 +384,19 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
  */
 async function workOverlayOnCached(env: StepEnv, f: VmFiles, cached: string, templateDir: string, signal: AbortSignal) {
   if (!(await which('qemu-img', env.runner))) throw new BangerError('unsupported', 'qemu-img is not installed');
-  const strategy = await overlayOnCachedDisk(cached, f.workOverlay, { templateDir, runner: env.runner, signal });
-  await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: f.workOverlay, format: 'qcow2' } });
-  return strategy;
+  try {
+    const strategy = await overlayOnCachedDisk(cached, f.workOverlay, { templateDir, runner: env.runner, signal });
+    await writeLayers(f, overlayLayers(f));
+    return strategy;
+  } catch (e) {
+    // nothing of it may stay for the copy that follows: a later create would take a stray overlay for the work disk
+    await Promise.all([f.workOverlay, join(f.dir, CACHED_BASE_NAME)].map((p) => rm(p, { force: true })));
+    throw e;
+  }
 }
+
+/** The layers of a VM whose work disk is an overlay on a cached disk: its root overlay and that work overlay. */
+const overlayLayers = (f: VmFiles) => ({ root: { file: f.rootOverlay, format: 'qcow2' as const }, work: { file: f.workOverlay, format: 'qcow2' as const } });
 
 /** For a tap VM: the lease again (it re-creates a vanished TAP), which must be the one the VM was created with. */
 export async function checkTapLease(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
