@@ -363,7 +363,11 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
   const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), onIdentityDisk ? undefined : vmGitIdentity(env, ctx)]));
   if (cached) {
     const clone = () => cloneWorkDisk(cached, f.workDisk, { gitIdentity: git, seedImage, runner: env.runner, signal });
-    const fromCache = onIdentityDisk ? () => workOverlayOnCached(env, f, cached, image.dir, signal).catch(clone) : clone;
+    const copyInstead = (e: unknown) => {
+      env.log(ctx.id, 'workDisk.fromCache', 'info', undefined, `no overlay on the cached disk (${errorMessage(e)}): copying it instead`);
+      return clone();
+    };
+    const fromCache = onIdentityDisk ? () => workOverlayOnCached(env, f, cached, image.dir, signal).catch(copyInstead) : clone;
     const made = await stage(env, ctx.id, 'workDisk.fromCache', fromCache, (s) => `strategy=${s}`).then(() => true, () => false);
     if (made) return;
   }
