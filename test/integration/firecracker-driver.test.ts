@@ -600,37 +600,121 @@ describe('snapshots: PATCH /vm, PUT /snapshot/create, PUT /snapshot/load', () =>
     expect((await fresh.describe()).state).toBe('Running');
   });
 
-  it('the driver pauses and snapshots a VM, then restores it into a fresh Firecracker with PUT /snapshot/load', async () => {
-    const bin = await makeBinary();
+  /** A VM's disks with content of its own, an identity disk, and a TAP of its own. */
+  const vmWithDisks = async (tap: string) => {
+    const spec = await makeVm({ net: { mode: 'tap', tap, mac: '' } });
+    spec.net = { mode: 'tap', tap, mac: macForVm(spec.id) };
+    spec.identityDisk = join(spec.vmDir, 'identity.tar');
+    for (const f of [spec.rootDisk, spec.workDisk, spec.identityDisk]) await writeFile(f, `${spec.id} ${f}`);
+    return spec;
+  };
+  const links = (dir: string) => ({ rootfs: join(dir, 'drive-rootfs'), work: join(dir, 'drive-work'), identity: join(dir, 'drive-identity') });
+  /** Points the snapshot's drive links at a VM's own disks, as banger does before each load. */
+  const pointLinks = async (dir: string, spec: LaunchSpec) => {
+    const l = links(dir);
+    for (const [link, target] of [[l.rootfs, spec.rootDisk], [l.work, spec.workDisk], [l.identity, spec.identityDisk!]] as const) {
+      await rm(link, { force: true });
+      await symlink(target, link);
+    }
+  };
+  const ownFiles = (spec: LaunchSpec) => ({ rootfs: spec.rootDisk, work: spec.workDisk, identity: spec.identityDisk });
+
+  it('the fake restores drives and the vsock at their recorded paths: a missing disk fails, a bound socket collides, vsock_override needs 1.16', async () => {
+    const { api, dir } = await booted();
+    const vsockDir = await mkdtemp(join(root, 'vs-'));
+    const disk = join(dir, 'disk');
+    await writeFile(disk, 'd');
+    await api.patch('/drives/rootfs', { drive_id: 'rootfs', path_on_host: disk });
+    expect(fake!.find('PATCH', '/drives/rootfs')[0].opened).toEqual({ rootfs: disk });
+    // the source's vsock (set directly: PUT /vsock is pre-boot only), whose socket is still there at the load
+    fake!.vsock = { guest_cid: 3, uds_path: join(vsockDir, 'src.vsock') };
+    await writeFile(join(vsockDir, 'src.vsock'), '');
+    await api.patch('/vm', { state: 'Paused' });
+    const files = { snapshot_path: join(dir, 'vm.snap'), mem_file_path: join(dir, 'vm.mem') };
+    await api.put('/snapshot/create', files);
+    const load = { snapshot_path: files.snapshot_path, mem_backend: { backend_type: 'File', backend_path: files.mem_file_path } };
+    const fresh = async (vmmVersion?: string) => {
+      await fake!.close();
+      fake!.unlinkSockets();
+      fake = await startFakeFirecracker({ socketPath: join(root, `s${++n}.sock`), id: 'fresh', vmmVersion });
+      return new FirecrackerApi(fake.options.socketPath);
+    };
+    let f = await fresh();
+    expect((await fault(f.put('/snapshot/load', { ...load, vsock_override: { uds_path: join(vsockDir, 'fork.vsock') } }))).faultMessage).toMatch(/unknown field `vsock_override`/);
+    expect((await fault(f.put('/snapshot/load', load))).faultMessage).toMatch(/Vsock.*Address in use/);
+    f = await fresh('1.16.0');
+    await rm(disk);
+    expect((await fault(f.put('/snapshot/load', { ...load, vsock_override: { uds_path: join(vsockDir, 'fork.vsock') } }))).faultMessage).toMatch(/drive rootfs.*No such file/);
+    await writeFile(disk, 'd2');
+    await f.put('/snapshot/load', { ...load, vsock_override: { uds_path: join(vsockDir, 'fork.vsock') } });
+    expect(fake!.find('PUT', '/snapshot/load').at(-1)!.opened).toEqual({ rootfs: disk, vsock: join(vsockDir, 'fork.vsock') });
+  });
+
+  it('the driver snapshots a VM whose drives it points at links, then restores two forks, each on its own disks, TAP and vsock socket', async () => {
+    const bin = await makeBinary({ FAKE_FC_VERSION: '1.16.0' });
     const lines: string[] = [];
     const driver = createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l) });
-    const spec = await makeVm();
-    const proc = await driver.launch(spec);
+    const source = await vmWithDisks('bgtap3');
+    const proc = await driver.launch(source);
     launched.push(proc);
-    const files = { snapshotPath: join(spec.vmDir, 'vm.snap'), memFilePath: join(spec.vmDir, 'vm.mem') };
+    expect(readRecord(bin.record).find((r) => r.path === '/drives/identity')?.body).toEqual({ drive_id: 'identity', path_on_host: source.identityDisk, is_root_device: false, is_read_only: true });
+    const dir = await mkdtemp(join(root, 'snap-'));
+    await pointLinks(dir, source);
+    const files = { snapshotPath: join(dir, 'state.bin'), memFilePath: join(dir, 'memory.bin') };
+    const before = readRecord(bin.record).length;
+    await driver.redirectDrives(proc, links(dir));
     await driver.createSnapshot(proc, files);
-    expect(readRecord(bin.record).filter((r) => r.method !== 'GET').slice(-2).map((r) => [r.method, r.path, r.body, r.status])).toEqual([
-      ['PATCH', '/vm', { state: 'Paused' }, 204],
-      ['PUT', '/snapshot/create', { snapshot_type: 'Full', snapshot_path: files.snapshotPath, mem_file_path: files.memFilePath }, 204],
+    await driver.resume(proc);
+    await driver.redirectDrives(proc, ownFiles(source));
+    const saved = readRecord(bin.record).slice(before).filter((r) => r.method !== 'GET');
+    expect(saved.map((r) => [r.method, r.path, r.status, r.opened])).toEqual([
+      ['PATCH', '/drives/rootfs', 204, { rootfs: source.rootDisk }],
+      ['PATCH', '/drives/work', 204, { work: source.workDisk }],
+      ['PATCH', '/drives/identity', 204, { identity: source.identityDisk }],
+      ['PATCH', '/vm', 204, undefined],
+      ['PUT', '/snapshot/create', 204, undefined],
+      ['PATCH', '/vm', 204, undefined],
+      ['PATCH', '/drives/rootfs', 204, { rootfs: source.rootDisk }],
+      ['PATCH', '/drives/work', 204, { work: source.workDisk }],
+      ['PATCH', '/drives/identity', 204, { identity: source.identityDisk }],
     ]);
-    expect((await driver.status(proc)).state).toBe('paused');
-    await driver.kill(proc);
+    expect(saved[1].body).toEqual({ drive_id: 'work', path_on_host: links(dir).work });
+    expect((await driver.status(proc)).state).toBe('running');
 
-    const bin2 = await makeBinary();
-    const restorer = createFirecrackerDriver({ binary: bin2.path, readyTimeoutMs: READY_MS, log: (l) => lines.push(l) });
-    const restored = await restorer.loadSnapshot(spec, files);
-    launched.push(restored);
-    const puts = readRecord(bin2.record).filter((r) => r.method !== 'GET');
-    expect(puts.map((r) => [r.method, r.path, r.body, r.status])).toEqual([
-      ['PUT', '/snapshot/load', { snapshot_path: files.snapshotPath, mem_backend: { backend_type: 'File', backend_path: files.memFilePath }, resume_vm: true, network_overrides: [{ iface_id: 'eth0', host_dev_name: 'bgtap3' }] }, 204],
-    ]);
-    expect(lines.some((l) => /: snapshot-load \d+ ms$/.test(l))).toBe(true);
-    expect(await restorer.status(restored)).toEqual({ state: 'running', reasons: [] });
-    expect(await restorer.stop(restored, { timeoutMs: 10_000 })).toBe('graceful');
+    // Two forks, the source still running: each load reopens the links, pointed at that fork's own disks just before.
+    const forks = [await vmWithDisks('bgtap4'), await vmWithDisks('bgtap5')];
+    for (const fork of forks) {
+      await pointLinks(dir, fork);
+      const bin2 = await makeBinary({ FAKE_FC_VERSION: '1.16.0' });
+      const restored = await createFirecrackerDriver({ binary: bin2.path, readyTimeoutMs: READY_MS }).loadSnapshot(fork, files);
+      launched.push(restored);
+      const reqs = readRecord(bin2.record).filter((r) => r.method !== 'GET');
+      const vsock = join(fork.runDir, `${firecrackerId(fork.id)}.vsock`);
+      const load = reqs.find((r) => r.path === '/snapshot/load')!;
+      expect(load.body).toEqual({
+        snapshot_path: files.snapshotPath,
+        mem_backend: { backend_type: 'File', backend_path: files.memFilePath },
+        resume_vm: true,
+        network_overrides: [{ iface_id: 'eth0', host_dev_name: fork.net.mode === 'tap' ? fork.net.tap : '' }],
+        vsock_override: { uds_path: vsock },
+      });
+      expect(load.opened).toEqual({ rootfs: fork.rootDisk, work: fork.workDisk, identity: fork.identityDisk, vsock });
+      // then each drive is reopened at the fork's own path, so that the links can move on to the next fork
+      const anchored = reqs.filter((r) => r.method === 'PATCH').map((r) => [r.path, (r.body as { path_on_host: string }).path_on_host, r.status]);
+      expect(anchored).toEqual([['/drives/rootfs', fork.rootDisk, 204], ['/drives/work', fork.workDisk, 204], ['/drives/identity', fork.identityDisk, 204]]);
+      expect(reqs.every((r) => r.status < 300)).toBe(true);
+    }
+  }, SLOW);
 
-    // a snapshot that is not there: the launch names the handler and leaves no process behind
-    const e = await errorOf(restorer.loadSnapshot(spec, { ...files, snapshotPath: join(spec.vmDir, 'absent.snap') }));
-    expect(e.message).toMatch(/^Firecracker launch failed at step snapshot-load: Firecracker refused PUT \/snapshot\/load \(HTTP 400\): .*No such file/);
+  it('refuses to restore on a Firecracker older than 1.16, naming the version and the fix, and leaves no process behind', async () => {
+    const bin = await makeBinary({ FAKE_FC_VERSION: '1.15.1' });
+    const spec = await vmWithDisks('bgtap6');
+    const dir = await mkdtemp(join(root, 'snap-'));
+    const files = { snapshotPath: join(dir, 'state.bin'), memFilePath: join(dir, 'memory.bin') };
+    const e = await errorOf(createFirecrackerDriver({ binary: bin.path, readyTimeoutMs: READY_MS }).loadSnapshot(spec, files));
+    expect(e.message).toMatch(/^Firecracker launch failed at step check-load-version: Firecracker 1\.15\.1 cannot restore a banger snapshot: .*vsock_override/);
+    expect(e.hint).toMatch(/Firecracker 1\.16 or later/);
+    expect(readRecord(bin.record).some((r) => r.path === '/snapshot/load')).toBe(false);
     expect(existsSync(join(spec.vmDir, 'vmm.pid'))).toBe(false);
   }, SLOW);
 

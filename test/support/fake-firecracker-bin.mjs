@@ -9,6 +9,7 @@
 //   FAKE_FC_RECORD=FILE             append every request as a JSON line
 //   FAKE_FC_IGNORE_CTRL_ALT_DEL=1   accept SendCtrlAltDel but keep running (the guest ignores it)
 //   FAKE_FC_CHROOT=DIR              resolve paths in bodies inside DIR (as the jailer's chroot would)
+//   FAKE_FC_VERSION=X.Y.Z           the version it reports and behaves as (default 1.7.0-fake)
 //   FAKE_FC_FAIL_AT_START=MSG       print MSG to stderr and exit 1 before serving (e.g. no /dev/kvm)
 //   FAKE_FC_GUEST_AGENT=PORT:FILE   once started, the guest listens on vsock PORT: each connection runs `bash FILE`
 //                                   with the connection as its stdin and stdout (the guest agent, as systemd runs it)
@@ -71,6 +72,7 @@ const fake = await startFakeFirecracker({
   socketPath,
   id,
   chroot: process.env.FAKE_FC_CHROOT || undefined,
+  vmmVersion: process.env.FAKE_FC_VERSION || undefined,
   ignoreCtrlAltDel: process.env.FAKE_FC_IGNORE_CTRL_ALT_DEL === '1',
   onRequest: (r) => {
     if (record) appendFileSync(record, `${JSON.stringify(r)}\n`);

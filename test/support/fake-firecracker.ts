@@ -10,8 +10,13 @@
  * Firecracker listens on `uds_path`; the host connects and sends `CONNECT <port>\n`; when something in the guest
  * listens on that port (here: `listenInGuest`), Firecracker answers `OK <host-side port>\n` and forwards the
  * connection, else it closes it. A line that is not `CONNECT <u32>` within 32 bytes also closes it.
+ *
+ * Snapshots as Firecracker restores them: PUT /snapshot/load reopens every drive at the path recorded in the
+ * snapshot (a missing file fails the load) and binds the vsock socket at the recorded path, or at `vsock_override`'s,
+ * which only Firecracker 1.16 and later knows (older ones refuse it as an unknown field). The files a request made
+ * Firecracker open are recorded, resolved (`opened`), so a test can tell whose disk a restored VM writes to.
  */
-import { existsSync, readFileSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
@@ -24,6 +29,8 @@ export interface RecordedRequest {
   body: unknown;
   status: number;
   response?: unknown;
+  /** The files this request made Firecracker open (drive id or `vsock` → resolved path). */
+  opened?: Record<string, string>;
   at: number;
 }
 
@@ -59,6 +66,13 @@ class Fault extends Error {
 const AFTER_START = 'The requested operation is not supported after starting the microVM.';
 const BEFORE_START = 'The requested operation is not supported before starting the microVM.';
 const ID_RE = /^[A-Za-z0-9_]{1,64}$/;
+const DEFAULT_VERSION = '1.7.0-fake';
+
+/** Is a Firecracker version string (`1.16.0`, `v1.16.0-dev`) at least major.minor? */
+function versionAtLeast(version: string, major: number, minor: number): boolean {
+  const m = /^v?(\d+)\.(\d+)/.exec(version);
+  return !!m && (Number(m[1]) > major || (Number(m[1]) === major && Number(m[2]) >= minor));
+}
 
 // ───────────────────────────── schemas (definitions in the swagger spec) ─────────────────────────────
 
@@ -164,6 +178,8 @@ export class FakeFirecracker {
   entropy?: z.infer<typeof EntropyDevice>;
   serial?: z.infer<typeof SerialDevice>;
   private server: Server;
+  /** What the request being handled opened, for its record. */
+  private opened?: Record<string, string>;
   private vsockListener?: NetServer;
   private vsockHostPath?: string;
   /** Guest-side vsock listeners by port: what a host-initiated CONNECT reaches. */
@@ -231,6 +247,7 @@ export class FakeFirecracker {
     let body: unknown;
     let status = 204;
     let response: unknown;
+    this.opened = undefined;
     try {
       if (text.trim()) {
         try {
@@ -246,7 +263,7 @@ export class FakeFirecracker {
       status = e instanceof Fault ? e.status : 500;
       response = { fault_message: e instanceof Error ? e.message : String(e) };
     }
-    const rec: RecordedRequest = { method, path, body, status, response, at: Date.now() };
+    const rec: RecordedRequest = { method, path, body, status, response, ...(this.opened ? { opened: this.opened } : {}), at: Date.now() };
     this.requests.push(rec);
     this.options.onRequest?.(rec);
     if (status === 204) {
@@ -292,9 +309,9 @@ export class FakeFirecracker {
 
     switch (key) {
       case 'GET /':
-        return { id: this.id, state: this.state, vmm_version: this.options.vmmVersion ?? '1.7.0-fake', app_name: 'Firecracker' };
+        return { id: this.id, state: this.state, vmm_version: this.version, app_name: 'Firecracker' };
       case 'GET /version':
-        return { firecracker_version: this.options.vmmVersion ?? '1.7.0-fake' };
+        return { firecracker_version: this.version };
       case 'GET /machine-config':
         return this.machineConfig;
       case 'PUT /machine-config': {
@@ -323,17 +340,7 @@ export class FakeFirecracker {
       case 'PUT /vsock': {
         const b = deserialize(Vsock, body);
         this.preBoot();
-        const host = this.host(b.uds_path);
-        if (!existsSync(dirname(host))) throw new Fault(`Cannot create vsock device: Error binding to the host-side Unix socket: No such file or directory (os error 2): ${b.uds_path}`);
-        if (existsSync(host) && this.vsockHostPath !== host) {
-          throw new Fault(`Cannot create vsock device: Error binding to the host-side Unix socket: Address in use (os error 98): ${b.uds_path}`);
-        }
-        if (this.vsockHostPath !== host) {
-          // Firecracker binds and listens on uds_path for host-initiated connections.
-          this.vsockListener?.close();
-          this.vsockListener = createNetServer((sock) => this.vsockConnection(sock)).listen(host);
-          this.vsockHostPath = host;
-        }
+        this.bindVsock(b.uds_path, 'Cannot create vsock device');
         this.vsock = b;
         return undefined;
       }
@@ -417,9 +424,37 @@ export class FakeFirecracker {
     return undefined;
   }
 
-  /** Firecracker: pre-boot only, and only on a microVM nothing was configured on; exactly one memory backend. */
+  private get version(): string {
+    return this.options.vmmVersion ?? DEFAULT_VERSION;
+  }
+
+  /** Firecracker binds and listens on uds_path for host-initiated connections: the path must be free. */
+  private bindVsock(udsPath: string, what: string): void {
+    const host = this.host(udsPath);
+    if (!existsSync(dirname(host))) throw new Fault(`${what}: Error binding to the host-side Unix socket: No such file or directory (os error 2): ${udsPath}`);
+    if (this.vsockHostPath === host) return;
+    if (existsSync(host)) throw new Fault(`${what}: Error binding to the host-side Unix socket: Address in use (os error 98): ${udsPath}`);
+    this.vsockListener?.close();
+    this.vsockListener = createNetServer((sock) => this.vsockConnection(sock)).listen(host);
+    this.vsockHostPath = host;
+  }
+
+  /** Opens a drive's file as Firecracker does (the path as given, symlinks followed) and records which file it was. */
+  private openDrive(id: string, path: string, what: string): void {
+    this.mustBeFile(path, what);
+    this.opened = { ...this.opened, [id]: realpathSync(this.host(path)) };
+  }
+
+  /**
+   * Firecracker: pre-boot only, and only on a microVM nothing was configured on; exactly one memory backend. The
+   * devices come back from the snapshot: every drive reopened at its recorded path, the vsock bound at its recorded
+   * path (or vsock_override's, from 1.16 on), the TAPs by name (or network_overrides').
+   */
   private snapshotLoad(body: unknown): undefined {
     const b = deserialize(SnapshotLoadParams, body);
+    if (b.vsock_override && !versionAtLeast(this.version, 1, 16)) {
+      throw new Fault('An error occurred when deserializing the json body of a request: unknown field `vsock_override`.');
+    }
     this.preBoot();
     if (this.bootSource || this.drives.size || this.ifaces.size || this.vsock) throw new Fault('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
     if ((b.mem_file_path === undefined) === (b.mem_backend === undefined)) {
@@ -441,11 +476,20 @@ export class FakeFirecracker {
       if (!n) throw new Fault(`Load snapshot error: Invalid network override: no interface ${o.iface_id} in the snapshot.`);
       n.host_dev_name = o.host_dev_name;
     }
+    if (b.vsock_override && !c.vsock) throw new Fault('Load snapshot error: Invalid vsock override: the snapshot has no vsock device.');
+    for (const d of c.drives) {
+      if (d.path_on_host !== undefined) this.openDrive(d.drive_id, d.path_on_host, `Load snapshot error: Block: Virtio backend error: Error manipulating the backing file (drive ${d.drive_id})`);
+    }
+    const vsock = b.vsock_override && c.vsock ? { ...c.vsock, uds_path: b.vsock_override.uds_path } : c.vsock;
+    if (vsock) {
+      this.bindVsock(vsock.uds_path, 'Load snapshot error: Vsock');
+      this.opened = { ...this.opened, vsock: this.host(vsock.uds_path) };
+    }
     this.machineConfig = c.machineConfig;
     this.bootSource = c.bootSource;
     for (const d of c.drives) this.drives.set(d.drive_id, d);
     for (const n of c.ifaces) this.ifaces.set(n.iface_id, n);
-    this.vsock = b.vsock_override && c.vsock ? { ...c.vsock, uds_path: b.vsock_override.uds_path } : c.vsock;
+    this.vsock = vsock;
     this.state = b.resume_vm ? 'Running' : 'Paused';
     return undefined;
   }
@@ -481,7 +525,7 @@ export class FakeFirecracker {
     const d = this.drives.get(id);
     if (!d) throw new Fault(`Invalid block device ID: ${id}`);
     if (b.path_on_host !== undefined) {
-      this.mustBeFile(b.path_on_host, 'Unable to patch the block device');
+      this.openDrive(id, b.path_on_host, 'Unable to patch the block device');
       d.path_on_host = b.path_on_host;
     }
     return undefined;

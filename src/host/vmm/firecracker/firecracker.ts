@@ -13,13 +13,13 @@ import type { Runner } from '../../exec/runner.js';
 import { sleep } from '../../exec/wait.js';
 import type { LaunchSpec, Resumable, SnapshotFiles, Snapshottable, StopOutcome, VmmExit, VmmLifecycle, VmmProcess, VmmState } from '../driver.js';
 import { FirecrackerApi, probeApiSocket, type ApiRequestOptions, type InstanceActionInfo, type InstanceInfo, type SnapshotCreateParams, type Vm } from './api.js';
-import { defaultHandlers, newLaunchContext, runLaunch, unjail, type FirecrackerHandlers, type JailerOptions, type LaunchDeps } from './launch.js';
+import { defaultHandlers, newLaunchContext, patchDrives, runLaunch, unjail, type DrivePaths, type FirecrackerHandlers, type JailerOptions, type LaunchDeps } from './launch.js';
 import { childExit, describeExit, FirecrackerFiles, identifyFirecracker, procFields, type FirecrackerProcess } from './process.js';
 
 export * from './api.js';
 export * from './jailer.js';
 export { HandlerList, HandlerFailed, type Handler } from './handlers.js';
-export { defaultHandlers, type FirecrackerHandlers, type JailerOptions, type LaunchContext, type LaunchHandler } from './launch.js';
+export { defaultHandlers, drivePaths, SNAPSHOT_LOAD_MIN_VERSION, type DrivePaths, type FirecrackerHandlers, type JailerOptions, type LaunchContext, type LaunchHandler } from './launch.js';
 export {
   BASE_BOOT_ARGS,
   bootArgs,
@@ -62,6 +62,8 @@ export interface FirecrackerDriver extends VmmLifecycle, Resumable, Snapshottabl
   api(proc: VmmProcess): FirecrackerApi;
   /** GET / on the VM's socket. */
   describe(proc: VmmProcess, opts?: ApiRequestOptions): Promise<InstanceInfo>;
+  /** PATCH /drives: the running VM reopens these drives at these paths (a snapshot records the paths it has then). */
+  redirectDrives(proc: VmmProcess, drives: Partial<DrivePaths>, opts?: { signal?: AbortSignal }): Promise<void>;
 }
 
 /** What every lifecycle function below shares. */
@@ -92,6 +94,7 @@ export function createFirecrackerDriver(options: FirecrackerDriverOptions = {}):
     loadSnapshot: (spec, files, opts = {}) => launch(core, spec, opts.signal, { ...files, resume: opts.resume ?? true }),
     api: core.apiFor,
     describe: (proc, opts) => core.apiFor(proc).describe(opts),
+    redirectDrives: (proc, drives, opts) => patchDrives(core.apiFor(proc), drives, opts?.signal),
   };
 }
 
@@ -102,7 +105,7 @@ async function launch(core: Core, spec: LaunchSpec, signal: AbortSignal | undefi
   }
   const ctx = newLaunchContext(core.deps, spec, signal, core.log);
   if (snapshot) ctx.snapshot = { ...snapshot };
-  const defaults = defaultHandlers({ jailed, snapshot: !!snapshot });
+  const defaults = defaultHandlers({ jailed, snapshot: !!snapshot, identityDisk: !!spec.identityDisk });
   return runLaunch(ctx, core.options.handlers ? core.options.handlers(defaults) : defaults, core.log);
 }
 

@@ -79,7 +79,7 @@ export interface LaunchContext {
   exited?: Promise<ExitStatus>;
   chrootDir?: string;
   /** Paths as Firecracker sees them (inside the chroot when jailed). */
-  paths: { kernel: string; initrd?: string; rootDisk: string; workDisk: string; vsock: string };
+  paths: { kernel: string; initrd?: string; rootDisk: string; workDisk: string; identityDisk?: string; vsock: string };
   /** Set when the launch restores a snapshot instead of booting. */
   snapshot?: SnapshotFiles & { resume: boolean };
 }
@@ -97,9 +97,10 @@ export function newLaunchContext(deps: LaunchDeps, spec0: LaunchSpec, signal: Ab
   if (net.mode === 'user') {
     throw new BangerError('unsupported', 'Firecracker has no user-mode networking: a VM on Firecracker needs TAP networking', 'use --net tap (needs the root helper), or --vmm qemu for --net user');
   }
-  if (spec0.identityDisk) throw new BangerError('internal', "Firecracker VMs have their identity in their own root disk, not on an identity disk");
+  if (spec0.identityDisk && deps.jailer) throw new BangerError('unsupported', 'a jailed Firecracker takes no identity disk: the jail links only the root and work disks');
   const r = (p: string) => resolve(p);
-  const spec: LaunchSpec = { ...spec0, vmDir: r(spec0.vmDir), runDir: r(spec0.runDir), kernel: r(spec0.kernel), initrd: spec0.initrd ? r(spec0.initrd) : undefined, rootDisk: r(spec0.rootDisk), workDisk: r(spec0.workDisk), serialLog: r(spec0.serialLog) };
+  const o = (p: string | undefined) => (p ? r(p) : undefined);
+  const spec: LaunchSpec = { ...spec0, vmDir: r(spec0.vmDir), runDir: r(spec0.runDir), kernel: r(spec0.kernel), initrd: o(spec0.initrd), rootDisk: r(spec0.rootDisk), workDisk: r(spec0.workDisk), identityDisk: o(spec0.identityDisk), serialLog: r(spec0.serialLog) };
   if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > 32) throw new BangerError('invalid_params', `Firecracker takes 1-32 vCPUs, got ${spec.vcpus}`);
   if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 64) throw new BangerError('invalid_params', `memory must be at least 64 MiB, got ${spec.memoryMiB}`);
   if (spec.accel !== 'kvm') log(`warning: Firecracker always uses KVM; accel '${spec.accel}' is ignored`);
@@ -120,7 +121,7 @@ export function newLaunchContext(deps: LaunchDeps, spec0: LaunchSpec, signal: Ab
     signal,
     binary: '',
     pid: 0,
-    paths: { kernel: spec.kernel, initrd: spec.initrd, rootDisk: spec.rootDisk, workDisk: spec.workDisk, vsock: vsockSocket },
+    paths: { kernel: spec.kernel, initrd: spec.initrd, rootDisk: spec.rootDisk, workDisk: spec.workDisk, identityDisk: spec.identityDisk, vsock: vsockSocket },
   };
 }
 
@@ -265,6 +266,12 @@ export const DriveWork: LaunchHandler = {
   fn: (c) => c.api.put('/drives/work', { drive_id: 'work', path_on_host: c.paths.workDisk, is_root_device: false, is_read_only: false } satisfies Drive, { signal: c.signal }),
 };
 
+/** The VM's identity disk (identity-disk.ts), read-only; the guest finds it by the marker it starts with. */
+export const DriveIdentity: LaunchHandler = {
+  name: 'drive-identity',
+  fn: (c) => c.api.put('/drives/identity', { drive_id: 'identity', path_on_host: c.paths.identityDisk!, is_root_device: false, is_read_only: true } satisfies Drive, { signal: c.signal }),
+};
+
 export const NetworkInterfaces: LaunchHandler = {
   name: 'network-interfaces',
   fn: (c) => c.api.put('/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: c.net.tap, guest_mac: c.net.mac.toLowerCase() } satisfies NetworkInterface, { signal: c.signal }),
@@ -280,7 +287,30 @@ export const InstanceStart: LaunchHandler = {
   fn: (c) => c.api.put('/actions', { action_type: 'InstanceStart' } satisfies InstanceActionInfo, { signal: c.signal, timeoutMs: Math.max(c.deps.requestTimeoutMs, 10_000) }),
 };
 
-/** PUT /snapshot/load in place of the whole configuration: devices, memory and vCPU state come from the files. */
+/** The first Firecracker whose PUT /snapshot/load takes `vsock_override`, without which a restore binds the source's socket. */
+export const SNAPSHOT_LOAD_MIN_VERSION = [1, 16] as const;
+
+/** Refuses, before the load, a Firecracker too old to put a restored VM's vsock socket anywhere but the source's path. */
+export const CheckLoadVersion: LaunchHandler = {
+  name: 'check-load-version',
+  fn: async (c) => {
+    const { vmm_version: v } = await c.api.describe({ signal: c.signal });
+    const m = /^v?(\d+)\.(\d+)/.exec(v);
+    const [major, minor] = SNAPSHOT_LOAD_MIN_VERSION;
+    if (m && (Number(m[1]) > major || (Number(m[1]) === major && Number(m[2]) >= minor))) return;
+    throw new BangerError(
+      'unsupported',
+      `Firecracker ${v} cannot restore a banger snapshot: its PUT /snapshot/load has no vsock_override, so the restored VM would bind the source VM's vsock socket`,
+      `install Firecracker ${major}.${minor} or later (config key firecrackerBin, or $BANGER_FIRECRACKER_BIN)`,
+    );
+  },
+};
+
+/**
+ * PUT /snapshot/load in place of the whole configuration: devices, memory and vCPU state come from the files. The
+ * VM gets its own TAP and vsock socket; its drives are reopened at the paths the snapshot recorded, which the
+ * caller points at this VM's own disks (see AnchorDrives).
+ */
 export const SnapshotLoad: LaunchHandler = {
   name: 'snapshot-load',
   fn: (c) => {
@@ -291,16 +321,41 @@ export const SnapshotLoad: LaunchHandler = {
       mem_backend: { backend_type: 'File', backend_path: s.memFilePath },
       resume_vm: s.resume,
       network_overrides: [{ iface_id: 'eth0', host_dev_name: c.net.tap }],
+      vsock_override: { uds_path: c.paths.vsock },
     };
     return c.api.put('/snapshot/load', body, { signal: c.signal, timeoutMs: Math.max(c.deps.requestTimeoutMs, 30_000) });
   },
 };
 
+/** The drives of a VM, by Firecracker drive id, as a launch attaches them. */
+export type DrivePaths = { rootfs: string; work: string; identity?: string };
+
+export const drivePaths = (p: { rootDisk: string; workDisk: string; identityDisk?: string }): DrivePaths => ({
+  rootfs: p.rootDisk,
+  work: p.workDisk,
+  ...(p.identityDisk ? { identity: p.identityDisk } : {}),
+});
+
+/** PATCH /drives/{id} to each path: Firecracker reopens the drive there (the same file through a link: the guest sees nothing). */
+export async function patchDrives(api: FirecrackerApi, drives: Partial<DrivePaths>, signal?: AbortSignal): Promise<void> {
+  for (const [id, path] of Object.entries(drives)) if (path) await api.patch(`/drives/${id}`, { drive_id: id, path_on_host: path }, { signal });
+}
+
+/**
+ * After a load, each drive is reopened at the VM's own path: the recorded path is a link the next restore of the
+ * same snapshot points elsewhere, and a snapshot of this VM must record paths of its own.
+ */
+export const AnchorDrives: LaunchHandler = {
+  name: 'anchor-drives',
+  fn: (c) => patchDrives(c.api, drivePaths(c.paths), c.signal),
+};
+
 /** The default lists: boot from the spec, or (with `snapshot`) restore. */
-export function defaultHandlers(opts: { jailed: boolean; snapshot: boolean }): FirecrackerHandlers {
+export function defaultHandlers(opts: { jailed: boolean; snapshot: boolean; identityDisk?: boolean }): FirecrackerHandlers {
+  const drives = [DriveRootfs, DriveWork, ...(opts.identityDisk ? [DriveIdentity] : [])];
   return {
     init: new HandlerList([ResolveBinary, PrepareDirs, opts.jailed ? Jail : Spawn, WaitApiSocket]),
-    config: new HandlerList(opts.snapshot ? [SnapshotLoad] : [MachineConfig, BootSourceHandler, DriveRootfs, DriveWork, NetworkInterfaces, VsockHandler, InstanceStart]),
+    config: new HandlerList(opts.snapshot ? [CheckLoadVersion, SnapshotLoad, AnchorDrives] : [MachineConfig, BootSourceHandler, ...drives, NetworkInterfaces, VsockHandler, InstanceStart]),
   };
 }
 
