@@ -1,6 +1,7 @@
 /**
- * The VM machine's snapshot steps (QEMU): takeSnapshot (state `snapshotting`), the disks of a restore or fork
- * (part of `creating`) and restore (state `restoring`). See src/host/vmm/qemu/snapshot.ts for the QEMU side.
+ * The VM machine's snapshot steps: takeSnapshot (state `snapshotting`), the disks of a restore or fork (part of
+ * `creating`) and restore (state `restoring`). QEMU's side is here and in src/host/vmm/qemu/snapshot.ts;
+ * Firecracker's, whose disks are copies rather than layers, in snapshot-steps-firecracker.ts.
  *
  * A snapshot's directory holds its frozen disk layers as hard links of the files the VM wrote until the snapshot
  * (no copy: the VM keeps them as read-only backing files and goes on in new overlays), the saved state, and the
@@ -20,12 +21,14 @@ import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
 import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshKey, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
-import { agentRefreshIdentity, unixChannel } from '../host/guest/agent.js';
-import { agentSocketPath, findFreePort, liveBulkSocket } from '../host/vmm/qemu/qemu.js';
+import { agentRefreshIdentity } from '../host/guest/agent.js';
+import { findFreePort, liveBulkSocket, type VmmProcess } from '../host/vmm/qemu/qemu.js';
+import { agentChannelOf } from '../host/vmm/agent-channel.js';
+import { copyFirecrackerDisks, loadFirecrackerFork, saveFirecracker } from './snapshot-steps-firecracker.js';
 import { macForVm } from '../host/net/net.js';
 import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { CACHED_BASE_NAME } from '../host/disk/disks.js';
-import { readManifest } from '../host/image/image.js';
+import { IDENTITY_MARKER_BUILDER, readManifest } from '../host/image/image.js';
 
 /**
  * The files a VM writes into now, when a snapshot layered its disks (or it is a fork); absent: the defaults.
@@ -75,7 +78,6 @@ export function makeSnapshotSteps(env: StepEnv) {
 async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   const p = ctx.pendingSnapshot;
   if (!p) throw new BangerError('internal', 'no snapshot was asked for');
-  if (ctx.spec.vmm !== 'qemu') throw new BangerError('unsupported', 'banger vm snapshot is built for QEMU VMs only', 'create the VM with --vmm qemu');
   const repo = new SnapshotRepo(env.store.db);
   if (repo.get(p.snapshotId)) return; // taken before a daemon restart: nothing left to do
   if (!ctx.runtime) throw new BangerError('invalid_state', `vm ${ctx.name} has no VMM running`);
@@ -84,9 +86,7 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
   const dir = snapshotDir(env.layout.home, p.snapshotId);
   await rm(dir, { recursive: true, force: true });
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  const base = (await readLayers(f))?.base;
-  const bulkPort = liveBulkSocket(proc.qmpSocket) !== undefined; // before the save: a VM saved with --stop quits in it
-  const { kept, saved } = await saveWithLayers(env, ctx, { proc, f, dir, base, snapshotId: p.snapshotId, stop: p.stop }, signal);
+  const saved = ctx.spec.vmm === 'firecracker' ? await saveFirecrackerVm(env, ctx, { proc, f, dir, stop: p.stop }, signal) : await saveQemuVm(env, ctx, { proc, f, dir, snapshotId: p.snapshotId, stop: p.stop }, signal);
   await copyFile(f.hostKey, join(dir, 'host_key'));
   await copyFile(f.hostKeyPub, join(dir, 'host_key.pub'));
   repo.insert({
@@ -102,22 +102,36 @@ async function takeSnapshot(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
       diskBytes: ctx.spec.diskBytes,
       accel: ctx.spec.accel,
       gitIdentity: ctx.spec.gitIdentity,
-      chain: base ? [base, ...snapshotOf(env, base).meta.chain] : (ctx.spec.restore?.chain ?? []),
-      ...kept,
-      stateFile: 'state.bin',
-      stateBytes: saved.stateBytes,
-      timings: saved.timings,
+      ...saved,
+      vmm: ctx.spec.vmm,
       identityDisk: existsSync(f.identityDisk),
-      bulkPort,
       builderVersion: (await readManifest(env.layout.imageDir(ctx.spec.image))).builderVersion,
       net: ctx.spec.net,
       isolation: ctx.spec.isolation,
     },
   });
   if (p.stop) {
-    await env.driver('qemu').kill(proc); // it quit; this waits until it is gone
+    await env.driver(ctx.spec.vmm).kill(proc); // QEMU quit; this waits until it is gone (Firecracker: ends it)
     await rm(f.vmmState, { force: true });
   }
+}
+
+type SaveInput = { proc: VmmProcess; f: VmFiles; dir: string; stop?: boolean };
+
+/** QEMU: the state by migration, the disks frozen as layers; chained onto the VM's last snapshot (or its source's). */
+async function saveQemuVm(env: StepEnv, ctx: VmContext, o: SaveInput & { snapshotId: string }, signal: AbortSignal) {
+  const base = (await readLayers(o.f))?.base;
+  const bulkPort = liveBulkSocket(o.proc.qmpSocket) !== undefined; // before the save: a VM saved with --stop quits in it
+  const { kept, saved } = await saveWithLayers(env, ctx, { proc: { pid: o.proc.pid, qmpSocket: o.proc.qmpSocket }, f: o.f, dir: o.dir, base, snapshotId: o.snapshotId, stop: o.stop }, signal);
+  const chain = base ? [base, ...snapshotOf(env, base).meta.chain] : (ctx.spec.restore?.chain ?? []);
+  return { ...kept, chain, stateFile: 'state.bin', stateBytes: saved.stateBytes, timings: saved.timings, bulkPort };
+}
+
+/** Firecracker: copies, so no chain: nothing of this snapshot depends on another. */
+async function saveFirecrackerVm(env: StepEnv, ctx: VmContext, o: SaveInput, signal: AbortSignal) {
+  const save = () => saveFirecracker(env, ctx, o, signal);
+  const saved = await stage(env, ctx.id, 'snapshot.save', save, (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`);
+  return { ...saved, chain: [] as string[] };
 }
 
 /**
@@ -156,24 +170,14 @@ async function saveWithLayers(
   return { kept: kept!, saved };
 }
 
-/** The disks of a restore or fork: qcow2 overlays on the snapshot's layers, and the snapshot's host key. */
+/** The disks of a restore or fork (QEMU: qcow2 overlays on the snapshot's layers; Firecracker: copies), and the snapshot's host key. */
 async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
   const dir = snapshotDir(env.layout.home, snap.id);
   const f = vmFiles(env.layout, ctx.id);
   await mkdir(f.dir, { recursive: true, mode: 0o700 });
-  const work = f.workOverlay;
-  const overlay = async (backing: SnapshotLayer, dst: string) => {
-    if (existsSync(dst)) return;
-    const partial = `${dst}.partial`;
-    await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
-    await rename(partial, dst);
-  };
-  await Promise.all([
-    stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
-    stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, work), () => `qcow2 overlay on snapshot ${snap.name}`),
-  ]);
-  await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: work, format: 'qcow2' } });
+  if (ctx.spec.vmm === 'firecracker') await copyFirecrackerDisks(env, ctx, snap, dir, f, signal);
+  else await overlaysOnSnapshot(env, ctx, snap, dir, f, signal);
   await copyFile(join(dir, 'host_key'), f.hostKey);
   await copyFile(join(dir, 'host_key.pub'), f.hostKeyPub);
   const pub = (await readFile(f.hostKeyPub, 'utf8')).trim();
@@ -187,18 +191,32 @@ async function prepareRestoreDisks(env: StepEnv, ctx: VmContext, signal: AbortSi
   return { net };
 }
 
+async function overlaysOnSnapshot(env: StepEnv, ctx: VmContext, snap: SnapshotRecord, dir: string, f: VmFiles, signal: AbortSignal): Promise<void> {
+  const overlay = async (backing: SnapshotLayer, dst: string) => {
+    if (existsSync(dst)) return;
+    const partial = `${dst}.partial`;
+    await env.runner('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', backing.format, '-b', join(dir, backing.file), partial], { signal });
+    await rename(partial, dst);
+  };
+  await Promise.all([
+    stage(env, ctx.id, 'rootDisk', () => overlay(snap.meta.root, f.rootOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
+    stage(env, ctx.id, 'workDisk', () => overlay(snap.meta.work, f.workOverlay), () => `qcow2 overlay on snapshot ${snap.name}`),
+  ]);
+  await writeLayers(f, { root: { file: f.rootOverlay, format: 'qcow2' }, work: { file: f.workOverlay, format: 'qcow2' } });
+}
+
 /**
  * Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. A
  * tap fork runs on its own TAP: the guest agent first has the guest apply its identity disk's MAC and address.
  */
 async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
   const f = vmFiles(env.layout, ctx.id);
-  const driver = env.driver('qemu');
-  // A restore the daemon's restart cut short starts over: a half-loaded QEMU cannot be finished.
+  const driver = env.driver(ctx.spec.vmm);
+  // A restore the daemon's restart cut short starts over: a half-loaded VMM cannot be finished.
   const left = await findVmm(env, ctx, driver);
   if (left) await stage(env, ctx.id, 'vmm.kill', () => driver.kill(left), () => `pid ${left.pid}: left by a restore that did not finish`);
   const cleanups = new Cleanups();
-  let proc: { pid: number; qmpSocket: string } | undefined;
+  let proc: VmmProcess | undefined;
   cleanups.add('kill VMM', async () => {
     if (proc) await driver.kill(proc);
     await rm(f.vmmState, { force: true });
@@ -206,15 +224,14 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
   try {
     const sshPort = ctx.spec.net === 'user' ? await findFreePort() : undefined;
     await checkTapLease(env, ctx, signal);
-    proc = await launchForRestore(env, ctx, f, sshPort, signal);
-    const p = proc;
     const where = { sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap };
-    await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, ...where }));
-    const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
-    const stateFile = join(snapshotDir(env.layout.home, snap.id), snap.meta.stateFile);
-    await stage(env, ctx.id, 'snapshot.load', () => loadQemuState(p, { stateFile, migSocket: join(env.layout.run, `${ctx.id}.mig`), signal }), () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+    const launched = async (p: VmmProcess) => {
+      proc = p;
+      await writeFile(f.vmmState, JSON.stringify({ pid: p.pid, control: p.qmpSocket, ...where }));
+    };
+    const p = await restoreVmm(env, ctx, f, sshPort, launched, signal);
     const timeoutMs = () => Math.max(1000, (ctx.bootDeadline ?? Date.now() + ctx.spec.bootTimeoutMs) - Date.now());
-    if (ctx.spec.net === 'tap') await stage(env, ctx.id, 'network.identity', () => refreshGuestNetwork(p.qmpSocket, timeoutMs(), signal), () => `MAC ${macForVm(ctx.id)}, ${ctx.net?.guestIp} on ${ctx.net?.tap}`);
+    if (ctx.spec.net === 'tap') await stage(env, ctx.id, 'network.identity', () => refreshGuestNetwork(ctx, p, timeoutMs(), signal), () => `MAC ${macForVm(ctx.id)}, ${ctx.net?.guestIp} on ${ctx.net?.tap}`);
     const target = await sshTargetFor(env, ctx, where);
     // The first command over SSH is the identity: one connection, where a `true` first would cost another.
     const check = forkIdentityCheck(ctx.name);
@@ -227,23 +244,45 @@ async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
   }
 }
 
-/** The guest agent, over QEMU's virtio-serial port, has the restored guest apply its identity disk's network. */
-async function refreshGuestNetwork(qmpSocket: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
-  const socket = agentSocketPath(qmpSocket);
-  if (!socket) throw new BangerError('internal', `no guest agent socket beside ${qmpSocket}`);
-  await agentRefreshIdentity(unixChannel(socket), Math.min(60_000, timeoutMs), signal);
+/**
+ * The VMM of a restore, running the snapshot's guest: QEMU launched waiting for its state, then the state loaded;
+ * Firecracker with the snapshot loaded at its start. `launched` hears of the process as soon as there is one.
+ */
+async function restoreVmm(env: StepEnv, ctx: VmContext, f: VmFiles, sshPort: number | undefined, launched: (p: VmmProcess) => Promise<void>, signal: AbortSignal): Promise<VmmProcess> {
+  const snap = snapshotOf(env, ctx.spec.restore!.snapshotId);
+  const dir = snapshotDir(env.layout.home, snap.id);
+  if (ctx.spec.vmm === 'firecracker') {
+    const p = await loadFirecrackerFork(env, ctx, f, snap, dir, signal);
+    await launched(p);
+    return p;
+  }
+  const p = await launchForRestore(env, ctx, f, sshPort, signal);
+  await launched(p);
+  const load = () => loadQemuState(p, { stateFile: join(dir, snap.meta.stateFile), migSocket: join(env.layout.run, `${ctx.id}.mig`), signal });
+  await stage(env, ctx.id, 'snapshot.load', load, () => `${snap.meta.stateBytes} bytes from ${snap.name}`);
+  return p;
 }
+
+/** The guest agent (QEMU: its virtio-serial port; Firecracker: vsock) has the restored guest apply its identity disk's network. */
+async function refreshGuestNetwork(ctx: VmContext, p: VmmProcess, timeoutMs: number, signal: AbortSignal): Promise<void> {
+  await agentRefreshIdentity(agentChannelOf(ctx.spec.vmm, ctx.id, p.qmpSocket).channel, Math.min(60_000, timeoutMs), signal);
+}
+
+/** The image builder from which a fork of a tap VM can take its own address, by VMM (see assertForkable). */
+const FORKABLE_TAP_BUILDER = { qemu: 5, firecracker: IDENTITY_MARKER_BUILDER } as const;
 
 /**
  * A fork of a tap VM takes its own lease, MAC and address from its identity disk when the guest agent is asked to
- * apply it again: that needs the identity disk and an image from builder 5 on. Checked before anything is made.
+ * apply it again: that needs the identity disk and an image from builder 5 on (Firecracker: 6, whose guest finds
+ * the disk without a serial). Checked before anything is made.
  */
-export function assertForkable(s: { name: string; net?: VmContext['spec']['net']; image: string; builderVersion?: number; identityDisk?: boolean }): void {
-  if (s.net !== 'tap' || (s.identityDisk && (s.builderVersion ?? 0) >= 5)) return;
+export function assertForkable(s: { name: string; net?: VmContext['spec']['net']; vmm?: VmContext['spec']['vmm']; image: string; builderVersion?: number; identityDisk?: boolean }): void {
+  const needs = FORKABLE_TAP_BUILDER[s.vmm ?? 'qemu'];
+  if (s.net !== 'tap' || (s.identityDisk && (s.builderVersion ?? 0) >= needs)) return;
   throw new BangerError(
     'unsupported',
-    `${s.name} is a tap VM on image ${s.image} from builder ${s.builderVersion ?? 'before 5'}: its forks could not take their own MAC and address`,
-    `fork a VM created on a rebuilt image (delete the VMs on ${s.image}, then banger image pull ${s.image} --force), or a --net user VM`,
+    `${s.name} is a tap VM on image ${s.image} from builder ${s.builderVersion ?? 'before 5'}${s.identityDisk ? '' : ', without an identity disk'}: its forks could not take their own MAC and address (${s.vmm ?? 'qemu'} needs builder ${needs} and an identity disk)`,
+    `fork a VM created on a rebuilt image (delete the VMs on ${s.image}, then banger image pull ${s.image} --force)${s.vmm === 'firecracker' ? '' : ', or a --net user VM'}`,
   );
 }
 

@@ -26,7 +26,7 @@ import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
 import { CACHED_BASE_NAME, cloneDisk, createWorkDisk, growDisk, overlayDisk, overlayOnCachedDisk, type NetworkConfig } from '../host/disk/disks.js';
 import { customizeRootDisk, writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { workDiskFromTemplate } from '../host/disk/work-disk-template.js';
-import { readManifest, type ImageManifest } from '../host/image/image.js';
+import { IDENTITY_MARKER_BUILDER, readManifest, type ImageManifest } from '../host/image/image.js';
 import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
 import { macForVm } from '../host/net/net.js';
@@ -324,7 +324,8 @@ export async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSi
 
 /**
  * A new VM's root disk and identity. An overlay root disk comes with an identity disk, git identity included (the
- * image applies it at boot); a cloned one has the identity written in with debugfs.
+ * image applies it at boot); a cloned one has the identity written in with debugfs. A Firecracker VM gets an
+ * identity disk besides where its image finds one without a serial: its forks apply their own after a restore.
  */
 async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const f = vmFiles(env.layout, ctx.id);
@@ -334,12 +335,16 @@ async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSign
   const hostKey = await ensureHostKey(env, ctx, f);
   const { net, network } = await leaseNetwork(env, ctx, signal);
   const identity = { hostname: ctx.name, hostKey, network };
-  if (kind === 'overlay') {
+  if (kind === 'clone') await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
+  if (kind === 'overlay' || forkableFirecracker(ctx, image)) {
     const writeDisk = async () => writeIdentityDisk(f.identityDisk, { ...identity, gitIdentity: await vmGitIdentity(env, ctx) });
     await stage(env, ctx.id, 'identity', writeDisk, () => 'identity disk');
-  } else await stage(env, ctx.id, 'rootDisk.customize', () => customizeRootDisk(f.rootDisk, { ...identity, runner: env.runner, signal }));
+  }
   return { net };
 }
+
+const forkableFirecracker = (ctx: VmContext, image: ImageManifest) =>
+  ctx.spec.vmm === 'firecracker' && image.identity === 'disk' && image.builderVersion >= IDENTITY_MARKER_BUILDER;
 
 const vmGitIdentity = (env: StepEnv, ctx: VmContext) => ctx.spec.gitIdentity ?? gitIdentity(env.runner, ctx.name);
 
@@ -359,7 +364,8 @@ async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): 
   const image = await imageOf(env, ctx.spec.image);
   const seedImage = join(image.dir, image.workSeed);
   const cached = ctx.spec.workspace?.cachedDisk;
-  const onIdentityDisk = existsSync(f.identityDisk);
+  // Firecracker's identity disk is for its forks: its root and work disks carry the identity as well
+  const onIdentityDisk = ctx.spec.vmm === 'qemu' && existsSync(f.identityDisk);
   const [key, git] = await stage(env, ctx.id, 'workDisk.inputs', () => Promise.all([env.userKey(), onIdentityDisk ? undefined : vmGitIdentity(env, ctx)]));
   if (cached) {
     const clone = () => cloneWorkDisk(cached, f.workDisk, { gitIdentity: git, seedImage, runner: env.runner, signal });

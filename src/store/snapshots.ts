@@ -24,8 +24,14 @@ export interface SnapshotMeta {
   chain: string[];
   root: SnapshotLayer;
   work: SnapshotLayer;
+  /** QEMU: the migration stream; Firecracker: the VM state file (its memory is in memFile). */
   stateFile: string;
+  /** Firecracker: the guest memory file. */
+  memFile?: string;
+  /** The state's size on disk (Firecracker: state and memory). */
   stateBytes: number;
+  /** The VMM the snapshot is for, and so its forks' (absent: QEMU, as every snapshot was before Firecracker's). */
+  vmm?: VmSpec['vmm'];
   /** Milliseconds per phase of the save (pause, freeze, migrate, resume/quit). */
   timings: Record<string, number>;
   /** The VM had an identity disk: its restores and forks get one of their own (QEMU restores the same devices). */

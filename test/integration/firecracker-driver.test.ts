@@ -17,10 +17,11 @@ import {
 } from '../../src/host/vmm/firecracker/firecracker.js';
 import { macForVm } from '../../src/host/net/net.js';
 import type { LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
-import { startFakeFirecracker, type FakeFirecracker, type RecordedRequest } from '../support/fake-firecracker.js';
+import { startFakeFirecracker, type FakeFirecracker } from '../support/fake-firecracker.js';
+import { makeFakeFirecracker, readRecord } from '../support/fake-firecracker-cli.js';
 import { agentHealth, firecrackerVsockChannel } from '../../src/host/guest/agent.js';
 import { AGENT_SCRIPT, AGENT_VSOCK_PORT } from '../../src/host/image/agent.js';
-import { agentChannelOf } from '../../src/daemon/handlers/health.js';
+import { agentChannelOf } from '../../src/host/vmm/agent-channel.js';
 import { createConnection } from 'node:net';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -38,19 +39,8 @@ let root: string;
 let n = 0;
 const launched: FirecrackerProcess[] = [];
 
-/** A `firecracker` executable: a shell wrapper that execs node on the fake with some env knobs. */
-async function makeBinary(env: Record<string, string> = {}): Promise<{ path: string; record: string }> {
-  const dir = join(root, `bin${++n}`);
-  await mkdir(dir, { recursive: true });
-  const record = join(dir, 'requests.jsonl');
-  const exports = Object.entries({ FAKE_FC_RECORD: record, ...env })
-    .map(([k, v]) => `export ${k}='${v.replace(/'/g, "'\\''")}'`)
-    .join('\n');
-  const path = join(dir, 'firecracker');
-  await writeFile(path, `#!/bin/sh\n${exports}\nexec '${process.execPath}' '${fakeBin}' "$@"\n`);
-  await chmod(path, 0o755);
-  return { path, record };
-}
+/** A fake `firecracker` executable of its own for a test. */
+const makeBinary = (env: Record<string, string> = {}) => makeFakeFirecracker(join(root, `bin${++n}`), env);
 
 /**
  * Polls `file` until its text matches `re`, for at most `timeoutMs`. The guest's console output (the fake's
@@ -65,14 +55,6 @@ async function waitForText(file: string, re: RegExp, timeoutMs = 10_000): Promis
     if (re.test(text) || Date.now() >= deadline) return text;
     await new Promise((r) => setTimeout(r, 20));
   }
-}
-
-function readRecord(file: string): RecordedRequest[] {
-  if (!existsSync(file)) return [];
-  return readFileSync(file, 'utf8')
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as RecordedRequest);
 }
 
 /** A VM's files: kernel, initrd, disks, and the spec. */

@@ -1,4 +1,4 @@
-/** banger vm snapshot|restore|fork and banger snapshot list|show|delete (QEMU VMs). */
+/** banger vm snapshot|restore|fork and banger snapshot list|show|delete (QEMU and Firecracker VMs). */
 import type { Argv } from 'yargs';
 import { validateName } from '../../errors.js';
 import type { SnapshotView } from '../../rpc/types.js';

@@ -3,12 +3,9 @@
  * the VM's VMM gives it — QEMU's virtio-serial port (a Unix socket next to the QMP socket), or Firecracker's vsock
  * (its Unix socket, `CONNECT <port>`). Calls to one VM go one at a time: QEMU serves one client per chardev.
  */
-import { dirname, join } from 'node:path';
 import { BangerError, errorMessage } from '../../errors.js';
-import { agentHealth, firecrackerVsockChannel, unixChannel, type AgentChannel } from '../../host/guest/agent.js';
-import { AGENT_VSOCK_PORT } from '../../host/image/agent.js';
-import { FirecrackerFiles, firecrackerId } from '../../host/vmm/firecracker/process.js';
-import { agentSocketPath } from '../../host/vmm/qemu/qemu.js';
+import { agentHealth } from '../../host/guest/agent.js';
+import { agentChannelOf } from '../../host/vmm/agent-channel.js';
 import { sleep } from '../../host/exec/wait.js';
 import type { HealthView } from '../../rpc/types.js';
 import type { DaemonServices } from '../services.js';
@@ -18,17 +15,6 @@ import { vmAccess } from './vm-access.js';
 export const AGENT_CALL_MS = 10_000;
 
 const queues = new WeakMap<DaemonServices, Map<string, Promise<unknown>>>();
-
-/** The agent's channel for a running VM, and what it is. */
-export function agentChannelOf(vmm: 'qemu' | 'firecracker', id: string, control: string): { channel: AgentChannel; transport: HealthView['transport'] } {
-  if (vmm === 'firecracker') {
-    const uds = join(dirname(control), FirecrackerFiles.vsock(firecrackerId(id)));
-    return { channel: firecrackerVsockChannel(uds, AGENT_VSOCK_PORT), transport: 'vsock' };
-  }
-  const sock = agentSocketPath(control);
-  if (!sock) throw new BangerError('internal', `no agent socket for the QEMU control socket ${control}`);
-  return { channel: unixChannel(sock), transport: 'virtio-serial' };
-}
 
 /** The health of a running VM, from its guest agent; a clear error for a VM that is not running. */
 export async function vmHealth(d: DaemonServices, ref: string, timeoutMs = AGENT_CALL_MS): Promise<HealthView> {

@@ -1,4 +1,4 @@
-/** vm.snapshot, vm.restore, vm.fork and snapshot.list/show/delete (QEMU VMs). */
+/** vm.snapshot, vm.restore, vm.fork and snapshot.list/show/delete (QEMU and Firecracker VMs). */
 import { readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BangerError, validateName } from '../../errors.js';
@@ -64,7 +64,7 @@ async function assertVmForkable(d: DaemonServices, id: string): Promise<void> {
   const v = d.supervisor.snapshot(id).context;
   const manifest = await readManifest(d.layout.imageDir(v.spec.image)).catch(() => undefined);
   const identityDisk = existsSync(vmFiles(d.layout, id).identityDisk);
-  assertForkable({ name: `vm ${v.name}`, net: v.spec.net, image: v.spec.image, builderVersion: manifest?.builderVersion, identityDisk });
+  assertForkable({ name: `vm ${v.name}`, net: v.spec.net, vmm: v.spec.vmm, image: v.spec.image, builderVersion: manifest?.builderVersion, identityDisk });
 }
 
 /** Live VMs whose last snapshot this is: their next snapshot's layers are rebased onto this one's. */
@@ -81,7 +81,6 @@ async function buildingOn(d: DaemonServices, snapshotId: string): Promise<string
 async function takeSnapshot(d: DaemonServices, repo: SnapshotRepo, vms: VmAccess, ref: string, o: { name?: string; stop: boolean }, ctx: CallContext): Promise<SnapshotRecord> {
   const id = vms.resolveVm(ref);
   const v = vms.view(id);
-  if (v.vmm !== 'qemu') throw new BangerError('unsupported', `vm ${v.name} runs on ${v.vmm}: banger vm snapshot is built for QEMU VMs`, 'use a QEMU VM (--vmm qemu)');
   const snapshotId = newId();
   const name = o.name !== undefined ? validateName('snapshot', o.name) : `${v.name}-${snapshotId.slice(0, 6)}`;
   repo.assertNameFree(name);
@@ -92,7 +91,10 @@ async function takeSnapshot(d: DaemonServices, repo: SnapshotRepo, vms: VmAccess
   return snap;
 }
 
-/** A new VM from a snapshot: same image, CPUs and memory, disks on its layers; restored, not booted. */
+/**
+ * A new VM from a snapshot: same image, VMM, CPUs and memory, disks on its layers (Firecracker: copies, so it
+ * depends on no snapshot once loaded); restored, not booted.
+ */
 function startRestore(d: DaemonServices, snap: SnapshotRecord, name: string): string {
   assertForkable({ name: `snapshot ${snap.name}`, ...snap.meta });
   d.store.assertNameFree(name);
@@ -106,7 +108,7 @@ function startRestore(d: DaemonServices, snap: SnapshotRecord, name: string): st
       vcpus: snap.meta.vcpus,
       memoryMiB: snap.meta.memoryMiB,
       diskBytes: snap.meta.diskBytes,
-      vmm: 'qemu',
+      vmm: snap.meta.vmm ?? 'qemu',
       accel: snap.meta.accel,
       net: snap.meta.net ?? 'user',
       isolation: snap.meta.isolation,
@@ -114,7 +116,7 @@ function startRestore(d: DaemonServices, snap: SnapshotRecord, name: string): st
       bootTimeoutMs: d.config.bootTimeoutMs,
       stopTimeoutMs: d.config.stopTimeoutMs,
       gitIdentity: snap.meta.gitIdentity,
-      restore: { snapshotId: snap.id, chain: [snap.id, ...snap.meta.chain] },
+      restore: { snapshotId: snap.id, chain: snap.meta.vmm === 'firecracker' ? [] : [snap.id, ...snap.meta.chain] },
     },
   });
   return id;

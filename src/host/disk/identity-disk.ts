@@ -2,7 +2,8 @@
  * A VM's identity as a small read-only disk: a ustar archive of its hostname, SSH host key pair, networkd file,
  * resolv.conf (static networks) and the [user] section of its .gitconfig, attached as a third virtio disk with the
  * serial `banger-identity`. The image's banger-identity.service (image.ts IDENTITY_SCRIPT) finds that disk by its
- * serial, extracts it and installs the files into /etc before networkd and sshd start.
+ * serial, or (Firecracker, which gives drives no serial of ours) by the archive's first member, named
+ * `banger-identity` as well, extracts it and installs the files into /etc before networkd and sshd start.
  *
  * Written in-process (a few KiB, under a millisecond), so a create neither edits the root disk nor runs debugfs on
  * the work disk: both stay plain copy-on-write clones of what every VM of the image shares. VMs whose root disk is
@@ -28,6 +29,7 @@ export interface IdentityDiskContent extends Identity {
 export function identityFiles(id: IdentityDiskContent): Array<[string, string, number]> {
   validateIdentity(id);
   const files: Array<[string, string, number]> = [
+    [IDENTITY_DISK_SERIAL, 'the first member: a disk that starts with this name is an identity disk\n', 0o644],
     ['hostname', id.hostname + '\n', 0o644],
     ['ssh_host_ed25519_key', withNewline(id.hostKey.privateKey), 0o600],
     ['ssh_host_ed25519_key.pub', withNewline(id.hostKey.publicKey.trim()), 0o644],

@@ -39,8 +39,13 @@ import { AGENT_FILES, IDENTITY_PATH } from './agent.js';
  * 5: the guest agent's POST /identity applies the identity disk again, network and MAC included (banger-identity
  *    --refresh): a fork restored onto a TAP of its own takes its own address. zstd, for full_copy's tar on the link;
  *    sshd is restarted whatever stops it (SSHD_UNIT_DROPIN).
+ * 6: banger-identity also finds a disk that starts with the archive member `banger-identity` (Firecracker gives
+ *    drives no serial of ours): a Firecracker VM's forks take their own address from an identity disk too.
  */
-export const BUILDER_VERSION = 5;
+export const BUILDER_VERSION = 6;
+
+/** The first builder whose guest finds its identity disk without a serial (Firecracker gives drives none of ours). */
+export const IDENTITY_MARKER_BUILDER = 6;
 
 export const KNOWN_IMAGES = {
   'debian-bookworm': { suite: 'bookworm' },
@@ -549,8 +554,9 @@ export const FSTAB = [
 
 /**
  * Applies the VM's identity from its identity disk (src/host/disk/identity-disk.ts: a ustar archive on a read-only
- * virtio disk with the serial banger-identity), so the root disk can be a shared, unmodified backing file:
- * hostname, SSH host key, networkd file, resolv.conf for static networks, and the git identity, appended to
+ * virtio disk with the serial banger-identity, or whose first member is named so), so the root disk can be a
+ * shared, unmodified backing file: hostname, SSH host key, networkd file, resolv.conf for static networks, and the
+ * git identity, appended to
  * /root/.gitconfig unless that has a [user] section (a restarted VM keeps what its user set). A VM without an
  * identity disk (its root disk is its own, with the identity written in) is left as it is.
  *
@@ -566,6 +572,7 @@ export const IDENTITY_SCRIPT = [
   'dev=',
   'for d in /sys/block/vd*; do',
   '  if [ "$(cat "$d/serial" 2>/dev/null)" = banger-identity ]; then dev="/dev/${d##*/}"; fi',
+  '  if [ -z "$dev" ] && [ "$(head -c 15 "/dev/${d##*/}" 2>/dev/null)" = banger-identity ]; then dev="/dev/${d##*/}"; fi',
   'done',
   '[ -n "$dev" ] || exit 0',
   'src=/run/banger-identity',
