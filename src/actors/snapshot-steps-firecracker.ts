@@ -70,7 +70,7 @@ async function copyDisk(env: StepEnv, from: string, to: string, signal: AbortSig
  * written, disks copied while paused. Unless `stop`, the guest resumes and its drives go back to its own paths,
  * also when the save failed.
  */
-export async function saveFirecracker(env: StepEnv, ctx: VmContext, o: { proc: VmmProcess; f: VmFiles; dir: string; stop?: boolean }, signal: AbortSignal): Promise<SavedFirecracker> {
+export async function saveFirecracker(env: StepEnv, o: { proc: VmmProcess; f: VmFiles; dir: string; stop?: boolean }, signal: AbortSignal): Promise<SavedFirecracker> {
   const driver = firecracker(env.driver('firecracker'));
   const own = drivePaths(await launchDisks(o.f));
   const links = driveLinks(o.dir, own);

@@ -129,7 +129,7 @@ async function saveQemuVm(env: StepEnv, ctx: VmContext, o: SaveInput & { snapsho
 
 /** Firecracker: copies, so no chain: nothing of this snapshot depends on another. */
 async function saveFirecrackerVm(env: StepEnv, ctx: VmContext, o: SaveInput, signal: AbortSignal) {
-  const save = () => saveFirecracker(env, ctx, o, signal);
+  const save = () => saveFirecracker(env, o, signal);
   const saved = await stage(env, ctx.id, 'snapshot.save', save, (r) => `${r.stateBytes} bytes of state; ${Object.entries(r.timings).map(([k, v]) => `${k} ${v} ms`).join(', ')}`);
   return { ...saved, chain: [] as string[] };
 }

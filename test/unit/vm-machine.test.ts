@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { createActor, fromPromise, initialTransition, transition } from 'xstate';
-import { vmMachine, type VmSnapshot } from '../../src/machines/vm.machine.js';
+import { vmMachine } from '../../src/machines/vm.machine.js';
 import { done, error, runtime, vmInput, walk } from '../support/vm-fixtures.js';
 
 

@@ -8,11 +8,9 @@ import { run, which, type Runner } from '../exec/runner.js';
 import {
   DebugfsScript,
   S_IFDIR,
-  S_IFLNK,
   S_IFREG,
   debugfsQuote,
   debugfsRequest,
-  existingPaths,
   isDebugfsSafe,
   rdumpDir,
   runDebugfs,

@@ -1,7 +1,6 @@
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import {
   chmod,
-  copyFile,
   link,
   lstat,
   mkdir,
