@@ -15,6 +15,7 @@ import { macForVm } from '../src/host/net/net.js';
 import { createQemuDriver, eventsSocketPath, probeKvm, startDaemonized, type LaunchSpec } from '../src/host/vmm/qemu/qemu.js';
 import { exportWorkspace, prepareWorkspace, type GuestExec } from '../src/host/guest/workspace.js';
 import { gitTestEnv } from '../test/support/git.js';
+import { makeFakeFirecracker } from '../test/support/fake-firecracker-cli.js';
 
 type Line = (k: string, v: string) => void;
 const ms = (n: number) => (n >= 1000 ? `${(n / 1000).toFixed(2)} s` : `${n.toFixed(0)} ms`);
@@ -133,15 +134,8 @@ export async function benchVmmTimings(line: Line, kernelDir: string): Promise<vo
 export async function benchFirecrackerFake(line: Line): Promise<void> {
   console.log('Firecracker driver against the fake API server (node + tsx: slower to start than Firecracker)');
   const root = await mkdtemp(join(tmpdir(), 'bgb-fc-'));
-  const fakeBin = join(import.meta.dirname, '..', 'test', 'support', 'fake-firecracker-bin.mjs');
   let n = 0;
-  const binary = async (env: Record<string, string> = {}) => {
-    const path = join(root, `firecracker-${++n}`);
-    const exports = Object.entries(env).map(([k, v]) => `export ${k}='${v}'\n`).join('');
-    await writeFile(path, `#!/bin/sh\n${exports}exec '${process.execPath}' '${fakeBin}' "$@"\n`);
-    await chmod(path, 0o755);
-    return path;
-  };
+  const binary = async (env: Record<string, string> = {}) => (await makeFakeFirecracker(join(root, `firecracker-${++n}`), env)).path;
   const vm = async (): Promise<LaunchSpec> => {
     const id = `vm${++n}_b`;
     const vmDir = join(root, 'vms', id);
