@@ -206,8 +206,9 @@ async function overlaysOnSnapshot(env: StepEnv, ctx: VmContext, snap: SnapshotRe
 }
 
 /**
- * Step of state `restoring`: QEMU from the snapshot's state, up once SSH answers with the fork's identity set. A
- * tap fork runs on its own TAP: the guest agent first has the guest apply its identity disk's MAC and address.
+ * Step of state `restoring`: the VMM from the snapshot's state (restoreVmm), up once SSH answers with the fork's
+ * identity set. A tap fork runs on its own TAP: the guest agent first has the guest apply its identity disk's MAC
+ * and address.
  */
 async function restore(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
   const f = vmFiles(env.layout, ctx.id);

@@ -29,6 +29,7 @@ import { DEFAULT_HELPER_SOCKET } from '../roothelper/units.js';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeJobRunners } from './jobs.js';
+import { vmTransitionHooks } from './vm-hooks.js';
 import { serveInspector, type InspectorServer } from './inspector.js';
 import type { StepEnv } from '../actors/vm-steps.js';
 import { buildInfo } from '../version.js';
@@ -129,9 +130,6 @@ function vmmDrivers(config: Config, log: (l: string) => void): Record<string, Vm
   };
 }
 
-/** A VM's states with no guest to talk to: its pooled SSH connections are closed on the way in. */
-const VM_DOWN = new Set(['stopping', 'stopped', 'failed', 'deleting', 'deleted']);
-
 function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: Record<string, VmmDriver | undefined>, network: TapNetworking['network'] | undefined, log: (l: string) => void): StepEnv {
   let keyPromise: Promise<UserKey> | undefined;
   return {
@@ -203,11 +201,7 @@ export async function startDaemon(env: NodeJS.ProcessEnv = process.env, opts: Da
   const infra = tap && { rootHelper: tap.rootHelper.logic, tapPool: tap.tapPool.logic };
   const jobRunners = makeJobRunners(() => supervisor, stepEnv);
   const supervisor: Supervisor = new Supervisor(stepEnv, jobRunners, { infra, inspect: inspector?.inspect });
-  supervisor.onTransition((t) => {
-    if (!t.actor.startsWith('vm:')) return;
-    if (VM_DOWN.has(t.to)) stepEnv.ssh.drop(t.vmId); // a tap guest's connections never close by themselves
-    if (t.to === 'deleted') jobRunners.forget(t.vmId);
-  });
+  supervisor.onTransition(vmTransitionHooks(stepEnv.ssh, jobRunners));
   const restored = supervisor.start();
   log(`daemon ${process.pid} started; restored ${restored.restored} VM actor(s)${restored.errors.length ? `; errors: ${restored.errors.join('; ')}` : ''}${inspector ? `; inspector on 127.0.0.1:${inspector.port}` : ''}`);
   // Address leases of VMs that no longer exist are freed.

@@ -16,6 +16,7 @@ import { BangerError } from '../../src/errors.js';
 import { viewOf } from '../../src/daemon/views.js';
 import type { JobRunners } from '../../src/actors/workspace-jobs.js';
 import { vmInput, runtime } from '../support/vm-fixtures.js';
+import { vmTransitionHooks } from '../../src/daemon/vm-hooks.js';
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -103,6 +104,25 @@ describe('supervisor over SQLite with fake steps', () => {
     await again.sup.waitFor(input.id, ['stopped'], 5000);
     expect(() => again.sup.send(input.id, { type: 'STOP' })).toThrow(/it is stopped/);
     again.sup.detachAll();
+    sup.detachAll();
+  });
+
+  it("the daemon's transition hooks: a VM's SSH connections are dropped as it goes down, its job runners forget it once deleted", async () => {
+    const { sup, creating } = setup();
+    const calls: string[] = [];
+    sup.onTransition(vmTransitionHooks({ drop: (id) => calls.push(`drop ${id}`) }, { forget: (id) => calls.push(`forget ${id}`) }));
+    sup.start();
+    const input = vmInput();
+    sup.create(input);
+    creating.open();
+    await sup.waitFor(input.id, ['running'], 5000);
+    expect(calls).toEqual([]); // creating → running: nothing is down
+    sup.send(input.id, { type: 'STOP' });
+    await sup.waitFor(input.id, ['stopped'], 5000);
+    expect(calls).toEqual([`drop ${input.id}`, `drop ${input.id}`]); // stopping, stopped
+    sup.send(input.id, { type: 'DELETE' });
+    await waitUntil(() => calls.includes(`forget ${input.id}`));
+    expect(calls.slice(2)).toEqual([`drop ${input.id}`, `drop ${input.id}`, `forget ${input.id}`]); // deleting, deleted
     sup.detachAll();
   });
 
