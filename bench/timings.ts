@@ -13,7 +13,8 @@ import { execa } from 'execa';
 import { createFirecrackerDriver } from '../src/host/vmm/firecracker/firecracker.js';
 import { macForVm } from '../src/host/net/net.js';
 import { createQemuDriver, eventsSocketPath, probeKvm, startDaemonized, type LaunchSpec } from '../src/host/vmm/qemu/qemu.js';
-import { exportWorkspace, prepareWorkspace, type GuestExec } from '../src/host/guest/workspace.js';
+import { prepareWorkspace, type GuestExec } from '../src/host/guest/workspace.js';
+import { exportWorkspace } from '../src/host/guest/workspace-export.js';
 import { gitTestEnv } from '../test/support/git.js';
 import { makeFakeFirecracker } from '../test/support/fake-firecracker-cli.js';
 

@@ -30,7 +30,7 @@ interface Mutation {
 const MUTATIONS: Mutation[] = [
   {
     what: 'workspace export stages into the real index (no GIT_INDEX_FILE)',
-    file: 'src/host/guest/workspace.ts',
+    file: 'src/host/guest/workspace-scripts.ts',
     from: 'GIT_INDEX_FILE=$tmp/index GIT_OBJECT_DIRECTORY=$tmp/objects',
     to: 'GIT_OBJECT_DIRECTORY=$tmp/objects',
     tests: ['test/integration/export-index.test.ts'],

@@ -9,7 +9,8 @@ import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exportWorkspace, type GuestExec } from '../../src/host/guest/workspace.js';
+import type { GuestExec } from '../../src/host/guest/workspace.js';
+import { exportWorkspace } from '../../src/host/guest/workspace-export.js';
 
 let scratch: string;
 let env: NodeJS.ProcessEnv;

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
 import { clearExportLeftovers, withRecordedTemp } from '../../src/daemon/export-journal.js';
-import { partialPathFor } from '../../src/host/guest/workspace.js';
+import { partialPathFor } from '../../src/host/guest/workspace-export.js';
 import { layout } from '../../src/paths.js';
 
 it('a temp file recorded by an export that never finished is removed at the next start; nothing else is', async () => {

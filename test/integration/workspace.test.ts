@@ -11,8 +11,8 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BangerError } from '../../src/errors.js';
+import { exportWorkspace } from '../../src/host/guest/workspace-export.js';
 import {
-  exportWorkspace,
   prepareWorkspace,
   validateBranchName,
   validateGuestPath,

@@ -3,7 +3,7 @@
  * `output` and print the process's peak RSS before and after, in bytes, as JSON. A small warm-up export first, so
  * the baseline includes the code's own footprint.
  */
-import { exportWorkspaceToFile } from '../../src/host/guest/workspace.js';
+import { exportWorkspaceToFile } from '../../src/host/guest/workspace-export.js';
 import { streamingLocalGuest } from './local-guest.js';
 
 const [guestPath, output, warmGuestPath] = process.argv.slice(2);
