@@ -20,8 +20,7 @@ import type { VmContext } from '../machines/vm.machine.js';
 import { drivePaths, type DrivePaths, type FirecrackerDriver, type FirecrackerProcess } from '../host/vmm/firecracker/firecracker.js';
 import type { VmmDriver, VmmProcess } from '../host/vmm/driver.js';
 import type { SnapshotLayer, SnapshotRecord } from '../store/snapshots.js';
-import { KERNEL_CMDLINE, launchDisks, stage, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
-import { readManifest } from '../host/image/image.js';
+import { launchDisks, launchSpecFor, stage, type StepEnv, type VmFiles } from './vm-steps.js';
 
 /** The files a Firecracker snapshot's directory holds, besides its host key. */
 export const FC_SNAPSHOT_FILES = { state: 'state.bin', memory: 'memory.bin', root: 'root.img', work: 'work.img' } as const;
@@ -134,25 +133,10 @@ async function inTurn<T>(snapshotId: string, fn: () => Promise<T>): Promise<T> {
 /** A new Firecracker with the snapshot loaded onto this fork's own disks, TAP and vsock socket, running. */
 export async function loadFirecrackerFork(env: StepEnv, ctx: VmContext, f: VmFiles, snap: SnapshotRecord, dir: string, signal: AbortSignal): Promise<FirecrackerProcess> {
   const driver = firecracker(env.driver('firecracker'));
-  const imageDir = env.layout.imageDir(ctx.spec.image);
-  const image = await readManifest(imageDir);
-  const disks = await launchDisks(f);
   await rm(f.serialLog, { force: true });
-  const spec = {
-    id: ctx.id,
-    vmDir: f.dir,
-    runDir: env.layout.run,
-    kernel: join(imageDir, image.vmlinux ?? image.kernel),
-    cmdline: KERNEL_CMDLINE,
-    ...disks,
-    vcpus: ctx.spec.vcpus,
-    memoryMiB: ctx.spec.memoryMiB,
-    accel: ctx.spec.accel,
-    net: vmmNet(env, ctx, undefined),
-    serialLog: f.serialLog,
-  };
+  const spec = await launchSpecFor(env, ctx, undefined);
   const files = { snapshotPath: join(dir, snap.meta.stateFile), memFilePath: join(dir, snap.meta.memFile ?? FC_SNAPSHOT_FILES.memory) };
-  const own = drivePaths(disks);
+  const own = drivePaths(spec);
   const load = () =>
     inTurn(snap.id, async () => {
       await pointLinks(driveLinks(dir, own), own);

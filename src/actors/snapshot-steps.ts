@@ -20,7 +20,7 @@ import { waitForSsh } from '../host/guest/ssh.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
-import { checkTapLease, findVmm, KERNEL_CMDLINE, launchDisks, leaseNetwork, sshKey, sshTargetFor, stage, vmFiles, vmmNet, type StepEnv, type VmFiles } from './vm-steps.js';
+import { checkTapLease, findVmm, launchSpecFor, leaseNetwork, sshKey, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
 import { agentRefreshIdentity } from '../host/guest/agent.js';
 import { findFreePort, liveBulkSocket, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { agentChannelOf } from '../host/vmm/agent-channel.js';
@@ -289,26 +289,8 @@ export function assertForkable(s: { name: string; net?: VmContext['spec']['net']
 
 /** QEMU with the VM's devices and disks, waiting for the saved state (`-incoming defer`). */
 async function launchForRestore(env: StepEnv, ctx: VmContext, f: VmFiles, sshPort: number | undefined, signal: AbortSignal) {
-  const imageDir = env.layout.imageDir(ctx.spec.image);
-  const image = await readManifest(imageDir);
-  const disks = await launchDisks(f);
   await rm(f.serialLog, { force: true });
-  const spec = {
-    id: ctx.id,
-    vmDir: f.dir,
-    runDir: env.layout.run,
-    kernel: join(imageDir, image.kernel),
-    initrd: image.initrd ? join(imageDir, image.initrd) : undefined,
-    cmdline: KERNEL_CMDLINE,
-    ...disks,
-    vcpus: ctx.spec.vcpus,
-    memoryMiB: ctx.spec.memoryMiB,
-    accel: ctx.spec.accel,
-    net: vmmNet(env, ctx, sshPort),
-    serialLog: f.serialLog,
-    bulkPort: snapshotOf(env, ctx.spec.restore!.snapshotId).meta.bulkPort === true,
-    incoming: true,
-  };
+  const spec = { ...(await launchSpecFor(env, ctx, sshPort)), bulkPort: snapshotOf(env, ctx.spec.restore!.snapshotId).meta.bulkPort === true, incoming: true };
   return stage(env, ctx.id, 'vmm.launch', () => env.driver('qemu').launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (qemu, ${ctx.spec.accel}, waiting for the saved state)`);
 }
 

@@ -20,7 +20,7 @@ import { passtFiles, stopPasst } from '../host/net/passt.js';
 import { checkHostPortsFree, startPortProxies } from '../host/net/publish.js';
 import { sleep } from '../host/exec/wait.js';
 import { formatPublish } from '../rpc/publish.js';
-import { findFreePort, identifyPid, qmpSocketPath, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
+import { findFreePort, identifyPid, qmpSocketPath, type LaunchSpec, type VmmDriver, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { FirecrackerFiles, firecrackerId } from '../host/vmm/firecracker/firecracker.js';
 import { cloneWorkDisk } from '../host/disk/work-disk-clone.js';
 import { CACHED_BASE_NAME, cloneDisk, createWorkDisk, growDisk, overlayDisk, overlayOnCachedDisk, type NetworkConfig } from '../host/disk/disks.js';
@@ -33,7 +33,7 @@ import { macForVm } from '../host/net/net.js';
 import { testStageDelay } from './fault-injection.js';
 import { makeSnapshotSteps, readLayers, writeLayers } from './snapshot-steps.js';
 
-export const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
+const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
 
 export interface NetworkProvider {
   /** Lease what the VM needs on the network (TAP + address); idempotent per VM. */
@@ -428,20 +428,16 @@ export async function launchDisks(f: VmFiles) {
 }
 
 /** The VMM's network: user networking's forwarded SSH port and published ports, or the VM's TAP and MAC. */
-export function vmmNet(env: StepEnv, ctx: VmContext, sshPort: number | undefined) {
+function vmmNet(env: StepEnv, ctx: VmContext, sshPort: number | undefined) {
   if (ctx.spec.net === 'user') return { mode: 'user' as const, sshPort: sshPort!, publish: ctx.spec.publish, backend: env.config.userNet, egress: ctx.spec.isolation?.egress };
   return { mode: 'tap' as const, tap: ctx.net!.tap!, mac: macForVm(ctx.id) };
 }
 
-/** Start a new VMM for this VM and record it in vmm.json. */
-async function launchVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver, signal: AbortSignal): Promise<{ proc: VmmProcess; sshPort?: number }> {
+/** What the VMM is launched with: the image's kernel (Firecracker: its uncompressed one), the VM's disks, size and network. */
+export async function launchSpecFor(env: StepEnv, ctx: VmContext, sshPort: number | undefined): Promise<LaunchSpec> {
   const f = vmFiles(env.layout, ctx.id);
   const image = await imageOf(env, ctx.spec.image);
-  const sshPort = ctx.spec.net === 'user' ? await findFreePort() : undefined;
-  await checkTapLease(env, ctx, signal);
-  await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
-  if (ctx.spec.publish?.length) await stage(env, ctx.id, 'publish.check', () => checkHostPortsFree(ctx.spec.publish!), () => ctx.spec.publish!.map(formatPublish).join(' '));
-  const spec = {
+  return {
     id: ctx.id,
     vmDir: f.dir,
     runDir: env.layout.run,
@@ -455,6 +451,16 @@ async function launchVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver, signal
     net: vmmNet(env, ctx, sshPort),
     serialLog: f.serialLog,
   };
+}
+
+/** Start a new VMM for this VM and record it in vmm.json. */
+async function launchVmm(env: StepEnv, ctx: VmContext, driver: VmmDriver, signal: AbortSignal): Promise<{ proc: VmmProcess; sshPort?: number }> {
+  const f = vmFiles(env.layout, ctx.id);
+  const sshPort = ctx.spec.net === 'user' ? await findFreePort() : undefined;
+  await checkTapLease(env, ctx, signal);
+  await Promise.all([rm(f.serialLog, { force: true }), rm(rotatedPath(f.serialLog), { force: true })]);
+  if (ctx.spec.publish?.length) await stage(env, ctx.id, 'publish.check', () => checkHostPortsFree(ctx.spec.publish!), () => ctx.spec.publish!.map(formatPublish).join(' '));
+  const spec = await launchSpecFor(env, ctx, sshPort);
   const proc = await stage(env, ctx.id, 'vmm.launch', () => driver.launch(spec, { signal, runner: env.runner }), (p) => `pid ${p.pid} (${ctx.spec.vmm}, ${ctx.spec.accel})`);
   await writeFile(f.vmmState, JSON.stringify({ pid: proc.pid, control: proc.qmpSocket, sshPort, guestIp: ctx.net?.guestIp, tap: ctx.net?.tap } satisfies VmmState));
   return { proc, sshPort };

@@ -121,6 +121,15 @@ async function runningSource(id: string): Promise<{ ctx: VmContext; proc: Firecr
   return { ctx, proc };
 }
 
+/** A running source VM, snapshotted through the actor step: the step must succeed. */
+async function snapshotted(id: string, snapshotId: string, name: string, stop: boolean): Promise<VmContext> {
+  const { ctx } = await runningSource(id);
+  ctx.pendingSnapshot = { snapshotId, name, stop };
+  const r = await runStep(makeSteps(env).takeSnapshot, ctx);
+  expect(r.error, logs.join('\n')).toBeUndefined();
+  return ctx;
+}
+
 describe('Firecracker snapshots through the VM actor steps (strict fake)', () => {
   it('vm snapshot saves state, memory and disk copies through drive links, then the VM runs on on its own drives', async () => {
     logs = [];
@@ -156,9 +165,7 @@ describe('Firecracker snapshots through the VM actor steps (strict fake)', () =>
 
   it('two forks restored at once each load onto their own disk copies, TAP and vsock socket, and take their own address', async () => {
     logs = [];
-    const { ctx: source } = await runningSource('fcsrc00002');
-    source.pendingSnapshot = { snapshotId: 'snapfc0002', name: 'base2', stop: false };
-    expect((await runStep(makeSteps(env).takeSnapshot, source)).error).toBeUndefined();
+    const source = await snapshotted('fcsrc00002', 'snapfc0002', 'base2', false);
     await writeFile(vmFiles(l, source.id).rootDisk, 'source root, written after the snapshot');
     const dir = snapshotDir(l.home, 'snapfc0002');
 
@@ -193,9 +200,7 @@ describe('Firecracker snapshots through the VM actor steps (strict fake)', () =>
 
   it('the restore step has the fork apply its own network over vsock, and ends its VMM when the guest never answers SSH', async () => {
     logs = [];
-    const { ctx: source } = await runningSource('fcsrc00003');
-    source.pendingSnapshot = { snapshotId: 'snapfc0003', name: 'base3', stop: true };
-    expect((await runStep(makeSteps(env).takeSnapshot, source)).error).toBeUndefined();
+    const source = await snapshotted('fcsrc00003', 'snapfc0003', 'base3', true);
     expect((await driver().status({ pid: source.runtime!.pid, qmpSocket: source.runtime!.control })).state).toBe('gone');
     leases.set('fcfork0003', { tap: 'bgtap13', guestIp: '127.0.0.3' });
     const fork = context('fcfork0003', 'base3-fork-1', { restore: { snapshotId: 'snapfc0003', chain: [] }, bootTimeoutMs: 4000 });
