@@ -137,7 +137,7 @@ function stepEnvironment(layout: Layout, config: Config, store: Store, drivers: 
     store,
     config,
     runner: run,
-    userKey: () => (keyPromise ??= ensureUserKey(layout.keysDir, { runner: run })),
+    userKey: () => (keyPromise ??= ensureUserKey(layout.keysDir)),
     network,
     ssh: new SshPool(),
     driver: (kind) => {

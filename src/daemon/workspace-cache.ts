@@ -35,7 +35,7 @@ export async function vmWorkspaceKey(
   const dir = env.layout.imageDir(spec.image);
   const manifest = await readManifest(dir).catch(() => undefined);
   if (!manifest) return { key: null, why: `image ${spec.image} is not here` };
-  const key = await ensureUserKey(env.layout.keysDir, { runner: env.runner ?? run });
+  const key = await ensureUserKey(env.layout.keysDir);
   return workspaceCacheKey(
     {
       source: w.source,

@@ -14,7 +14,6 @@ import type { SshPool } from '../../host/guest/pool.js';
 import type { SshTarget } from '../../host/guest/ssh.js';
 import { listSessions, type GuestRun, type GuestSession } from '../../host/guest/sessions.js';
 import { shellQuote, quoteArg } from '../../host/exec/shell.js';
-import { run } from '../../host/exec/runner.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
 import type { ParamsOf, ResultOf } from '../../rpc/protocol.js';
 import type { HealthView, OutputChunk, SessionView } from '../../rpc/types.js';
@@ -86,7 +85,7 @@ export function guestAccess(d: DaemonServices): GuestAccess {
 }
 
 async function targetOf(d: DaemonServices, id: string, name: string, rt: { sshPort?: number; guestIp?: string }): Promise<SshTarget> {
-  const key = await ensureUserKey(d.layout.keysDir, { runner: run });
+  const key = await ensureUserKey(d.layout.keysDir);
   const hostPublicKey = (await readFile(vmFiles(d.layout, id).hostKeyPub, 'utf8')).trim();
   if (rt.guestIp) return { host: rt.guestIp, port: 22, privateKey: key.privateKey, hostPublicKey, label: name };
   if (!rt.sshPort) throw new BangerError('invalid_state', `vm ${name} has no SSH address`, `banger vm restart ${name}`);

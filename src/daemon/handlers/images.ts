@@ -25,7 +25,7 @@ export function imageHandlers(d: DaemonServices): ImageHandlers {
       validateName('image', p.name);
       const dir = layout.imageDir(p.name);
       if (existsSync(dir)) throw new BangerError('conflict', `image ${p.name} already exists`, `banger image delete ${p.name} first, or pick another name`);
-      const key = await ensureUserKey(layout.keysDir, { runner: run });
+      const key = await ensureUserKey(layout.keysDir);
       ctx.progress({ stage: 'import', status: 'start' });
       const t0 = Date.now();
       const m = await importImage({ name: p.name, imageDir: dir, rootfs: p.rootfs, kernel: p.kernel, initrd: p.initrd, userPubKey: key.publicKey, runner: run });
@@ -81,7 +81,7 @@ function imagePuller(d: DaemonServices, imageView: (name: string, m: ImageManife
     const dir = layout.imageDir(name);
     // Registered before its first await: a pull of the same name arriving meanwhile joins this build.
     const job = (async () => {
-      const key = await ensureUserKey(layout.keysDir, { runner: run });
+      const key = await ensureUserKey(layout.keysDir);
       if (opts.force) await rm(dir, { recursive: true, force: true });
       const mirror = opts.mirror ?? detectMirror();
       return buildImage({ name, suite, imageDir: dir, mirror, userPubKey: key.publicKey, runner: run, onStage: (ev) => listeners.get(name)?.forEach((l) => l(ev)) });

@@ -4,7 +4,6 @@ import { BangerError } from '../../errors.js';
 import { vmFiles } from '../../actors/vm-steps.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
 import { readTail } from '../../host/guest/serial.js';
-import { run } from '../../host/exec/runner.js';
 import type { Handlers } from '../../rpc/server.js';
 import type { DaemonServices } from '../services.js';
 import { vmAccess } from './vm-access.js';
@@ -53,7 +52,7 @@ export function vmInfoHandlers(d: DaemonServices): InfoHandlers {
       if (v.state === 'booting' && p.wait !== false) v = await waitState(id, ['running'], ctx, bootWait());
       if (v.state !== 'running') throw new BangerError('invalid_state', `vm ${v.name} is ${v.state}`, `banger vm start ${v.name}`);
       const f = vmFiles(layout, id);
-      const key = await ensureUserKey(layout.keysDir, { runner: run });
+      const key = await ensureUserKey(layout.keysDir);
       return {
         host: v.guestIp ?? '127.0.0.1',
         port: v.guestIp ? 22 : v.sshPort,

@@ -5,7 +5,6 @@ import ssh2 from 'ssh2';
 import { BangerError } from '../../errors.js';
 import { Files } from '../../paths.js';
 import { errnoCode as errno } from '../exec/errno.js';
-import type { Runner } from '../exec/runner.js';
 
 const { utils } = ssh2;
 
@@ -18,11 +17,6 @@ export interface UserKey {
 }
 
 /** Accepted for the callers' sake: keys are made in-process now, so nothing here is run or aborted. */
-export interface KeyOptions {
-  runner?: Runner;
-  signal?: AbortSignal;
-}
-
 /** Reads a private key and derives its public line (the OpenSSH private key format carries the public blob). */
 function publicLineFromPrivate(privateKey: Buffer, path: string, comment: string): string {
   const parsed = utils.parseKey(privateKey);
@@ -44,7 +38,7 @@ function publicLineFromPrivate(privateKey: Buffer, path: string, comment: string
  * throws its pair away and reads the winner's. The .pub file is (re)derived from the private key if it
  * is missing or does not match.
  */
-export async function ensureUserKey(keysDir: string, _opts: KeyOptions = {}): Promise<UserKey> {
+export async function ensureUserKey(keysDir: string): Promise<UserKey> {
   const privateKeyPath = join(keysDir, Files.userKey);
   const publicKeyPath = join(keysDir, Files.userPubKey);
   await mkdir(keysDir, { recursive: true, mode: 0o700 });
