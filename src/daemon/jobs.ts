@@ -11,7 +11,7 @@ import { liveBulkSocket } from '../host/vmm/qemu/qemu.js';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { prepareWorkspace, type GuestExec, type LinkCompression, type ResumePoint } from '../host/guest/workspace.js';
+import { isPlainPrepare, prepareWorkspace, type GuestExec, type LinkCompression, type ResumePoint } from '../host/guest/workspace.js';
 import { exportWorkspaceToFile, partialPathFor } from '../host/guest/workspace-export.js';
 import { readManifest } from '../host/image/image.js';
 import { which } from '../host/exec/runner.js';
@@ -52,7 +52,7 @@ export function makeJobRunners(sup: () => Supervisor, env: StepEnv): JobRunners 
             { source: p.source, guestPath: p.guestPath, branch: p.branch, from: p.from, mode: p.mode, readOnly: p.readOnly, ...how, compression, lastMarker },
             { signal, onProgress: (pr) => progress({ stage: pr.stage, bytes: pr.bytes }), runner: env.runner },
           );
-        const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: !p.branch && !p.from && !p.readOnly, replace: p.replace };
+        const w = { source: resolve(p.source), mode: p.mode, guestPath: p.guestPath, plain: isPlainPrepare(p), replace: p.replace };
         const vm = { id: vmId, spec: ctx.spec, workDisk: vmFiles(env.layout, vmId).workDisk };
         const io = { guest, signal, progress: (stage: string, detail?: string) => progress({ stage, detail }) };
         const { previousHead: _head, resumePoint, resumed, ...result } = await prepareThroughCache(env, vm, w, io, prepare);

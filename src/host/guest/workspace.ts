@@ -94,6 +94,14 @@ export interface PrepareOptions {
   lastMarker?: string;
 }
 
+/**
+ * A plain prepare: HEAD as the base, no new branch, not read-only. Only a plain prepare's workspace is updated in
+ * place by the next prepare, resumed from a cached work disk, or stored in the workspace cache.
+ */
+export function isPlainPrepare(o: { from?: string; branch?: string; readOnly?: boolean }): boolean {
+  return o.from === undefined && o.branch === undefined && !o.readOnly;
+}
+
 /** What a plain prepare left at the guest path: HEAD's tree with the host's delta over it, and its marker. */
 export interface ResumePoint {
   /** The content of the workspace's .git/banger-workspace (one line of JSON, preparedAt included). */
@@ -438,7 +446,7 @@ export async function prepareWorkspace(
   try {
     ctx.onProgress?.({ stage: 'inspect' });
     const prepared = preparation(exec, opts, ctx, runner, where);
-    const plainNow = !opts.replace && !opts.readOnly && where.from === undefined && where.newBranch === undefined && opts.mode !== 'full_copy';
+    const plainNow = !opts.replace && opts.mode !== 'full_copy' && isPlainPrepare(opts);
     const resumed = opts.resume && plainNow ? resumeWorkspace(exec, where.dest, opts.resume, prepared, opts.resumeWhen ?? Promise.resolve(true), ctx) : undefined;
     const r = await resumed; // settles after `prepared` (it waits for it)
     if (r) return r;
@@ -608,7 +616,7 @@ async function prepareFullCopy(p: Prepare): Promise<WorkspacePrepareResult> {
 async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
   const { runner, repo, opts } = p;
   const signal = p.ctx.signal;
-  const notPlain = p.from ?? p.newBranch ?? (opts.readOnly ? 'ro' : undefined);
+  const plain = isPlainPrepare(opts);
   const tips = new Set([repo.headCommit, p.baseCommit]);
   const refUpdates: string[] = [];
   if (opts.mode === 'full_history') {
@@ -623,17 +631,17 @@ async function preparePacked(p: Prepare): Promise<WorkspacePrepareResult> {
   }
   const plainMarker = markerOf(p, { readOnly: false, branch: null });
   const inPlace = (old: { head: string; marker: string }) => prepareIncremental(p.exec, { dest: p.dest, repo, old, tips: [...tips], refUpdates, shallow, marker: plainMarker }, p.ctx, runner);
-  const known = opts.lastMarker && !opts.replace ? reusableMarker(opts.lastMarker, p.sourcePath, opts.mode, notPlain) : undefined;
+  const known = opts.lastMarker && !opts.replace ? reusableMarker(opts.lastMarker, p.sourcePath, opts.mode, plain) : undefined;
   const updated = known ? await inPlace(known) : undefined;
   if (known && updated) return incrementalResult(p, updated, known.head, plainMarker);
   p.ctx.onProgress?.({ stage: 'history' });
   const refs = Buffer.from(refUpdates.map((u) => u + '\n').join(''));
   const w = { what: PREPARE, dest: p.dest, stagePath: p.stagePath, replace: opts.replace ? '1' : '0', repo, tips: [...tips], noWalk: opts.mode === 'shallow', refs, finish: finishArgs(p, false, shallow) };
   const h = await sendPackedTree(p.exec, w, p.ctx, runner);
-  const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, p.sourcePath, opts.mode, notPlain) : undefined;
+  const reuse = h.result.exitCode === 10 ? reusableWorkspace(h.result.stdout, p.sourcePath, opts.mode, plain) : undefined;
   if (!reuse) {
     checkStep(p, 'history', h.result);
-    const resumePoint = notPlain === undefined && h.delta ? { marker: plainMarker, delta: h.delta } : undefined;
+    const resumePoint = plain && h.delta ? { marker: plainMarker, delta: h.delta } : undefined;
     return { ...resultOf(p, h.result, h.bytes), ...(resumePoint ? { resumePoint } : {}) };
   }
   const i = await inPlace(reuse);
@@ -770,18 +778,18 @@ const TAR_AS_ROOT = ['--owner=0', '--group=0', '--numeric-owner'];
  * prepared from the same source in the same mode, plain (no --from, --branch or read-only, then or now), whose
  * HEAD has not moved since. `stdout` is DEST_CHECK's ("repo <sha>", "marker <json>"). Otherwise undefined.
  */
-function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): { head: string; marker: string } | undefined {
+function reusableWorkspace(stdout: Buffer, sourcePath: string, mode: WorkspaceMode, plainNow: boolean): { head: string; marker: string } | undefined {
   const text = stdout.toString('utf8');
   const head = /^repo ([0-9a-f]{40,64})$/m.exec(text)?.[1];
   const json = /^marker (\{.*\})$/m.exec(text)?.[1];
   if (!head || !json) return undefined;
-  const r = reusableMarker(json, sourcePath, mode, notPlainNow);
+  const r = reusableMarker(json, sourcePath, mode, plainNow);
   return r?.head === head ? r : undefined;
 }
 
 /** The HEAD a marker was written at, when it names a plain workspace of this source and mode (and this prepare is plain too). */
-function reusableMarker(marker: string, sourcePath: string, mode: WorkspaceMode, notPlainNow: string | undefined): { head: string; marker: string } | undefined {
-  if (notPlainNow !== undefined || mode === 'full_copy') return undefined;
+function reusableMarker(marker: string, sourcePath: string, mode: WorkspaceMode, plainNow: boolean): { head: string; marker: string } | undefined {
+  if (!plainNow || mode === 'full_copy') return undefined;
   const m = parseMarker(marker);
   const plain = m?.readOnly === false && m.branch === null && m.baseCommit === m.headCommit;
   const ok = plain && m.sourcePath === sourcePath && m.mode === mode && typeof m.headCommit === 'string' && /^[0-9a-f]{40,64}$/.test(m.headCommit);
