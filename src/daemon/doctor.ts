@@ -8,6 +8,7 @@ import { dirname, join } from 'node:path';
 import { run, which } from '../host/exec/runner.js';
 import { probeCowStrategies } from '../host/disk/disks.js';
 import { readManifest } from '../host/image/image.js';
+import { firecrackerVersion, restoresSnapshots, SNAPSHOT_LOAD_MIN_VERSION } from '../host/vmm/firecracker/firecracker.js';
 import type { DoctorCheck, DoctorReport } from '../rpc/types.js';
 import { firecrackerCapability, forceTcg, kvmCapability, rootHelperCapability } from './capabilities.js';
 import { planVm, type HostCapabilities } from './plan.js';
@@ -31,6 +32,7 @@ export async function runDoctor(d: DaemonServices, deps: HandlerDeps): Promise<D
       ? { name: 'firecracker', status: kvm.usable ? 'ok' : 'warn', detail: `${firecracker.binary}${kvm.usable ? '' : ' (needs usable KVM, which this host lacks)'}` }
       : { name: 'firecracker', status: 'warn', detail: firecracker.missing.message, fix: firecracker.missing.hint },
   );
+  if ('binary' in firecracker) add(await firecrackerSnapshotCheck(firecracker.binary));
   const rootHelper = await rootHelperCapability(d, 5000);
   const host: HostCapabilities = { firecracker, kvm, forceTcg: forceTcg(), rootHelper, defaultNet: d.config.defaultNet };
   const plan = planVm({ vmm: 'auto', net: 'auto' }, host);
@@ -50,6 +52,15 @@ export async function runDoctor(d: DaemonServices, deps: HandlerDeps): Promise<D
   for (const c of await cowChecks(d)) add(c);
   add(socketCheck(d));
   return { checks, ok: !checks.some((c) => c.status === 'fail'), vmmAuto };
+}
+
+/** Whether this Firecracker restores banger's snapshots: its PUT /snapshot/load must take vsock_override (1.16 on). */
+export async function firecrackerSnapshotCheck(binary: string): Promise<Check> {
+  const v = await firecrackerVersion(binary);
+  if (v && restoresSnapshots(v)) return { name: 'firecracker.snapshots', status: 'ok', detail: `Firecracker ${v}: snapshots, restores and forks of Firecracker VMs` };
+  const [major, minor] = SNAPSHOT_LOAD_MIN_VERSION;
+  const detail = v ? `Firecracker ${v} cannot restore banger's snapshots: its PUT /snapshot/load has no vsock_override` : `${binary} --version did not say which Firecracker it is`;
+  return { name: 'firecracker.snapshots', status: 'warn', detail, fix: `install Firecracker ${major}.${minor} or later to restore and fork Firecracker VMs` };
 }
 
 async function toolCheck(tool: string, name: string, pkg: string): Promise<Check> {

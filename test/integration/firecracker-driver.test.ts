@@ -12,9 +12,12 @@ import {
   bootArgs,
   createFirecrackerDriver,
   firecrackerId,
+  firecrackerVersion,
   resolveFirecrackerBinary,
+  restoresSnapshots,
   type FirecrackerProcess,
 } from '../../src/host/vmm/firecracker/firecracker.js';
+import { firecrackerSnapshotCheck } from '../../src/daemon/doctor.js';
 import { macForVm } from '../../src/host/net/net.js';
 import type { LaunchSpec } from '../../src/host/vmm/qemu/qemu.js';
 import { startFakeFirecracker, type FakeFirecracker } from '../support/fake-firecracker.js';
@@ -329,6 +332,23 @@ describe('the Firecracker binary', () => {
     expect(e.message).toMatch(/Firecracker binary \/nonexistent\/firecracker \(from the config key firecrackerBin\) does not exist/);
     expect(e.hint).toMatch(/BANGER_FIRECRACKER_BIN/);
     expect(e.hint).toMatch(/firecrackerBin/);
+  });
+
+  it("doctor tells from `firecracker --version` whether it restores banger's snapshots (1.16 on), and says so when it cannot tell", async () => {
+    const says = async (out: string) => {
+      const p = join(root, `fcv${++n}`);
+      await writeFile(p, `#!/bin/sh\n[ "$1" = --version ] && printf '${out}'\n`, { mode: 0o755 });
+      return p;
+    };
+    expect(await firecrackerVersion(await says('Firecracker v1.16.0\\n\\n'))).toBe('1.16.0');
+    expect(await firecrackerSnapshotCheck(await says('Firecracker v1.16.0\\n'))).toMatchObject({ name: 'firecracker.snapshots', status: 'ok' });
+    expect(await firecrackerSnapshotCheck(await says('Firecracker v2.0.1\\n'))).toMatchObject({ status: 'ok' });
+    const old = await firecrackerSnapshotCheck(await says('Firecracker v1.15.1\\n'));
+    expect(old).toMatchObject({ status: 'warn', detail: expect.stringMatching(/Firecracker 1\.15\.1 cannot restore banger's snapshots/), fix: expect.stringMatching(/Firecracker 1\.16 or later/) });
+    // the fake knows no --version: nothing to go by
+    expect(await firecrackerSnapshotCheck((await makeBinary()).path)).toMatchObject({ status: 'warn', detail: expect.stringMatching(/--version did not say/) });
+    expect(['1.16.0', 'v1.16.0-dev', '1.17.2', '2.0.0'].every(restoresSnapshots)).toBe(true);
+    expect(['1.15.1', '1.7.0-fake', '0.25.0', 'banana'].some(restoresSnapshots)).toBe(false);
   });
 
   it('uses BANGER_FIRECRACKER_BIN, then PATH', async () => {

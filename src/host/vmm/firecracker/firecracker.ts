@@ -19,7 +19,7 @@ import { childExit, describeExit, FirecrackerFiles, identifyFirecracker, procFie
 export * from './api.js';
 export * from './jailer.js';
 export { HandlerList, HandlerFailed, type Handler } from './handlers.js';
-export { defaultHandlers, drivePaths, SNAPSHOT_LOAD_MIN_VERSION, type DrivePaths, type FirecrackerHandlers, type JailerOptions, type LaunchContext, type LaunchHandler } from './launch.js';
+export { defaultHandlers, drivePaths, type DrivePaths, type FirecrackerHandlers, type JailerOptions, type LaunchContext, type LaunchHandler } from './launch.js';
 export {
   BASE_BOOT_ARGS,
   bootArgs,
@@ -29,7 +29,10 @@ export {
   identifyFirecracker,
   JAIL_API_SOCKET,
   JAIL_FILES,
+  firecrackerVersion,
   resolveFirecrackerBinary,
+  restoresSnapshots,
+  SNAPSHOT_LOAD_MIN_VERSION,
   type FirecrackerProcess,
   type PidIdentity,
 } from './process.js';

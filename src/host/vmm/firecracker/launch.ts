@@ -34,6 +34,8 @@ import {
   GUEST_CID,
   identifyFirecracker,
   resolveFirecrackerBinary,
+  restoresSnapshots,
+  SNAPSHOT_LOAD_MIN_VERSION,
   spawnVmm,
   tail,
   type FirecrackerProcess,
@@ -287,17 +289,13 @@ export const InstanceStart: LaunchHandler = {
   fn: (c) => c.api.put('/actions', { action_type: 'InstanceStart' } satisfies InstanceActionInfo, { signal: c.signal, timeoutMs: Math.max(c.deps.requestTimeoutMs, 10_000) }),
 };
 
-/** The first Firecracker whose PUT /snapshot/load takes `vsock_override`, without which a restore binds the source's socket. */
-export const SNAPSHOT_LOAD_MIN_VERSION = [1, 16] as const;
-
 /** Refuses, before the load, a Firecracker too old to put a restored VM's vsock socket anywhere but the source's path. */
 export const CheckLoadVersion: LaunchHandler = {
   name: 'check-load-version',
   fn: async (c) => {
     const { vmm_version: v } = await c.api.describe({ signal: c.signal });
-    const m = /^v?(\d+)\.(\d+)/.exec(v);
+    if (restoresSnapshots(v)) return;
     const [major, minor] = SNAPSHOT_LOAD_MIN_VERSION;
-    if (m && (Number(m[1]) > major || (Number(m[1]) === major && Number(m[2]) >= minor))) return;
     throw new BangerError(
       'unsupported',
       `Firecracker ${v} cannot restore a banger snapshot: its PUT /snapshot/load has no vsock_override, so the restored VM would bind the source VM's vsock socket`,

@@ -9,6 +9,7 @@ import { Files } from '../../../paths.js';
 import { errnoCode as errno } from '../../exec/errno.js';
 import { identifyProcess, type PidIdentity } from '../../exec/proc.js';
 import { spawnDetached, type Detached, type ExitStatus } from '../../exec/spawn.js';
+import { run } from '../../exec/runner.js';
 import type { VmmProcess } from '../driver.js';
 
 /** File names this driver owns (sockets in the run dir, logs in the VM dir). */
@@ -66,6 +67,22 @@ export async function tail(file: string, lines = 8): Promise<string> {
  * The Firecracker binary: the option (config key `firecrackerBin`), else $BANGER_FIRECRACKER_BIN, else
  * `firecracker` on PATH. Missing → `not_found` naming what was tried and how to set it.
  */
+/** What `firecracker --version` says its version is (`1.16.0`), or undefined when it says nothing of the kind. */
+export async function firecrackerVersion(binary: string): Promise<string | undefined> {
+  const r = await run(binary, ['--version'], { reject: false, timeoutMs: 5000 }).catch(() => undefined);
+  return r ? /Firecracker v?(\d+\.\d+\.\d+\S*)/.exec(r.stdout)?.[1] : undefined;
+}
+
+/** The first Firecracker whose PUT /snapshot/load takes `vsock_override`, without which a restore binds the source's socket. */
+export const SNAPSHOT_LOAD_MIN_VERSION = [1, 16] as const;
+
+/** Does a Firecracker of this version (`1.16.0`, `v1.16.0-dev`) restore a banger snapshot (vsock_override)? */
+export function restoresSnapshots(version: string): boolean {
+  const m = /^v?(\d+)\.(\d+)/.exec(version);
+  const [major, minor] = SNAPSHOT_LOAD_MIN_VERSION;
+  return !!m && (Number(m[1]) > major || (Number(m[1]) === major && Number(m[2]) >= minor));
+}
+
 export async function resolveFirecrackerBinary(explicit?: string, env: NodeJS.ProcessEnv = process.env): Promise<string> {
   const howToSet = 'install Firecracker, or point banger at it with BANGER_FIRECRACKER_BIN=/path/to/firecracker or the config key "firecrackerBin"';
   const given = explicit ?? env.BANGER_FIRECRACKER_BIN;
