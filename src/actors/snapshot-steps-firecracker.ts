@@ -20,7 +20,8 @@ import type { VmContext } from '../machines/vm.machine.js';
 import { drivePaths, type DrivePaths, type FirecrackerDriver, type FirecrackerProcess } from '../host/vmm/firecracker/firecracker.js';
 import type { VmmDriver, VmmProcess } from '../host/vmm/driver.js';
 import type { SnapshotLayer, SnapshotRecord } from '../store/snapshots.js';
-import { launchDisks, launchSpecFor, stage, type StepEnv, type VmFiles } from './vm-steps.js';
+import { launchDisks, launchSpecFor, stage, type StepEnv } from './vm-steps.js';
+import type { VmFiles } from './vm-files.js';
 
 /** The files a Firecracker snapshot's directory holds, besides its host key. */
 export const FC_SNAPSHOT_FILES = { state: 'state.bin', memory: 'memory.bin', root: 'root.img', work: 'work.img' } as const;

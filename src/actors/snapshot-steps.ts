@@ -20,7 +20,8 @@ import { waitForSsh } from '../host/guest/ssh.js';
 import { loadQemuState, saveQemuState, type DiskLayers } from '../host/vmm/qemu/snapshot.js';
 import { SnapshotRepo, snapshotDir, type SnapshotLayer, type SnapshotRecord } from '../store/snapshots.js';
 import { Cleanups } from '../host/exec/cleanups.js';
-import { checkTapLease, findVmm, launchSpecFor, leaseNetwork, sshKey, sshTargetFor, stage, vmFiles, type StepEnv, type VmFiles } from './vm-steps.js';
+import { checkTapLease, findVmm, launchSpecFor, leaseNetwork, sshKey, sshTargetFor, stage, type StepEnv } from './vm-steps.js';
+import { readLayers, vmFiles, writeLayers, type VmFiles } from './vm-files.js';
 import { agentRefreshIdentity } from '../host/guest/agent.js';
 import { findFreePort, liveBulkSocket, type VmmProcess } from '../host/vmm/qemu/qemu.js';
 import { agentChannelOf } from '../host/vmm/agent-channel.js';
@@ -29,26 +30,6 @@ import { macForVm } from '../host/net/net.js';
 import { writeIdentityDisk } from '../host/disk/identity-disk.js';
 import { CACHED_BASE_NAME } from '../host/disk/disks.js';
 import { IDENTITY_MARKER_BUILDER, readManifest } from '../host/image/image.js';
-
-/**
- * The files a VM writes into now, when a snapshot layered its disks (or it is a fork); absent: the defaults.
- * `base`: the VM's last snapshot, whose directory holds the layers its current files sit on.
- */
-export type VmLayers = DiskLayers & { base?: string };
-
-export async function readLayers(f: VmFiles): Promise<VmLayers | undefined> {
-  try {
-    return JSON.parse(await readFile(join(f.dir, 'layers.json'), 'utf8')) as VmLayers;
-  } catch {
-    return undefined;
-  }
-}
-
-export async function writeLayers(f: VmFiles, layers: VmLayers): Promise<void> {
-  const tmp = join(f.dir, `layers.json.${randomBytes(3).toString('hex')}`);
-  await writeFile(tmp, JSON.stringify(layers));
-  await rename(tmp, join(f.dir, 'layers.json'));
-}
 
 /** A hard link (same filesystem: instant, no space); a copy where the filesystem refuses one. */
 async function linkOrCopy(from: string, to: string): Promise<void> {

@@ -16,7 +16,8 @@ import { daemonMachine, restoredDaemonSnapshot, tapPoolMachine, vmActorId, type 
 import type { rootHelperMachine } from '../machines/root-helper.machine.js';
 import { vmMachine, type VmActorRef, type VmEvent, type VmInput, type VmSnapshot, type VmState } from '../machines/vm.machine.js';
 import { workspaceMachine, type JobKind } from '../machines/workspace.machine.js';
-import { makeSteps, type StepEnv } from './vm-steps.js';
+import type { StepEnv } from './vm-steps.js';
+import { makeSteps } from './steps.js';
 import { makeRunJob, type JobRunners } from './workspace-jobs.js';
 import { JobProgress, runQueuedJob, type JobProgressUpdate } from './job-results.js';
 import { VmPersistence, type Transition } from './persistence.js';
@@ -33,6 +34,9 @@ export interface SupervisorOptions {
   /** The live inspector's observer. */
   inspect?: Observer<InspectionEvent>;
 }
+
+/** The supervisor calls the daemon's handlers make. */
+export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'runJob'>;
 
 export class Supervisor {
   /** This daemon run: a job restored from an earlier run has no requester left (see workspace-jobs.ts). */

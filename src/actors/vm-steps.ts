@@ -1,17 +1,17 @@
 /**
- * The VM machine's steps, implemented over the host layer. Each is idempotent: a restored actor re-runs
- * the step that was in flight when the daemon died, so every step first looks at what is already there.
+ * A VM's own lifecycle steps over the host layer: its disks, boot, watch, stop, settings and delete (steps.ts makes
+ * them the machine's actors). Each is idempotent: a restored actor re-runs the step that was in flight when the
+ * daemon died, so every step first looks at what is already there.
  */
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fromPromise } from 'xstate';
 import { BangerError, errorMessage } from '../errors.js';
 import { Files, type Layout } from '../paths.js';
 import type { Config } from '../config.js';
 import type { Store } from '../store/repo.js';
-import type { BootOutput, GitIdentity, PrepareDisksOutput, StepInput, VmContext, WatchOutput } from '../machines/vm.machine.js';
-import { run, which, type Runner } from '../host/exec/runner.js';
+import type { BootOutput, GitIdentity, PrepareDisksOutput, VmContext, WatchOutput } from '../machines/vm.machine.js';
+import { which, type Runner } from '../host/exec/runner.js';
 import { generateHostKey, type UserKey } from '../host/guest/keys.js';
 import { waitForSsh, type SshTarget } from '../host/guest/ssh.js';
 import type { SshPool } from '../host/guest/pool.js';
@@ -31,7 +31,7 @@ import { ensureFreeSpace } from '../host/disk/space.js';
 import { Cleanups } from '../host/exec/cleanups.js';
 import { macForVm } from '../host/net/net.js';
 import { testStageDelay } from './fault-injection.js';
-import { makeSnapshotSteps, readLayers, writeLayers } from './snapshot-steps.js';
+import { readLayers, vmFiles, writeLayers, type VmFiles } from './vm-files.js';
 
 const KERNEL_CMDLINE = 'console=ttyS0 root=/dev/vda rw panic=-1 quiet';
 
@@ -70,42 +70,6 @@ export async function stage<T>(env: StepEnv, vmId: string, name: string, fn: () 
     env.log(vmId, name, 'error', Math.round(performance.now() - t0), errorMessage(e));
     throw e;
   }
-}
-
-export interface VmFiles {
-  dir: string;
-  /** A raw root disk: a reflink or sparse copy of the image's rootfs, customised with debugfs. */
-  rootDisk: string;
-  /** A qcow2 root disk: an overlay on the image's rootfs (QEMU, images that read their identity from a disk). */
-  rootOverlay: string;
-  /** The VM's identity disk (hostname, host key, network, git identity) for the image to apply at boot. */
-  identityDisk: string;
-  /** A raw work disk: a clone of the image's template, a fresh one, or a copy of a cached one. */
-  workDisk: string;
-  /** A qcow2 work disk: an overlay on a cached disk linked beside it (QEMU), or on a snapshot's layer (a fork). */
-  workOverlay: string;
-  serialLog: string;
-  hostKey: string;
-  hostKeyPub: string;
-  knownHosts: string;
-  vmmState: string;
-}
-
-export function vmFiles(layout: Layout, id: string): VmFiles {
-  const dir = layout.vmDir(id);
-  return {
-    dir,
-    rootDisk: join(dir, Files.rootfs),
-    rootOverlay: join(dir, 'root.qcow2'),
-    identityDisk: join(dir, 'identity.tar'),
-    workDisk: join(dir, Files.workDisk),
-    workOverlay: join(dir, 'work.qcow2'),
-    serialLog: join(dir, Files.serialLog),
-    hostKey: join(dir, Files.hostKey),
-    hostKeyPub: join(dir, `${Files.hostKey}.pub`),
-    knownHosts: join(dir, Files.knownHosts),
-    vmmState: join(dir, 'vmm.json'),
-  };
 }
 
 async function imageOf(env: StepEnv, name: string): Promise<ImageManifest & { dir: string }> {
@@ -327,7 +291,7 @@ export async function leaseNetwork(env: StepEnv, ctx: VmContext, signal: AbortSi
  * image applies it at boot); a cloned one has the identity written in with debugfs. A Firecracker VM gets an
  * identity disk besides where its image finds one without a serial: its forks apply their own after a restore.
  */
-async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
+export async function prepareFreshDisks(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<PrepareDisksOutput> {
   const f = vmFiles(env.layout, ctx.id);
   await mkdir(f.dir, { recursive: true, mode: 0o700 });
   const image = await stage(env, ctx.id, 'image', () => imageOf(env, ctx.spec.image), (m) => `${m.name}`);
@@ -354,7 +318,7 @@ const vmGitIdentity = (env: StepEnv, ctx: VmContext) => ctx.spec.gitIdentity ?? 
  * fresh one. A VM with an identity disk gets its git identity from there (a cached disk carries none), and a
  * cached disk as an overlay (workOverlayOnCached); a failed overlay is a copy instead.
  */
-async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+export async function makeWorkDisk(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   const f = vmFiles(env.layout, ctx.id);
   if (existsSync(f.workDisk) || existsSync(f.workOverlay)) {
     if (existsSync(f.workOverlay) && !(await readLayers(f))) await writeLayers(f, overlayLayers(f));
@@ -486,7 +450,7 @@ async function waitForGuest(env: StepEnv, ctx: VmContext, driver: VmmDriver, p: 
 }
 
 /** Boot: adopt this VM's running VMM (daemon restarted mid-boot) or launch one, then wait for SSH. */
-async function bootVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
+export async function bootVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<BootOutput> {
   const f = vmFiles(env.layout, ctx.id);
   const driver = env.driver(ctx.spec.vmm);
   const cleanups = new Cleanups();
@@ -519,7 +483,7 @@ async function bootVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promis
 }
 
 /** Watch the running VMM until it exits or the watch is aborted (a tap VM's published ports open meanwhile). */
-async function watchVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<WatchOutput> {
+export async function watchVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<WatchOutput> {
   const rt = ctx.runtime;
   if (!rt) return { reason: 'no VMM process recorded' };
   const driver = env.driver(ctx.spec.vmm);
@@ -555,7 +519,7 @@ async function watchVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promi
 }
 
 /** Stop the VM's VMM through its driver, if one runs. */
-async function stopVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+export async function stopVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   await testStageDelay('stopping', signal); // test hook, see fault-injection.ts
   const f = vmFiles(env.layout, ctx.id);
   const driver = env.driver(ctx.spec.vmm);
@@ -572,7 +536,7 @@ async function stopVm(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promis
 }
 
 /** Apply the `vm set` changes that need the VM stopped (a larger work disk). */
-async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
+export async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal): Promise<void> {
   await testStageDelay('reconfiguring', signal); // test hook, see fault-injection.ts
   const want = ctx.pendingSet;
   if (want?.diskBytes && want.diskBytes !== ctx.spec.diskBytes) {
@@ -583,7 +547,7 @@ async function applyVmSettings(env: StepEnv, ctx: VmContext, signal: AbortSignal
 }
 
 /** Delete: the VMM, the network lease, the address and the VM's directory. */
-async function destroyVm(env: StepEnv, ctx: VmContext): Promise<void> {
+export async function destroyVm(env: StepEnv, ctx: VmContext): Promise<void> {
   await testStageDelay('deleting'); // test hook, see fault-injection.ts
   const f = vmFiles(env.layout, ctx.id);
   const driver = env.driver(ctx.spec.vmm);
@@ -597,41 +561,3 @@ async function destroyVm(env: StepEnv, ctx: VmContext): Promise<void> {
   env.store.releaseAddress(ctx.id);
   await stage(env, ctx.id, 'files.remove', () => rm(f.dir, { recursive: true, force: true }));
 }
-
-export function makeSteps(env: StepEnv) {
-  const snapshots = makeSnapshotSteps(env);
-  const prepareDisks = fromPromise<PrepareDisksOutput, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('creating', signal); // test hook, see fault-injection.ts
-    return ctx.spec.restore ? snapshots.prepareRestoreDisks(ctx, signal) : prepareFreshDisks(env, ctx, signal);
-  });
-
-  const applyWorkSeed = fromPromise<void, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('applyingWorkSeed', signal); // test hook, see fault-injection.ts
-    await makeWorkDisk(env, ctx, signal);
-  });
-
-  const boot = fromPromise<BootOutput, StepInput>(async ({ input: { ctx }, signal }) => {
-    await testStageDelay('booting', signal); // test hook, see fault-injection.ts
-    return bootVm(env, ctx, signal);
-  });
-
-  const watchVmm = fromPromise<WatchOutput, StepInput>(({ input: { ctx }, signal }) => watchVm(env, ctx, signal));
-
-  const stopVmm = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => stopVm(env, ctx, signal));
-
-  const applySettings = fromPromise<void, StepInput>(({ input: { ctx }, signal }) => applyVmSettings(env, ctx, signal));
-
-  const destroy = fromPromise<void, StepInput>(({ input: { ctx } }) => destroyVm(env, ctx));
-
-  return { prepareDisks, applyWorkSeed, boot, watchVmm, stopVmm, applySettings, destroy, restore: snapshots.restore, takeSnapshot: snapshots.takeSnapshot };
-}
-
-export async function fileSize(path: string): Promise<number | undefined> {
-  try {
-    return (await stat(path)).size;
-  } catch {
-    return undefined;
-  }
-}
-
-export { run };

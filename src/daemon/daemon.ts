@@ -16,7 +16,7 @@ import { ensureUserKey, type UserKey } from '../host/guest/keys.js';
 import { qemuDriver, type VmmDriver } from '../host/vmm/qemu/qemu.js';
 import { makeHandlers, type HandlerDeps } from './handlers.js';
 import { createPoolVm } from './handlers/vms.js';
-import { warmGuest } from './handlers/guest.js';
+import { warmGuest } from './handlers/guest-access.js';
 import { WarmPool } from './warm-pool.js';
 import { SshPool } from '../host/guest/pool.js';
 import { createFirecrackerDriver } from '../host/vmm/firecracker/firecracker.js';

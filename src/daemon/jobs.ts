@@ -1,7 +1,8 @@
 /** Runs workspace jobs (prepare/export) against a running VM over SSH, their streamed input over the bulk port where the VM has one. */
 import { BangerError } from '../errors.js';
 import type { Supervisor } from '../actors/supervisor.js';
-import { sshKey, sshTargetFor, vmFiles, type StepEnv } from '../actors/vm-steps.js';
+import { sshKey, sshTargetFor, type StepEnv } from '../actors/vm-steps.js';
+import { vmFiles } from '../actors/vm-files.js';
 import { forgetCacheUse, prepareThroughCache } from './workspace-cache.js';
 import { resolve } from 'node:path';
 import type { JobRunners } from '../actors/workspace-jobs.js';

@@ -3,7 +3,7 @@
  * (its DaemonHandle satisfies this interface); handlers and doctor never import daemon.ts, so the daemon
  * module graph has no cycle.
  */
-import type { Supervisor } from '../actors/supervisor.js';
+import type { VmSupervisor } from '../actors/supervisor.js';
 import type { RootHelper } from '../actors/root-helper.js';
 import type { TapPool } from '../actors/tap-pool.js';
 import type { Config } from '../config.js';
@@ -13,9 +13,6 @@ import type { Store } from '../store/repo.js';
 import type { InspectorServer } from './inspector.js';
 import type { WarmPool } from './warm-pool.js';
 import type { SshPool } from '../host/guest/pool.js';
-
-/** The supervisor calls the handlers make. */
-export type VmSupervisor = Pick<Supervisor, 'has' | 'create' | 'send' | 'snapshot' | 'ids' | 'waitFor' | 'onLog' | 'onTransition' | 'runJob'>;
 
 export interface DaemonServices {
   layout: Layout;

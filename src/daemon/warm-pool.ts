@@ -12,7 +12,7 @@
  */
 import type { Config } from '../config.js';
 import type { VmState } from '../machines/vm.machine.js';
-import type { VmSupervisor } from './services.js';
+import type { VmSupervisor } from '../actors/supervisor.js';
 
 export interface PoolKind {
   image: string;

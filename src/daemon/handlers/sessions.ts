@@ -5,7 +5,7 @@ import { BangerError } from '../../errors.js';
 import { killSession, listSessions, PIPE_BUF, pollSession, sendToSession, splitLines, startSession, type GuestSession, type Unsendable } from '../../host/guest/sessions.js';
 import { SEND_LIMIT_BYTES } from '../../rpc/protocol.js';
 import type { CallContext, Handlers } from '../../rpc/server.js';
-import type { Guest, GuestAccess } from './guest.js';
+import type { Guest, GuestAccess } from './guest-access.js';
 
 type SessionHandlers = Pick<
   Handlers,

@@ -7,10 +7,10 @@ import type { SnapshotView, VmView } from '../../rpc/types.js';
 import { SnapshotRepo, snapshotDir, type SnapshotRecord } from '../../store/snapshots.js';
 import type { DaemonServices } from '../services.js';
 import { newId, vmAccess, type VmAccess } from './vm-access.js';
-import { assertForkable, readLayers } from '../../actors/snapshot-steps.js';
+import { assertForkable } from '../../actors/snapshot-steps.js';
+import { readLayers, vmFiles } from '../../actors/vm-files.js';
 import { readManifest } from '../../host/image/image.js';
 import { existsSync } from 'node:fs';
-import { vmFiles } from '../../actors/vm-steps.js';
 
 type SnapshotHandlers = Pick<Handlers, 'vm.snapshot' | 'vm.restore' | 'vm.fork' | 'snapshot.list' | 'snapshot.show' | 'snapshot.delete'>;
 

@@ -1,7 +1,7 @@
 /** What there is to know about VMs: vm.list, vm.show, vm.events, vm.logs, vm.ssh. */
 import { existsSync, statSync } from 'node:fs';
 import { BangerError } from '../../errors.js';
-import { vmFiles } from '../../actors/vm-steps.js';
+import { vmFiles } from '../../actors/vm-files.js';
 import { ensureUserKey } from '../../host/guest/keys.js';
 import { readTail } from '../../host/guest/serial.js';
 import type { Handlers } from '../../rpc/server.js';
