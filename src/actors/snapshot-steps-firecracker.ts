@@ -67,8 +67,8 @@ async function copyDisk(env: StepEnv, from: string, to: string, signal: AbortSig
 
 /**
  * Saves a running Firecracker VM into `dir`: drives pointed at the snapshot's links, then paused, state and memory
- * written, disks copied while paused. Unless `stop`, the guest resumes and its drives go back to its own paths,
- * also when the save failed.
+ * written, disks copied while paused. Unless `stop`, the guest resumes and its drives go back to its own paths;
+ * a failed save resumes it too, and fails with its own error.
  */
 export async function saveFirecracker(env: StepEnv, o: { proc: VmmProcess; f: VmFiles; dir: string; stop?: boolean }, signal: AbortSignal): Promise<SavedFirecracker> {
   const driver = firecracker(env.driver('firecracker'));
@@ -82,16 +82,16 @@ export async function saveFirecracker(env: StepEnv, o: { proc: VmmProcess; f: Vm
     timings[name] = Math.round(performance.now() - t0);
   };
   await pointLinks(links, own);
-  let saved = false;
   try {
     await timed('redirect', () => driver.redirectDrives(o.proc, links, { signal }));
     await timed('save', () => driver.createSnapshot(o.proc, files, { signal }));
-    const copies = [copyDisk(env, own.rootfs, join(o.dir, FC_SNAPSHOT_FILES.root), signal), copyDisk(env, own.work, join(o.dir, FC_SNAPSHOT_FILES.work), signal)];
-    await timed('disks', () => Promise.all(copies));
-    saved = true;
-  } finally {
-    if (!o.stop || !saved) await timed('resume', () => resumeOnOwnDrives(driver, o.proc, own));
+    const copy = (from: string, name: string) => copyDisk(env, from, join(o.dir, name), signal);
+    await timed('disks', () => Promise.all([copy(own.rootfs, FC_SNAPSHOT_FILES.root), copy(own.work, FC_SNAPSHOT_FILES.work)]));
+  } catch (e) {
+    await resumeOnOwnDrives(driver, o.proc, own).catch(() => {}); // the save's own error is the one to report
+    throw e;
   }
+  if (!o.stop) await timed('resume', () => resumeOnOwnDrives(driver, o.proc, own));
   const bytes = async (p: string) => (await stat(p)).size;
   return {
     root: { file: FC_SNAPSHOT_FILES.root, format: 'raw' },

@@ -165,6 +165,29 @@ describe('Firecracker snapshots through the VM actor steps (strict fake)', () =>
     expect(logs.some((x) => / snapshot\.save done \d+ bytes of state; redirect \d+ ms, save \d+ ms, disks \d+ ms, resume \d+ ms/.test(x)), logs.join('\n')).toBe(true);
   }, SLOW);
 
+  it('a save that fails after the pause resumes the VM on its own drives, records nothing, and reports its own error', async () => {
+    logs = [];
+    const { ctx, proc } = await runningSource('fcsrc00004');
+    const realRunner = env.runner;
+    env.runner = async (cmd, args, opts) => {
+      if (cmd === 'cp') throw new Error('cp: error writing: No space left on device');
+      return realRunner(cmd, args, opts);
+    };
+    try {
+      ctx.pendingSnapshot = { snapshotId: 'snapfc0004', name: 'full', stop: false };
+      const r = await runStep(makeSteps(env).takeSnapshot, ctx);
+      expect(r.error?.message).toMatch(/No space left on device/);
+    } finally {
+      env.runner = realRunner;
+    }
+    expect(new SnapshotRepo(env.store.db).get('snapfc0004')).toBeUndefined();
+    expect((await driver().status(proc)).state).toBe('running');
+    const f = vmFiles(l, ctx.id);
+    const last = readRecord(record).filter((q) => q.method === 'PATCH' && q.path.startsWith('/drives/')).slice(-3);
+    expect(last.map((q) => q.opened)).toEqual([{ rootfs: f.rootDisk }, { work: f.workDisk }, { identity: f.identityDisk }]);
+    expect(last.map((q) => (q.body as { path_on_host: string }).path_on_host)).toEqual([f.rootDisk, f.workDisk, f.identityDisk]);
+  }, SLOW);
+
   it('two forks restored at once each load onto their own disk copies, TAP and vsock socket, and take their own address', async () => {
     logs = [];
     const source = await snapshotted('fcsrc00002', 'snapfc0002', 'base2', false);
