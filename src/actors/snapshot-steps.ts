@@ -3,11 +3,11 @@
  * `creating`) and restore (state `restoring`). QEMU's side is here and in src/host/vmm/qemu/snapshot.ts;
  * Firecracker's, whose disks are copies rather than layers, in snapshot-steps-firecracker.ts.
  *
- * A snapshot's directory holds its frozen disk layers as hard links of the files the VM wrote until the snapshot
- * (no copy: the VM keeps them as read-only backing files and goes on in new overlays), the saved state, and the
- * VM's SSH host key. Every fork runs on qcow2 overlays of those layers and keeps that host key (pinned, as the
- * source's was): a fork is the same machine, so it has the same key. Deleting the source VM leaves the snapshot,
- * and so its forks, whole.
+ * A QEMU snapshot's directory holds its frozen disk layers as hard links of the files the VM wrote until the
+ * snapshot (no copy: the VM keeps them as read-only backing files and goes on in new overlays), the saved state,
+ * and the VM's SSH host key. Every fork runs on qcow2 overlays of those layers. Every fork, on either VMM, keeps
+ * the snapshot's host key (pinned, as the source's was): a fork is the same machine, so it has the same key.
+ * Deleting the source VM leaves the snapshot, and so its forks, whole.
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
