@@ -9,10 +9,9 @@
  * restores of one snapshot take turns, in this process. The vsock socket gets its own path with vsock_override.
  *
  * Disks are raw (Firecracker takes nothing else): the snapshot keeps copies made while the guest is paused, and
- * every fork gets copies of those, reflinks where the filesystem has them. A fork needs nothing of the snapshot
- * after its load, so the snapshot can be deleted while forks of it run.
+ * every fork gets copies of those, reflinks where the filesystem has them (cloneDisk, as a new VM's root disk).
+ * A fork needs nothing of the snapshot after its load, so the snapshot can be deleted while forks of it run.
  */
-import { existsSync } from 'node:fs';
 import { rename, rm, stat, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BangerError } from '../errors.js';
@@ -21,6 +20,7 @@ import { drivePaths, type DrivePaths, type FirecrackerDriver, type FirecrackerPr
 import type { VmmDriver, VmmProcess } from '../host/vmm/driver.js';
 import type { SnapshotLayer, SnapshotRecord } from '../store/snapshots.js';
 import { launchDisks, launchSpecFor, stage, type StepEnv } from './vm-steps.js';
+import { cloneDisk } from '../host/disk/disks.js';
 import type { VmFiles } from './vm-files.js';
 
 /** The files a Firecracker snapshot's directory holds, besides its host key. */
@@ -58,13 +58,6 @@ async function pointLinks(links: DrivePaths, own: DrivePaths): Promise<void> {
   }
 }
 
-/** A copy of a raw disk: a reflink where the filesystem has it, else sparse. Idempotent (a finished copy stays). */
-async function copyDisk(env: StepEnv, from: string, to: string, signal: AbortSignal): Promise<void> {
-  if (existsSync(to)) return;
-  await env.runner('cp', ['--sparse=always', '--reflink=auto', from, `${to}.partial`], { signal });
-  await rename(`${to}.partial`, to);
-}
-
 /**
  * Saves a running Firecracker VM into `dir`: drives pointed at the snapshot's links, then paused, state and memory
  * written, disks copied while paused. Unless `stop`, the guest resumes and its drives go back to its own paths;
@@ -85,7 +78,7 @@ export async function saveFirecracker(env: StepEnv, o: { proc: VmmProcess; f: Vm
   try {
     await timed('redirect', () => driver.redirectDrives(o.proc, links, { signal }));
     await timed('save', () => driver.createSnapshot(o.proc, files, { signal }));
-    const copy = (from: string, name: string) => copyDisk(env, from, join(o.dir, name), signal);
+    const copy = (from: string, name: string) => cloneDisk(from, join(o.dir, name), { runner: env.runner, signal });
     await timed('disks', () => Promise.all([copy(own.rootfs, FC_SNAPSHOT_FILES.root), copy(own.work, FC_SNAPSHOT_FILES.work)]));
   } catch (e) {
     await resumeOnOwnDrives(driver, o.proc, own).catch(() => {}); // the save's own error is the one to report
@@ -108,13 +101,11 @@ async function resumeOnOwnDrives(driver: FirecrackerDriver, proc: VmmProcess, ow
   await driver.redirectDrives(proc, own);
 }
 
-/** A fork's disks: copies of the snapshot's. */
+/** A fork's disks: copies of the snapshot's (cloneDisk: a reflink where the filesystem has it, else sparse). */
 export async function copyFirecrackerDisks(env: StepEnv, ctx: VmContext, snap: SnapshotRecord, dir: string, f: VmFiles, signal: AbortSignal): Promise<void> {
-  const done = () => `copy of snapshot ${snap.name} (a reflink where the filesystem has it)`;
-  await Promise.all([
-    stage(env, ctx.id, 'rootDisk', () => copyDisk(env, join(dir, snap.meta.root.file), f.rootDisk, signal), done),
-    stage(env, ctx.id, 'workDisk', () => copyDisk(env, join(dir, snap.meta.work.file), f.workDisk, signal), done),
-  ]);
+  const copy = (layer: SnapshotLayer, to: string) => cloneDisk(join(dir, layer.file), to, { runner: env.runner, signal });
+  const done = (strategy: string) => `copy of snapshot ${snap.name}, strategy=${strategy}`;
+  await Promise.all([stage(env, ctx.id, 'rootDisk', () => copy(snap.meta.root, f.rootDisk), done), stage(env, ctx.id, 'workDisk', () => copy(snap.meta.work, f.workDisk), done)]);
 }
 
 /** Restores of one snapshot, one at a time: each points the snapshot's links at its own disks until its load is done. */

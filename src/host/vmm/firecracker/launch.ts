@@ -99,7 +99,7 @@ export function newLaunchContext(deps: LaunchDeps, spec0: LaunchSpec, signal: Ab
   if (net.mode === 'user') {
     throw new BangerError('unsupported', 'Firecracker has no user-mode networking: a VM on Firecracker needs TAP networking', 'use --net tap (needs the root helper), or --vmm qemu for --net user');
   }
-  if (spec0.identityDisk && deps.jailer) throw new BangerError('unsupported', 'a jailed Firecracker takes no identity disk: the jail links only the root and work disks');
+  if (spec0.identityDisk && deps.jailer) throw new BangerError('unsupported', 'a jailed Firecracker takes no identity disk: the jail links only the root and work disks', 'run Firecracker without the jailer (the daemon does), or launch without an identity disk');
   const r = (p: string) => resolve(p);
   const o = (p: string | undefined) => (p ? r(p) : undefined);
   const spec: LaunchSpec = { ...spec0, vmDir: r(spec0.vmDir), runDir: r(spec0.runDir), kernel: r(spec0.kernel), initrd: o(spec0.initrd), rootDisk: r(spec0.rootDisk), workDisk: r(spec0.workDisk), identityDisk: o(spec0.identityDisk), serialLog: r(spec0.serialLog) };
